@@ -1,0 +1,20 @@
+# OCM: `make test` runs the suite (installing pytest into .venv if this Python lacks it).
+PYTHON ?= python3
+VENV   ?= .venv
+TESTS  ?= test_ocm.py
+TEST_DEPS = pytest
+
+.PHONY: test clean
+
+# Use the interpreter's own pytest when it has one; otherwise a private venv.
+test:
+	@if $(PYTHON) -c "import pytest" 2>/dev/null; then \
+		$(PYTHON) -m pytest -q $(TESTS); \
+	else \
+		[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV); \
+		$(VENV)/bin/python -m pip install -q $(TEST_DEPS); \
+		$(VENV)/bin/python -m pytest -q $(TESTS); \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache __pycache__
