@@ -1,7 +1,7 @@
 # OCM: `make test` runs the suite (installing pytest into .venv if this Python lacks it).
 PYTHON ?= python3
 VENV   ?= .venv
-TESTS  ?= test_ocm.py
+TESTS  ?= test_ocm.py tests
 TEST_DEPS = pytest
 
 .PHONY: test clean

@@ -32,6 +32,7 @@ import hmac
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -200,6 +201,7 @@ class Config:
     listen: str = DEFAULT_LISTEN
     listen_port: int = DEFAULT_PORT
     credential_path: str = field(default_factory=default_credential_path)
+    usages_path: str = ""
     users: List[User] = field(default_factory=list)
     headers: Dict[str, List[str]] = field(default_factory=dict)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -216,7 +218,7 @@ SING_BOX_IGNORED_KEYS = frozenset((
     "netns", "disable_tcp_keep_alive", "tcp_keep_alive", "tcp_keep_alive_interval",
 ))
 # Keys that belong to features not built yet: refused, never silently ignored.
-NOT_SUPPORTED_YET = ("usages_path", "detour", "tls", "credentials")
+NOT_SUPPORTED_YET = ("detour", "tls", "credentials")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -446,6 +448,7 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         listen=listen,
         listen_port=f.int("listen_port", DEFAULT_PORT, 0, 65535),
         credential_path=os.path.expanduser(f.str("credential_path")) or default_credential_path(),
+        usages_path=os.path.expanduser(f.str("usages_path")),
         users=_parse_users(f.list("users"), f.path("users")),
         headers=_parse_headers(f.raw("headers"), f.path("headers")),
         upstream=_parse_upstream(f.raw("upstream"), f.path("upstream")),
@@ -1001,7 +1004,504 @@ class Credential:
         raise RefreshFailed(text, permanent=status == 401 or code in PERMANENT_REFRESH_CODES)
 
 
-# == 6. Users ================================================================
+# == 6. Pricing and usage ====================================================
+
+# USD per 1M tokens: (pattern, input, output, cached input, premium triple or
+# None). The premium triple applies when the context window is the premium one
+# (input over 272,000 tokens). sing-box's table (service/ocm/service_usage.go),
+# row for row, so a usage file written by either program prices the same.
+# Walked top to bottom per tier; the first pattern that matches wins.
+PRICE_TABLE = {
+    "default": (
+        (r"^gpt-5\.4-pro(?:$|-)",                    30.0,  180.0,  30.0,   (60.0, 270.0, 60.0)),
+        (r"^gpt-5\.4(?:$|-)",                         2.5,   15.0,   0.25,  (5.0, 22.5, 0.5)),
+        (r"^gpt-5\.3-codex(?:$|-)",                   1.75,  14.0,   0.175, None),
+        (r"^gpt-5\.2-codex(?:$|-)",                   1.75,  14.0,   0.175, None),
+        (r"^gpt-5\.1-codex-max(?:$|-)",               1.25,  10.0,   0.125, None),
+        (r"^gpt-5\.1-codex-mini(?:$|-)",              0.25,   2.0,   0.025, None),
+        (r"^gpt-5\.1-codex(?:$|-)",                   1.25,  10.0,   0.125, None),
+        (r"^gpt-5-codex-mini(?:$|-)",                 0.25,   2.0,   0.025, None),
+        (r"^gpt-5-codex(?:$|-)",                      1.25,  10.0,   0.125, None),
+        (r"^gpt-5\.2-chat-latest$",                   1.75,  14.0,   0.175, None),
+        (r"^gpt-5\.1-chat-latest$",                   1.25,  10.0,   0.125, None),
+        (r"^gpt-5-chat-latest$",                      1.25,  10.0,   0.125, None),
+        (r"^gpt-5\.2-pro(?:$|-)",                    21.0,  168.0,  21.0,   None),
+        (r"^gpt-5-pro(?:$|-)",                       15.0,  120.0,  15.0,   None),
+        (r"^gpt-5-mini(?:$|-)",                       0.25,   2.0,   0.025, None),
+        (r"^gpt-5-nano(?:$|-)",                       0.05,   0.4,   0.005, None),
+        (r"^gpt-5\.2(?:$|-)",                         1.75,  14.0,   0.175, None),
+        (r"^gpt-5\.1(?:$|-)",                         1.25,  10.0,   0.125, None),
+        (r"^gpt-5(?:$|-)",                            1.25,  10.0,   0.125, None),
+        (r"^o4-mini-deep-research(?:$|-)",            2.0,    8.0,   0.5,   None),
+        (r"^o4-mini(?:$|-)",                          1.1,    4.4,   0.275, None),
+        (r"^o3-pro(?:$|-)",                          20.0,   80.0,  20.0,   None),
+        (r"^o3-deep-research(?:$|-)",                10.0,   40.0,   2.5,   None),
+        (r"^o3-mini(?:$|-)",                          1.1,    4.4,   0.55,  None),
+        (r"^o3(?:$|-)",                               2.0,    8.0,   0.5,   None),
+        (r"^o1-pro(?:$|-)",                         150.0,  600.0, 150.0,   None),
+        (r"^o1-mini(?:$|-)",                          1.1,    4.4,   0.55,  None),
+        (r"^o1(?:$|-)",                              15.0,   60.0,   7.5,   None),
+        (r"^gpt-4o-mini-audio(?:$|-)",                0.15,   0.6,   0.15,  None),
+        (r"^gpt-audio-mini(?:$|-)",                   0.6,    2.4,   0.6,   None),
+        (r"^(?:gpt-4o-audio|gpt-audio)(?:$|-)",       2.5,   10.0,   2.5,   None),
+        (r"^gpt-4\.1-nano(?:$|-)",                    0.1,    0.4,   0.025, None),
+        (r"^gpt-4\.1-mini(?:$|-)",                    0.4,    1.6,   0.1,   None),
+        (r"^gpt-4\.1(?:$|-)",                         2.0,    8.0,   0.5,   None),
+        (r"^gpt-4o-mini(?:$|-)",                      0.15,   0.6,   0.075, None),
+        (r"^gpt-4o(?:$|-)",                           2.5,   10.0,   1.25,  None),
+        (r"^chatgpt-4o(?:$|-)",                       2.5,   10.0,   1.25,  None),
+    ),
+    "flex": (
+        (r"^gpt-5\.4-pro(?:$|-)",                    15.0,   90.0,  15.0,   (30.0, 135.0, 30.0)),
+        (r"^gpt-5\.4(?:$|-)",                         1.25,   7.5,   0.125, (2.5, 11.25, 0.25)),
+        (r"^gpt-5-mini(?:$|-)",                       0.125,  1.0,   0.0125, None),
+        (r"^gpt-5-nano(?:$|-)",                       0.025,  0.2,   0.0025, None),
+        (r"^gpt-5\.2(?:$|-)",                         0.875,  7.0,   0.0875, None),
+        (r"^gpt-5\.1(?:$|-)",                         0.625,  5.0,   0.0625, None),
+        (r"^gpt-5(?:$|-)",                            0.625,  5.0,   0.0625, None),
+        (r"^o4-mini(?:$|-)",                          0.55,   2.2,   0.138, None),
+        (r"^o3(?:$|-)",                               1.0,    4.0,   0.25,  None),
+    ),
+    "priority": (
+        (r"^gpt-5\.4(?:$|-)",                         5.0,   30.0,   0.5,   (10.0, 45.0, 1.0)),
+        (r"^gpt-5\.3-codex(?:$|-)",                   3.5,   28.0,   0.35,  None),
+        (r"^gpt-5\.2-codex(?:$|-)",                   3.5,   28.0,   0.35,  None),
+        (r"^gpt-5\.1-codex-max(?:$|-)",               2.5,   20.0,   0.25,  None),
+        (r"^gpt-5\.1-codex(?:$|-)",                   2.5,   20.0,   0.25,  None),
+        (r"^gpt-5-codex-mini(?:$|-)",                 0.45,   3.6,   0.045, None),
+        (r"^gpt-5-codex(?:$|-)",                      2.5,   20.0,   0.25,  None),
+        (r"^gpt-5-mini(?:$|-)",                       0.45,   3.6,   0.045, None),
+        (r"^gpt-5\.2(?:$|-)",                         3.5,   28.0,   0.35,  None),
+        (r"^gpt-5\.1(?:$|-)",                         2.5,   20.0,   0.25,  None),
+        (r"^gpt-5(?:$|-)",                            2.5,   20.0,   0.25,  None),
+        (r"^o4-mini(?:$|-)",                          2.0,    8.0,   0.5,   None),
+        (r"^o3(?:$|-)",                               3.5,   14.0,   0.875, None),
+        (r"^gpt-4\.1-nano(?:$|-)",                    0.2,    0.8,   0.05,  None),
+        (r"^gpt-4\.1-mini(?:$|-)",                    0.7,    2.8,   0.175, None),
+        (r"^gpt-4\.1(?:$|-)",                         3.5,   14.0,   0.875, None),
+        (r"^gpt-4o-mini(?:$|-)",                      0.25,   1.0,   0.125, None),
+        (r"^gpt-4o(?:$|-)",                           4.25,  17.0,   2.125, None),
+    ),
+}
+FALLBACK_PRICES = (2.5, 10.0, 1.25)   # gpt-4o, for models no row knows
+DEFAULT_CONTEXT_WINDOW = 272000
+PREMIUM_CONTEXT_WINDOW = 1050000
+_COMPILED_PRICES = {tier: tuple((re.compile(row[0]),) + row[1:] for row in rows)
+                    for tier, rows in PRICE_TABLE.items()}
+
+# Unknown "gpt-5.x..." names are priced as the family their suffix names.
+_MODEL_NORMALISATION = (
+    ("-codex-mini", "gpt-5.1-codex-mini"), ("-codex-max", "gpt-5.1-codex-max"),
+    ("-codex", "gpt-5.3-codex"), ("-chat-latest", "gpt-5.2-chat-latest"), ("-pro", "gpt-5.4-pro"),
+    ("-mini", "gpt-5-mini"), ("-nano", "gpt-5-nano"),
+)
+
+
+def normalize_service_tier(tier: Any) -> str:
+    """"", auto, default, scale and anything unknown are priced as default."""
+    tier = tier.strip().lower() if isinstance(tier, str) else ""
+    return tier if tier in ("flex", "priority") else "default"
+
+
+def normalize_model(model: str) -> str:
+    if not model.startswith("gpt-5."):
+        return model
+    for suffix, family in _MODEL_NORMALISATION:
+        if suffix in model:
+            return family
+    return "gpt-5.4"
+
+
+def find_price_row(model: str, tier: str):
+    """The table row pricing (model, tier), following pricing.md's lookup; None
+    when no row matches (then gpt-4o prices apply)."""
+    tier = normalize_service_tier(tier)
+    normalized = normalize_model(model)
+    tiers = (tier,) if tier == "default" else (tier, "default")
+    for table in tiers:
+        for name in (model, normalized) if normalized != model else (model,):
+            for row in _COMPILED_PRICES[table]:
+                if row[0].search(name):
+                    return row
+    return None
+
+
+def context_window_for(model: str, tier: str, input_tokens: int) -> int:
+    """Premium only above 272,000 input tokens, and only for families with premium prices."""
+    if input_tokens > DEFAULT_CONTEXT_WINDOW:
+        row = find_price_row(model, tier)
+        if row is not None and row[4] is not None:
+            return PREMIUM_CONTEXT_WINDOW
+    return DEFAULT_CONTEXT_WINDOW
+
+
+def prices_for(model: str, tier: str, context_window: int) -> Tuple[float, float, float]:
+    row = find_price_row(model, tier)
+    if row is None:
+        return FALLBACK_PRICES
+    if context_window == PREMIUM_CONTEXT_WINDOW and row[4] is not None:
+        return row[4]
+    return row[1], row[2], row[3]
+
+
+def round_cents(value: float) -> float:
+    """Cents, rounding halves away from zero exactly like Go's math.Round(v*100)/100."""
+    scaled = value * 100
+    whole = math.trunc(scaled)
+    if abs(scaled - whole) >= 0.5:
+        whole += math.copysign(1, scaled)
+    return whole / 100
+
+
+def raw_cost(input_tokens: int, output_tokens: int, cached_tokens: int,
+             model: str, tier: str, context_window: int) -> float:
+    """USD before rounding: ((input - cached) x in + output x out + cached x cached-in) / 1e6."""
+    price_in, price_out, price_cached = prices_for(model, tier, context_window)
+    regular = max(0, input_tokens - cached_tokens)
+    return (regular * price_in + output_tokens * price_out + cached_tokens * price_cached) / 1000000
+
+
+class Counts:
+    """Requests and tokens of one (combination, user)."""
+    __slots__ = ("request_count", "input_tokens", "output_tokens", "cached_tokens")
+
+    def __init__(self, request_count: int = 0, input_tokens: int = 0, output_tokens: int = 0,
+                 cached_tokens: int = 0):
+        self.request_count = request_count
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.cached_tokens = cached_tokens
+
+    def add(self, requests: int, input_tokens: int, output_tokens: int, cached_tokens: int) -> None:
+        self.request_count += requests
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        self.cached_tokens += cached_tokens
+
+    def cost(self, combo: "Combination") -> float:
+        return round_cents(raw_cost(self.input_tokens, self.output_tokens, self.cached_tokens,
+                                    combo.model, combo.service_tier, combo.context_window))
+
+    def to_json(self, cost: float) -> Dict[str, Any]:
+        return {"request_count": self.request_count, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens, "cached_tokens": self.cached_tokens,
+                "cost_usd": cost}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "Counts":
+        """Accepts sing-box's older prompt_tokens/completion_tokens names."""
+        if not isinstance(data, dict):
+            raise ValueError("%s: expected an object" % where)
+
+        def number(*names: str) -> int:
+            for name in names:
+                value = data.get(name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+                    return int(value)
+            return 0
+
+        return cls(number("request_count"), number("input_tokens", "prompt_tokens"),
+                   number("output_tokens", "completion_tokens"), number("cached_tokens"))
+
+
+class Combination:
+    """Usage for one (model, service tier, context window, week)."""
+    __slots__ = ("model", "service_tier", "context_window", "week_start", "total", "by_user")
+
+    def __init__(self, model: str, service_tier: str, context_window: int, week_start: Optional[int]):
+        self.model = model
+        self.service_tier = service_tier
+        self.context_window = context_window
+        self.week_start = week_start
+        self.total = Counts()
+        self.by_user = {}  # type: Dict[str, Counts]
+
+    @property
+    def key(self) -> Tuple[str, str, int, Optional[int]]:
+        return (self.model, self.service_tier, self.context_window, self.week_start)
+
+
+def week_label(week_start: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(week_start)) + " UTC+0"
+
+
+def week_start_from_headers(headers) -> Optional[int]:
+    """Start of the subscription week: secondary reset-at minus its window
+    (PROTOCOL.md section 7). ``headers`` has a case-insensitive get()."""
+    active = (headers.get("x-codex-active-limit") or "codex").strip().lower().replace("_", "-")
+    reset_at = headers.get("x-%s-secondary-reset-at" % active)
+    minutes = headers.get("x-%s-secondary-window-minutes" % active)
+    try:
+        return int(float(reset_at)) - int(float(minutes)) * 60
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+@dataclass
+class UsageRecord:
+    """One response's usage, as every relay path reports it to the book."""
+    model: str
+    service_tier: str
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+
+
+def _int_field(obj: Any, *path: str) -> int:
+    for name in path:
+        if not isinstance(obj, dict):
+            return 0
+        obj = obj.get(name)
+    return int(obj) if isinstance(obj, (int, float)) and not isinstance(obj, bool) and obj > 0 else 0
+
+
+def usage_record_from(obj: Any, fallback_model: str = "", fallback_tier: str = "") -> Optional[UsageRecord]:
+    """Usage from a Responses object or a chat completion (or chunk); None without usage."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    if "input_tokens" in usage or "output_tokens" in usage:
+        tokens = (_int_field(usage, "input_tokens"), _int_field(usage, "output_tokens"),
+                  _int_field(usage, "input_tokens_details", "cached_tokens"))
+    else:  # chat completions
+        tokens = (_int_field(usage, "prompt_tokens"), _int_field(usage, "completion_tokens"),
+                  _int_field(usage, "prompt_tokens_details", "cached_tokens"))
+    model = obj.get("model")
+    tier = obj.get("service_tier")
+    return UsageRecord(model if isinstance(model, str) and model else fallback_model or "unknown",
+                       tier if isinstance(tier, str) and tier else fallback_tier, *tokens)
+
+
+# Terminal Responses events whose response carries billable usage.
+USAGE_EVENT_TYPES = frozenset(("response.completed", "response.incomplete"))
+
+
+def usage_record_from_event(event: Any, fallback_model: str = "", fallback_tier: str = "") -> Optional[UsageRecord]:
+    """Usage from one streamed event: a Responses terminal event (SSE or
+    WebSocket) or a chat-completion chunk that carries usage."""
+    if not isinstance(event, dict):
+        return None
+    if event.get("type") in USAGE_EVENT_TYPES:
+        return usage_record_from(event.get("response"), fallback_model, fallback_tier)
+    if "choices" in event or event.get("object") == "chat.completion.chunk":
+        return usage_record_from(event, fallback_model, fallback_tier)
+    return None
+
+
+class UsageBook:
+    """Usage and cost per user, model, tier, context window and week, in
+    sing-box's usage-file format (PROTOCOL.md section 8).
+
+    ``record()`` is the one accounting entry point for HTTP, SSE and WebSocket.
+    A daemon thread saves the file every ``save_interval`` seconds when
+    something changed; ``close()`` saves a last time.
+    """
+
+    def __init__(self, path: str, save_interval: float = 60.0, now: Callable[[], float] = time.time):
+        self.path = path
+        self.save_interval = save_interval
+        self._now = now
+        self._lock = threading.Lock()       # the combinations
+        self._save_lock = threading.Lock()  # one writer at a time
+        self._combos = {}  # type: Dict[Tuple[str, str, int, Optional[int]], Combination]
+        self._last_updated = None  # type: Optional[float]
+        self._dirty = False
+        self._save_failing = False
+        self._stop = threading.Event()
+        self._thread = None  # type: Optional[threading.Thread]
+
+    # -- loading --------------------------------------------------------------
+    def load(self, repair: bool = True) -> None:
+        """Continue from the file. A damaged file is moved aside, never lost
+        (with ``repair=False`` it raises ValueError instead: for reports)."""
+        try:
+            with open(self.path, "rb") as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            if not repair:
+                raise
+            return
+        try:
+            self._merge_json(json.loads(raw.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError) as exc:
+            if not repair:
+                raise ValueError(str(exc))
+            aside = "%s.corrupt-%s" % (self.path, time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._now())))
+            os.replace(self.path, aside)
+            with self._lock:
+                self._combos.clear()
+            log.error("usage file %s is damaged (%s); moved it to %s and started an empty book",
+                      self.path, exc, aside)
+
+    def _merge_json(self, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        combos = data.get("combinations") or []
+        if not isinstance(combos, list):
+            raise ValueError("combinations is not a list")
+        for i, entry in enumerate(combos):
+            where = "combinations[%d]" % i
+            if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+                raise ValueError("%s has no model" % where)
+            tier = normalize_service_tier(entry.get("service_tier"))
+            window = entry.get("context_window")
+            window = window if window in (DEFAULT_CONTEXT_WINDOW, PREMIUM_CONTEXT_WINDOW) else DEFAULT_CONTEXT_WINDOW
+            week = entry.get("week_start_unix")
+            week = int(week) if isinstance(week, (int, float)) and not isinstance(week, bool) and week > 0 else None
+            total = Counts.from_json(entry.get("total", {}), where + ".total")
+            by_user = entry.get("by_user") or {}
+            if not isinstance(by_user, dict):
+                raise ValueError("%s.by_user is not an object" % where)
+            with self._lock:
+                combo = self._combination(entry["model"], tier, window, week)
+                combo.total.add(total.request_count, total.input_tokens, total.output_tokens,
+                                total.cached_tokens)
+                for user, stats in by_user.items():
+                    counts = Counts.from_json(stats, "%s.by_user.%s" % (where, user))
+                    combo.by_user.setdefault(user, Counts()).add(
+                        counts.request_count, counts.input_tokens, counts.output_tokens,
+                        counts.cached_tokens)
+        self._last_updated = parse_rfc3339(data.get("last_updated"))
+
+    def _combination(self, model: str, tier: str, window: int, week: Optional[int]) -> Combination:
+        key = (model, tier, window, week)
+        combo = self._combos.get(key)
+        if combo is None:
+            combo = self._combos[key] = Combination(model, tier, window, week)
+        return combo
+
+    # -- recording ------------------------------------------------------------
+    def record(self, user: str, usage: UsageRecord, week_start: Optional[int] = None) -> float:
+        """Count one response for ``user`` ("" when access is open). Returns its
+        cost in USD (unrounded), for budgets and metrics."""
+        tier = normalize_service_tier(usage.service_tier)
+        window = context_window_for(usage.model, tier, usage.input_tokens)
+        with self._lock:
+            combo = self._combination(usage.model, tier, window, week_start)
+            combo.total.add(1, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+            if user:
+                counts = combo.by_user.get(user)
+                if counts is None:
+                    counts = combo.by_user[user] = Counts()
+                counts.add(1, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+            self._last_updated = self._now()
+            self._dirty = True
+        return raw_cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens,
+                        usage.model, tier, window)
+
+    # -- the file -------------------------------------------------------------
+    def to_json(self) -> Dict[str, Any]:
+        with self._lock:
+            combos = list(self._combos.values())
+            snapshot = [(c, Counts(c.total.request_count, c.total.input_tokens, c.total.output_tokens,
+                                   c.total.cached_tokens),
+                         {u: Counts(s.request_count, s.input_tokens, s.output_tokens, s.cached_tokens)
+                          for u, s in c.by_user.items()}) for c in combos]
+            last_updated = self._last_updated
+        total_usd = 0.0
+        by_user = {}  # type: Dict[str, float]
+        by_week = {}  # type: Dict[str, float]
+        by_user_and_week = {}  # type: Dict[str, Dict[str, float]]
+        out = []
+        for combo, total, users in snapshot:
+            cost = total.cost(combo)
+            total_usd += cost
+            label = week_label(combo.week_start) if combo.week_start is not None else None
+            if label:
+                by_week[label] = by_week.get(label, 0.0) + cost
+            entry = {"model": combo.model, "service_tier": combo.service_tier,
+                     "context_window": combo.context_window}
+            if combo.week_start is not None:
+                entry["week_start_unix"] = combo.week_start
+            entry["total"] = total.to_json(cost)
+            entry["by_user"] = {}
+            for user in sorted(users):
+                user_cost = users[user].cost(combo)
+                entry["by_user"][user] = users[user].to_json(user_cost)
+                by_user[user] = by_user.get(user, 0.0) + user_cost
+                if label:
+                    weeks = by_user_and_week.setdefault(user, {})
+                    weeks[label] = weeks.get(label, 0.0) + user_cost
+            out.append(entry)
+        return {
+            "last_updated": format_rfc3339(last_updated if last_updated is not None else self._now()),
+            "costs": {
+                "total_usd": round_cents(total_usd),
+                "by_user": {u: round_cents(v) for u, v in sorted(by_user.items())},
+                "by_week": {w: round_cents(v) for w, v in sorted(by_week.items())},
+                "by_user_and_week": {u: {w: round_cents(v) for w, v in sorted(weeks.items())}
+                                     for u, weeks in sorted(by_user_and_week.items())},
+            },
+            "combinations": out,
+        }
+
+    def save(self) -> bool:
+        """Write the file now. False (logged once per failure spell) if it cannot."""
+        with self._save_lock:
+            with self._lock:
+                self._dirty = False
+            data = (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8")
+            try:
+                write_file_atomic(self.path, data, _existing_mode(self.path, 0o644))
+            except OSError as exc:
+                with self._lock:
+                    self._dirty = True
+                if not self._save_failing:
+                    log.error("cannot save usage to %s (%s); keeping it in memory and retrying "
+                              "every %g s", self.path, exc.strerror or exc, self.save_interval)
+                self._save_failing = True
+                return False
+            if self._save_failing:
+                log.info("usage saved to %s again", self.path)
+            self._save_failing = False
+            return True
+
+    def save_if_dirty(self) -> bool:
+        with self._lock:
+            dirty = self._dirty
+        return self.save() if dirty else True
+
+    def start_saver(self) -> None:
+        self._thread = threading.Thread(target=self._run_saver, name="ocm-usage-saver", daemon=True)
+        self._thread.start()
+
+    def _run_saver(self) -> None:
+        while not self._stop.wait(self.save_interval):
+            self.save_if_dirty()
+
+    def close(self) -> None:
+        """Stop the saver and save what is pending."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.save_if_dirty()
+
+
+def _existing_mode(path: str, default: int) -> int:
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return default
+
+
+def check_writable_location(path: str) -> None:
+    """Fail at start, not an hour later, when a file cannot be written where configured."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError("usages_path: directory %s does not exist" % directory)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ocm-write-test.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError("usages_path: cannot write in %s (%s)" % (directory, exc.strerror or exc))
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        raise ConfigError("usages_path: cannot read %s" % path)
+
+
+# == 7. Users ================================================================
 
 def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
@@ -1038,7 +1538,7 @@ class UserTable:
         return user
 
 
-# == 7. Upstream =============================================================
+# == 8. Upstream =============================================================
 
 @dataclass(frozen=True)
 class Origin:
@@ -1230,7 +1730,7 @@ def build_url_opener(connect_timeout: float) -> Callable:
     return open_url
 
 
-# == 8. HTTP parsing =========================================================
+# == 9. HTTP parsing =========================================================
 
 class Headers:
     """Header fields in arrival order, looked up case-insensitively."""
@@ -1474,7 +1974,161 @@ def read_chunked_body(reader: SocketReader, max_size: int, timeout: float) -> by
     raise bad_request("too many trailer fields")
 
 
-# == 9. Handler ==============================================================
+# == 10. Streams =============================================================
+
+class SSEScanner:
+    """Finds whole server-sent events in a copy of relayed bytes, incrementally:
+    an event split across reads (at any byte) is seen once, complete.
+
+    Only the ``data:`` lines matter (Codex reads nothing else), and only events
+    that mention "usage" are parsed as JSON: parsing every text delta would
+    cost the relay CPU for nothing.
+    """
+    __slots__ = ("_on_event", "_tail", "_data", "_size", "_skip_lf", "_max", "broken")
+
+    def __init__(self, on_event: Callable[[Any], None], max_event: int = 32 << 20):
+        self._on_event = on_event
+        self._tail = b""        # an unfinished line
+        self._data = []         # type: List[bytes]  # data lines of the event being read
+        self._size = 0
+        self._skip_lf = False   # the last read ended in CR; an LF starting the next is its pair
+        self._max = max_event
+        self.broken = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.broken or not chunk:
+            return
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        data = self._tail + chunk if self._tail else chunk
+        if b"\r" in data:  # SSE allows CRLF, LF and CR line ends
+            self._skip_lf = data.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._tail = data
+            if len(data) > self._max:
+                self._give_up()
+            return
+        self._tail = data[end + 1:]
+        for line in data[:end].split(b"\n"):
+            if not line:
+                self._dispatch()
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                if value[:1] == b" ":
+                    value = value[1:]
+                self._data.append(value)
+                self._size += len(value)
+                if self._size > self._max:
+                    self._give_up()
+                    return
+
+    def finish(self) -> None:
+        """End of stream: an event missing only its blank line still counts."""
+        if self._tail.startswith(b"data:"):
+            self.feed(b"\n")
+        self._dispatch()
+
+    def _give_up(self) -> None:
+        log.warning("an event larger than %d bytes: usage scanning stops for this stream", self._max)
+        self.broken = True
+        self._data, self._tail = [], b""
+
+    def _dispatch(self) -> None:
+        if not self._data:
+            return
+        payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        self._data = []
+        self._size = 0
+        if b'"usage"' not in payload:
+            return
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        self._on_event(event)
+
+
+def is_accounted_path(path: str) -> bool:
+    return path.startswith("/v1/responses") or path == "/v1/chat/completions"
+
+
+class UsageTap:
+    """Reads usage from a copy of one relayed response body: SSE events as they
+    pass, or a JSON body when it is complete. Never touches the relayed bytes."""
+    __slots__ = ("_record", "_request", "_scanner", "_parts", "_size", "_fallback")
+
+    JSON_LIMIT = 32 << 20
+
+    def __init__(self, record: Callable[[UsageRecord], None], request: "ClientRequest", content_type: str):
+        self._record = record
+        self._request = request
+        self._fallback = None  # type: Optional[Tuple[str, str]]
+        self._parts = None     # type: Optional[List[bytes]]
+        self._size = 0
+        self._scanner = None   # type: Optional[SSEScanner]
+        if content_type.startswith("text/event-stream"):
+            self._scanner = SSEScanner(self._on_event)
+        elif "json" in content_type:
+            self._parts = []
+
+    def request_defaults(self) -> Tuple[str, str]:
+        """(model, service_tier) from the request body, parsed only when a
+        response lacks them (Codex bodies can be megabytes)."""
+        if self._fallback is None:
+            self._fallback = request_model_and_tier(self._request.body)
+        return self._fallback
+
+    def _on_event(self, event: Any) -> None:
+        if not isinstance(event, dict):
+            return
+        response = event.get("response") if isinstance(event.get("response"), dict) else event
+        need_defaults = not response.get("model") or not response.get("service_tier")
+        model, tier = self.request_defaults() if need_defaults else ("", "")
+        record = usage_record_from_event(event, model, tier)
+        if record is not None:
+            self._record(record)
+
+    def feed(self, data: bytes) -> None:
+        if self._scanner is not None:
+            self._scanner.feed(data)
+        elif self._parts is not None:
+            self._size += len(data)
+            if self._size > self.JSON_LIMIT:
+                self._parts = None
+            else:
+                self._parts.append(data)
+
+    def finish(self, complete: bool) -> None:
+        if self._scanner is not None:
+            self._scanner.finish()
+        elif self._parts is not None and complete:
+            try:
+                body = json.loads(b"".join(self._parts))
+            except ValueError:
+                return
+            model, tier = self.request_defaults() if isinstance(body, dict) and (
+                not body.get("model") or not body.get("service_tier")) else ("", "")
+            record = usage_record_from(body, model, tier)
+            if record is not None:
+                self._record(record)
+
+
+def request_model_and_tier(body: bytes) -> Tuple[str, str]:
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        return "", ""
+    if not isinstance(data, dict):
+        return "", ""
+    model, tier = data.get("model"), data.get("service_tier")
+    return (model if isinstance(model, str) else "", tier if isinstance(tier, str) else "")
+
+
+# == 11. Handler ==============================================================
 
 def json_error_body(error_type: str, message: str) -> bytes:
     return json.dumps({"error": {"type": error_type, "message": message}}).encode("utf-8")
@@ -1680,7 +2334,8 @@ class OCMHandler(BaseHTTPRequestHandler):
                 self.send_buffered(request, response, body)
                 return response.status
             break
-        self.relay_response(request, conn, response)
+        tap = server.usage_tap(request, user, response)
+        self.relay_response(request, conn, response, tap)
         return response.status
 
     def send_buffered(self, request: ClientRequest, response, body: bytes) -> None:
@@ -1691,7 +2346,8 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.write(encode_head(response.status, response.reason, headers) + body)
         self.head_sent = True
 
-    def relay_response(self, request: ClientRequest, conn: UpstreamConnection, response) -> None:
+    def relay_response(self, request: ClientRequest, conn: UpstreamConnection, response,
+                       tap: Optional[UsageTap] = None) -> None:
         """Status, headers and body unchanged (minus hop-by-hop). Known lengths pass
         as they are; unknown lengths (SSE) go out chunked, each read flushed."""
         server = self.server
@@ -1713,23 +2369,27 @@ class OCMHandler(BaseHTTPRequestHandler):
                     raise HTTPError(502, "api_error", "upstream closed the connection mid-response")
                 headers.append(("Content-Length", str(len(body))))
                 self.finish_head(request, status, response.reason, headers, body)
+                if tap is not None:
+                    tap.feed(body)
                 return
             if response.length is not None:
                 headers.append(("Content-Length", str(response.length)))
                 self.finish_head(request, status, response.reason, headers)
-                complete = self.stream_body(request, conn, response, chunked=False)
+                complete = self.stream_body(request, conn, response, False, tap)
             elif request.version == "HTTP/1.1":
                 headers.append(("Transfer-Encoding", "chunked"))
                 self.finish_head(request, status, response.reason, headers)
-                complete = self.stream_body(request, conn, response, chunked=True)
+                complete = self.stream_body(request, conn, response, True, tap)
             else:  # an HTTP/1.0 client: the end of the body is the end of the connection
                 request.keep_alive = False
                 self.finish_head(request, status, response.reason, headers)
-                complete = self.stream_body(request, conn, response, chunked=False)
+                complete = self.stream_body(request, conn, response, False, tap)
             if not complete:
                 request.keep_alive = False
         finally:
             server.finish_upstream(conn, response, complete)
+            if tap is not None:
+                tap.finish(complete)
 
     def finish_head(self, request: ClientRequest, status: int, reason: str,
                     headers: List[Tuple[str, str]], body: bytes = b"") -> None:
@@ -1740,14 +2400,14 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.head_sent = True
 
     def stream_body(self, request: ClientRequest, conn: UpstreamConnection, response,
-                    chunked: bool) -> bool:
+                    chunked: bool, tap: Optional[UsageTap]) -> bool:
         """Copy the body as it arrives. True if it ended cleanly; False if upstream
         broke off (the client then sees a truncated body: no final chunk)."""
         context = StreamContext(conn.sock)
         watcher = self.server.watcher
         watcher.watch(self.connection, context)
         try:
-            ended = self.copy_body(request, response, chunked, context)
+            ended = self.copy_body(request, response, chunked, context, tap)
         finally:
             # Before the last write: a client that closes right after the final
             # chunk must not be taken for a hang-up that cuts a pooled connection.
@@ -1757,7 +2417,7 @@ class OCMHandler(BaseHTTPRequestHandler):
         return ended
 
     def copy_body(self, request: ClientRequest, response, chunked: bool,
-                  context: StreamContext) -> bool:
+                  context: StreamContext, tap: Optional[UsageTap]) -> bool:
         while True:
             if response.length == 0:
                 response.read()  # marks it closed (read1 does not before 3.13)
@@ -1782,6 +2442,8 @@ class OCMHandler(BaseHTTPRequestHandler):
                 self.write(b"%x\r\n%s\r\n" % (len(data), data))
             else:
                 self.write(data)
+            if tap is not None:  # after the write: accounting never delays the client
+                tap.feed(data)
 
 
 def read_small_body(response, limit: int = 1 << 20) -> Tuple[bytes, bool]:
@@ -1896,7 +2558,7 @@ def peek_is_closed(sock: socket.socket) -> Optional[bool]:
         raw.detach()
 
 
-# == 10. Server ==============================================================
+# == 12. Server ==============================================================
 
 class OCMServer(ThreadingHTTPServer):
     """The listening server. It owns the config, the credential, the users,
@@ -1906,13 +2568,19 @@ class OCMServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256
 
-    def __init__(self, config: Config, bind_and_activate: bool = True):
+    def __init__(self, config: Config, bind_and_activate: bool = True,
+                 usage_save_interval: float = 60.0):
         self.config = config
         self.users = UserTable(config.users)
         limits = config.limits
         self.pool = UpstreamPool(limits.connect_timeout, limits.upstream_read_timeout)
         self.open_url = build_url_opener(limits.connect_timeout)
         self.credential = Credential(config.credential_path, config.upstream.token_url, self.open_url)
+        self.usage = None  # type: Optional[UsageBook]
+        if config.usages_path:
+            check_writable_location(config.usages_path)
+            self.usage = UsageBook(config.usages_path, save_interval=usage_save_interval)
+            self.usage.load()
         self.chatgpt_base = BaseURL.parse(config.upstream.chatgpt_url)
         self.api_base = BaseURL.parse(config.upstream.api_url)
         self.watcher = HangupWatcher()
@@ -1922,6 +2590,8 @@ class OCMServer(ThreadingHTTPServer):
         except BaseException:
             self.watcher.close()
             raise
+        if self.usage is not None:
+            self.usage.start_saver()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can stall
@@ -1977,6 +2647,23 @@ class OCMServer(ThreadingHTTPServer):
                                 % (origin.host, describe_connect_error(exc)))
         raise AssertionError("unreachable")
 
+    def usage_tap(self, request: ClientRequest, user: Optional[User], response) -> Optional[UsageTap]:
+        """A tap for responses that carry usage, when anything records it."""
+        if self.usage is None or not 200 <= response.status < 300 or not is_accounted_path(request.path):
+            return None
+        week_start = week_start_from_headers(response.msg)
+        name = user.name if user else ""
+        return UsageTap(lambda record: self.account(name, record, week_start), request,
+                        (response.msg.get("content-type") or "").lower())
+
+    def account(self, user_name: str, record: UsageRecord, week_start: Optional[int]) -> None:
+        """The one accounting entry point: HTTP JSON, SSE and WebSocket all end here."""
+        if self.usage is not None:
+            self.usage.record(user_name, record, week_start)
+        log.debug("usage %s: %s %s in=%d cached=%d out=%d", user_name or "-", record.model,
+                  record.service_tier or "default", record.input_tokens, record.cached_tokens,
+                  record.output_tokens)
+
     def finish_upstream(self, conn: UpstreamConnection, response, complete: bool) -> None:
         """Back to the pool only if the response was read to its end."""
         if complete and response.isclosed() and not response.will_close and conn.sock is not None:
@@ -1989,9 +2676,11 @@ class OCMServer(ThreadingHTTPServer):
         self.watcher.close()
         self.pool.close()
         self.server_close()
+        if self.usage is not None:
+            self.usage.close()
 
 
-# == 11. CLI =================================================================
+# == 13. CLI =================================================================
 
 def describe_credential(credential: Credential, now: float) -> str:
     login, problem = credential.peek()
@@ -2021,6 +2710,13 @@ def run_check(config: Config) -> int:
     print("users:       %s" % (", ".join(u.name for u in config.users) or "none (open access)"))
     print("upstream:    %s" % (config.upstream.chatgpt_url if login is None or login.mode == "chatgpt"
                                else config.upstream.api_url))
+    if config.usages_path:
+        print("usage file:  %s" % config.usages_path)
+        try:
+            check_writable_location(config.usages_path)
+        except ConfigError as exc:
+            print("problem:     %s" % exc, file=sys.stderr)
+            return 2
     if login is None:
         print("problem:     credential unavailable: %s" % problem, file=sys.stderr)
         return 2
@@ -2031,6 +2727,9 @@ def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; 0 on a clean stop."""
     try:
         server = OCMServer(config)
+    except ConfigError as exc:
+        print("ocm: config error: %s" % exc, file=sys.stderr)
+        return 2
     except OSError as exc:
         print("ocm: cannot listen on %s:%d: %s" % (config.listen, config.listen_port,
                                                    exc.strerror or exc), file=sys.stderr)
@@ -2068,14 +2767,121 @@ def serve(config: Config) -> int:
     return 0
 
 
+def _usage_source(path: str) -> str:
+    """A usage file as given, or the usages_path of a config file."""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8-sig"))
+    except OSError as exc:
+        raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError("%s is not valid JSON: %s" % (path, exc))
+    if isinstance(data, dict) and ("combinations" in data or "costs" in data):
+        return path
+    config = config_from_dict(data, source=path)
+    if not config.usages_path:
+        raise ConfigError("%s has no usages_path; give the usage file itself" % path)
+    return config.usages_path
+
+
+def summarize_usage(data: Dict[str, Any]) -> Dict[str, Any]:
+    """Per user, per model (and tier), per week and total, from a usage file's JSON."""
+    def bucket(table: Dict[str, Dict[str, Any]], key: str, stats: Dict[str, Any]) -> None:
+        row = table.setdefault(key, {"request_count": 0, "input_tokens": 0, "cached_tokens": 0,
+                                     "output_tokens": 0, "cost_usd": 0.0})
+        for name in ("request_count", "input_tokens", "cached_tokens", "output_tokens"):
+            row[name] += stats[name]
+        row["cost_usd"] += stats["cost_usd"]
+
+    users, models, weeks, total = {}, {}, {}, {}  # type: ignore
+    for combo in data["combinations"]:
+        model = "%s (%s%s)" % (combo["model"], combo["service_tier"],
+                               ", 1M context" if combo["context_window"] == PREMIUM_CONTEXT_WINDOW else "")
+        bucket(models, model, combo["total"])
+        bucket(total, "all", combo["total"])
+        if "week_start_unix" in combo:
+            bucket(weeks, week_label(combo["week_start_unix"]), combo["total"])
+        for user, stats in combo["by_user"].items():
+            bucket(users, user, stats)
+    for table in (users, models, weeks, total):
+        for row in table.values():
+            row["cost_usd"] = round_cents(row["cost_usd"])
+    return {"last_updated": data["last_updated"], "users": users, "models": models,
+            "weeks": weeks, "total": total.get("all", {"request_count": 0, "input_tokens": 0,
+                                                       "cached_tokens": 0, "output_tokens": 0,
+                                                       "cost_usd": 0.0})}
+
+
+def format_usage_report(path: str, summary: Dict[str, Any]) -> str:
+    columns = ("request_count", "input_tokens", "cached_tokens", "output_tokens")
+    lines = ["OCM usage from %s (last updated %s)" % (path, summary["last_updated"]), ""]
+
+    def table(title: str, rows: Dict[str, Dict[str, Any]], order: List[str]) -> None:
+        width = max([len(title)] + [len(k) for k in order])
+        lines.append("%-*s %10s %14s %14s %14s %12s" % (width, title, "requests", "input tokens",
+                                                        "cached", "output tokens", "cost"))
+        for key in order:
+            row = rows[key]
+            lines.append("%-*s %10s %14s %14s %14s %12s" % (
+                width, key, *("{:,}".format(row[c]) for c in columns), "$%.2f" % row["cost_usd"]))
+        lines.append("")
+
+    by_cost = lambda rows: sorted(rows, key=lambda k: (-rows[k]["cost_usd"], k))  # noqa: E731
+    if summary["users"]:
+        table("Per user", summary["users"], by_cost(summary["users"]))
+    if summary["models"]:
+        table("Per model (tier)", summary["models"], by_cost(summary["models"]))
+    if summary["weeks"]:
+        table("Per week (start)", summary["weeks"], sorted(summary["weeks"]))
+    table("Total", {"all": summary["total"]}, ["all"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def run_usage(argv: List[str]) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="ocm.py usage",
+                                     description="Print who used what: cost and tokens per user, "
+                                                 "model and week, and the total.")
+    parser.add_argument("source", metavar="USAGES_PATH|CONFIG",
+                        help="the usage file, or an OCM config naming it in usages_path")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        path = _usage_source(args.source)
+        book = UsageBook(path)
+        book.load(repair=False)
+    except ConfigError as exc:
+        print("ocm: %s" % exc, file=sys.stderr)
+        return 2
+    except FileNotFoundError:
+        print("ocm: no usage recorded yet: %s does not exist" % path, file=sys.stderr)
+        return 2
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        print("ocm: cannot read usage file %s: %s" % (path, exc), file=sys.stderr)
+        return 2
+    summary = summarize_usage(book.to_json())
+    if args.json:
+        print(json.dumps(dict(summary, source=path), indent=2))
+    else:
+        sys.stdout.write(format_usage_report(path, summary))
+    return 0
+
+
+SUBCOMMANDS = {"usage": run_usage}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     import argparse
     parser = argparse.ArgumentParser(
         prog="ocm.py",
         description="OCM relays remote Codex clients to OpenAI through the owner's "
                     "ChatGPT login or API key, with a token per user.",
         epilog="Without CONFIG: listen on 127.0.0.1:8080 with $CODEX_HOME/auth.json "
-               "or ~/.codex/auth.json. See README.md for the config keys.")
+               "or ~/.codex/auth.json. Other commands: `ocm.py usage FILE` reports usage. "
+               "See README.md for the config keys.")
     parser.add_argument("config", nargs="?", help="config file (OCM JSON, or a sing-box config with an ocm service)")
     parser.add_argument("--check", action="store_true",
                         help="validate the config and the credential, print a summary, exit 0 (or 2)")

@@ -509,7 +509,7 @@ class TestConfig:
         assert needle in str(info.value)
 
     @pytest.mark.parametrize("key, value", [
-        ("usages_path", "/tmp/u.json"), ("detour", "socks5://127.0.0.1:1"), ("tls", {"enabled": True})])
+        ("detour", "socks5://127.0.0.1:1"), ("tls", {"enabled": True})])
     def test_unbuilt_features_are_refused_not_ignored(self, key, value):
         with pytest.raises(ocm.ConfigError) as info:
             ocm.config_from_dict({key: value})
