@@ -584,8 +584,8 @@ def parse_rfc3339(text: Any) -> Optional[float]:
 
 def format_rfc3339(seconds: float) -> str:
     """RFC 3339 UTC with microseconds and a Z, as Codex writes last_refresh."""
-    whole = int(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%06dZ" % int((seconds - whole) * 1e6)
+    whole, micros = divmod(int(round(seconds * 1000000)), 1000000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%06dZ" % micros
 
 
 @dataclass(frozen=True)
@@ -2207,9 +2207,16 @@ class OCMHandler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = SocketReader(self.connection)
         self.head_sent = False
+        self.busy = False  # serving a request (as opposed to waiting for one)
+        self.server.track(self)
 
     def finish(self) -> None:
-        pass  # the server closes the socket
+        self.server.untrack(self)  # the server closes the socket itself
+
+    def interrupt(self) -> None:
+        """Wake this connection's thread: shutting down, or it idles too long."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def handle(self) -> None:
         try:
@@ -2243,17 +2250,21 @@ class OCMHandler(BaseHTTPRequestHandler):
     # -- one request ----------------------------------------------------------
     def serve_one(self) -> bool:
         """Serve one request; True to keep the connection for another."""
-        limits = self.server.config.limits
+        server = self.server
+        limits = server.config.limits
         self.head_sent = False
         request = None
+        if server.closing:
+            return False
         try:
             head = self.reader.read_head(limits)
             if head is None:
                 return False
+            server.set_busy(self, True)
             request = parse_request_head(head, limits)
             request.started = time.monotonic()
             self.dispatch(request)
-            return request.keep_alive and request.body_read
+            return request.keep_alive and request.body_read and not server.closing
         except HTTPError as exc:
             if self.head_sent:
                 return False
@@ -2261,7 +2272,9 @@ class OCMHandler(BaseHTTPRequestHandler):
             self.send_error_json(exc, close)
             if request is not None:
                 self.log_request_line(request, exc.status)
-            return not close
+            return not close and not server.closing
+        finally:
+            server.set_busy(self, False)
 
     def drain_body(self, request: ClientRequest) -> bool:
         """Read and drop the unread body of a refused request so the connection
@@ -2321,22 +2334,22 @@ class OCMHandler(BaseHTTPRequestHandler):
         while True:
             headers = build_upstream_headers(request.headers, server.config.headers, login,
                                              len(request.body) if has_body else None)
-            conn, response = server.send_upstream(base.origin, request.method, upstream_path,
-                                                  headers, request.body if has_body else None)
-            if response.status == 401 and login.mode == "chatgpt" and not retried:
-                body, complete = read_small_body(response)
-                server.finish_upstream(conn, response, complete)
+            exchange = server.send_upstream(base.origin, request.method, upstream_path,
+                                            headers, request.body if has_body else None)
+            if exchange.status == 401 and login.mode == "chatgpt" and not retried:
+                body, complete = read_small_body(exchange.response)
+                exchange.finish(complete)
                 new_login = credential.refresh(login.access_token)
                 if new_login.access_token != login.access_token:
                     log.info("upstream refused the access token; refreshed, retrying once")
                     login, retried = new_login, True
                     continue
-                self.send_buffered(request, response, body)
-                return response.status
+                self.send_buffered(request, exchange.response, body)
+                return exchange.status
             break
-        tap = server.usage_tap(request, user, response)
-        self.relay_response(request, conn, response, tap)
-        return response.status
+        tap = server.usage_tap(request, user, exchange.response)
+        self.relay_response(request, exchange, tap)
+        return exchange.status
 
     def send_buffered(self, request: ClientRequest, response, body: bytes) -> None:
         headers = response_headers_to_forward(response.msg)
@@ -2346,48 +2359,49 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.write(encode_head(response.status, response.reason, headers) + body)
         self.head_sent = True
 
-    def relay_response(self, request: ClientRequest, conn: UpstreamConnection, response,
+    def relay_response(self, request: ClientRequest, exchange: "UpstreamExchange",
                        tap: Optional[UsageTap] = None) -> None:
         """Status, headers and body unchanged (minus hop-by-hop). Known lengths pass
-        as they are; unknown lengths (SSE) go out chunked, each read flushed."""
-        server = self.server
+        as they are; unknown lengths (SSE) go out chunked, each read flushed.
+        The upstream connection goes back to the pool as soon as its response
+        is read, before the client gets the last byte and can ask again."""
+        response = exchange.response
         headers = response_headers_to_forward(response.msg)
         status = response.status
         no_body = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         complete = False
         try:
-            if no_body:
-                length = response.msg.get("content-length")
-                if request.method == "HEAD" and length is not None:
-                    headers.append(("Content-Length", length))
+            if no_body or (response.length is not None and response.length <= SMALL_BODY):
                 body, complete = read_small_body(response)
-                self.finish_head(request, status, response.reason, headers)
-                return
-            if response.length is not None and response.length <= SMALL_BODY:
-                body, complete = read_small_body(response)
-                if not complete:
+                exchange.finish(complete)
+                if no_body:
+                    length = response.msg.get("content-length")
+                    if request.method == "HEAD" and length is not None:
+                        headers.append(("Content-Length", length))
+                    body = b""
+                elif not complete:
                     raise HTTPError(502, "api_error", "upstream closed the connection mid-response")
-                headers.append(("Content-Length", str(len(body))))
+                else:
+                    headers.append(("Content-Length", str(len(body))))
                 self.finish_head(request, status, response.reason, headers, body)
-                if tap is not None:
+                if tap is not None and body:
                     tap.feed(body)
                 return
             if response.length is not None:
                 headers.append(("Content-Length", str(response.length)))
-                self.finish_head(request, status, response.reason, headers)
-                complete = self.stream_body(request, conn, response, False, tap)
+                chunked = False
             elif request.version == "HTTP/1.1":
                 headers.append(("Transfer-Encoding", "chunked"))
-                self.finish_head(request, status, response.reason, headers)
-                complete = self.stream_body(request, conn, response, True, tap)
+                chunked = True
             else:  # an HTTP/1.0 client: the end of the body is the end of the connection
                 request.keep_alive = False
-                self.finish_head(request, status, response.reason, headers)
-                complete = self.stream_body(request, conn, response, False, tap)
+                chunked = False
+            self.finish_head(request, status, response.reason, headers)
+            complete = self.stream_body(request, exchange, chunked, tap)
             if not complete:
                 request.keep_alive = False
         finally:
-            server.finish_upstream(conn, response, complete)
+            exchange.finish(complete)
             if tap is not None:
                 tap.finish(complete)
 
@@ -2399,51 +2413,69 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.write(encode_head(status, reason, headers) + body)
         self.head_sent = True
 
-    def stream_body(self, request: ClientRequest, conn: UpstreamConnection, response,
-                    chunked: bool, tap: Optional[UsageTap]) -> bool:
+    def stream_body(self, request: ClientRequest, exchange: "UpstreamExchange", chunked: bool,
+                    tap: Optional[UsageTap]) -> bool:
         """Copy the body as it arrives. True if it ended cleanly; False if upstream
         broke off (the client then sees a truncated body: no final chunk)."""
-        context = StreamContext(conn.sock)
+        response = exchange.response
+        context = StreamContext(exchange.conn.sock)
         watcher = self.server.watcher
         watcher.watch(self.connection, context)
         try:
-            ended = self.copy_body(request, response, chunked, context, tap)
-        finally:
-            # Before the last write: a client that closes right after the final
-            # chunk must not be taken for a hang-up that cuts a pooled connection.
-            watcher.unwatch(self.connection, context)
-        if ended and chunked:
-            self.write(b"0\r\n\r\n")
-        return ended
-
-    def copy_body(self, request: ClientRequest, response, chunked: bool,
-                  context: StreamContext, tap: Optional[UsageTap]) -> bool:
-        while True:
-            if response.length == 0:
-                response.read()  # marks it closed (read1 does not before 3.13)
-                return True
-            try:
-                data = response.read1(RELAY_CHUNK)
-            except (http.client.HTTPException, OSError, ValueError) as exc:
-                if context.client_gone:
-                    raise ClientGone("hung up while waiting for upstream")
-                log.warning("%s %s: upstream stream broke off: %s", request.method,
-                            request.path[:200], describe_connect_error(exc))
-                return False
-            if not data:
-                if context.client_gone:
-                    raise ClientGone("hung up while waiting for upstream")
-                if response.length:  # Content-Length promised more
-                    log.warning("%s %s: upstream closed with %d bytes missing",
-                                request.method, request.path[:200], response.length)
+            while True:
+                try:
+                    data = response.read1(RELAY_CHUNK) if response.length != 0 else b""
+                    if response.length == 0:
+                        response.read()  # marks it closed (read1 does not before 3.13)
+                except (http.client.HTTPException, OSError, ValueError) as exc:
+                    if context.client_gone:
+                        raise ClientGone("hung up while waiting for upstream")
+                    log.warning("%s %s: upstream stream broke off: %s", request.method,
+                                request.path[:200], describe_connect_error(exc))
                     return False
-                return True
-            if chunked:
-                self.write(b"%x\r\n%s\r\n" % (len(data), data))
-            else:
-                self.write(data)
-            if tap is not None:  # after the write: accounting never delays the client
-                tap.feed(data)
+                ended = not data or response.length == 0
+                if ended:
+                    if context.client_gone:
+                        raise ClientGone("hung up while waiting for upstream")
+                    if not data and response.length:  # Content-Length promised more
+                        log.warning("%s %s: upstream closed with %d bytes missing",
+                                    request.method, request.path[:200], response.length)
+                        return False
+                    # Detach the watcher, then pool the connection, then send the
+                    # last bytes: the client may close or ask again at once.
+                    watcher.unwatch(self.connection, context)
+                    exchange.finish(True)
+                if data:
+                    self.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                    if tap is not None:  # after the write: accounting never delays the client
+                        tap.feed(data)
+                if ended:
+                    if chunked:
+                        self.write(b"0\r\n\r\n")
+                    return True
+        finally:
+            watcher.unwatch(self.connection, context)
+
+
+class UpstreamExchange:
+    """One upstream request in flight. ``finish()`` hands its connection back
+    to the pool (or closes it) exactly once."""
+    __slots__ = ("server", "conn", "response", "finished")
+
+    def __init__(self, server: "OCMServer", conn: UpstreamConnection, response):
+        self.server = server
+        self.conn = conn
+        self.response = response
+        self.finished = False
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    def finish(self, complete: bool) -> None:
+        if not self.finished:
+            self.finished = True
+            self.server.finish_upstream(self.conn, self.response, complete)
 
 
 def read_small_body(response, limit: int = 1 << 20) -> Tuple[bytes, bool]:
@@ -2584,6 +2616,9 @@ class OCMServer(ThreadingHTTPServer):
         self.chatgpt_base = BaseURL.parse(config.upstream.chatgpt_url)
         self.api_base = BaseURL.parse(config.upstream.api_url)
         self.watcher = HangupWatcher()
+        self.closing = False
+        self._handlers = set()  # live client connections
+        self._handlers_changed = threading.Condition()
         self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
         try:
             super().__init__((config.listen, config.listen_port), OCMHandler, bind_and_activate)
@@ -2618,8 +2653,8 @@ class OCMServer(ThreadingHTTPServer):
         return base, base.path + rest + ("?" + query if query else "")
 
     def send_upstream(self, origin: Origin, method: str, path: str,
-                      headers: List[Tuple[str, str]], body: Optional[bytes]):
-        """Send one request on a pooled connection: (connection, response).
+                      headers: List[Tuple[str, str]], body: Optional[bytes]) -> UpstreamExchange:
+        """Send one request on a pooled connection.
         A reused connection the server had already dropped is retried once on a
         new one. Raises HTTPError 502/504 for an unreachable or silent upstream."""
         for attempt in (1, 2):
@@ -2633,7 +2668,7 @@ class OCMServer(ThreadingHTTPServer):
                 for name, value in headers:
                     conn.putheader(name, value)
                 conn.endheaders(body)
-                return conn, conn.getresponse()
+                return UpstreamExchange(self, conn, conn.getresponse())
             except socket.timeout:
                 conn.close()
                 raise HTTPError(504, "api_error", "upstream %s did not answer within %g s"
@@ -2664,6 +2699,41 @@ class OCMServer(ThreadingHTTPServer):
                   record.service_tier or "default", record.input_tokens, record.cached_tokens,
                   record.output_tokens)
 
+    # -- live connections (for a clean shutdown) -------------------------------
+    def track(self, handler: OCMHandler) -> None:
+        with self._handlers_changed:
+            self._handlers.add(handler)
+
+    def untrack(self, handler: OCMHandler) -> None:
+        with self._handlers_changed:
+            self._handlers.discard(handler)
+            self._handlers_changed.notify_all()
+
+    def set_busy(self, handler: OCMHandler, busy: bool) -> None:
+        with self._handlers_changed:
+            handler.busy = busy
+            if not busy:
+                self._handlers_changed.notify_all()
+
+    def drain(self, timeout: float) -> None:
+        """Close idle connections now; give requests in flight ``timeout``
+        seconds to finish (their usage gets recorded); then cut the rest."""
+        deadline = time.monotonic() + timeout
+        with self._handlers_changed:
+            self.closing = True
+            while True:
+                for handler in [h for h in self._handlers if not h.busy]:
+                    handler.interrupt()
+                busy = [h for h in self._handlers if h.busy]
+                remaining = deadline - time.monotonic()
+                if not busy or remaining <= 0:
+                    break
+                self._handlers_changed.wait(min(remaining, 0.1))
+        for handler in busy:
+            log.warning("shutting down: cutting a request still in flight from %s",
+                        handler.client_address[0])
+            handler.interrupt()
+
     def finish_upstream(self, conn: UpstreamConnection, response, complete: bool) -> None:
         """Back to the pool only if the response was read to its end."""
         if complete and response.isclosed() and not response.will_close and conn.sock is not None:
@@ -2671,8 +2741,9 @@ class OCMServer(ThreadingHTTPServer):
         else:
             conn.close()
 
-    def close(self) -> None:
+    def close(self, drain_timeout: float = 5.0) -> None:
         """Stop everything this server owns. Call after shutdown()."""
+        self.drain(drain_timeout)
         self.watcher.close()
         self.pool.close()
         self.server_close()

@@ -382,8 +382,11 @@ class Proxy:
             conn.close()
 
     def close(self):
+        if self.thread is None:
+            return
         self.server.shutdown()
         self.thread.join(5)
+        self.thread = None
         self.server.close()
 
 
@@ -894,14 +897,14 @@ class TestRelay:
     def test_sse_events_are_flushed_one_by_one(self, proxy, fake):
         """Each event must reach the client before upstream sends the next."""
         received = [threading.Event() for _ in range(3)]
-        order = []
+        arrived_while_upstream_waited = []
 
         def route(ex):
             ex.start_chunked()
             for i in range(3):
                 ex.chunk(sse({"type": "response.output_text.delta", "delta": str(i)}))
-                order.append("sent %d" % i)
-                assert received[i].wait(5), "event %d was held back by the proxy" % i
+                # The next event is sent only once the client has this one.
+                arrived_while_upstream_waited.append(received[i].wait(5))
             ex.chunk(sse(completed_event()))
             ex.end_chunked()
 
@@ -915,11 +918,11 @@ class TestRelay:
         for i in range(3):
             while ('"delta": "%d"' % i).encode() not in seen:
                 seen += resp.read1(65536)
-            order.append("got %d" % i)
+            assert ('"delta": "%d"' % (i + 1)).encode() not in seen
             received[i].set()
         rest = resp.read()
         assert b"response.completed" in rest
-        assert order == ["sent 0", "got 0", "sent 1", "got 1", "sent 2", "got 2"]
+        assert arrived_while_upstream_waited == [True, True, True]
 
     def test_client_keep_alive_serves_several_requests(self, proxy, fake):
         conn = proxy.conn()
@@ -1150,3 +1153,649 @@ class TestRealCodex:
         out = run_codex(proxy.port, tmp_path, "say hi", token="tok-wrong")
         assert out.returncode != 0
         assert fake.api_requests() == []
+
+
+# == TestPricing ============================================================
+
+from decimal import ROUND_HALF_UP, Decimal  # noqa: E402
+
+# One sample model per row of shared/pricing.md, with that row's prices as the
+# document gives them (input, output, cached). Transcribed independently of
+# ocm.PRICE_TABLE so a wrong row in ocm.py shows up here.
+PRICING_SAMPLES = [
+    ("default", "gpt-5.4-pro", (30.0, 180.0, 30.0)),
+    ("default", "gpt-5.4-pro-2026-03-05", (30.0, 180.0, 30.0)),
+    ("default", "gpt-5.4", (2.5, 15.0, 0.25)),
+    ("default", "gpt-5.4-mini", (2.5, 15.0, 0.25)),
+    ("default", "gpt-5.3-codex", (1.75, 14.0, 0.175)),
+    ("default", "gpt-5.2-codex", (1.75, 14.0, 0.175)),
+    ("default", "gpt-5.1-codex-max", (1.25, 10.0, 0.125)),
+    ("default", "gpt-5.1-codex-mini", (0.25, 2.0, 0.025)),
+    ("default", "gpt-5.1-codex", (1.25, 10.0, 0.125)),
+    ("default", "gpt-5-codex-mini", (0.25, 2.0, 0.025)),
+    ("default", "gpt-5-codex", (1.25, 10.0, 0.125)),
+    ("default", "gpt-5.2-chat-latest", (1.75, 14.0, 0.175)),
+    ("default", "gpt-5.1-chat-latest", (1.25, 10.0, 0.125)),
+    ("default", "gpt-5-chat-latest", (1.25, 10.0, 0.125)),
+    ("default", "gpt-5.2-pro", (21.0, 168.0, 21.0)),
+    ("default", "gpt-5-pro", (15.0, 120.0, 15.0)),
+    ("default", "gpt-5-mini", (0.25, 2.0, 0.025)),
+    ("default", "gpt-5-nano", (0.05, 0.4, 0.005)),
+    ("default", "gpt-5.2", (1.75, 14.0, 0.175)),
+    ("default", "gpt-5.1", (1.25, 10.0, 0.125)),
+    ("default", "gpt-5", (1.25, 10.0, 0.125)),
+    ("default", "o4-mini-deep-research", (2.0, 8.0, 0.5)),
+    ("default", "o4-mini", (1.1, 4.4, 0.275)),
+    ("default", "o3-pro", (20.0, 80.0, 20.0)),
+    ("default", "o3-deep-research", (10.0, 40.0, 2.5)),
+    ("default", "o3-mini", (1.1, 4.4, 0.55)),
+    ("default", "o3", (2.0, 8.0, 0.5)),
+    ("default", "o1-pro", (150.0, 600.0, 150.0)),
+    ("default", "o1-mini", (1.1, 4.4, 0.55)),
+    ("default", "o1", (15.0, 60.0, 7.5)),
+    ("default", "gpt-4o-mini-audio-preview", (0.15, 0.6, 0.15)),
+    ("default", "gpt-audio-mini", (0.6, 2.4, 0.6)),
+    ("default", "gpt-4o-audio-preview", (2.5, 10.0, 2.5)),
+    ("default", "gpt-audio", (2.5, 10.0, 2.5)),
+    ("default", "gpt-4.1-nano", (0.1, 0.4, 0.025)),
+    ("default", "gpt-4.1-mini", (0.4, 1.6, 0.1)),
+    ("default", "gpt-4.1", (2.0, 8.0, 0.5)),
+    ("default", "gpt-4o-mini", (0.15, 0.6, 0.075)),
+    ("default", "gpt-4o", (2.5, 10.0, 1.25)),
+    ("default", "chatgpt-4o-latest", (2.5, 10.0, 1.25)),
+    ("flex", "gpt-5.4-pro", (15.0, 90.0, 15.0)),
+    ("flex", "gpt-5.4", (1.25, 7.5, 0.125)),
+    ("flex", "gpt-5-mini", (0.125, 1.0, 0.0125)),
+    ("flex", "gpt-5-nano", (0.025, 0.2, 0.0025)),
+    ("flex", "gpt-5.2", (0.875, 7.0, 0.0875)),
+    ("flex", "gpt-5.1", (0.625, 5.0, 0.0625)),
+    ("flex", "gpt-5", (0.625, 5.0, 0.0625)),
+    ("flex", "o4-mini", (0.55, 2.2, 0.138)),
+    ("flex", "o3", (1.0, 4.0, 0.25)),
+    ("priority", "gpt-5.4", (5.0, 30.0, 0.5)),
+    ("priority", "gpt-5.3-codex", (3.5, 28.0, 0.35)),
+    ("priority", "gpt-5.2-codex", (3.5, 28.0, 0.35)),
+    ("priority", "gpt-5.1-codex-max", (2.5, 20.0, 0.25)),
+    ("priority", "gpt-5.1-codex", (2.5, 20.0, 0.25)),
+    ("priority", "gpt-5-codex-mini", (0.45, 3.6, 0.045)),
+    ("priority", "gpt-5-codex", (2.5, 20.0, 0.25)),
+    ("priority", "gpt-5-mini", (0.45, 3.6, 0.045)),
+    ("priority", "gpt-5.2", (3.5, 28.0, 0.35)),
+    ("priority", "gpt-5.1", (2.5, 20.0, 0.25)),
+    ("priority", "gpt-5", (2.5, 20.0, 0.25)),
+    ("priority", "o4-mini", (2.0, 8.0, 0.5)),
+    ("priority", "o3", (3.5, 14.0, 0.875)),
+    ("priority", "gpt-4.1-nano", (0.2, 0.8, 0.05)),
+    ("priority", "gpt-4.1-mini", (0.7, 2.8, 0.175)),
+    ("priority", "gpt-4.1", (3.5, 14.0, 0.875)),
+    ("priority", "gpt-4o-mini", (0.25, 1.0, 0.125)),
+    ("priority", "gpt-4o", (4.25, 17.0, 2.125)),
+]
+
+TOKEN_MIXES = [(272000, 100000, 200000), (123457, 9876, 100000), (50000, 777, 0)]  # default window
+
+
+def expected_cost(prices, input_tokens, output_tokens, cached_tokens):
+    """Independent: exact decimal arithmetic, halves rounded up, to cents."""
+    p_in, p_out, p_cached = (Decimal(str(p)) for p in prices)
+    regular = max(0, input_tokens - cached_tokens)
+    cost = (regular * p_in + output_tokens * p_out + cached_tokens * p_cached) / Decimal(1000000)
+    return float(cost.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
+class TestPricing:
+    @pytest.mark.parametrize("tier, model, prices", PRICING_SAMPLES)
+    @pytest.mark.parametrize("mix", TOKEN_MIXES)
+    def test_cost_of_every_row_and_tier(self, tier, model, prices, mix):
+        input_tokens, output_tokens, cached = mix
+        window = ocm.context_window_for(model, tier, input_tokens)
+        got = ocm.round_cents(ocm.raw_cost(input_tokens, output_tokens, cached, model, tier, window))
+        assert got == expected_cost(prices, input_tokens, output_tokens, cached)
+
+    @pytest.mark.parametrize("tier, model, premium", [
+        ("default", "gpt-5.4", (5.0, 22.5, 0.5)),
+        ("default", "gpt-5.4-pro", (60.0, 270.0, 60.0)),
+        ("flex", "gpt-5.4", (2.5, 11.25, 0.25)),
+        ("flex", "gpt-5.4-pro", (30.0, 135.0, 30.0)),
+        ("priority", "gpt-5.4", (10.0, 45.0, 1.0)),
+        ("default", "gpt-5.9", (5.0, 22.5, 0.5)),  # normalised to gpt-5.4
+    ])
+    def test_premium_context_above_272k_input_tokens(self, tier, model, premium):
+        assert ocm.context_window_for(model, tier, 272000) == 272000
+        assert ocm.context_window_for(model, tier, 272001) == 1050000
+        cost = ocm.round_cents(ocm.raw_cost(400000, 20000, 100000, model, tier, 1050000))
+        assert cost == expected_cost(premium, 400000, 20000, 100000)
+
+    @pytest.mark.parametrize("tier, model", [("default", "gpt-5.3-codex"), ("default", "o3"),
+                                             ("priority", "gpt-5.3-codex"), ("flex", "gpt-5-mini")])
+    def test_families_without_premium_keep_the_default_window(self, tier, model):
+        assert ocm.context_window_for(model, tier, 900000) == 272000
+
+    @pytest.mark.parametrize("model, priced_as", [
+        ("gpt-5.9-codex-mini", (0.25, 2.0, 0.025)),
+        ("gpt-5.9-codex-max", (1.25, 10.0, 0.125)),
+        ("gpt-5.9-codex", (1.75, 14.0, 0.175)),
+        ("gpt-5.9-chat-latest", (1.75, 14.0, 0.175)),
+        ("gpt-5.9-pro", (30.0, 180.0, 30.0)),
+        ("gpt-5.9-mini", (0.25, 2.0, 0.025)),
+        ("gpt-5.9-nano", (0.05, 0.4, 0.005)),
+        ("gpt-5.9", (2.5, 15.0, 0.25)),
+        ("gpt-5.9-2027-01-01", (2.5, 15.0, 0.25)),
+    ])
+    def test_unknown_gpt5_names_are_normalised(self, model, priced_as):
+        got = ocm.round_cents(ocm.raw_cost(1000000, 100000, 200000, model, "default", 272000))
+        assert got == expected_cost(priced_as, 1000000, 100000, 200000)
+
+    @pytest.mark.parametrize("model, tier", [("claude-3", "default"), ("", "default"),
+                                             ("llama", "priority"), ("gpt-6", "flex")])
+    def test_unknown_families_fall_back_to_gpt4o(self, model, tier):
+        got = ocm.round_cents(ocm.raw_cost(1000000, 100000, 200000, model, tier, 272000))
+        assert got == expected_cost((2.5, 10.0, 1.25), 1000000, 100000, 200000)
+
+    def test_non_default_tier_falls_back_to_the_default_table(self):
+        # flex has no codex row: the default table prices it.
+        got = ocm.round_cents(ocm.raw_cost(1000000, 0, 0, "gpt-5.3-codex", "flex", 272000))
+        assert got == 1.75
+
+    @pytest.mark.parametrize("tier, expected", [("", "default"), ("auto", "default"), ("default", "default"),
+                                                ("scale", "default"), ("turbo", "default"), (None, "default"),
+                                                ("flex", "flex"), (" Priority ", "priority")])
+    def test_service_tier_normalisation(self, tier, expected):
+        assert ocm.normalize_service_tier(tier) == expected
+
+    @pytest.mark.parametrize("value, cents", [(0.125, 0.13), (0.005, 0.01), (0.0049, 0.0), (1.0, 1.0),
+                                              (2.675, 2.68), (0.015, 0.02), (123.455, 123.46)])
+    def test_rounding_matches_go_math_round(self, value, cents):
+        # Go: math.Round(v*100)/100, halves away from zero on the float product.
+        scaled = value * 100
+        go = (int(scaled) + (1 if scaled - int(scaled) >= 0.5 else 0)) / 100
+        assert ocm.round_cents(value) == cents == go
+
+
+# == TestSSE ================================================================
+
+def scan_all(pieces):
+    events = []
+    scanner = ocm.SSEScanner(events.append)
+    for piece in pieces:
+        scanner.feed(piece)
+    scanner.finish()
+    return events
+
+
+SAMPLE_STREAM = (
+    b"event: response.created\r\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r1\"}}\r\n\r\n"
+    b": keep-alive comment\n\n"
+    b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"usage\"}\n\n"
+    + sse(message_event("a \"usage\" word"))
+    + b"event: response.completed\n"
+    + b"data: " + json.dumps(completed_event("r1", "gpt-5.4", 3000, 1000, 50)).encode() + b"\n\n"
+)
+
+
+class TestSSE:
+    def test_usage_event_found_once(self):
+        events = scan_all([SAMPLE_STREAM])
+        # The delta whose text is "usage" passes the cheap gate; only the
+        # completed event yields a usage record.
+        assert [e["type"] for e in events] == ["response.output_text.delta", "response.completed"]
+        records = [r for r in map(ocm.usage_record_from_event, events) if r]
+        assert [(r.model, r.input_tokens, r.cached_tokens, r.output_tokens) for r in records] == [
+            ("gpt-5.4", 3000, 1000, 50)]
+
+    def test_split_at_every_offset_is_counted_exactly_once(self):
+        whole = scan_all([SAMPLE_STREAM])
+        for cut in range(1, len(SAMPLE_STREAM)):
+            assert scan_all([SAMPLE_STREAM[:cut], SAMPLE_STREAM[cut:]]) == whole, cut
+
+    def test_split_into_three_at_many_offsets(self):
+        whole = scan_all([SAMPLE_STREAM])
+        n = len(SAMPLE_STREAM)
+        for a in range(1, n, 7):
+            for b in range(a + 1, n, 11):
+                assert scan_all([SAMPLE_STREAM[:a], SAMPLE_STREAM[a:b], SAMPLE_STREAM[b:]]) == whole
+
+    def test_byte_by_byte(self):
+        assert scan_all([SAMPLE_STREAM[i:i + 1] for i in range(len(SAMPLE_STREAM))]) == scan_all([SAMPLE_STREAM])
+
+    @pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+    def test_every_line_ending(self, newline):
+        stream = SAMPLE_STREAM.replace(b"\r\n", b"\n").replace(b"\n", newline)
+        for cut in range(1, len(stream)):
+            events = scan_all([stream[:cut], stream[cut:]])
+            assert [e["type"] for e in events] == ["response.output_text.delta", "response.completed"]
+
+    def test_multi_line_data_is_joined(self):
+        events = scan_all([b'data: {"type": "response.completed",\ndata: "usage": {"input_tokens": 1}}\n\n'])
+        assert events == [{"type": "response.completed", "usage": {"input_tokens": 1}}]
+
+    def test_event_without_final_blank_line_still_counts_at_end(self):
+        assert len(scan_all([b'data: {"usage": {"prompt_tokens": 3}}\n'])) == 1
+        assert len(scan_all([b'data: {"usage": {"prompt_tokens": 3}}'])) == 1
+
+    def test_events_without_usage_are_not_parsed(self, monkeypatch):
+        calls = []
+        real = json.loads
+        monkeypatch.setattr(ocm.json, "loads", lambda s, *a, **k: calls.append(s) or real(s, *a, **k))
+        scan_all([sse({"type": "response.output_text.delta", "delta": "x"}) * 50, sse(completed_event())])
+        assert len(calls) == 1
+
+    def test_oversized_event_stops_scanning_without_error(self):
+        events = []
+        scanner = ocm.SSEScanner(events.append, max_event=1000)
+        scanner.feed(b"data: " + b"x" * 5000)
+        scanner.feed(b"\n\n" + sse(completed_event()))
+        assert scanner.broken and events == []
+
+    def test_chat_completion_chunks_with_usage(self):
+        stream = (sse({"object": "chat.completion.chunk", "model": "gpt-4o", "choices": [{"delta": {"content": "hi"}}]})
+                  + sse({"object": "chat.completion.chunk", "model": "gpt-4o", "choices": [],
+                         "usage": {"prompt_tokens": 10, "completion_tokens": 2,
+                                   "prompt_tokens_details": {"cached_tokens": 4}}})
+                  + b"data: [DONE]\n\n")
+        events = scan_all([stream])
+        record = ocm.usage_record_from_event(events[0])
+        assert (record.model, record.input_tokens, record.output_tokens, record.cached_tokens) == ("gpt-4o", 10, 2, 4)
+
+
+# == TestUsage ==============================================================
+
+def record(model="gpt-5.3-codex", tier="", input_tokens=100, output_tokens=20, cached=40):
+    return ocm.UsageRecord(model, tier, input_tokens, output_tokens, cached)
+
+
+class TestUsage:
+    def test_book_json_matches_the_sing_box_format(self, tmp_path):
+        book = ocm.UsageBook(str(tmp_path / "u.json"))
+        week = 1795000000
+        book.record("alice", record(), week)
+        book.record("alice", record(), week)
+        book.record("bob", record("gpt-5.4", "priority", 1000000, 100000, 0), week)
+        book.record("", record("o3"), None)
+        data = book.to_json()
+        assert set(data) == {"last_updated", "costs", "combinations"}
+        assert ocm.parse_rfc3339(data["last_updated"]) is not None
+        combos = {(c["model"], c["service_tier"]): c for c in data["combinations"]}
+        codex = combos[("gpt-5.3-codex", "default")]
+        assert codex["context_window"] == 272000 and codex["week_start_unix"] == week
+        assert codex["total"] == {"request_count": 2, "input_tokens": 200, "output_tokens": 40,
+                                  "cached_tokens": 80, "cost_usd": 0.0}
+        assert set(codex["by_user"]) == {"alice"}
+        o3 = combos[("o3", "default")]
+        assert "week_start_unix" not in o3 and o3["by_user"] == {}
+        premium = ocm.round_cents(ocm.raw_cost(1000000, 100000, 0, "gpt-5.4", "priority", 1050000))
+        assert combos[("gpt-5.4", "priority")]["context_window"] == 1050000
+        label = "2026-11-18 11:06:40 UTC+0"  # date -u -d @1795000000
+        assert ocm.week_label(week) == label
+        assert data["costs"] == {"total_usd": premium, "by_user": {"alice": 0.0, "bob": premium},
+                                 "by_week": {label: premium},
+                                 "by_user_and_week": {"alice": {label: 0.0}, "bob": {label: premium}}}
+
+    def test_costs_are_rounded_per_combination_then_summed_and_rounded(self, tmp_path):
+        book = ocm.UsageBook(str(tmp_path / "u.json"))
+        # 0.004 USD each: each combination rounds to 0.0, so the sum is 0.0 (as in sing-box).
+        for model in ("gpt-5-nano", "gpt-5-nano-x", "gpt-5-nano-y"):
+            book.record("alice", record(model, "", 80000, 0, 0))
+        data = book.to_json()
+        assert all(c["total"]["cost_usd"] == 0.0 for c in data["combinations"])
+        assert data["costs"]["total_usd"] == 0.0
+
+    def test_hundred_threads_recording_give_exact_totals(self, tmp_path):
+        book = ocm.UsageBook(str(tmp_path / "u.json"))
+        users = ["u%d" % i for i in range(10)]
+
+        def work(i):
+            for j in range(200):
+                book.record(users[i % 10], record(["gpt-5.4", "o3"][j % 2], "", 7, 3, 2), 1795000000)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(100)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        data = book.to_json()
+        total = sum(c["total"]["request_count"] for c in data["combinations"])
+        assert total == 100 * 200
+        assert sum(c["total"]["input_tokens"] for c in data["combinations"]) == 100 * 200 * 7
+        for user in users:
+            assert sum(c["by_user"][user]["request_count"] for c in data["combinations"]) == 2000
+            assert sum(c["by_user"][user]["cached_tokens"] for c in data["combinations"]) == 4000
+
+    def test_save_and_load_round_trip(self, tmp_path):
+        path = str(tmp_path / "u.json")
+        book = ocm.UsageBook(path)
+        book.record("alice", record("gpt-5.4", "flex", 500000, 1000, 100), 1795000000)
+        book.record("bob", record("gpt-5.3-codex", "priority"), None)
+        assert book.save()
+        again = ocm.UsageBook(path)
+        again.load()
+        assert again.to_json() == book.to_json()
+        again.record("alice", record("gpt-5.4", "flex", 500000, 1000, 100), 1795000000)
+        combo = [c for c in again.to_json()["combinations"] if c["model"] == "gpt-5.4"][0]
+        assert combo["total"]["request_count"] == 2 and combo["context_window"] == 1050000
+
+    def test_a_sing_box_written_file_carries_on(self, tmp_path):
+        path = tmp_path / "usage.json"
+        path.write_text(json.dumps({
+            "last_updated": "2026-11-20T10:00:00.123456789+08:00",
+            "costs": {"total_usd": 9.99, "by_user": {"alice": 9.99}},
+            "combinations": [
+                {"model": "gpt-5.2-codex", "total": {"request_count": 2, "prompt_tokens": 1000000,
+                                                     "completion_tokens": 100000, "cached_tokens": 0},
+                 "by_user": {"alice": {"request_count": 2, "prompt_tokens": 1000000,
+                                       "completion_tokens": 100000, "cached_tokens": 0}}},
+                {"model": "gpt-5.4", "service_tier": "priority", "context_window": 272000,
+                 "week_start_unix": 1795000000,
+                 "total": {"request_count": 1, "input_tokens": 10, "output_tokens": 1, "cached_tokens": 0,
+                           "cost_usd": 0.0}, "by_user": {}},
+            ]}))
+        book = ocm.UsageBook(str(path))
+        book.load()
+        book.record("alice", record("gpt-5.2-codex", "", 1000000, 100000, 0), None)
+        data = book.to_json()
+        codex = [c for c in data["combinations"] if c["model"] == "gpt-5.2-codex"][0]
+        assert codex["service_tier"] == "default" and codex["context_window"] == 272000
+        assert codex["total"]["request_count"] == 3 and codex["total"]["input_tokens"] == 2000000
+        assert codex["by_user"]["alice"]["output_tokens"] == 200000
+        assert codex["total"]["cost_usd"] == expected_cost((1.75, 14.0, 0.175), 2000000, 200000, 0)
+        assert data["costs"]["by_user"]["alice"] == codex["total"]["cost_usd"]
+
+    def test_corrupt_file_is_moved_aside_and_book_starts_empty(self, tmp_path, caplog):
+        path = tmp_path / "usage.json"
+        path.write_text('{"combinations": [ truncated')
+        book = ocm.UsageBook(str(path))
+        with caplog.at_level(logging.ERROR, logger="ocm"):
+            book.load()
+        aside = [n for n in os.listdir(str(tmp_path)) if n.startswith("usage.json.corrupt-")]
+        assert len(aside) == 1
+        assert (tmp_path / aside[0]).read_text() == '{"combinations": [ truncated'
+        assert not path.exists() and book.to_json()["combinations"] == []
+        assert "moved it to" in caplog.text
+
+    def test_saver_thread_saves_when_something_changed(self, tmp_path):
+        path = tmp_path / "u.json"
+        book = ocm.UsageBook(str(path), save_interval=0.05)
+        book.start_saver()
+        try:
+            time.sleep(0.12)
+            assert not path.exists()  # nothing recorded, nothing written
+            book.record("alice", record(), None)
+            deadline = time.monotonic() + 3
+            while not path.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert read_json(path)["combinations"][0]["by_user"]["alice"]["request_count"] == 1
+        finally:
+            book.close()
+
+    def test_kill_during_save_leaves_old_or_new_file(self, tmp_path):
+        path = tmp_path / "usage.json"
+        script = (
+            "import sys, ocm\n"
+            "book = ocm.UsageBook(sys.argv[1])\n"
+            "for i in range(3000):\n"
+            "    book.record('u%d' % (i % 50), ocm.UsageRecord('model-%d' % i, '', 10, 1, 0), None)\n"
+            "book.save()\n"
+            "print('ready', flush=True)\n"
+            "while True:\n"
+            "    book.record('u', ocm.UsageRecord('model-x', '', 10, 1, 0), None)\n"
+            "    book.save()\n")
+        for attempt in range(8):
+            proc = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=HERE,
+                                    stdout=subprocess.PIPE, text=True)
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(0.01 + attempt * 0.013)
+            proc.kill()
+            proc.wait()
+            data = read_json(path)  # never half-written
+            assert len(data["combinations"]) >= 3000
+        leftovers = [n for n in os.listdir(str(tmp_path)) if n != "usage.json"]
+        assert all(n.endswith(".tmp") for n in leftovers)  # at worst an orphaned temp file
+
+    def test_unwritable_location_is_a_clear_error_at_start(self, tmp_path, fake, auth_path):
+        config = ocm.config_from_dict({"listen_port": 0, "credential_path": str(auth_path),
+                                       "usages_path": str(tmp_path / "missing-dir" / "u.json")})
+        with pytest.raises(ocm.ConfigError, match="usages_path: directory .* does not exist"):
+            ocm.OCMServer(config)
+        not_a_dir = tmp_path / "file"
+        not_a_dir.write_text("x")
+        config.usages_path = str(not_a_dir / "u.json")
+        with pytest.raises(ocm.ConfigError, match="usages_path"):
+            ocm.OCMServer(config)
+
+    def test_week_start_from_rate_limit_headers(self):
+        headers = ocm.Headers([("x-codex-secondary-reset-at", "1795604800"),
+                               ("x-codex-secondary-window-minutes", "10080")])
+        assert ocm.week_start_from_headers(headers) == 1795604800 - 10080 * 60
+        other = ocm.Headers([("X-Codex-Active-Limit", "codex_other"), ("x-codex-other-secondary-reset-at", "2000"),
+                             ("x-codex-other-secondary-window-minutes", "10"), ("x-codex-secondary-reset-at", "9")])
+        assert ocm.week_start_from_headers(other) == 1400
+        assert ocm.week_start_from_headers(ocm.Headers()) is None
+
+
+# == TestAccounting: usage recorded through the relay =======================
+
+RATE_HEADERS = {"x-codex-secondary-reset-at": "1795604800", "x-codex-secondary-window-minutes": "10080",
+                "x-codex-primary-used-percent": "12"}
+WEEK = 1795604800 - 10080 * 60
+
+
+@pytest.fixture
+def tracked(make_proxy, tmp_path):
+    """A proxy with a usage file; returns (proxy, usage path)."""
+    path = tmp_path / "usage.json"
+    return make_proxy(usages_path=str(path)), path
+
+
+def combos_of(book, expect=1):
+    """The book's combinations, once ``expect`` responses were recorded: usage
+    is recorded just after the client got its bytes, so wait briefly for it."""
+    deadline = time.monotonic() + 5
+    while True:
+        combos = book.to_json()["combinations"]
+        if sum(c["total"]["request_count"] for c in combos) >= expect or time.monotonic() > deadline:
+            return {(c["model"], c["service_tier"], c.get("week_start_unix")): c for c in combos}
+        time.sleep(0.01)
+
+
+class TestAccounting:
+    def test_sse_completed_event_is_counted_for_the_user(self, tracked, fake):
+        proxy, path = tracked
+        stream = sse(message_event(), completed_event("r1", "gpt-5.4", 3000, 1000, 50, service_tier="priority"))
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(stream, RATE_HEADERS))
+        status, _, body = proxy.request("POST", "/v1/responses", {"model": "gpt-5.4"}, token="tok-bob")
+        assert status == 200 and body == stream  # relayed byte for byte
+        combo = combos_of(proxy.server.usage)[("gpt-5.4", "priority", WEEK)]
+        assert combo["by_user"]["bob"] == {"request_count": 1, "input_tokens": 3000, "output_tokens": 50,
+                                           "cached_tokens": 1000,
+                                           "cost_usd": expected_cost((5.0, 30.0, 0.5), 3000, 50, 1000)}
+
+    def test_event_split_across_upstream_writes_is_counted_once(self, tracked, fake):
+        proxy, _ = tracked
+        stream = sse(message_event(), completed_event("r1", "gpt-5.4", 3000, 1000, 50))
+
+        def route(ex):
+            ex.start_chunked()
+            for i in range(0, len(stream), 7):
+                ex.chunk(stream[i:i + 7])
+            ex.end_chunked()
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        assert proxy.request("POST", "/v1/responses", {})[2] == stream
+        combos = combos_of(proxy.server.usage)
+        assert combos[("gpt-5.4", "default", None)]["total"]["request_count"] == 1
+
+    def test_model_and_tier_fall_back_to_the_request(self, tracked, fake):
+        proxy, _ = tracked
+        event = completed_event("r1", "gpt-5.4", 10, 0, 1)
+        del event["response"]["model"]
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(event)))
+        proxy.request("POST", "/v1/responses", {"model": "gpt-5.1-codex-max", "service_tier": "flex"})
+        assert ("gpt-5.1-codex-max", "flex", None) in combos_of(proxy.server.usage)
+
+    def test_non_streaming_json_is_counted(self, tracked, fake):
+        proxy, _ = tracked
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.json(200, dict(
+            completed_event("r1", "o3", 500, 100, 20)["response"], object="response"), RATE_HEADERS))
+        assert proxy.request("POST", "/v1/responses", {"model": "o3", "stream": False})[0] == 200
+        assert combos_of(proxy.server.usage)[("o3", "default", WEEK)]["by_user"]["alice"]["input_tokens"] == 500
+
+    def test_chat_completions_in_api_key_mode(self, make_proxy, fake, auth_path, tmp_path):
+        auth_path.write_text(json.dumps({"auth_mode": "apikey", "OPENAI_API_KEY": "sk-owner"}))
+        proxy = make_proxy(usages_path=str(tmp_path / "u.json"))
+        fake.on("POST", "/v1/chat/completions", lambda ex: ex.json(200, {
+            "object": "chat.completion", "model": "gpt-4o-2024-08-06", "choices": [],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 10}}}))
+        proxy.request("POST", "/v1/chat/completions", {"model": "gpt-4o"})
+        chunks = (sse({"object": "chat.completion.chunk", "model": "gpt-4o-mini", "choices": [{"delta": {}}]})
+                  + sse({"object": "chat.completion.chunk", "model": "gpt-4o-mini", "choices": [],
+                         "usage": {"prompt_tokens": 7, "completion_tokens": 3}}) + b"data: [DONE]\n\n")
+        fake.on("POST", "/v1/chat/completions", lambda ex: ex.stream(chunks))
+        proxy.request("POST", "/v1/chat/completions", {"model": "gpt-4o-mini", "stream": True})
+        combos = combos_of(proxy.server.usage, expect=2)
+        assert combos[("gpt-4o-2024-08-06", "default", None)]["total"]["cached_tokens"] == 10
+        assert combos[("gpt-4o-mini", "default", None)]["total"]["output_tokens"] == 3
+
+    def test_errors_and_other_paths_are_not_counted(self, tracked, fake):
+        proxy, _ = tracked
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.json(429, {"usage": {"input_tokens": 9}}))
+        proxy.request("POST", "/v1/responses", {})
+        fake.on("GET", "/backend-api/codex/models", lambda ex: ex.json(200, {"usage": {"input_tokens": 9}}))
+        proxy.request("GET", "/v1/models")
+        proxy.close()  # waits for requests in flight: anything recorded is in now
+        assert proxy.server.usage.to_json()["combinations"] == []
+
+    def test_mixed_run_then_sigterm_leaves_an_exact_file(self, tmp_path, fake, auth_path):
+        """The issue's 'done when': several users, models, tiers, streaming and
+        not; after SIGTERM every number matches an independent calculation."""
+        usage_path = tmp_path / "usage.json"
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({
+            "listen_port": 0, "credential_path": str(auth_path), "users": USERS, "usages_path": str(usage_path),
+            "upstream": {"chatgpt_url": fake.chatgpt_url, "token_url": fake.token_url}}))
+        plan = [  # user, model, tier, input, cached, output, streaming
+            ("alice", "gpt-5.3-codex", "default", 120000, 80000, 3000, True),
+            ("alice", "gpt-5.3-codex", "default", 130000, 90000, 2500, True),
+            ("bob", "gpt-5.3-codex", "priority", 50000, 0, 1000, True),
+            ("bob", "gpt-5.4", "default", 400000, 100000, 20000, False),
+            ("alice", "gpt-5.4", "flex", 10000, 5000, 700, False),
+            ("bob", "o4-mini", "flex", 9999, 1111, 333, True),
+        ]
+
+        def route(ex):
+            body = ex.request.json()
+            user, model, tier, inp, cached, out, streaming = plan[body["i"]]
+            event = completed_event("r%d" % body["i"], model, inp, cached, out, service_tier=tier)
+            if streaming:
+                ex.stream(sse(message_event(), event), RATE_HEADERS)
+            else:
+                ex.json(200, event["response"], RATE_HEADERS)
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        proc, port, _ = start_process(config)
+        try:
+            for i, (user, model, tier, _, _, _, streaming) in enumerate(plan):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("POST", "/v1/responses", body=json.dumps({"i": i, "model": model, "stream": streaming}),
+                             headers={"Authorization": "Bearer tok-" + user})
+                assert conn.getresponse().read()
+                conn.close()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        data = read_json(usage_path)
+        prices = {("gpt-5.3-codex", "default"): (1.75, 14.0, 0.175), ("gpt-5.3-codex", "priority"): (3.5, 28.0, 0.35),
+                  ("gpt-5.4", "default"): (5.0, 22.5, 0.5),  # 400k input: premium context
+                  ("gpt-5.4", "flex"): (1.25, 7.5, 0.125), ("o4-mini", "flex"): (0.55, 2.2, 0.138)}
+        expected_combos = {}
+        for user, model, tier, inp, cached, out, _ in plan:
+            combo = expected_combos.setdefault((model, tier), {"total": [0, 0, 0, 0], "users": {}})
+            for counts in (combo["total"], combo["users"].setdefault(user, [0, 0, 0, 0])):
+                counts[0] += 1
+                counts[1] += inp
+                counts[2] += out
+                counts[3] += cached
+        label = "2026-11-18 11:06:40 UTC+0"
+        total_usd, by_user = Decimal(0), {}
+        assert len(data["combinations"]) == len(expected_combos)
+        for c in data["combinations"]:
+            want = expected_combos[(c["model"], c["service_tier"])]
+            price = prices[(c["model"], c["service_tier"])]
+            n, inp, out, cached = want["total"]
+            assert c["week_start_unix"] == WEEK
+            assert c["context_window"] == (1050000 if c["model"] == "gpt-5.4" and inp > 272000 else 272000)
+            assert c["total"] == {"request_count": n, "input_tokens": inp, "output_tokens": out,
+                                  "cached_tokens": cached, "cost_usd": expected_cost(price, inp, out, cached)}
+            total_usd += Decimal(str(c["total"]["cost_usd"]))
+            for user, (n, inp, out, cached) in want["users"].items():
+                cost = expected_cost(price, inp, out, cached)
+                assert c["by_user"][user] == {"request_count": n, "input_tokens": inp, "output_tokens": out,
+                                              "cached_tokens": cached, "cost_usd": cost}
+                by_user[user] = by_user.get(user, Decimal(0)) + Decimal(str(cost))
+        assert data["costs"]["total_usd"] == float(total_usd)
+        assert data["costs"]["by_user"] == {u: float(v) for u, v in by_user.items()}
+        assert data["costs"]["by_week"] == {label: float(total_usd)}
+        assert data["costs"]["by_user_and_week"] == {u: {label: float(v)} for u, v in by_user.items()}
+        assert ocm.week_label(WEEK) == label
+
+        report = run_cli("usage", str(config))
+        assert report.returncode == 0, report.stderr
+        assert "alice" in report.stdout and "gpt-5.4 (default, 1M context)" in report.stdout
+        assert "$%.2f" % float(total_usd) in report.stdout
+        as_json = json.loads(run_cli("usage", "--json", str(usage_path)).stdout)
+        assert as_json["total"]["cost_usd"] == float(total_usd)
+        assert as_json["users"]["bob"]["cost_usd"] == float(by_user["bob"])
+        assert as_json["weeks"][label]["request_count"] == len(plan)
+
+
+class TestShutdown:
+    def test_stream_in_flight_finishes_and_is_counted(self, tracked, fake):
+        proxy, path = tracked
+        first_sent = threading.Event()
+
+        def route(ex):
+            ex.start_chunked()
+            ex.chunk(sse(message_event()))
+            first_sent.set()
+            time.sleep(0.3)
+            ex.chunk(sse(completed_event("r1", "gpt-5.4", 100, 0, 10)))
+            ex.end_chunked()
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        result = []
+        t = threading.Thread(target=lambda: result.append(proxy.request("POST", "/v1/responses", {})))
+        t.start()
+        assert first_sent.wait(5)
+        proxy.close()
+        t.join(5)
+        assert result[0][0] == 200 and b"response.completed" in result[0][2]
+        assert read_json(path)["combinations"][0]["total"]["request_count"] == 1
+
+    def test_idle_keep_alive_connections_are_closed_at_once(self, proxy, fake):
+        conn = proxy.conn()
+        conn.request("GET", "/v1/models", headers={"Authorization": "Bearer tok-alice"})
+        conn.getresponse().read()
+        started = time.monotonic()
+        proxy.close()
+        assert time.monotonic() - started < 1.0
+        conn.sock.settimeout(2)
+        assert conn.sock.recv(10) == b""
+
+
+class TestUsageReport:
+    def test_report_needs_an_existing_file(self, tmp_path):
+        out = run_cli("usage", str(tmp_path / "nothing.json"))
+        assert out.returncode == 2 and "cannot read" in out.stderr
+
+    def test_report_from_a_config_without_usages_path(self, tmp_path):
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"listen_port": 1}))
+        out = run_cli("usage", str(config))
+        assert out.returncode == 2 and "no usages_path" in out.stderr
+
+    def test_report_does_not_touch_a_damaged_file(self, tmp_path):
+        path = tmp_path / "u.json"
+        path.write_text('{"combinations": [1, 2')
+        out = run_cli("usage", str(path))
+        assert out.returncode == 2 and path.read_text() == '{"combinations": [1, 2'
