@@ -236,6 +236,7 @@ class FakeUpstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # or every small write waits 40 ms for an ACK
 
             def log_message(self, *args):
                 pass
