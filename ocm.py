@@ -26,6 +26,7 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
 
 import base64
 import calendar
+import codecs
 import contextlib
 import hashlib
 import hmac
@@ -138,12 +139,14 @@ class HTTPError(OCMError):
     errors that leave the request stream in an unknown state.
     """
 
-    def __init__(self, status: int, error_type: str, message: str, close: bool = False):
+    def __init__(self, status: int, error_type: str, message: str, close: bool = False,
+                 headers: Optional[List[Tuple[str, str]]] = None):
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
         self.close = close
+        self.headers = headers or []
 
 
 class ClientGone(OCMError):
@@ -176,6 +179,7 @@ class Limits:
     max_request_line: int = DEFAULT_MAX_REQUEST_LINE
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE
     max_header_count: int = DEFAULT_MAX_HEADER_COUNT
+    max_websocket_message: int = DEFAULT_MAX_BODY_SIZE
 
 
 def default_credential_path(env: Optional[Dict[str, str]] = None) -> str:
@@ -418,6 +422,7 @@ def _parse_limits(raw: Any, where: str) -> Limits:
         max_request_line=f.int("max_request_line", DEFAULT_MAX_REQUEST_LINE, 256, 1 << 20),
         max_header_size=f.int("max_header_size", DEFAULT_MAX_HEADER_SIZE, 1024, 16 << 20),
         max_header_count=f.int("max_header_count", DEFAULT_MAX_HEADER_COUNT, 8, 10000),
+        max_websocket_message=f.int("max_websocket_message", DEFAULT_MAX_BODY_SIZE, 1024, 1 << 40),
     )
     f.finish()
     return limits
@@ -1580,6 +1585,21 @@ def upstream_ssl_context():
         return _ssl_context
 
 
+def open_upstream_socket(origin: Origin, connect_timeout: float, read_timeout: float) -> socket.socket:
+    """A connected socket to ``origin`` (TLS for https/wss), with TCP_NODELAY
+    and the read timeout set. Every upstream connection OCM makes opens here."""
+    sock = socket.create_connection((origin.host, origin.port), timeout=connect_timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if origin.is_tls:
+            sock = upstream_ssl_context().wrap_socket(sock, server_hostname=origin.host)
+        sock.settimeout(read_timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class UpstreamConnection(http.client.HTTPConnection):
     """http.client connection that opens as OCM says (timeouts, TLS)."""
 
@@ -1590,10 +1610,7 @@ class UpstreamConnection(http.client.HTTPConnection):
         self.idle_since = 0.0
 
     def connect(self) -> None:
-        super().connect()  # TCP, with TCP_NODELAY set by http.client
-        if self.origin.is_tls:
-            self.sock = upstream_ssl_context().wrap_socket(self.sock, server_hostname=self.origin.host)
-        self.sock.settimeout(self.read_timeout)
+        self.sock = open_upstream_socket(self.origin, self.timeout, self.read_timeout)
 
     def _send_output(self, message_body=None, encode_chunked=False):
         # Send head and a bytes body in one write: one packet for small POSTs.
@@ -1839,6 +1856,21 @@ def parse_request_head(head: bytes, limits: Limits) -> ClientRequest:
     return request
 
 
+def parse_response_head(head: bytes) -> Tuple[int, str, Headers]:
+    """An upstream response head (through the blank line): (status, reason, headers)."""
+    lines = head[:-4].split(b"\r\n")
+    match = re.match(rb"^HTTP/1\.[01] (\d{3})(?: (.*))?$", lines[0])
+    if not match:
+        raise ValueError("not an HTTP/1.x status line")
+    headers = Headers()
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN_BYTES.match(name):
+            raise ValueError("malformed header line")
+        headers.add(name.decode("ascii"), value.strip(b" \t").decode("latin-1"))
+    return int(match.group(1)), (match.group(2) or b"").decode("latin-1"), headers
+
+
 def _set_body_framing(request: ClientRequest) -> None:
     headers = request.headers
     te = headers.get_all("transfer-encoding")
@@ -1884,19 +1916,20 @@ class SocketReader:
                 raise
             raise ClientGone(str(exc))
 
-    def read_head(self, limits: Limits) -> Optional[bytes]:
-        """One request head through its blank line; None if the client closed
-        or stayed idle between requests."""
+    def read_head(self, idle_timeout: float, head_timeout: float, max_line: int,
+                  max_size: int) -> Optional[bytes]:
+        """One message head through its blank line; None if the peer closed or
+        stayed idle (``idle_timeout``) before its first byte. The whole head must
+        arrive within ``head_timeout`` of that byte, however slowly it drips."""
         if not self.buf:
             try:
-                data = self._recv(time.monotonic() + limits.idle_timeout)
+                data = self._recv(time.monotonic() + idle_timeout)
             except socket.timeout:
                 return None
             if not data:
                 return None
             self.buf += data
-        deadline = time.monotonic() + limits.header_timeout
-        limit = limits.max_header_size + limits.max_request_line
+        deadline = time.monotonic() + head_timeout
         start = 0
         while True:
             end = self.buf.find(b"\r\n\r\n", start)
@@ -1905,17 +1938,17 @@ class SocketReader:
                 del self.buf[:end + 4]
                 return head
             first_line_end = self.buf.find(b"\r\n")
-            if first_line_end < 0 and len(self.buf) > limits.max_request_line:
-                raise bad_request("request line longer than %d bytes" % limits.max_request_line, 414)
-            if len(self.buf) > limit:
-                raise bad_request("request head larger than %d bytes" % limits.max_header_size, 431)
+            if first_line_end < 0 and len(self.buf) > max_line:
+                raise bad_request("request line longer than %d bytes" % max_line, 414)
+            if len(self.buf) > max_line + max_size:
+                raise bad_request("request head larger than %d bytes" % max_size, 431)
             start = max(0, len(self.buf) - 3)
             try:
                 data = self._recv(deadline)
             except socket.timeout:
-                raise bad_request("request head not received within %g s" % limits.header_timeout, 408)
+                raise bad_request("request head not received within %g s" % head_timeout, 408)
             if not data:
-                raise ClientGone("closed in the middle of a request head")
+                raise ClientGone("closed in the middle of a message head")
             self.buf += data
 
     def read_exact(self, size: int, timeout: float) -> bytes:
@@ -1929,6 +1962,19 @@ class SocketReader:
             self.buf += data
         out = bytes(self.buf[:size])
         del self.buf[:size]
+        return out
+
+    def read_until_close(self, limit: int, timeout: float) -> bytes:
+        """Whatever arrives until the peer closes, ``limit`` bytes or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(OSError, ClientGone):
+            while len(self.buf) < limit:
+                data = self._recv(deadline)
+                if not data:
+                    break
+                self.buf += data
+        out = bytes(self.buf[:limit])
+        self.buf.clear()
         return out
 
     def read_line(self, max_length: int, timeout: float) -> bytes:
@@ -2052,6 +2098,200 @@ class SSEScanner:
         self._on_event(event)
 
 
+# -- WebSocket framing (RFC 6455) -------------------------------------------
+
+WS_CONTINUATION, WS_TEXT, WS_BINARY = 0x0, 0x1, 0x2
+WS_CLOSE, WS_PING, WS_PONG = 0x8, 0x9, 0xA
+WS_DATA_OPCODES = frozenset((WS_CONTINUATION, WS_TEXT, WS_BINARY))
+WS_CONTROL_OPCODES = frozenset((WS_CLOSE, WS_PING, WS_PONG))
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class WebSocketError(OCMError):
+    """A peer broke RFC 6455; ``code`` is the close code to answer with
+    (1002 protocol error, 1007 bad UTF-8, 1009 too big)."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def websocket_accept(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
+
+
+def apply_mask(data: bytes, mask: bytes) -> bytes:
+    """XOR with the repeating 4-byte key, as one big-integer operation (C speed)."""
+    n = len(data)
+    if not n:
+        return b""
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+def encode_frame(opcode: int, payload: bytes = b"", fin: bool = True, masked: bool = False) -> bytes:
+    """One frame. Frames to a server are masked with a fresh random key."""
+    first = (0x80 if fin else 0) | opcode
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes((first, mask_bit | n))
+    elif n < 65536:
+        head = bytes((first, mask_bit | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
+    if masked:
+        mask = os.urandom(4)
+        return head + mask + apply_mask(payload, mask)
+    return head + payload
+
+
+def close_payload(code: Optional[int], reason: str = "") -> bytes:
+    if code is None:
+        return b""
+    return code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
+
+
+def parse_close_payload(payload: bytes) -> Tuple[Optional[int], str]:
+    """(code or None, reason) of a close frame, validated (RFC 6455 5.5.1, 7.4)."""
+    if not payload:
+        return None, ""
+    if len(payload) == 1:
+        raise WebSocketError(1002, "close frame with a 1-byte payload")
+    code = int.from_bytes(payload[:2], "big")
+    if not (code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014)
+            or 3000 <= code <= 4999):
+        raise WebSocketError(1002, "invalid close code %d" % code)
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError(1007, "close reason is not UTF-8")
+    return code, reason
+
+
+class Frame:
+    __slots__ = ("fin", "opcode", "payload")
+
+    def __init__(self, fin: bool, opcode: int, payload: bytes):
+        self.fin = fin
+        self.opcode = opcode
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Frame) and (self.fin, self.opcode, self.payload) == (
+            other.fin, other.opcode, other.payload)
+
+    def __repr__(self) -> str:
+        return "Frame(fin=%r, opcode=%#x, %d bytes)" % (self.fin, self.opcode, len(self.payload))
+
+
+class FrameParser:
+    """Incremental RFC 6455 frame parser: feed bytes as they arrive, get whole
+    frames, unmasked. Frames from a client must be masked, frames from a server
+    must not be; anything else in the RFC's MUSTs raises WebSocketError."""
+    __slots__ = ("_buf", "_from_client", "_max_payload")
+
+    def __init__(self, from_client: bool, max_payload: int):
+        self._buf = bytearray()
+        self._from_client = from_client
+        self._max_payload = max_payload
+
+    def feed(self, data: bytes) -> List[Frame]:
+        buf = self._buf
+        buf += data
+        frames = []
+        while len(buf) >= 2:
+            b0, b1 = buf[0], buf[1]
+            fin, opcode = bool(b0 & 0x80), b0 & 0x0F
+            if b0 & 0x70:
+                raise WebSocketError(1002, "reserved bits set (no extension was agreed)")
+            if opcode not in WS_DATA_OPCODES and opcode not in WS_CONTROL_OPCODES:
+                raise WebSocketError(1002, "unknown opcode %#x" % opcode)
+            masked = bool(b1 & 0x80)
+            if masked != self._from_client:
+                raise WebSocketError(1002, "client frames must be masked" if self._from_client
+                                     else "server frames must not be masked")
+            length, pos = b1 & 0x7F, 2
+            if opcode in WS_CONTROL_OPCODES:
+                if not fin:
+                    raise WebSocketError(1002, "fragmented control frame")
+                if length > 125:
+                    raise WebSocketError(1002, "control frame payload over 125 bytes")
+            if length == 126:
+                if len(buf) < 4:
+                    break
+                length, pos = int.from_bytes(buf[2:4], "big"), 4
+                if length < 126:
+                    raise WebSocketError(1002, "payload length not minimally encoded")
+            elif length == 127:
+                if len(buf) < 10:
+                    break
+                length, pos = int.from_bytes(buf[2:10], "big"), 10
+                if length >> 63:
+                    raise WebSocketError(1002, "payload length has its top bit set")
+                if length < 65536:
+                    raise WebSocketError(1002, "payload length not minimally encoded")
+            if length > self._max_payload:
+                raise WebSocketError(1009, "frame of %d bytes is over the limit of %d"
+                                     % (length, self._max_payload))
+            end = pos + (4 if masked else 0) + length
+            if len(buf) < end:
+                break
+            if masked:
+                payload = apply_mask(bytes(buf[pos + 4:end]), bytes(buf[pos:pos + 4]))
+            else:
+                payload = bytes(buf[pos:end])
+            del buf[:end]
+            frames.append(Frame(fin, opcode, payload))
+        return frames
+
+
+class MessageTracker:
+    """Follows the message structure of one direction: fragments in order,
+    control frames allowed between them, size limit, UTF-8 of text. Keeps a
+    copy of a text message only while it may matter to accounting."""
+    __slots__ = ("_opcode", "_size", "_max", "_utf8", "_parts", "_keep")
+
+    def __init__(self, max_message: int):
+        self._opcode = None  # type: Optional[int]  # the data message in progress
+        self._size = 0
+        self._max = max_message
+        self._utf8 = None
+        self._parts = []  # type: List[bytes]
+        self._keep = False
+
+    def add(self, frame: Frame) -> Optional[bytes]:
+        """Check one frame; returns a completed text message, else None."""
+        opcode = frame.opcode
+        if opcode in WS_CONTROL_OPCODES:
+            return None
+        if opcode == WS_CONTINUATION:
+            if self._opcode is None:
+                raise WebSocketError(1002, "continuation frame without a message to continue")
+        else:
+            if self._opcode is not None:
+                raise WebSocketError(1002, "new data frame in the middle of a fragmented message")
+            self._opcode, self._size, self._parts = opcode, 0, []
+            self._keep = opcode == WS_TEXT
+            self._utf8 = codecs.getincrementaldecoder("utf-8")() if opcode == WS_TEXT else None
+        self._size += len(frame.payload)
+        if self._size > self._max:
+            raise WebSocketError(1009, "message over the limit of %d bytes" % self._max)
+        if self._utf8 is not None:
+            try:
+                self._utf8.decode(frame.payload, final=frame.fin)
+            except UnicodeDecodeError:
+                raise WebSocketError(1007, "text message is not valid UTF-8")
+        if self._keep:
+            self._parts.append(frame.payload)
+        if not frame.fin:
+            return None
+        text = b"".join(self._parts) if self._keep else None
+        self._opcode, self._parts, self._utf8 = None, [], None
+        return text
+
+
 def is_accounted_path(path: str) -> bool:
     return path.startswith("/v1/responses") or path == "/v1/chat/completions"
 
@@ -2161,6 +2401,24 @@ def build_upstream_headers(client: Headers, config_headers: Dict[str, List[str]]
     return out
 
 
+def build_websocket_headers(client: Headers, config_headers: Dict[str, List[str]],
+                            login: Login) -> List[Tuple[str, str]]:
+    """As for HTTP, minus Sec-WebSocket-* (no permessage-deflate), plus the
+    OpenAI-Beta opt-in when the client did not send one."""
+    headers = [(n, v) for n, v in build_upstream_headers(client, config_headers, login, None)
+               if not n.lower().startswith("sec-websocket-") and n.lower() != "accept-encoding"]
+    if not any(n.lower() == "openai-beta" for n, _ in headers):
+        headers.append(("OpenAI-Beta", "responses_websockets=2026-02-06"))
+    return headers
+
+
+def is_websocket_key(key: str) -> bool:
+    try:
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (ValueError, UnicodeEncodeError):
+        return False
+
+
 def response_headers_to_forward(message) -> List[Tuple[str, str]]:
     listed = connection_listed(message.get_all("connection") or [])
     return [(name, value) for name, value in message.items()
@@ -2173,6 +2431,221 @@ def encode_head(status: int, reason: str, headers: List[Tuple[str, str]]) -> byt
     lines.extend("%s: %s\r\n" % item for item in headers)
     lines.append("\r\n")
     return "".join(lines).encode("latin-1", "replace")
+
+
+# -- WebSocket relay ----------------------------------------------------------
+
+WS_CLOSE_WAIT = 5.0  # after one side's close, how long the other gets to answer it
+WS_SHUTDOWN_WAIT = 2.0  # at shutdown, how long live sessions get to finish their close
+
+
+def is_websocket_upgrade(request: ClientRequest) -> bool:
+    return request.method == "GET" and request.headers.has_token("upgrade", "websocket")
+
+
+def is_forwarded_handshake_header(name: str) -> bool:
+    """Upstream handshake headers Codex wants on its 101 (PROTOCOL.md section 6)."""
+    name = name.lower()
+    return (name.startswith("x-codex-") or name.startswith("x-reasoning")
+            or name in ("x-models-etag", "openai-model"))
+
+
+def is_rate_limit_header(name: str) -> bool:
+    name = name.lower()
+    return name.startswith("x-codex-") or name.startswith("x-ratelimit-") or name == "retry-after"
+
+
+@dataclass
+class WebSocketHandshake:
+    """What upstream answered to our upgrade request."""
+    sock: Any
+    status: int
+    reason: str
+    headers: Headers
+    leftover: bytes = b""   # frame bytes that came with the 101
+    body: bytes = b""       # the body of a refusal
+
+
+def usage_limit_frame(handshake: WebSocketHandshake) -> bytes:
+    """The error event Codex turns into its usage-limit message (PROTOCOL.md section 6)."""
+    try:
+        answer = json.loads(handshake.body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        answer = None
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if not isinstance(error, dict):
+        error = {"type": "usage_limit_reached",
+                 "message": handshake.body.decode("utf-8", "replace")[:500] or "rate limited"}
+    event = {"type": "error", "status": 429, "error": error,
+             "headers": {name.lower(): value for name, value in handshake.headers.items()
+                         if is_rate_limit_header(name)}}
+    return json.dumps(event).encode("utf-8")
+
+
+class WebSocketEnd:
+    """One side of a relayed WebSocket: its socket, parser and close state."""
+    __slots__ = ("name", "sock", "parser", "messages", "write_lock", "close_sent", "is_upstream", "done")
+
+    def __init__(self, name: str, sock, is_upstream: bool, limits: Limits):
+        self.name = name
+        self.sock = sock
+        self.is_upstream = is_upstream
+        self.parser = FrameParser(from_client=not is_upstream, max_payload=limits.max_websocket_message)
+        self.messages = MessageTracker(limits.max_websocket_message)
+        self.write_lock = threading.Lock()
+        self.close_sent = False
+        self.done = threading.Event()
+
+    def send(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        data = encode_frame(opcode, payload, fin, masked=self.is_upstream)
+        with self.write_lock:
+            if not self.close_sent:  # nothing may follow a close frame
+                self.close_sent = opcode == WS_CLOSE
+                self.sock.sendall(data)
+
+    def send_close(self, code: Optional[int], reason: str = "") -> None:
+        with contextlib.suppress(OSError):
+            self.send(WS_CLOSE, close_payload(code, reason))
+
+    def cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class WebSocketSession:
+    """A client WebSocket pinned to one upstream WebSocket for its whole life
+    (server state lives on the connection: previous_response_id chains).
+
+    One thread per direction. Frames pass as they arrive, with their meaning:
+    fragments, pings and pongs between them, close codes and reasons. Frames
+    to upstream are masked afresh. A copy of each text message feeds
+    accounting: the model from response.create, tokens from response.completed.
+    """
+
+    def __init__(self, server: "OCMServer", client_sock, client_leftover: bytes,
+                 handshake: WebSocketHandshake, user_name: str, week_start: Optional[int]):
+        limits = server.config.limits
+        self.server = server
+        self.client = WebSocketEnd("client", client_sock, False, limits)
+        self.upstream = WebSocketEnd("upstream", handshake.sock, True, limits)
+        self._leftover = {self.client: client_leftover, self.upstream: handshake.leftover}
+        self.user_name = user_name
+        self.week_start = week_start
+        self.model = ""
+        self.service_tier = ""
+        # response.create messages forwarded but not yet read for their model
+        self._creates_pending = 0
+        self._creates_read = threading.Condition()
+
+    def run(self) -> None:
+        """Relay until both sides closed (or one failed); in the handler's thread."""
+        other = threading.Thread(target=self.pump, args=(self.upstream, self.client),
+                                 name="ocm-ws-upstream", daemon=True)
+        other.start()
+        try:
+            self.pump(self.client, self.upstream)
+        finally:
+            other.join(WS_CLOSE_WAIT + 1)
+            self.upstream.cut()
+            with contextlib.suppress(OSError):
+                self.upstream.sock.close()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close both sides (server shutdown: 1001)."""
+        self.client.send_close(code, reason)
+        self.upstream.send_close(code, reason)
+
+    def cut(self) -> None:
+        """Stop at once: for peers that do not answer a close."""
+        self.client.cut()
+        self.upstream.cut()
+
+    def pump(self, source: WebSocketEnd, dest: WebSocketEnd) -> None:
+        try:
+            data = self._leftover.pop(source)
+            while True:
+                if data:
+                    for frame in source.parser.feed(data):
+                        if not self.relay(source, dest, frame):
+                            return
+                data = source.sock.recv(RELAY_CHUNK)
+                if not data:
+                    log.debug("websocket: %s closed the connection without a close frame", source.name)
+                    dest.send_close(1001 if source is self.client else 1011, "%s went away" % source.name)
+                    return
+        except WebSocketError as exc:
+            log.info("websocket: %s broke the protocol (%s); closing with %d", source.name, exc.reason, exc.code)
+            source.send_close(exc.code, exc.reason)
+            dest.send_close(1001 if source is self.client else 1011, "%s protocol error" % source.name)
+        except OSError as exc:
+            if not source.close_sent:
+                log.debug("websocket: %s connection lost: %s", source.name, exc)
+            dest.send_close(1001 if source is self.client else 1011, "%s connection lost" % source.name)
+        finally:
+            source.done.set()
+            other = self.upstream if source is self.client else self.client
+            if not other.done.wait(WS_CLOSE_WAIT):
+                self.client.cut()   # the other side never answered: stop waiting for it
+                self.upstream.cut()
+
+    def relay(self, source: WebSocketEnd, dest: WebSocketEnd, frame: Frame) -> bool:
+        """Pass one frame on; False once this direction has ended (a close)."""
+        text = source.messages.add(frame)
+        if frame.opcode == WS_CLOSE:
+            parse_close_payload(frame.payload)  # validates code and reason
+            with contextlib.suppress(OSError):
+                dest.send(WS_CLOSE, frame.payload)
+            return False
+        is_create = text is not None and source is self.client and b'"response.create"' in text
+        defaults = None
+        if is_create:
+            with self._creates_read:
+                self._creates_pending += 1
+        elif text is not None and source is self.upstream and b'"usage"' in text:
+            # What the request asked for, as of now: once forwarded, the client
+            # may already send its next turn.
+            defaults = self.request_defaults()
+        try:
+            dest.send(frame.opcode, frame.payload, frame.fin)
+        except OSError:
+            source.send_close(1001 if dest is self.client else 1011, "%s connection lost" % dest.name)
+            return False
+        finally:
+            if is_create:  # after the send: reading a big request never delays it
+                self.read_create(text)
+        if defaults is not None:
+            self.count_usage(text, defaults)
+        return True
+
+    def request_defaults(self) -> Tuple[str, str]:
+        """(model, service tier) of the latest response.create, waiting briefly
+        if one is still being read."""
+        with self._creates_read:
+            self._creates_read.wait_for(lambda: self._creates_pending == 0, timeout=2.0)
+            return self.model, self.service_tier
+
+    def read_create(self, text: bytes) -> None:
+        try:
+            event = json.loads(text)
+        except ValueError:
+            event = None
+        with self._creates_read:
+            if isinstance(event, dict) and event.get("type") == "response.create":
+                model, tier = event.get("model"), event.get("service_tier")
+                self.model = model if isinstance(model, str) else self.model
+                self.service_tier = tier if isinstance(tier, str) else ""
+            self._creates_pending -= 1
+            self._creates_read.notify_all()
+
+    def count_usage(self, text: bytes, defaults: Tuple[str, str]) -> None:
+        try:
+            event = json.loads(text)
+        except ValueError:
+            return
+        if isinstance(event, dict) and event.get("type") in USAGE_EVENT_TYPES:
+            record = usage_record_from_event(event, *defaults)
+            if record is not None:
+                self.server.account(self.user_name, record, self.week_start)
 
 
 class StreamContext:
@@ -2245,7 +2718,8 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.head_sent = True
 
     def send_error_json(self, error: HTTPError, close: bool) -> None:
-        self.send_json(error.status, json_error_body(error.error_type, error.message), close=close)
+        self.send_json(error.status, json_error_body(error.error_type, error.message), close=close,
+                       extra=error.headers)
 
     # -- one request ----------------------------------------------------------
     def serve_one(self) -> bool:
@@ -2257,7 +2731,8 @@ class OCMHandler(BaseHTTPRequestHandler):
         if server.closing:
             return False
         try:
-            head = self.reader.read_head(limits)
+            head = self.reader.read_head(limits.idle_timeout, limits.header_timeout,
+                                         limits.max_request_line, limits.max_header_size)
             if head is None:
                 return False
             server.set_busy(self, True)
@@ -2312,6 +2787,12 @@ class OCMHandler(BaseHTTPRequestHandler):
         if is_unsafe_path(request.path):
             raise HTTPError(400, "invalid_request_error", "path has dot segments or encoded slashes")
         user = server.users.authenticate(request.headers)
+        if is_websocket_upgrade(request):
+            self.read_body(request, DISCARD_BODY_LIMIT)
+            request.keep_alive = False  # after a WebSocket, the connection is done
+            status = self.relay_websocket(request, user)
+            self.log_request_line(request, status, user)
+            return
         if request.headers.has_token("expect", "100-continue") and request.body_kind != "none":
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.read_body(request, server.config.limits.max_body_size)
@@ -2350,6 +2831,70 @@ class OCMHandler(BaseHTTPRequestHandler):
         tap = server.usage_tap(request, user, exchange.response)
         self.relay_response(request, exchange, tap)
         return exchange.status
+
+    def relay_websocket(self, request: ClientRequest, user: Optional[User]) -> int:
+        """Upgrade to a WebSocket pinned to one upstream WebSocket (PROTOCOL.md
+        section 6). The client gets its 101 only once upstream gave us ours."""
+        server = self.server
+        key = request.headers.get("sec-websocket-key", "").strip()
+        if [v.strip() for v in request.headers.get_all("sec-websocket-version")] != ["13"]:
+            raise HTTPError(426, "invalid_request_error", "WebSocket version 13 is required",
+                            headers=[("Sec-WebSocket-Version", "13")])
+        if not is_websocket_key(key):
+            raise HTTPError(400, "invalid_request_error", "missing or invalid Sec-WebSocket-Key")
+        login = server.credential.current()
+        base, upstream_path = server.upstream_target(login.mode, request.path, request.query)
+        retried = False
+        while True:
+            headers = build_websocket_headers(request.headers, server.config.headers, login)
+            handshake = server.open_websocket(base.origin, upstream_path, headers)
+            if handshake.status == 401 and login.mode == "chatgpt" and not retried:
+                new_login = server.credential.refresh(login.access_token)
+                if new_login.access_token != login.access_token:
+                    login, retried = new_login, True
+                    continue
+            break
+        status = handshake.status
+        if status == 101:
+            self.accept_websocket(key, handshake.headers)
+            for sock in (self.connection, handshake.sock):
+                # Sessions idle between turns for as long as the user thinks: no
+                # read timeout, but TCP keep-alive finds peers that vanished.
+                sock.settimeout(None)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            session = WebSocketSession(server, self.connection, bytes(self.reader.buf), handshake,
+                                       user.name if user else "", week_start_from_headers(handshake.headers))
+            self.reader.buf.clear()
+            server.run_websocket(session)
+            return 101
+        if status == 429:
+            # Accept, then say why in the frame Codex shows as its usage-limit message.
+            self.accept_websocket(key, handshake.headers)
+            self.write(encode_frame(WS_TEXT, usage_limit_frame(handshake))
+                       + encode_frame(WS_CLOSE, close_payload(1008, "usage limit reached")))
+            # Read what the client already sent (and its close) before closing:
+            # closing on unread data resets the connection and can lose the frame.
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_WR)
+            self.reader.read_until_close(1 << 20, 2.0)
+            return 429
+        if status in (404, 426):
+            raise HTTPError(426, "invalid_request_error",
+                            "upstream does not offer WebSockets here (%d); use HTTP" % status)
+        headers = [(n, v) for n, v in handshake.headers.items()
+                   if n.lower() not in HOP_BY_HOP and n.lower() != "content-length"]
+        headers += [("Content-Length", str(len(handshake.body))), ("Connection", "close")]
+        self.write(encode_head(status, handshake.reason, headers) + handshake.body)
+        self.head_sent = True
+        return status
+
+    def accept_websocket(self, key: str, upstream_headers: Headers) -> None:
+        headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                   ("Sec-WebSocket-Accept", websocket_accept(key))]
+        headers += [(n, v) for n, v in upstream_headers.items() if is_forwarded_handshake_header(n)]
+        self.write(encode_head(101, "Switching Protocols", headers))
+        self.head_sent = True
 
     def send_buffered(self, request: ClientRequest, response, body: bytes) -> None:
         headers = response_headers_to_forward(response.msg)
@@ -2476,6 +3021,17 @@ class UpstreamExchange:
         if not self.finished:
             self.finished = True
             self.server.finish_upstream(self.conn, self.response, complete)
+
+
+def read_refusal_body(reader: SocketReader, headers: Headers, timeout: float,
+                      limit: int = 1 << 20) -> bytes:
+    """The body of a non-101 answer to a WebSocket handshake (bounded)."""
+    if headers.has_token("transfer-encoding", "chunked"):
+        return read_chunked_body(reader, limit, timeout)
+    length = headers.get("content-length")
+    if length is not None and length.strip().isdigit():
+        return reader.read_exact(min(int(length), limit), timeout)
+    return reader.read_until_close(limit, min(timeout, 10.0))
 
 
 def read_small_body(response, limit: int = 1 << 20) -> Tuple[bytes, bool]:
@@ -2618,6 +3174,7 @@ class OCMServer(ThreadingHTTPServer):
         self.watcher = HangupWatcher()
         self.closing = False
         self._handlers = set()  # live client connections
+        self._websockets = set()  # type: set  # live WebSocket sessions
         self._handlers_changed = threading.Condition()
         self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
         try:
@@ -2693,11 +3250,69 @@ class OCMServer(ThreadingHTTPServer):
 
     def account(self, user_name: str, record: UsageRecord, week_start: Optional[int]) -> None:
         """The one accounting entry point: HTTP JSON, SSE and WebSocket all end here."""
+        if not record.input_tokens and not record.output_tokens:
+            return  # a warm-up (generate: false) costs nothing; sing-box skips these too
         if self.usage is not None:
             self.usage.record(user_name, record, week_start)
         log.debug("usage %s: %s %s in=%d cached=%d out=%d", user_name or "-", record.model,
                   record.service_tier or "default", record.input_tokens, record.cached_tokens,
                   record.output_tokens)
+
+    def open_websocket(self, origin: Origin, path: str,
+                       headers: List[Tuple[str, str]]) -> WebSocketHandshake:
+        """Our own upgrade request upstream, on a dedicated connection.
+        Raises HTTPError 502/504 when upstream cannot be reached or answers nonsense."""
+        limits = self.config.limits
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        try:
+            sock = open_upstream_socket(origin, limits.connect_timeout, limits.upstream_read_timeout)
+        except OSError as exc:
+            raise HTTPError(502, "api_error", "upstream %s unreachable: %s"
+                            % (origin.host, describe_connect_error(exc)))
+        default_port = 443 if origin.is_tls else 80
+        host = "[%s]" % origin.host if ":" in origin.host else origin.host
+        lines = ["GET %s HTTP/1.1" % path,
+                 "Host: %s" % (host if origin.port == default_port else "%s:%d" % (host, origin.port)),
+                 "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " + key,
+                 "Sec-WebSocket-Version: 13"] + ["%s: %s" % item for item in headers]
+        reader = SocketReader(sock)
+        try:
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            timeout = limits.upstream_read_timeout
+            head = reader.read_head(timeout, timeout, 65536, 262144)
+            if head is None:
+                raise ValueError("closed before answering")
+            status, reason, resp_headers = parse_response_head(head)
+            if status == 101:
+                if not (resp_headers.has_token("upgrade", "websocket")
+                        and resp_headers.has_token("connection", "upgrade")
+                        and resp_headers.get("sec-websocket-accept", "") == websocket_accept(key)):
+                    raise ValueError("a 101 without a valid WebSocket accept")
+                if resp_headers.get("sec-websocket-extensions"):
+                    raise ValueError("an extension we did not offer")
+                return WebSocketHandshake(sock, 101, reason, resp_headers, leftover=bytes(reader.buf))
+            body = read_refusal_body(reader, resp_headers, timeout)
+        except socket.timeout:
+            sock.close()
+            raise HTTPError(504, "api_error", "upstream %s did not answer the WebSocket handshake "
+                            "within %g s" % (origin.host, limits.upstream_read_timeout))
+        except (OSError, ValueError, ClientGone, HTTPError) as exc:
+            sock.close()
+            raise HTTPError(502, "api_error", "upstream %s WebSocket handshake failed: %s"
+                            % (origin.host, exc))
+        sock.close()
+        return WebSocketHandshake(None, status, reason, resp_headers, body=body)
+
+    def run_websocket(self, session: WebSocketSession) -> None:
+        with self._handlers_changed:
+            if self.closing:
+                session.close(1001, "server shutting down")
+            self._websockets.add(session)
+        try:
+            session.run()
+        finally:
+            with self._handlers_changed:
+                self._websockets.discard(session)
 
     # -- live connections (for a clean shutdown) -------------------------------
     def track(self, handler: OCMHandler) -> None:
@@ -2719,11 +3334,17 @@ class OCMServer(ThreadingHTTPServer):
         """Close idle connections now; give requests in flight ``timeout``
         seconds to finish (their usage gets recorded); then cut the rest."""
         deadline = time.monotonic() + timeout
+        sessions_deadline = time.monotonic() + min(timeout, WS_SHUTDOWN_WAIT)
         with self._handlers_changed:
             self.closing = True
+            for session in self._websockets:
+                session.close(1001, "server shutting down")
             while True:
                 for handler in [h for h in self._handlers if not h.busy]:
                     handler.interrupt()
+                if time.monotonic() >= sessions_deadline:
+                    for session in self._websockets:
+                        session.cut()
                 busy = [h for h in self._handlers if h.busy]
                 remaining = deadline - time.monotonic()
                 if not busy or remaining <= 0:
