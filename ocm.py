@@ -4,24 +4,26 @@
 One always-on box (a router, a NAS, a small server) holds the owner's Codex
 login from ``~/.codex/auth.json`` (or an OpenAI API key), keeps it refreshed,
 and lets remote Codex clients in with per-user bearer tokens. It relays their
-requests (HTTP, SSE streams) to OpenAI unchanged.
+requests (HTTP, SSE streams, WebSockets) to OpenAI unchanged.
 
 Run it:    python3 ocm.py config.json        (no config: 127.0.0.1:8080)
 Check it:  python3 ocm.py --check config.json
 Standard library only; Python 3.8 to 3.13. See README.md.
 
 Sections, in order (``grep -n '^# ==' ocm.py``):
-  1. Constants     default URLs, OAuth client id, intervals, limits
-  2. Errors        OCMError, ConfigError, HTTPError
-  3. Config        dataclasses and load_config()
-  4. Files         atomic writes, the cross-process file lock
-  5. Credentials   auth.json, token refresh, the Credential object
-  6. Users         bearer tokens, constant-time lookup
-  7. Upstream      connections, the keep-alive pool, urllib for token calls
-  8. HTTP parsing  strict request heads and bodies from clients
-  9. Handler       route, authenticate, relay
- 10. Server        the ThreadingHTTPServer that owns all state
- 11. CLI           main()
+   1. Constants          default URLs, OAuth client id, intervals, limits
+   2. Errors             OCMError, ConfigError, HTTPError
+   3. Config             dataclasses and load_config()
+   4. Files              atomic writes, the cross-process file lock
+   5. Credentials        auth.json, token refresh, the Credential object
+   6. Pricing and usage  the price table, costs, the usage book and its saver
+   7. Users              bearer tokens, constant-time lookup
+   8. HTTP parsing       strict request heads and bodies, response heads
+   9. Upstream           the Connector (proxies, TLS), keep-alive pool, urllib
+  10. Streams            the SSE usage scanner, WebSocket framing
+  11. Handler            route, authenticate, relay HTTP, SSE and WebSocket
+  12. Server             TLS for clients, the ThreadingHTTPServer owning all state
+  13. CLI                main() and the subcommands
 """
 
 import base64
@@ -31,6 +33,7 @@ import contextlib
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import math
@@ -38,6 +41,7 @@ import os
 import re
 import select
 import selectors
+import shutil
 import signal
 import socket
 import socketserver
@@ -60,6 +64,10 @@ try:
     import pwd
 except ImportError:  # pragma: no cover
     pwd = None
+try:  # some router builds of Python leave it out; then only plain http works
+    import ssl
+except ImportError:  # pragma: no cover
+    ssl = None
 
 __version__ = "0.1.0"
 
@@ -182,6 +190,43 @@ class Limits:
     max_websocket_message: int = DEFAULT_MAX_BODY_SIZE
 
 
+@dataclass(frozen=True)
+class ProxyURL:
+    """A detour proxy: http (CONNECT), socks5 (local DNS) or socks5h (proxy DNS)."""
+    scheme: str
+    host: str
+    port: int
+    username: str = ""
+    password: str = field(default="", repr=False)  # never in a log line or an error
+
+    def __str__(self) -> str:
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s://%s%s:%d" % (self.scheme, self.username + "@" if self.username else "", host, self.port)
+
+
+PROXY_SCHEMES = ("http", "socks5", "socks5h")
+
+
+def parse_proxy_url(value: str, where: str) -> ProxyURL:
+    if "://" not in value:
+        raise ConfigError("%s: %r is not a proxy URL; use http://host:port, socks5://host:port or "
+                          "socks5h://host:port (a sing-box outbound tag means nothing to OCM)" % (where, value))
+    parts = urllib.parse.urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme not in PROXY_SCHEMES:
+        raise ConfigError("%s: proxy scheme %r is not supported; use http, socks5 or socks5h" % (where, scheme))
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or not port:
+        raise ConfigError("%s: a proxy URL needs a host and a port, like socks5://127.0.0.1:1080" % where)
+    if parts.path not in ("", "/") or parts.query:
+        raise ConfigError("%s: a proxy URL has no path or query" % where)
+    return ProxyURL(scheme, parts.hostname, port, urllib.parse.unquote(parts.username or ""),
+                    urllib.parse.unquote(parts.password or ""))
+
+
 def default_credential_path(env: Optional[Dict[str, str]] = None) -> str:
     """$CODEX_HOME/auth.json, else the real user's ~/.codex/auth.json (sudo-aware)."""
     env = os.environ if env is None else env
@@ -201,6 +246,19 @@ def default_credential_path(env: Optional[Dict[str, str]] = None) -> str:
 
 
 @dataclass
+class TLSConfig:
+    """Inbound TLS, with sing-box's field names."""
+    enabled: bool = False
+    certificate_path: str = ""
+    key_path: str = ""
+    certificate: str = ""       # inline PEM (a string, or sing-box's list of lines, joined)
+    key: str = field(default="", repr=False)
+    min_version: str = ""
+    max_version: str = ""
+    alpn: List[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     listen: str = DEFAULT_LISTEN
     listen_port: int = DEFAULT_PORT
@@ -208,6 +266,8 @@ class Config:
     usages_path: str = ""
     users: List[User] = field(default_factory=list)
     headers: Dict[str, List[str]] = field(default_factory=dict)
+    detour: Optional[ProxyURL] = None
+    tls: TLSConfig = field(default_factory=TLSConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: Limits = field(default_factory=Limits)
     source: str = ""  # the file it came from, for messages
@@ -222,7 +282,13 @@ SING_BOX_IGNORED_KEYS = frozenset((
     "netns", "disable_tcp_keep_alive", "tcp_keep_alive", "tcp_keep_alive_interval",
 ))
 # Keys that belong to features not built yet: refused, never silently ignored.
-NOT_SUPPORTED_YET = ("detour", "tls", "credentials")
+NOT_SUPPORTED_YET = ("credentials",)
+# sing-box TLS options OCM cannot honour; refused, as ignoring them would
+# quietly weaken what the owner configured.
+TLS_UNSUPPORTED = ("acme", "ech", "reality", "client_authentication", "client_certificate",
+                   "client_certificate_path", "client_certificate_public_key_sha256",
+                   "cipher_suites", "curve_preferences", "certificate_provider", "kernel_tx", "kernel_rx")
+TLS_VERSIONS = ("1.2", "1.3")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -304,6 +370,25 @@ class _Fields:
             raise ConfigError("%s: expected a whole number, got %s" % (self.path(key), _json_type(value)))
         if not low <= value <= high:
             raise ConfigError("%s: %d is out of range (%d to %d)" % (self.path(key), value, low, high))
+        return value
+
+    def bool(self, key: str, default: bool = False) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError("%s: expected true or false, got %s" % (self.path(key), _json_type(value)))
+        return value
+
+    def pem(self, key: str) -> str:
+        """Inline PEM: a string, or a list of lines as sing-box allows."""
+        value = self.raw(key)
+        if value is None:
+            return ""
+        if isinstance(value, list) and all(isinstance(line, str) for line in value):
+            return "\n".join(value) + "\n"
+        if not isinstance(value, str):
+            raise ConfigError("%s: expected a PEM string or a list of lines" % self.path(key))
         return value
 
     def seconds(self, key: str, default: float) -> float:
@@ -395,6 +480,41 @@ def _parse_headers(raw: Any, where: str) -> Dict[str, List[str]]:
     return headers
 
 
+def _parse_tls(raw: Any, where: str) -> TLSConfig:
+    if raw is None:
+        return TLSConfig()
+    f = _Fields(raw, where)
+    for key in TLS_UNSUPPORTED:
+        if f.has(key):
+            raise ConfigError("%s: not supported by OCM; remove it (OCM serves a certificate and "
+                              "key from files or inline PEM)" % f.path(key))
+    tls = TLSConfig(enabled=f.bool("enabled"), certificate_path=os.path.expanduser(f.str("certificate_path")),
+                    key_path=os.path.expanduser(f.str("key_path")), certificate=f.pem("certificate"),
+                    key=f.pem("key"), min_version=f.str("min_version"), max_version=f.str("max_version"),
+                    alpn=[str(a) for a in f.list("alpn")])
+    for key in ("min_version", "max_version"):
+        value = getattr(tls, key)
+        if value and value not in TLS_VERSIONS:
+            raise ConfigError("%s: %r is not supported; use \"1.2\" or \"1.3\" (older TLS is unsafe)"
+                              % (f.path(key), value))
+    if tls.min_version and tls.max_version and tls.min_version > tls.max_version:
+        raise ConfigError("%s: min_version is above max_version" % where)
+    if any(not isinstance(a, str) for a in f.raw("alpn") or []):
+        raise ConfigError("%s: expected a list of strings" % f.path("alpn"))
+    others = [a for a in tls.alpn if a != "http/1.1"]
+    if others:
+        log.warning("%s: OCM serves HTTP/1.1 only; not offering %s", f.path("alpn"), ", ".join(others))
+    if tls.enabled:
+        if bool(tls.certificate_path) == bool(tls.certificate):
+            raise ConfigError("%s: give the certificate as certificate_path or as inline certificate "
+                              "(exactly one)" % where)
+        if bool(tls.key_path) == bool(tls.key):
+            raise ConfigError("%s: give the key as key_path or as inline key (exactly one)" % where)
+    # server_name and insecure are client-side options in sing-box: no effect here.
+    f.finish(frozenset(("server_name", "insecure")))
+    return tls
+
+
 def _parse_upstream(raw: Any, where: str) -> UpstreamConfig:
     if raw is None:
         return UpstreamConfig()
@@ -456,6 +576,8 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         usages_path=os.path.expanduser(f.str("usages_path")),
         users=_parse_users(f.list("users"), f.path("users")),
         headers=_parse_headers(f.raw("headers"), f.path("headers")),
+        detour=parse_proxy_url(f.str("detour"), f.path("detour")) if f.str("detour") else None,
+        tls=_parse_tls(f.raw("tls"), f.path("tls")),
         upstream=_parse_upstream(f.raw("upstream"), f.path("upstream")),
         limits=_parse_limits(f.raw("limits"), f.path("limits")),
         source=source,
@@ -989,8 +1111,10 @@ class Credential:
                 raw = b""
             finally:
                 exc.close()
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException, OCMError) as exc:
             reason = getattr(exc, "reason", None) or exc
+            if isinstance(reason, BaseException):
+                reason = describe_connect_error(reason)
             raise RefreshFailed("token endpoint unreachable: %s" % reason, permanent=False)
         try:
             answer = json.loads(raw.decode("utf-8")) if raw else {}
@@ -1543,211 +1667,7 @@ class UserTable:
         return user
 
 
-# == 8. Upstream =============================================================
-
-@dataclass(frozen=True)
-class Origin:
-    scheme: str
-    host: str
-    port: int
-
-    @property
-    def is_tls(self) -> bool:
-        return self.scheme in ("https", "wss")
-
-
-@dataclass(frozen=True)
-class BaseURL:
-    """A parsed upstream base URL: where to connect and the path prefix."""
-    origin: Origin
-    path: str
-
-    @classmethod
-    def parse(cls, url: str) -> "BaseURL":
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(Origin(parts.scheme, parts.hostname or "", port), parts.path.rstrip("/"))
-
-
-_ssl_context = None
-_ssl_context_lock = threading.Lock()
-
-
-def upstream_ssl_context():
-    """One verifying TLS context (system store; SSL_CERT_FILE/DIR honoured), made lazily."""
-    global _ssl_context
-    with _ssl_context_lock:
-        if _ssl_context is None:
-            import ssl
-            context = ssl.create_default_context()
-            context.set_alpn_protocols(["http/1.1"])
-            _ssl_context = context
-        return _ssl_context
-
-
-def open_upstream_socket(origin: Origin, connect_timeout: float, read_timeout: float) -> socket.socket:
-    """A connected socket to ``origin`` (TLS for https/wss), with TCP_NODELAY
-    and the read timeout set. Every upstream connection OCM makes opens here."""
-    sock = socket.create_connection((origin.host, origin.port), timeout=connect_timeout)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if origin.is_tls:
-            sock = upstream_ssl_context().wrap_socket(sock, server_hostname=origin.host)
-        sock.settimeout(read_timeout)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-class UpstreamConnection(http.client.HTTPConnection):
-    """http.client connection that opens as OCM says (timeouts, TLS)."""
-
-    def __init__(self, origin: Origin, connect_timeout: float, read_timeout: float):
-        super().__init__(origin.host, origin.port, timeout=connect_timeout)
-        self.origin = origin
-        self.read_timeout = read_timeout
-        self.idle_since = 0.0
-
-    def connect(self) -> None:
-        self.sock = open_upstream_socket(self.origin, self.timeout, self.read_timeout)
-
-    def _send_output(self, message_body=None, encode_chunked=False):
-        # Send head and a bytes body in one write: one packet for small POSTs.
-        if isinstance(message_body, (bytes, bytearray)) and not encode_chunked:
-            self._buffer.extend((b"", b""))
-            msg = b"\r\n".join(self._buffer)
-            del self._buffer[:]
-            self.send(msg + message_body if len(message_body) <= SMALL_BODY else msg)
-            if len(message_body) > SMALL_BODY:
-                self.send(message_body)
-            return
-        super()._send_output(message_body, encode_chunked=encode_chunked)
-
-
-def is_socket_stale(sock) -> bool:
-    """True if an idle pooled socket has data or EOF waiting: the server gave up on it."""
-    try:
-        if hasattr(select, "poll"):  # select() fails above 1024 descriptors
-            poller = select.poll()
-            poller.register(sock.fileno(), select.POLLIN)
-            return bool(poller.poll(0))
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable)
-    except (OSError, ValueError):
-        return True
-
-
-class UpstreamPool:
-    """Idle keep-alive connections per origin, so repeat requests skip TCP and TLS setup.
-
-    A connection goes back only after its response was read completely and the
-    server did not ask to close it; anything else is closed.
-    """
-
-    def __init__(self, connect_timeout: float, read_timeout: float,
-                 idle_seconds: float = POOL_IDLE_SECONDS, max_idle: int = POOL_MAX_IDLE_PER_ORIGIN):
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.idle_seconds = idle_seconds
-        self.max_idle = max_idle
-        self._idle = {}  # type: Dict[Origin, List[UpstreamConnection]]
-        self._lock = threading.Lock()
-        self.opened = 0
-
-    def acquire(self, origin: Origin) -> Tuple[UpstreamConnection, bool]:
-        """(connection, reused). Opens a new one when no healthy idle one is left."""
-        now = time.monotonic()
-        while True:
-            with self._lock:
-                idle = self._idle.get(origin)
-                conn = idle.pop() if idle else None
-            if conn is None:
-                break
-            if now - conn.idle_since < self.idle_seconds and conn.sock is not None \
-                    and not is_socket_stale(conn.sock):
-                return conn, True
-            conn.close()
-        conn = UpstreamConnection(origin, self.connect_timeout, self.read_timeout)
-        with self._lock:
-            self.opened += 1
-        conn.connect()
-        return conn, False
-
-    def release(self, conn: UpstreamConnection) -> None:
-        conn.idle_since = time.monotonic()
-        with self._lock:
-            idle = self._idle.setdefault(conn.origin, [])
-            idle.append(conn)
-            extra = idle[:-self.max_idle] if len(idle) > self.max_idle else []
-            del idle[:len(extra)]
-        for old in extra:
-            old.close()
-
-    def close(self) -> None:
-        with self._lock:
-            conns = [c for idle in self._idle.values() for c in idle]
-            self._idle.clear()
-        for conn in conns:
-            conn.close()
-
-
-def describe_connect_error(exc: BaseException) -> str:
-    if isinstance(exc, socket.timeout):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return "cannot resolve host name (%s)" % (exc.strerror or exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or exc.__class__.__name__
-
-
-class _OriginHTTPHandler(urllib.request.HTTPHandler):
-    """urllib handler that opens connections the way the relay does."""
-
-    def __init__(self, connection_factory: Callable):
-        super().__init__()
-        self._factory = connection_factory
-
-    def http_open(self, req):
-        return self.do_open(self._factory, req)
-
-
-class _OriginHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, connection_factory: Callable):
-        super().__init__()
-        self._factory = connection_factory
-
-    def https_open(self, req):
-        return self.do_open(self._factory, req)
-
-
-def build_url_opener(connect_timeout: float) -> Callable:
-    """``open_url(request, timeout)`` for token calls: urllib on OCM's own connections."""
-
-    def make_for(scheme: str) -> Callable:
-        def make(host: str, timeout: Optional[float] = None, **_ignored) -> UpstreamConnection:
-            # urllib hands over "host[:port]"; the scheme is the handler's.
-            parts = urllib.parse.urlsplit("//" + host)
-            origin = Origin(scheme, parts.hostname or host,
-                            parts.port or (443 if scheme == "https" else 80))
-            read_timeout = timeout if timeout is not None else TOKEN_CALL_TIMEOUT
-            return UpstreamConnection(origin, min(connect_timeout, read_timeout), read_timeout)
-        return make
-
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPErrorProcessor(),
-                    _OriginHTTPHandler(make_for("http")), _OriginHTTPSHandler(make_for("https"))):
-        opener.add_handler(handler)
-
-    def open_url(request: urllib.request.Request, timeout: float):
-        return opener.open(request, timeout=timeout)
-
-    return open_url
-
-
-# == 9. HTTP parsing =========================================================
+# == 8. HTTP parsing =========================================================
 
 class Headers:
     """Header fields in arrival order, looked up case-insensitively."""
@@ -2018,6 +1938,360 @@ def read_chunked_body(reader: SocketReader, max_size: int, timeout: float) -> by
         if not reader.read_line(8192, timeout):
             return bytes(body)
     raise bad_request("too many trailer fields")
+
+
+# == 9. Upstream =============================================================
+
+@dataclass(frozen=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def is_tls(self) -> bool:
+        return self.scheme in ("https", "wss")
+
+
+@dataclass(frozen=True)
+class BaseURL:
+    """A parsed upstream base URL: where to connect and the path prefix."""
+    origin: Origin
+    path: str
+
+    @classmethod
+    def parse(cls, url: str) -> "BaseURL":
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(Origin(parts.scheme, parts.hostname or "", port), parts.path.rstrip("/"))
+
+
+class ProxyError(OCMError):
+    """The detour proxy could not be used; the message says what it answered."""
+
+
+SOCKS5_REPLIES = {
+    1: "general failure", 2: "connection not allowed by its rules", 3: "network unreachable",
+    4: "host unreachable", 5: "connection refused", 6: "TTL expired", 7: "command not supported",
+    8: "address type not supported",
+}
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ProxyError("the proxy closed the connection")
+        data += chunk
+    return data
+
+
+def _host_port(host: str, port: int) -> str:
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def tunnel_http_connect(sock: socket.socket, proxy: ProxyURL, origin: Origin, timeout: float) -> None:
+    """Ask an HTTP proxy for a tunnel (CONNECT, RFC 9110 9.3.6)."""
+    target = _host_port(origin.host, origin.port)
+    lines = ["CONNECT %s HTTP/1.1" % target, "Host: %s" % target]
+    if proxy.username or proxy.password:
+        credentials = ("%s:%s" % (proxy.username, proxy.password)).encode("utf-8")
+        lines.append("Proxy-Authorization: Basic " + base64.b64encode(credentials).decode("ascii"))
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    reader = SocketReader(sock)
+    try:
+        head = reader.read_head(timeout, timeout, 8192, 65536)
+        if head is None:
+            raise ProxyError("the proxy closed the connection")
+        status, reason, _ = parse_response_head(head)
+    except (ClientGone, HTTPError, ValueError):
+        raise ProxyError("the proxy did not answer CONNECT with HTTP")
+    if not 200 <= status < 300:
+        raise ProxyError("the proxy answered %d %s" % (status, reason))
+    if reader.buf:
+        raise ProxyError("the proxy sent data before the tunnel was used")
+
+
+def tunnel_socks5(sock: socket.socket, proxy: ProxyURL, origin: Origin) -> None:
+    """SOCKS5 CONNECT (RFC 1928), with username/password auth (RFC 1929).
+    socks5 resolves the name here; socks5h lets the proxy resolve it."""
+    methods = b"\x00\x02" if proxy.username or proxy.password else b"\x00"
+    sock.sendall(b"\x05" + bytes((len(methods),)) + methods)
+    version, method = _recv_exact(sock, 2)
+    if version != 5:
+        raise ProxyError("the proxy does not speak SOCKS5")
+    if method == 0xFF:
+        raise ProxyError("the SOCKS5 proxy accepts none of our authentication methods"
+                         + ("" if proxy.username else " (it may want a username and password)"))
+    if method == 0x02:
+        user, password = proxy.username.encode("utf-8")[:255], proxy.password.encode("utf-8")[:255]
+        sock.sendall(b"\x01" + bytes((len(user),)) + user + bytes((len(password),)) + password)
+        if _recv_exact(sock, 2)[1] != 0:
+            raise ProxyError("the SOCKS5 proxy rejected the username or password")
+    elif method != 0x00:
+        raise ProxyError("the SOCKS5 proxy chose an authentication method we did not offer")
+    address = _socks5_address(origin.host, origin.port, remote_dns=proxy.scheme == "socks5h")
+    sock.sendall(b"\x05\x01\x00" + address + origin.port.to_bytes(2, "big"))
+    version, reply, _, atyp = _recv_exact(sock, 4)
+    if reply != 0:
+        raise ProxyError("the SOCKS5 proxy could not connect: %s" % SOCKS5_REPLIES.get(reply, "error %d" % reply))
+    length = {1: 4, 4: 16}.get(atyp)
+    if length is None:
+        length = _recv_exact(sock, 1)[0]
+    _recv_exact(sock, length + 2)  # the proxy's bound address and port
+
+
+def _socks5_address(host: str, port: int, remote_dns: bool) -> bytes:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if remote_dns:
+            name = host.encode("idna")
+            return b"\x03" + bytes((len(name),)) + name
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ProxyError("cannot resolve %s here (%s); socks5h:// lets the proxy resolve it"
+                             % (host, exc.strerror))
+        ip = ipaddress.ip_address(infos[0][4][0])
+    return (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
+
+
+def env_proxy_for(origin: Origin, proxies: Dict[str, str]) -> Optional[ProxyURL]:
+    """https_proxy / http_proxy / all_proxy and no_proxy, as curl and urllib read them."""
+    url = proxies.get("https" if origin.is_tls else "http") or proxies.get("all")
+    if not url or urllib.request.proxy_bypass_environment(origin.host, proxies):
+        return None
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        return parse_proxy_url(url, "proxy environment variable")
+    except ConfigError as exc:
+        log.warning("%s; connecting directly", exc)
+        return None
+
+
+class Connector:
+    """Opens every upstream socket: relay, WebSocket and token calls alike.
+    Direct, through the configured detour, or else through https_proxy /
+    no_proxy from the environment; TLS always verified, never optional."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float, detour: Optional[ProxyURL] = None):
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.detour = detour
+        self._env_proxies = {} if detour else urllib.request.getproxies_environment()
+        self._ssl = None
+        self._ssl_lock = threading.Lock()
+
+    def proxy_for(self, origin: Origin) -> Optional[ProxyURL]:
+        return self.detour or env_proxy_for(origin, self._env_proxies)
+
+    def ssl_context(self):
+        """The system's trust store plus SSL_CERT_FILE / SSL_CERT_DIR, which add
+        to it (OpenSSL alone would let them replace it)."""
+        with self._ssl_lock:
+            if self._ssl is None:
+                if ssl is None:
+                    raise OCMError("this Python has no ssl module; install it (OpenWrt: "
+                                   "opkg install python3-openssl) to reach https upstreams")
+                context = ssl.create_default_context()
+                paths = ssl.get_default_verify_paths()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    if paths.openssl_cafile and os.path.isfile(paths.openssl_cafile):
+                        context.load_verify_locations(cafile=paths.openssl_cafile)
+                    if paths.openssl_capath and os.path.isdir(paths.openssl_capath):
+                        context.load_verify_locations(capath=paths.openssl_capath)
+                context.set_alpn_protocols(["http/1.1"])
+                self._ssl = context
+            return self._ssl
+
+    def open(self, origin: Origin, read_timeout: Optional[float] = None) -> socket.socket:
+        """A connected socket to ``origin`` with TCP_NODELAY and the read timeout set.
+        Raises OSError (ssl.SSLError for TLS) or ProxyError."""
+        proxy = self.proxy_for(origin)
+        if proxy is None:
+            sock = socket.create_connection((origin.host, origin.port), timeout=self.connect_timeout)
+        else:
+            try:
+                sock = socket.create_connection((proxy.host, proxy.port), timeout=self.connect_timeout)
+            except OSError as exc:
+                raise ProxyError("cannot reach proxy %s: %s" % (proxy, describe_connect_error(exc)))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if proxy is not None:
+                try:
+                    if proxy.scheme == "http":
+                        tunnel_http_connect(sock, proxy, origin, self.connect_timeout)
+                    else:
+                        tunnel_socks5(sock, proxy, origin)
+                except socket.timeout:
+                    raise ProxyError("proxy %s did not answer within %g s" % (proxy, self.connect_timeout))
+                except ProxyError as exc:
+                    raise ProxyError("proxy %s: %s" % (proxy, exc))
+                except OSError as exc:
+                    raise ProxyError("proxy %s failed: %s" % (proxy, describe_connect_error(exc)))
+            if origin.is_tls:
+                sock = self.ssl_context().wrap_socket(sock, server_hostname=origin.host)
+            sock.settimeout(self.read_timeout if read_timeout is None else read_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class UpstreamConnection(http.client.HTTPConnection):
+    """http.client connection opened by a Connector (proxy, TLS, timeouts)."""
+
+    def __init__(self, origin: Origin, connector: Connector, read_timeout: Optional[float] = None):
+        super().__init__(origin.host, origin.port, timeout=connector.connect_timeout)
+        self.origin = origin
+        self.connector = connector
+        self.read_timeout = read_timeout
+        self.idle_since = 0.0
+
+    def connect(self) -> None:
+        self.sock = self.connector.open(self.origin, self.read_timeout)
+
+    def _send_output(self, message_body=None, encode_chunked=False):
+        # Send head and a bytes body in one write: one packet for small POSTs.
+        if isinstance(message_body, (bytes, bytearray)) and not encode_chunked:
+            self._buffer.extend((b"", b""))
+            msg = b"\r\n".join(self._buffer)
+            del self._buffer[:]
+            self.send(msg + message_body if len(message_body) <= SMALL_BODY else msg)
+            if len(message_body) > SMALL_BODY:
+                self.send(message_body)
+            return
+        super()._send_output(message_body, encode_chunked=encode_chunked)
+
+
+def is_socket_stale(sock) -> bool:
+    """True if an idle pooled socket has data or EOF waiting: the server gave up on it."""
+    try:
+        if hasattr(select, "poll"):  # select() fails above 1024 descriptors
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
+    except (OSError, ValueError):
+        return True
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per origin, so repeat requests skip TCP and TLS setup.
+
+    A connection goes back only after its response was read completely and the
+    server did not ask to close it; anything else is closed.
+    """
+
+    def __init__(self, connector: Connector, idle_seconds: float = POOL_IDLE_SECONDS,
+                 max_idle: int = POOL_MAX_IDLE_PER_ORIGIN):
+        self.connector = connector
+        self.idle_seconds = idle_seconds
+        self.max_idle = max_idle
+        self._idle = {}  # type: Dict[Origin, List[UpstreamConnection]]
+        self._lock = threading.Lock()
+        self.opened = 0
+
+    def acquire(self, origin: Origin) -> Tuple[UpstreamConnection, bool]:
+        """(connection, reused). Opens a new one when no healthy idle one is left."""
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                idle = self._idle.get(origin)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                break
+            if now - conn.idle_since < self.idle_seconds and conn.sock is not None \
+                    and not is_socket_stale(conn.sock):
+                return conn, True
+            conn.close()
+        conn = UpstreamConnection(origin, self.connector)
+        with self._lock:
+            self.opened += 1
+        conn.connect()
+        return conn, False
+
+    def release(self, conn: UpstreamConnection) -> None:
+        conn.idle_since = time.monotonic()
+        with self._lock:
+            idle = self._idle.setdefault(conn.origin, [])
+            idle.append(conn)
+            extra = idle[:-self.max_idle] if len(idle) > self.max_idle else []
+            del idle[:len(extra)]
+        for old in extra:
+            old.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
+def describe_connect_error(exc: BaseException) -> str:
+    if isinstance(exc, ProxyError):
+        return str(exc)
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
+        return "TLS certificate not trusted: %s" % (exc.verify_message or exc.reason)
+    if ssl is not None and isinstance(exc, ssl.SSLError):
+        return "TLS failed: %s" % (exc.reason or exc)
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve host name (%s)" % (exc.strerror or exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or exc.__class__.__name__
+
+
+class _OriginHTTPHandler(urllib.request.HTTPHandler):
+    """urllib handler that opens connections the way the relay does."""
+
+    def __init__(self, connection_factory: Callable):
+        super().__init__()
+        self._factory = connection_factory
+
+    def http_open(self, req):
+        return self.do_open(self._factory, req)
+
+
+class _OriginHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, connection_factory: Callable):
+        super().__init__()
+        self._factory = connection_factory
+
+    def https_open(self, req):
+        return self.do_open(self._factory, req)
+
+
+def build_url_opener(connector: Connector) -> Callable:
+    """``open_url(request, timeout)`` for token calls: urllib on OCM's own connections."""
+
+    def make_for(scheme: str) -> Callable:
+        def make(host: str, timeout: Optional[float] = None, **_ignored) -> UpstreamConnection:
+            # urllib hands over "host[:port]"; the scheme is the handler's.
+            parts = urllib.parse.urlsplit("//" + host)
+            origin = Origin(scheme, parts.hostname or host,
+                            parts.port or (443 if scheme == "https" else 80))
+            return UpstreamConnection(origin, connector,
+                                      timeout if timeout is not None else TOKEN_CALL_TIMEOUT)
+        return make
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor(),
+                    _OriginHTTPHandler(make_for("http")), _OriginHTTPSHandler(make_for("https"))):
+        opener.add_handler(handler)
+
+    def open_url(request: urllib.request.Request, timeout: float):
+        return opener.open(request, timeout=timeout)
+
+    return open_url
 
 
 # == 10. Streams =============================================================
@@ -2368,7 +2642,7 @@ def request_model_and_tier(body: bytes) -> Tuple[str, str]:
     return (model if isinstance(model, str) else "", tier if isinstance(tier, str) else "")
 
 
-# == 11. Handler ==============================================================
+# == 11. Handler =============================================================
 
 def json_error_body(error_type: str, message: str) -> bytes:
     return json.dumps({"error": {"type": error_type, "message": message}}).encode("utf-8")
@@ -2684,7 +2958,10 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.server.track(self)
 
     def finish(self) -> None:
-        self.server.untrack(self)  # the server closes the socket itself
+        self.server.untrack(self)  # the server closes the plain socket itself
+        if self.connection is not self.request:  # a TLS socket took over its descriptor
+            with contextlib.suppress(OSError):
+                self.connection.close()
 
     def interrupt(self) -> None:
         """Wake this connection's thread: shutting down, or it idles too long."""
@@ -2692,6 +2969,13 @@ class OCMHandler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
 
     def handle(self) -> None:
+        if self.server.tls is not None:
+            try:
+                self.connection = self.server.tls.wrap(self.connection, self.server.config.limits.header_timeout)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.debug("TLS handshake with %s failed: %s", self.client_address[0], exc)
+                return
+            self.reader = SocketReader(self.connection)
         try:
             while self.serve_one():
                 pass
@@ -3148,6 +3432,96 @@ def peek_is_closed(sock: socket.socket) -> Optional[bool]:
 
 # == 12. Server ==============================================================
 
+class ServerTLS:
+    """TLS for clients: a context from the configured certificate and key,
+    rebuilt when their files change on disk, so a renewed certificate is used
+    by new connections without a restart."""
+
+    def __init__(self, config: TLSConfig):
+        if ssl is None:
+            raise ConfigError("tls: this Python has no ssl module (OpenWrt: opkg install python3-openssl)")
+        self.config = config
+        self._lock = threading.Lock()
+        self._files = [p for p in (config.certificate_path, config.key_path) if p]
+        self._files_id = self._stat_files()
+        self._context = self._build()
+
+    def _stat_files(self) -> List[Optional[Tuple[int, int, int]]]:
+        return [_file_id(path) for path in self._files]
+
+    def _build(self):
+        config = self.config
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        versions = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+        context.minimum_version = versions.get(config.min_version, ssl.TLSVersion.TLSv1_2)
+        if config.max_version:
+            context.maximum_version = versions[config.max_version]
+        context.set_alpn_protocols(["http/1.1"])  # the only protocol OCM serves
+        inline_dir = tempfile.mkdtemp(prefix="ocm-tls-") if config.certificate or config.key else None
+        try:
+            cert = config.certificate_path or self._write_inline(inline_dir, "cert.pem", config.certificate)
+            key = config.key_path or self._write_inline(inline_dir, "key.pem", config.key)
+            for where, path in (("certificate_path", cert), ("key_path", key)):
+                if not os.path.isfile(path):
+                    raise ConfigError("tls.%s: %s does not exist" % (where, path))
+            try:
+                context.load_cert_chain(cert, key)
+            except ssl.SSLError as exc:
+                reason = exc.reason or str(exc)
+                if "MISMATCH" in reason.upper():
+                    reason = "the key does not belong to the certificate"
+                raise ConfigError("tls: cannot use the certificate and key: %s" % reason)
+            except OSError as exc:
+                raise ConfigError("tls: cannot read the certificate or key: %s" % (exc.strerror or exc))
+        finally:
+            if inline_dir:
+                shutil.rmtree(inline_dir, ignore_errors=True)
+        return context
+
+    @staticmethod
+    def _write_inline(directory: Optional[str], name: str, pem: str) -> str:
+        path = os.path.join(directory or "", name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(pem)
+        return path
+
+    def context(self):
+        files_id = self._stat_files()
+        with self._lock:
+            if files_id != self._files_id:
+                self._files_id = files_id
+                try:
+                    self._context = self._build()
+                    log.info("tls: certificate files changed; new connections use them")
+                except ConfigError as exc:
+                    log.warning("%s; still serving the previous certificate", exc)
+            return self._context
+
+    def wrap(self, sock: socket.socket, timeout: float):
+        """The TLS handshake, in the connection's own thread and bounded, so a
+        client that stalls mid-handshake holds up nobody else."""
+        sock.settimeout(timeout)
+        tls_sock = self.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        tls_sock.do_handshake()
+        return tls_sock
+
+
+def listen_address(host: str, port: int) -> Tuple[int, str]:
+    """(address family, address) for ``listen``: an IPv4 or IPv6 literal, or a host name."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+        return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), str(ip)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError("listen: cannot resolve %r: %s" % (host, exc.strerror))
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr[0]
+
+
 class OCMServer(ThreadingHTTPServer):
     """The listening server. It owns the config, the credential, the users,
     the upstream pool and the hang-up watcher; ``close()`` releases them."""
@@ -3161,8 +3535,9 @@ class OCMServer(ThreadingHTTPServer):
         self.config = config
         self.users = UserTable(config.users)
         limits = config.limits
-        self.pool = UpstreamPool(limits.connect_timeout, limits.upstream_read_timeout)
-        self.open_url = build_url_opener(limits.connect_timeout)
+        self.connector = Connector(limits.connect_timeout, limits.upstream_read_timeout, config.detour)
+        self.pool = UpstreamPool(self.connector)
+        self.open_url = build_url_opener(self.connector)
         self.credential = Credential(config.credential_path, config.upstream.token_url, self.open_url)
         self.usage = None  # type: Optional[UsageBook]
         if config.usages_path:
@@ -3176,9 +3551,10 @@ class OCMServer(ThreadingHTTPServer):
         self._handlers = set()  # live client connections
         self._websockets = set()  # type: set  # live WebSocket sessions
         self._handlers_changed = threading.Condition()
-        self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
+        self.tls = ServerTLS(config.tls) if config.tls.enabled else None
+        self.address_family, address = listen_address(config.listen, config.listen_port)
         try:
-            super().__init__((config.listen, config.listen_port), OCMHandler, bind_and_activate)
+            super().__init__((address, config.listen_port), OCMHandler, bind_and_activate)
         except BaseException:
             self.watcher.close()
             raise
@@ -3188,6 +3564,9 @@ class OCMServer(ThreadingHTTPServer):
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can stall
         # start-up for seconds on a box without DNS. Skip it.
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            with contextlib.suppress(OSError, AttributeError):  # dual-stack where the OS allows
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[0], self.server_address[1]
 
@@ -3196,7 +3575,7 @@ class OCMServer(ThreadingHTTPServer):
         host = self.server_address[0]
         if ":" in host:
             host = "[%s]" % host
-        return "http://%s:%d" % (host, self.server_address[1])
+        return "%s://%s:%d" % ("https" if self.tls else "http", host, self.server_address[1])
 
     def upstream_target(self, mode: str, path: str, query: str) -> Tuple[BaseURL, str]:
         """Where a client's /v1/... goes (PROTOCOL.md section 1)."""
@@ -3217,7 +3596,7 @@ class OCMServer(ThreadingHTTPServer):
         for attempt in (1, 2):
             try:
                 conn, reused = self.pool.acquire(origin)
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, http.client.HTTPException, ProxyError) as exc:
                 raise HTTPError(502, "api_error", "upstream %s unreachable: %s"
                                 % (origin.host, describe_connect_error(exc)))
             try:
@@ -3265,8 +3644,8 @@ class OCMServer(ThreadingHTTPServer):
         limits = self.config.limits
         key = base64.b64encode(os.urandom(16)).decode("ascii")
         try:
-            sock = open_upstream_socket(origin, limits.connect_timeout, limits.upstream_read_timeout)
-        except OSError as exc:
+            sock = self.connector.open(origin)
+        except (OSError, ProxyError) as exc:
             raise HTTPError(502, "api_error", "upstream %s unreachable: %s"
                             % (origin.host, describe_connect_error(exc)))
         default_port = 443 if origin.is_tls else 80

@@ -512,8 +512,7 @@ class TestConfig:
             ocm.config_from_dict(data)
         assert needle in str(info.value)
 
-    @pytest.mark.parametrize("key, value", [
-        ("detour", "socks5://127.0.0.1:1"), ("tls", {"enabled": True})])
+    @pytest.mark.parametrize("key, value", [("credentials", [{"tag": "a", "credential_path": "/x"}])])
     def test_unbuilt_features_are_refused_not_ignored(self, key, value):
         with pytest.raises(ocm.ConfigError) as info:
             ocm.config_from_dict({key: value})
