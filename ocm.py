@@ -1837,14 +1837,18 @@ class SocketReader:
             raise ClientGone(str(exc))
 
     def read_head(self, idle_timeout: float, head_timeout: float, max_line: int,
-                  max_size: int) -> Optional[bytes]:
-        """One message head through its blank line; None if the peer closed or
-        stayed idle (``idle_timeout``) before its first byte. The whole head must
-        arrive within ``head_timeout`` of that byte, however slowly it drips."""
+                  max_size: int, silence_is_idle: bool = True) -> Optional[bytes]:
+        """One message head through its blank line; None if the peer closed, or
+        stayed silent for ``idle_timeout`` before its first byte (a keep-alive
+        client; for an upstream answer, ``silence_is_idle=False`` makes that a
+        socket.timeout). The whole head must arrive within ``head_timeout`` of
+        the first byte, however slowly it drips."""
         if not self.buf:
             try:
                 data = self._recv(time.monotonic() + idle_timeout)
             except socket.timeout:
+                if not silence_is_idle:
+                    raise
                 return None
             if not data:
                 return None
@@ -2001,7 +2005,7 @@ def tunnel_http_connect(sock: socket.socket, proxy: ProxyURL, origin: Origin, ti
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     reader = SocketReader(sock)
     try:
-        head = reader.read_head(timeout, timeout, 8192, 65536)
+        head = reader.read_head(timeout, timeout, 8192, 65536, silence_is_idle=False)
         if head is None:
             raise ProxyError("the proxy closed the connection")
         status, reason, _ = parse_response_head(head)
@@ -3658,7 +3662,7 @@ class OCMServer(ThreadingHTTPServer):
         try:
             sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             timeout = limits.upstream_read_timeout
-            head = reader.read_head(timeout, timeout, 65536, 262144)
+            head = reader.read_head(timeout, timeout, 65536, 262144, silence_is_idle=False)
             if head is None:
                 raise ValueError("closed before answering")
             status, reason, resp_headers = parse_response_head(head)

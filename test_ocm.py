@@ -222,7 +222,7 @@ class FakeUpstream:
     a refresh token that was already used gets 401 refresh_token_reused.
     """
 
-    def __init__(self):
+    def __init__(self, tls_context=None, host="127.0.0.1"):
         self.requests = []
         self.routes = {}
         self.connections = 0
@@ -276,8 +276,10 @@ class FakeUpstream:
                 super().process_request(request, client_address)
 
         self.server = Server(("127.0.0.1", 0), Handler)
+        if tls_context is not None:  # an HTTPS upstream (handshakes in the accept loop: fine here)
+            self.server.socket = tls_context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.url = "http://127.0.0.1:%d" % self.port
+        self.url = "%s://%s:%d" % ("https" if tls_context else "http", host, self.port)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
         self.thread.start()
