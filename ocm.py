@@ -72,6 +72,7 @@ DEFAULT_PORT = 8080
 DEFAULT_CHATGPT_URL = "https://chatgpt.com/backend-api/codex"
 DEFAULT_API_URL = "https://api.openai.com"
 DEFAULT_TOKEN_URL = "https://auth.openai.com/oauth/token"
+DEFAULT_ISSUER_URL = "https://auth.openai.com"     # sign-in: device codes, authorize, revoke
 OAUTH_CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 
 REFRESH_MARGIN = 5 * 60             # refresh when the access token expires sooner
@@ -163,6 +164,7 @@ class UpstreamConfig:
     chatgpt_url: str = DEFAULT_CHATGPT_URL
     api_url: str = DEFAULT_API_URL
     token_url: str = DEFAULT_TOKEN_URL
+    issuer_url: str = DEFAULT_ISSUER_URL
 
 
 @dataclass
@@ -399,6 +401,7 @@ def _parse_upstream(raw: Any, where: str) -> UpstreamConfig:
         chatgpt_url=_check_url(f.str("chatgpt_url", DEFAULT_CHATGPT_URL), f.path("chatgpt_url")),
         api_url=_check_url(f.str("api_url", DEFAULT_API_URL), f.path("api_url")),
         token_url=_check_url(f.str("token_url", DEFAULT_TOKEN_URL), f.path("token_url")),
+        issuer_url=_check_url(f.str("issuer_url", DEFAULT_ISSUER_URL), f.path("issuer_url")),
     )
     f.finish()
     return upstream
