@@ -899,8 +899,8 @@ class TestRelay:
         def route(ex):
             ex.start_chunked()
             for i in range(3):
+                order.append("sent %d" % i)  # before the write: the client may log "got" first
                 ex.chunk(sse({"type": "response.output_text.delta", "delta": str(i)}))
-                order.append("sent %d" % i)
                 assert received[i].wait(5), "event %d was held back by the proxy" % i
             ex.chunk(sse(completed_event()))
             ex.end_chunked()
