@@ -8,7 +8,7 @@ requests (HTTP, SSE streams) to OpenAI unchanged.
 
 Run it:    python3 ocm.py config.json        (no config: 127.0.0.1:8080)
 Check it:  python3 ocm.py --check config.json
-Sign in:   python3 ocm.py login [config.json]
+Sign in:   python3 ocm.py login [config.json]  (also: logout, status)
 Standard library only; Python 3.8 to 3.13. See README.md.
 
 Sections, in order (``grep -n '^# ==' ocm.py``):
@@ -25,7 +25,7 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
  11. Streams       SSE scanning, usage taps on relayed bytes
  12. Handler       route, authenticate, relay
  13. Server        the ThreadingHTTPServer that owns all state
- 14. CLI           main(), login, usage
+ 14. CLI           main(), login, logout, status, usage
 """
 
 import base64
@@ -1447,6 +1447,8 @@ def remove_login(path: str) -> Optional[str]:
     """Drop the tokens (and last_refresh) from auth.json under auth.lock, keeping
     every other field. Returns the refresh token removed ("" if none), or None
     when there were no tokens to remove."""
+    if not os.path.exists(path):
+        return None  # and no auth.lock to create in a directory that may not exist
     with file_lock(_lock_path(path)):
         data = read_auth_object(path)
         if data is None or "tokens" not in data:
@@ -3334,6 +3336,75 @@ def _config_or_defaults(path: Optional[str]) -> Config:
     return load_config(path) if path else Config()
 
 
+def format_age(seconds: float) -> str:
+    """A duration, short and rounded down: 45s, 59m, 3h 12m, 2d 4h."""
+    seconds = int(abs(seconds))
+    days, hours, minutes = seconds // 86400, seconds % 86400 // 3600, seconds % 3600 // 60
+    if days:
+        return "%dd %dh" % (days, hours)
+    if hours:
+        return "%dh %dm" % (hours, minutes)
+    return "%dm" % minutes if minutes else "%ds" % seconds
+
+
+def format_time(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def describe_status(path: str, now: float) -> Tuple[List[str], bool]:
+    """The lines `ocm.py status` prints, and whether the login is usable. Reads the file only."""
+    lines = ["credential:    %s" % path]
+    try:
+        data = read_auth_object(path)
+        if data is None:
+            raise LoginFailed("%s not found; sign in with `python3 ocm.py login`" % path)
+        login = parse_auth(data)
+    except (LoginFailed, CredentialProblem) as exc:
+        return lines + ["usable:        no: %s" % exc], False
+    expired = is_expired(login, now)
+    usable = login.mode == "apikey" or not expired or bool(login.refresh_token)
+    lines.append("usable:        " + ("yes" if usable else "no: the access token has expired and there "
+                                      "is no refresh token; sign in again"))
+    lines.append("mode:          " + login.mode_name)
+    if login.mode != "chatgpt":
+        return lines, usable
+    account = [login.email] if login.email else []
+    account += ["id " + login.account_id] if login.account_id else []
+    lines.append("account:       " + (", ".join(account) or "unknown"))
+    lines.append("plan:          " + (login.plan or "unknown"))
+    if login.expires_at is None:
+        lines.append("access token:  expiry unknown")
+    elif not expired:
+        lines.append("access token:  valid until %s (%s left)" % (format_time(login.expires_at),
+                                                                  format_age(login.expires_at - now)))
+    else:
+        lines.append("access token:  expired %s ago%s" % (format_age(now - login.expires_at),
+                     "; OCM refreshes it on the next request" if login.refresh_token else ""))
+    lines.append("refresh token: " + ("present" if login.refresh_token else "missing"))
+    lines.append("last refresh:  " + ("%s (%s ago)" % (format_time(login.last_refresh),
+                                                       format_age(now - login.last_refresh))
+                                      if login.last_refresh is not None else "not recorded"))
+    return lines, usable
+
+
+def run_status(argv: List[str], out=None, now: Callable[[], float] = time.time) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="ocm.py status",
+                                     description="Say whether the login in the credential file is usable: "
+                                                 "mode, account, plan, access-token expiry, last refresh. "
+                                                 "Reads the file only; changes nothing.")
+    parser.add_argument("config", nargs="?", help="config file naming credential_path (default: as serving)")
+    args = parser.parse_args(argv)
+    try:
+        config = _config_or_defaults(args.config)
+    except ConfigError as exc:
+        print("ocm: config error: %s" % exc, file=sys.stderr)
+        return 2
+    lines, usable = describe_status(config.credential_path, now())
+    print("\n".join(lines), file=out or sys.stdout)
+    return 0 if usable else 2
+
+
 def ask_to_replace(path: str, stdin, out) -> bool:
     """True when ``path`` holds no login, or the user agrees to replace it.
 
@@ -3419,12 +3490,52 @@ def run_login(argv: List[str], stdin=None, out=None, sleep: Callable[[float], No
         except LoginFailed as exc:
             print("Could not revoke the previous login's refresh token (%s); it stays valid "
                   "until it expires." % exc, file=out)
-    print("Next: start OCM with `python3 ocm.py%s`. An OCM that is already running uses the\n"
-          "new login at once, without a restart." % (" " + args.config if args.config else ""), file=out)
+    print("Next: start OCM with `python3 ocm.py%s`.\n"
+          "(An OCM that is already running uses the new login at once; no restart needed.)"
+          % (" " + args.config if args.config else ""), file=out)
     return 0
 
 
-SUBCOMMANDS = {"usage": run_usage, "login": run_login}
+def run_logout(argv: List[str], out=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="ocm.py logout",
+                                     description="Revoke the ChatGPT login's refresh token and remove the "
+                                                 "tokens from the credential file, keeping its other fields.")
+    parser.add_argument("config", nargs="?",
+                        help="config file naming credential_path and upstream.issuer_url (default: as serving)")
+    args = parser.parse_args(argv)
+    out = out or sys.stdout
+    try:
+        config = _config_or_defaults(args.config)
+    except ConfigError as exc:
+        print("ocm: config error: %s" % exc, file=sys.stderr)
+        return 2
+    path = config.credential_path
+    try:
+        refresh = remove_login(path)
+    except LoginFailed as exc:
+        print("ocm: %s; nothing removed" % exc, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print("ocm: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    if refresh is None:
+        print("No ChatGPT login in %s; nothing to do." % path, file=out)
+        return 0
+    print("Removed the ChatGPT tokens from %s." % path, file=out)
+    if refresh:
+        try:
+            revoke_refresh_token(config.upstream.issuer_url,
+                                 build_url_opener(config.limits.connect_timeout), refresh)
+        except LoginFailed as exc:
+            print("ocm: could not revoke the refresh token (%s); it stays valid until it expires"
+                  % exc, file=sys.stderr)
+            return 1
+        print("The refresh token is revoked.", file=out)
+    return 0
+
+
+SUBCOMMANDS = {"usage": run_usage, "login": run_login, "logout": run_logout, "status": run_status}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -3438,7 +3549,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "ChatGPT login or API key, with a token per user.",
         epilog="Without CONFIG: listen on 127.0.0.1:8080 with $CODEX_HOME/auth.json "
                "or ~/.codex/auth.json. Other commands: `ocm.py login [CONFIG]` signs the box "
-               "in (--paste, --force), "
+               "in (--paste, --force), `ocm.py logout [CONFIG]`, `ocm.py status [CONFIG]`, "
                "`ocm.py usage FILE` reports usage. "
                "See README.md for the config keys.")
     parser.add_argument("config", nargs="?", help="config file (OCM JSON, or a sing-box config with an ocm service)")

@@ -507,3 +507,325 @@ class TestCallbackListener:
             assert session.login("--paste", stdin=Keyboard(session.paste(issuer=issuer)), ports=(port,)) == 0
         assert "pasting is the only way" in session.screen.getvalue()
         assert issuer.exchanges[0][1]["redirect_uri"] == "http://127.0.0.1:1455/auth/callback"
+
+
+# == TestAuthFile ===========================================================
+
+class TestAuthFile:
+    def test_written_file_has_exactly_the_login_fields(self, session, issuer, new_auth):
+        assert session.login() == 0
+        data = read_json(new_auth)
+        assert data == {"auth_mode": "chatgpt", "OPENAI_API_KEY": None,
+                        "tokens": {"id_token": issuer.id_token, "access_token": issuer.access_token,
+                                   "refresh_token": issuer.refresh_token, "account_id": "acct-new"},
+                        "last_refresh": data["last_refresh"]}
+        assert list(data) == ["auth_mode", "OPENAI_API_KEY", "tokens", "last_refresh"]
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$", data["last_refresh"])
+        assert abs(ocm.parse_rfc3339(data["last_refresh"]) - session.clock.now()) < 60
+        assert new_auth.read_text().startswith('{\n  "auth_mode"')  # 2-space JSON, like Codex
+
+    def test_file_is_0600_in_a_new_0700_directory(self, session, issuer, new_auth):
+        assert not new_auth.parent.exists()
+        assert session.login() == 0
+        assert stat.S_IMODE(os.stat(str(new_auth)).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(str(new_auth.parent)).st_mode) == 0o700
+        assert (new_auth.parent / "auth.lock").exists()
+        assert sorted(os.listdir(str(new_auth.parent))) == ["auth.json", "auth.lock"]  # no temp left
+
+    def test_account_id_is_null_without_the_claim(self, tmp_path, fake, new_auth):
+        issuer = FakeIssuer(fake, account_id=None)
+        session = Session(tmp_path, fake, new_auth)
+        assert session.login() == 0
+        assert read_json(new_auth)["tokens"]["account_id"] is None
+
+    def test_unknown_fields_are_kept_on_relogin(self, session, issuer, auth_path, tmp_path, fake):
+        write_auth(auth_path, extra={"agent_identity": {"id": "agent-7"}, "future": [1, 2]},
+                   tokens_extra={"stale_extra": "old"})
+        session = Session(tmp_path, fake, auth_path)
+        assert session.login("--force") == 0
+        data = read_json(auth_path)
+        assert data["agent_identity"] == {"id": "agent-7"} and data["future"] == [1, 2]
+        assert set(data["tokens"]) == {"id_token", "access_token", "refresh_token", "account_id"}
+        assert data["tokens"]["account_id"] == "acct-new"
+        assert stat.S_IMODE(os.stat(str(auth_path)).st_mode) == 0o600
+
+    def test_api_key_login_is_replaced_by_the_chatgpt_login(self, tmp_path, fake, issuer, auth_path):
+        auth_path.write_text(json.dumps({"auth_mode": "apikey", "OPENAI_API_KEY": "sk-old"}))
+        session = Session(tmp_path, fake, auth_path)
+        assert session.login("--force") == 0
+        data = read_json(auth_path)
+        assert data["auth_mode"] == "chatgpt" and data["OPENAI_API_KEY"] is None
+        assert not issuer.revoked
+
+    def test_broken_file_is_replaced_without_asking(self, tmp_path, fake, issuer, auth_path):
+        auth_path.write_text("{not json")
+        session = Session(tmp_path, fake, auth_path)
+        assert session.login(stdin=Keyboard(tty=False)) == 0
+        assert read_json(auth_path)["tokens"]["refresh_token"] == issuer.refresh_token
+
+    def test_write_waits_for_auth_lock(self, session, issuer, new_auth):
+        import fcntl
+        new_auth.parent.mkdir(parents=True)
+        fd = os.open(str(new_auth.parent / "auth.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a Codex CLI refreshing right now
+            thread, result = session.in_thread()
+            session.screen.wait_for("Waiting for the code")
+            time.sleep(0.1)
+            assert not new_auth.exists() and thread.is_alive()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        thread.join(10)
+        assert result["rc"] == 0 and new_auth.exists()
+
+
+# == TestReplacing ==========================================================
+
+class TestReplacing:
+    @pytest.fixture
+    def relogin(self, tmp_path, fake, auth_path):
+        return Session(tmp_path, fake, auth_path)
+
+    def test_existing_login_is_kept_when_the_answer_is_no(self, relogin, issuer, fake, auth_path):
+        before = auth_path.read_bytes()
+        assert relogin.login(stdin=Keyboard("n")) == 1
+        out = relogin.screen.getvalue()
+        assert "already holds a login (owner@example.com)" in out and "[y/N]" in out
+        assert "Kept the current login" in out
+        assert auth_path.read_bytes() == before and not fake.requests
+
+    def test_empty_answer_means_no(self, relogin, fake, issuer, auth_path):
+        assert relogin.login(stdin=Keyboard("")) == 1 and not fake.requests
+
+    @pytest.mark.parametrize("answer", ["y", "yes", " Y "])
+    def test_yes_replaces_and_revokes_the_old_refresh_token(self, relogin, issuer, auth_path, answer, capsys):
+        assert relogin.login(stdin=Keyboard(answer)) == 0
+        assert read_json(auth_path)["tokens"]["refresh_token"] == issuer.refresh_token
+        assert [r.json() for r in issuer.revoked] == [
+            {"token": "rt_initial", "token_type_hint": "refresh_token", "client_id": ocm.OAUTH_CLIENT_ID}]
+        assert issuer.revoked[0].header("User-Agent") == UA
+        out = relogin.screen.getvalue()
+        assert "previous login's refresh token is revoked" in out
+        assert_no_secrets(out + capsys.readouterr().err, issuer)
+
+    def test_force_skips_the_question(self, relogin, issuer, auth_path):
+        keyboard = Keyboard(tty=False)
+        assert relogin.login("--force", stdin=keyboard) == 0
+        assert keyboard.reads == 0 and "[y/N]" not in relogin.screen.getvalue()
+        assert len(issuer.revoked) == 1
+
+    def test_without_a_terminal_and_without_force_it_refuses(self, relogin, fake, auth_path, capsys):
+        before = auth_path.read_bytes()
+        keyboard = Keyboard("y", tty=False)
+        assert relogin.login(stdin=keyboard) == 1
+        err = capsys.readouterr().err
+        assert "already holds a login" in err and "--force" in err
+        assert keyboard.reads == 0 and not fake.requests and auth_path.read_bytes() == before
+
+    def test_the_token_revoked_is_the_one_on_disk_at_write_time(self, relogin, issuer, auth_path):
+        # A running OCM rotates the refresh token while the user is still signing in.
+        issuer.pending = [403]
+
+        def rotate_then_pending(ex):
+            if not issuer.polls:
+                write_auth(auth_path, refresh="rt_rotated_meanwhile")
+            FakeIssuer.device_token(issuer, ex)
+        issuer.fake.on("POST", "/api/accounts/deviceauth/token", rotate_then_pending)
+        assert relogin.login("--force") == 0
+        assert [r.json()["token"] for r in issuer.revoked] == ["rt_rotated_meanwhile"]
+
+    def test_failed_revocation_does_not_fail_the_login(self, relogin, issuer, auth_path):
+        issuer.revoke_status = 503
+        assert relogin.login("--force") == 0
+        out = relogin.screen.getvalue()
+        assert "Could not revoke the previous login's refresh token" in out and "503" in out
+        assert read_json(auth_path)["tokens"]["refresh_token"] == issuer.refresh_token
+
+    def test_first_login_revokes_nothing(self, session, issuer):
+        assert session.login() == 0 and not issuer.revoked
+
+    def test_failed_sign_in_leaves_the_old_login_alone(self, relogin, issuer, auth_path):
+        before = auth_path.read_bytes()
+        issuer.poll_answer = (500, {"error": "server_error"})
+        assert relogin.login("--force") == 1
+        assert auth_path.read_bytes() == before and not issuer.revoked
+
+
+# == TestRunningProxy =======================================================
+
+class TestRunningProxy:
+    def test_running_ocm_switches_to_the_new_login_without_restart(self, make_proxy, fake, auth_path,
+                                                                    tmp_path, issuer):
+        proxy = make_proxy(upstream={"chatgpt_url": fake.chatgpt_url, "token_url": fake.token_url,
+                                     "issuer_url": fake.url})
+        status, _, _ = proxy.request("POST", "/v1/responses", body={"model": "m"})
+        first = [r for r in fake.api_requests() if r.path.endswith("/responses")][-1]
+        assert status == 200 and first.header("ChatGPT-Account-Id") == "acct-123"
+        session = Session(tmp_path, fake, auth_path)
+        assert session.login("--force") == 0
+        status, _, _ = proxy.request("POST", "/v1/responses", body={"model": "m"})
+        second = [r for r in fake.api_requests() if r.path.endswith("/responses")][-1]
+        assert status == 200
+        assert second.header("Authorization") == "Bearer " + issuer.access_token
+        assert second.header("ChatGPT-Account-Id") == "acct-new"
+        assert proxy.server.credential.refreshes == 0
+
+    def test_running_ocm_answers_503_after_logout(self, make_proxy, fake, auth_path, tmp_path, issuer):
+        proxy = make_proxy()
+        assert proxy.request("POST", "/v1/responses", body={})[0] == 200
+        config = write_config(tmp_path, fake, auth_path)
+        assert ocm.run_logout([str(config)], out=Screen()) == 0
+        status, _, body = proxy.request("POST", "/v1/responses", body={})
+        assert status == 503 and b"no tokens" in body
+
+
+# == TestLogout =============================================================
+
+class TestLogout:
+    def test_logout_revokes_and_removes_the_tokens_keeping_other_fields(self, tmp_path, fake, issuer,
+                                                                         auth_path, capsys):
+        write_auth(auth_path, extra={"agent_identity": {"id": "agent-7"}})
+        config = write_config(tmp_path, fake, auth_path)
+        screen = Screen()
+        assert ocm.run_logout([str(config)], out=screen) == 0
+        assert read_json(auth_path) == {"auth_mode": "chatgpt", "OPENAI_API_KEY": None,
+                                        "agent_identity": {"id": "agent-7"}}
+        assert stat.S_IMODE(os.stat(str(auth_path)).st_mode) == 0o600
+        assert [r.json() for r in issuer.revoked] == [
+            {"token": "rt_initial", "token_type_hint": "refresh_token", "client_id": ocm.OAUTH_CLIENT_ID}]
+        assert issuer.revoked[0].header("User-Agent") == UA
+        assert "Removed" in screen.getvalue() and "revoked" in screen.getvalue()
+        assert_no_secrets(screen.getvalue() + capsys.readouterr().err, issuer)
+
+    def test_logout_twice_is_a_no_op(self, tmp_path, fake, issuer, auth_path):
+        config = write_config(tmp_path, fake, auth_path)
+        assert ocm.run_logout([str(config)], out=Screen()) == 0
+        before = auth_path.read_bytes()
+        screen = Screen()
+        assert ocm.run_logout([str(config)], out=screen) == 0
+        assert "nothing to do" in screen.getvalue() and auth_path.read_bytes() == before
+        assert len(issuer.revoked) == 1
+
+    def test_logout_without_a_file_is_a_no_op(self, tmp_path, fake, issuer, new_auth, capsys):
+        config = write_config(tmp_path, fake, new_auth)
+        screen = Screen()
+        assert ocm.run_logout([str(config)], out=screen) == 0
+        assert "nothing to do" in screen.getvalue() and not new_auth.parent.exists()
+        assert capsys.readouterr().err == "" and not issuer.revoked
+
+    def test_failed_revocation_still_removes_but_says_so(self, tmp_path, fake, issuer, auth_path, capsys):
+        issuer.revoke_status = 500
+        config = write_config(tmp_path, fake, auth_path)
+        assert ocm.run_logout([str(config)], out=Screen()) == 1
+        assert "tokens" not in read_json(auth_path)
+        assert "could not revoke" in capsys.readouterr().err
+
+    def test_broken_file_is_left_alone(self, tmp_path, fake, issuer, auth_path, capsys):
+        auth_path.write_text("{broken")
+        config = write_config(tmp_path, fake, auth_path)
+        assert ocm.run_logout([str(config)], out=Screen()) == 1
+        assert auth_path.read_text() == "{broken" and "not valid JSON" in capsys.readouterr().err
+
+
+# == TestStatus =============================================================
+
+class TestStatus:
+    def status(self, tmp_path, fake, path, now=None):
+        config = write_config(tmp_path, fake, path)
+        screen = Screen()
+        rc = ocm.run_status([str(config)], out=screen, now=now or time.time)
+        return rc, screen.getvalue()
+
+    def test_status_of_a_fresh_login(self, tmp_path, fake, auth_path):
+        write_auth(auth_path, id_token=new_id_token(plan="pro"), expires_in=3600,
+                   last_refresh="2026-11-24T08:33:47.488245999Z")
+        before, mtime = auth_path.read_bytes(), os.stat(str(auth_path)).st_mtime_ns
+        access = read_json(auth_path)["tokens"]["access_token"]
+        exp = ocm.decode_jwt_claims(access)["exp"]
+        rc, out = self.status(tmp_path, fake, auth_path, now=lambda: exp - 59 * 60 - 30)
+        assert rc == 0
+        assert "credential:    %s" % auth_path in out
+        assert "usable:        yes" in out and "mode:          ChatGPT OAuth" in out
+        assert "owner@example.com, id acct-123" in out and "plan:          pro" in out
+        assert "(59m left)" in out and "refresh token: present" in out
+        assert "last refresh:  2026-11-24 08:33:47 UTC" in out
+        assert auth_path.read_bytes() == before and os.stat(str(auth_path)).st_mtime_ns == mtime
+        assert sorted(os.listdir(str(auth_path.parent))) == ["auth.json"]  # not even a lock file
+        for token in read_json(auth_path)["tokens"].values():
+            assert token not in out or token == "acct-123"
+
+    def test_expired_access_token_with_refresh_token_is_usable(self, tmp_path, fake, auth_path):
+        write_auth(auth_path, expires_in=-7200)
+        rc, out = self.status(tmp_path, fake, auth_path)
+        assert rc == 0 and "expired 2h 0m ago; OCM refreshes it" in out
+
+    def test_expired_without_refresh_token_is_not_usable(self, tmp_path, fake, auth_path):
+        write_auth(auth_path, expires_in=-60, refresh="")
+        rc, out = self.status(tmp_path, fake, auth_path)
+        assert rc == 2 and "usable:        no: the access token has expired" in out
+
+    def test_missing_file(self, tmp_path, fake, new_auth):
+        rc, out = self.status(tmp_path, fake, new_auth)
+        assert rc == 2 and "not found" in out and "ocm.py login" in out
+
+    def test_signed_out_file(self, tmp_path, fake, auth_path):
+        auth_path.write_text(json.dumps({"auth_mode": "chatgpt", "OPENAI_API_KEY": None}))
+        rc, out = self.status(tmp_path, fake, auth_path)
+        assert rc == 2 and "no tokens" in out
+
+    def test_api_key_mode(self, tmp_path, fake, auth_path):
+        auth_path.write_text(json.dumps({"OPENAI_API_KEY": "sk-secret-key"}))
+        rc, out = self.status(tmp_path, fake, auth_path)
+        assert rc == 0 and "mode:          API key" in out and "sk-secret" not in out
+
+    def test_status_after_login_shows_the_new_account(self, session, issuer, new_auth, tmp_path, fake):
+        assert session.login() == 0
+        rc, out = self.status(tmp_path, fake, new_auth)
+        assert rc == 0 and "new@example.com, id acct-new" in out and "plan:          plus" in out
+
+    @pytest.mark.parametrize("seconds, text", [(5, "5s"), (59 * 60 + 59, "59m"), (3 * 3600 + 12 * 60, "3h 12m"),
+                                               (2 * 86400 + 4 * 3600 + 5, "2d 4h")])
+    def test_ages_are_short(self, seconds, text):
+        assert ocm.format_age(seconds) == text
+
+
+# == TestCommandLine ========================================================
+
+def run_ocm(*args, env=None, stdin=subprocess.DEVNULL, timeout=20):
+    return subprocess.run([sys.executable, OCM_PY] + list(args), capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=stdin)
+
+
+class TestCommandLine:
+    def test_status_runs_as_a_command(self, tmp_path, fake, auth_path):
+        config = write_config(tmp_path, fake, auth_path)
+        out = run_ocm("status", str(config))
+        assert out.returncode == 0 and "usable:        yes" in out.stdout and "acct-123" in out.stdout
+
+    def test_status_without_config_uses_codex_home(self, tmp_path, auth_path):
+        out = run_ocm("status", env=dict(os.environ, CODEX_HOME=str(auth_path.parent)))
+        assert out.returncode == 0 and str(auth_path) in out.stdout
+
+    def test_login_without_a_terminal_refuses_instead_of_hanging(self, tmp_path, fake, auth_path, issuer):
+        config = write_config(tmp_path, fake, auth_path)
+        out = run_ocm("login", str(config))
+        assert out.returncode == 1 and "--force" in out.stderr and not fake.requests
+
+    def test_device_login_as_a_command(self, tmp_path, fake, new_auth, issuer):
+        issuer.pending = []  # entered before the first poll: no 5 s wait
+        config = write_config(tmp_path, fake, new_auth)
+        out = run_ocm("login", str(config))
+        assert out.returncode == 0, out.stderr
+        assert "ABCD-EFGH" in out.stdout and "new@example.com" in out.stdout
+        assert_no_secrets(out.stdout + out.stderr, issuer)
+        out = run_ocm("logout", str(config))
+        assert out.returncode == 0 and len(issuer.revoked) == 1
+
+    def test_help_lists_the_commands(self):
+        out = run_ocm("--help")
+        assert "login" in out.stdout and "logout" in out.stdout and "status" in out.stdout
+        for command in ("login", "logout", "status"):
+            out = run_ocm(command, "--help")
+            assert out.returncode == 0 and "ocm.py " + command in out.stdout
+        assert "--paste" in run_ocm("login", "--help").stdout
