@@ -1235,7 +1235,8 @@ def code_from_callback(params: Dict[str, str], state: str) -> str:
         plain = CALLBACK_ERRORS.get(error)
         if plain:
             raise LoginFailed(plain + (" (%s)" % description if description else ""))
-        raise LoginFailed("the issuer refused the sign-in: %s%s" % (error, ": " + description if description else ""))
+        raise LoginFailed("the issuer refused the sign-in: %s%s"
+                          % (error, ": " + description if description else ""))
     code = params.get("code")
     if not code:
         raise WrongCallback("it has no code")
@@ -3476,9 +3477,6 @@ def run_login(argv: List[str], stdin=None, out=None, sleep: Callable[[float], No
     except OSError as exc:  # includes TimeoutError: auth.lock held too long
         print("ocm: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nocm: sign-in cancelled", file=sys.stderr)
-        return 130
     details = ["plan " + login.plan] if login.plan else []
     details += ["account " + login.account_id] if login.account_id else []
     print("\nSigned in as %s%s. Saved to %s." % (login.email or "an unknown user",
@@ -3541,7 +3539,11 @@ SUBCOMMANDS = {"usage": run_usage, "login": run_login, "logout": run_logout, "st
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
+        try:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        except KeyboardInterrupt:  # Ctrl-C at a prompt or while waiting to sign in
+            print("\nocm: cancelled", file=sys.stderr)
+            return 130
     import argparse
     parser = argparse.ArgumentParser(
         prog="ocm.py",

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -284,7 +285,7 @@ class TestDeviceCode:
         assert form == {"grant_type": "authorization_code", "client_id": ocm.OAUTH_CLIENT_ID,
                         "code": "dev-code-1", "redirect_uri": issuer.url + "/deviceauth/callback",
                         "code_verifier": issuer.device_verifier}
-        assert all(r.header("User-Agent") == UA for r in fake.requests)
+        assert all([v for k, v in r.headers if k.lower() == "user-agent"] == [UA] for r in fake.requests)
         assert session.clock.sleeps == [5.0, 5.0]  # first poll at once, then every interval
         assert read_json(new_auth)["tokens"]["refresh_token"] == issuer.refresh_token
 
@@ -821,6 +822,25 @@ class TestCommandLine:
         assert_no_secrets(out.stdout + out.stderr, issuer)
         out = run_ocm("logout", str(config))
         assert out.returncode == 0 and len(issuer.revoked) == 1
+
+    def test_ctrl_c_while_waiting_cancels_without_a_traceback(self, tmp_path, fake, new_auth, issuer):
+        issuer.pending = None
+        config = write_config(tmp_path, fake, new_auth)
+        proc = subprocess.Popen([sys.executable, OCM_PY, "login", str(config)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 10
+            while not issuer.polls and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert issuer.polls  # it is now sleeping until the next poll
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 130 and "cancelled" in err and "Traceback" not in err
+        assert not new_auth.exists()
 
     def test_help_lists_the_commands(self):
         out = run_ocm("--help")
