@@ -8,6 +8,7 @@ requests (HTTP, SSE streams, WebSockets) to OpenAI unchanged.
 
 Run it:    python3 ocm.py config.json        (no config: 127.0.0.1:8080)
 Check it:  python3 ocm.py --check config.json
+Sign in:   python3 ocm.py login [config.json]  (also: logout, status)
 Standard library only; Python 3.8 to 3.13. See README.md.
 
 Sections, in order (``grep -n '^# ==' ocm.py``):
@@ -16,14 +17,15 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
    3. Config             dataclasses and load_config()
    4. Files              atomic writes, the cross-process file lock
    5. Credentials        auth.json, token refresh, the Credential object
-   6. Pricing and usage  the price table, costs, the usage book and its saver
-   7. Users              bearer tokens, constant-time lookup
-   8. HTTP parsing       strict request heads and bodies, response heads
-   9. Upstream           the Connector (proxies, TLS), keep-alive pool, urllib
-  10. Streams            the SSE usage scanner, WebSocket framing
-  11. Handler            route, authenticate, relay HTTP, SSE and WebSocket
-  12. Server             TLS for clients, the ThreadingHTTPServer owning all state
-  13. CLI                main() and the subcommands
+   6. Sign-in            device codes, PKCE with paste-back, writing a new login
+   7. Pricing and usage  the price table, costs, the usage book and its saver
+   8. Users              bearer tokens, constant-time lookup
+   9. HTTP parsing       strict request heads and bodies, response heads
+  10. Upstream           the Connector (proxies, TLS), keep-alive pool, urllib
+  11. Streams            the SSE usage scanner, WebSocket framing
+  12. Handler            route, authenticate, relay HTTP, SSE and WebSocket
+  13. Server             TLS for clients, the ThreadingHTTPServer owning all state
+  14. CLI                main(), login, logout, status, usage
 """
 
 import base64
@@ -38,6 +40,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import select
 import selectors
@@ -81,6 +84,7 @@ DEFAULT_PORT = 8080
 DEFAULT_CHATGPT_URL = "https://chatgpt.com/backend-api/codex"
 DEFAULT_API_URL = "https://api.openai.com"
 DEFAULT_TOKEN_URL = "https://auth.openai.com/oauth/token"
+DEFAULT_ISSUER_URL = "https://auth.openai.com"     # sign-in: device codes, authorize, revoke
 OAUTH_CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 
 REFRESH_MARGIN = 5 * 60             # refresh when the access token expires sooner
@@ -88,6 +92,11 @@ REFRESH_MAX_AGE = 8 * 24 * 3600     # ...or, without a readable exp, after this 
 REFRESH_RETRY = 30.0                # after a transient refresh failure, wait this long
 TOKEN_CALL_TIMEOUT = 30.0
 AUTH_LOCK_TIMEOUT = 30.0            # waiting for the Codex CLI to finish its own refresh
+
+LOGIN_CALLBACK_PORTS = (1455, 1457)  # the only ports the issuer accepts in redirect_uri
+LOGIN_TIMEOUT = 15 * 60.0            # device codes expire after this; so does our patience
+DEVICE_POLL_FLOOR = 5.0              # never poll for a device code faster than this
+LOGIN_SCOPE = "openid profile email offline_access api.connectors.read api.connectors.invoke"
 
 DEFAULT_MAX_BODY_SIZE = 64 << 20
 DEFAULT_UPSTREAM_READ_TIMEOUT = 600.0   # Codex gives up after 300 s idle; be longer
@@ -174,6 +183,7 @@ class UpstreamConfig:
     chatgpt_url: str = DEFAULT_CHATGPT_URL
     api_url: str = DEFAULT_API_URL
     token_url: str = DEFAULT_TOKEN_URL
+    issuer_url: str = DEFAULT_ISSUER_URL
 
 
 @dataclass
@@ -523,6 +533,7 @@ def _parse_upstream(raw: Any, where: str) -> UpstreamConfig:
         chatgpt_url=_check_url(f.str("chatgpt_url", DEFAULT_CHATGPT_URL), f.path("chatgpt_url")),
         api_url=_check_url(f.str("api_url", DEFAULT_API_URL), f.path("api_url")),
         token_url=_check_url(f.str("token_url", DEFAULT_TOKEN_URL), f.path("token_url")),
+        issuer_url=_check_url(f.str("issuer_url", DEFAULT_ISSUER_URL), f.path("issuer_url")),
     )
     f.finish()
     return upstream
@@ -1133,7 +1144,460 @@ class Credential:
         raise RefreshFailed(text, permanent=status == 401 or code in PERMANENT_REFRESH_CODES)
 
 
-# == 6. Pricing and usage ====================================================
+# == 6. Sign-in ==============================================================
+# `ocm.py login`: the box gets its own ChatGPT login, so it never shares a
+# refresh-token chain with a laptop (shared/LOGIN.md has the protocol).
+
+class LoginFailed(OCMError):
+    """Signing in (or out) did not work; the message says why in plain words."""
+
+
+class DeviceCodeUnavailable(LoginFailed):
+    """The issuer answered 404 to the user-code request: no device codes here."""
+
+
+class IssuerUnreachable(LoginFailed):
+    """No HTTP answer at all from the issuer (DNS, network, timeout)."""
+
+
+class WrongCallback(OCMError):
+    """A callback that is not for this sign-in; ignored, and the wait goes on."""
+
+
+@dataclass(frozen=True)
+class DeviceCode:
+    device_auth_id: str
+    user_code: str
+    interval: float             # seconds between polls, already floored
+    verification_url: str
+
+
+# Callback errors in plain words; anything else is shown as the issuer sent it.
+CALLBACK_ERRORS = {
+    "missing_codex_entitlement": "Codex is not enabled for this workspace. Ask its admin to "
+                                 "enable Codex, or sign in to another workspace or account.",
+    "access_denied": "the sign-in was cancelled, or access was denied, in the browser.",
+}
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def call_issuer(open_url: Callable, url: str, body: bytes,
+                content_type: str = "application/json") -> Tuple[int, Any, bytes]:
+    """POST to the issuer: (status, parsed JSON or None, raw body), whatever the status.
+
+    Raises IssuerUnreachable when no answer came at all.
+    """
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": content_type, "Accept": "application/json",
+        "User-Agent": "ocm/" + __version__})
+    try:
+        with open_url(request, TOKEN_CALL_TIMEOUT) as response:
+            status, raw = response.status, response.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+        try:
+            raw = exc.read(1 << 20)
+        except OSError:
+            raw = b""
+        finally:
+            exc.close()
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise IssuerUnreachable("%s unreachable: %s" % (urllib.parse.urlsplit(url).hostname, reason))
+    try:
+        answer = json.loads(raw.decode("utf-8")) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        answer = None
+    return status, answer, raw
+
+
+def issuer_error_text(answer: Any, raw: bytes) -> str:
+    """error_description, else error.message, else error (a string or error.code), else the body."""
+    if isinstance(answer, dict):
+        error = answer.get("error")
+        candidates = [answer.get("error_description")]
+        if isinstance(error, dict):
+            candidates += [error.get("message"), error.get("code")]
+        candidates.append(error)
+        for text in candidates:
+            if isinstance(text, str) and text:
+                return text
+    text = " ".join(raw.decode("utf-8", "replace").split())
+    return text[:300] or "an empty answer"
+
+
+def parse_poll_interval(value: Any, floor: float) -> float:
+    """Seconds between polls from a string ("5") or a number; never under ``floor``."""
+    if isinstance(value, bool):
+        value = None
+    try:
+        seconds = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        seconds = 0.0
+    return max(seconds if math.isfinite(seconds) else 0.0, floor)
+
+
+def request_device_code(issuer: str, open_url: Callable,
+                        interval_floor: float = DEVICE_POLL_FLOOR) -> DeviceCode:
+    """Step 1 of the device-code flow. Raises DeviceCodeUnavailable on 404."""
+    body = json.dumps({"client_id": OAUTH_CLIENT_ID}).encode("utf-8")
+    status, answer, raw = call_issuer(open_url, issuer + "/api/accounts/deviceauth/usercode", body)
+    if status == 404:
+        raise DeviceCodeUnavailable("device-code sign-in is not enabled for this account or server")
+    if not 200 <= status < 300:
+        raise LoginFailed("asking for a device code failed: %d %s" % (status, issuer_error_text(answer, raw)))
+    answer = answer if isinstance(answer, dict) else {}
+    device_auth_id = answer.get("device_auth_id")
+    user_code = answer.get("user_code") or answer.get("usercode")
+    if not (isinstance(device_auth_id, str) and device_auth_id and isinstance(user_code, str) and user_code):
+        raise LoginFailed("the issuer's device-code answer has no device_auth_id or user_code")
+    return DeviceCode(device_auth_id, user_code, parse_poll_interval(answer.get("interval"), interval_floor),
+                      issuer + "/codex/device")
+
+
+def wait_for_device_code(issuer: str, open_url: Callable, device: DeviceCode, timeout: float,
+                         sleep: Callable[[float], None], now: Callable[[], float]) -> Tuple[str, str]:
+    """Poll until the user has entered the code: (authorization_code, code_verifier).
+
+    First poll at once, then every ``device.interval``; 403 and 404 mean "not
+    yet", and so does a network blip. Any other status is fatal.
+    """
+    url = issuer + "/api/accounts/deviceauth/token"
+    body = json.dumps({"device_auth_id": device.device_auth_id, "user_code": device.user_code}).encode("utf-8")
+    deadline = now() + timeout
+    while True:
+        try:
+            status, answer, raw = call_issuer(open_url, url, body)
+        except IssuerUnreachable:
+            status, answer, raw = 0, None, b""
+        if 200 <= status < 300:
+            answer = answer if isinstance(answer, dict) else {}
+            code, verifier = answer.get("authorization_code"), answer.get("code_verifier")
+            if not (isinstance(code, str) and code and isinstance(verifier, str) and verifier):
+                raise LoginFailed("the issuer confirmed the code without authorization_code or code_verifier")
+            return code, verifier
+        if status not in (0, 403, 404):
+            raise LoginFailed("device-code sign-in failed: %d %s" % (status, issuer_error_text(answer, raw)))
+        if now() + device.interval > deadline:
+            raise LoginFailed("the code was not entered within %g minutes; run login again" % (timeout / 60))
+        sleep(device.interval)
+
+
+def exchange_code(issuer: str, open_url: Callable, code: str, redirect_uri: str,
+                  verifier: str) -> Dict[str, str]:
+    """Authorization code to {id_token, access_token, refresh_token}, all required."""
+    form = urllib.parse.urlencode([
+        ("grant_type", "authorization_code"), ("client_id", OAUTH_CLIENT_ID), ("code", code),
+        ("redirect_uri", redirect_uri), ("code_verifier", verifier)]).encode("ascii")
+    status, answer, raw = call_issuer(open_url, issuer + "/oauth/token", form,
+                                      "application/x-www-form-urlencoded")
+    if not 200 <= status < 300:
+        raise LoginFailed("the token exchange failed: %d %s" % (status, issuer_error_text(answer, raw)))
+    answer = answer if isinstance(answer, dict) else {}
+    tokens = {name: answer.get(name) for name in ("id_token", "access_token", "refresh_token")}
+    if not all(isinstance(value, str) and value for value in tokens.values()):
+        raise LoginFailed("the token exchange answered without id_token, access_token and refresh_token")
+    return tokens
+
+
+def sign_in_with_device_code(issuer: str, open_url: Callable, out,
+                             interval_floor: float = DEVICE_POLL_FLOOR, timeout: float = LOGIN_TIMEOUT,
+                             sleep: Callable[[float], None] = time.sleep,
+                             now: Callable[[], float] = time.time) -> Dict[str, str]:
+    device = request_device_code(issuer, open_url, interval_floor)
+    print("\nTo sign in with ChatGPT:\n"
+          "  1. Open this page on any device and sign in:\n"
+          "       %s\n"
+          "  2. Enter this one-time code (it expires in 15 minutes):\n"
+          "       %s\n\n"
+          "Device codes are a favourite of phishers: enter this one only if you started\n"
+          "this login yourself, and never give it to anyone.\n\n"
+          "Waiting for the code to be entered..." % (device.verification_url, device.user_code),
+          file=out, flush=True)
+    code, verifier = wait_for_device_code(issuer, open_url, device, timeout, sleep, now)
+    return exchange_code(issuer, open_url, code, issuer + "/deviceauth/callback", verifier)
+
+
+def new_pkce() -> Tuple[str, str]:
+    """(verifier, S256 challenge): 64 random bytes, base64url without padding."""
+    verifier = _b64url(os.urandom(64))
+    return verifier, _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+def authorize_url(issuer: str, redirect_uri: str, challenge: str, state: str) -> str:
+    return issuer + "/oauth/authorize?" + urllib.parse.urlencode([
+        ("response_type", "code"), ("client_id", OAUTH_CLIENT_ID), ("redirect_uri", redirect_uri),
+        ("scope", LOGIN_SCOPE), ("code_challenge", challenge), ("code_challenge_method", "S256"),
+        ("id_token_add_organizations", "true"), ("codex_cli_simplified_flow", "true"),
+        ("state", state), ("originator", "codex_cli_rs")], quote_via=urllib.parse.quote)
+
+
+def parse_callback(text: str) -> Dict[str, str]:
+    """The parameters of a pasted callback: a whole URL, a path with a query, or a bare query."""
+    text = text.strip()
+    if "://" in text:
+        query = urllib.parse.urlsplit(text).query
+    else:
+        query = text.split("?", 1)[1] if "?" in text else text
+    return dict(urllib.parse.parse_qsl(query.split("#", 1)[0], keep_blank_values=True))
+
+
+def code_from_callback(params: Dict[str, str], state: str) -> str:
+    """The authorization code of a callback for this sign-in.
+
+    Raises WrongCallback for one that is not ours (no or another state, no
+    code) and LoginFailed when the issuer reports an error.
+    """
+    got = params.get("state", "")
+    if not got:
+        raise WrongCallback("it has no state; paste the whole address")
+    if not hmac.compare_digest(got.encode("utf-8"), state.encode("utf-8")):
+        raise WrongCallback("its state does not match this sign-in (is it from an earlier attempt?)")
+    error = params.get("error")
+    if error:
+        description = params.get("error_description", "")
+        plain = CALLBACK_ERRORS.get(error)
+        if plain:
+            raise LoginFailed(plain + (" (%s)" % description if description else ""))
+        raise LoginFailed("the issuer refused the sign-in: %s%s"
+                          % (error, ": " + description if description else ""))
+    code = params.get("code")
+    if not code:
+        raise WrongCallback("it has no code")
+    return code
+
+
+class _CallbackServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:  # no getfqdn() DNS lookup, as in OCMServer
+        socketserver.TCPServer.server_bind(self)
+
+
+def start_callback_listener(ports, deliver: Callable[[Dict[str, str]], Tuple[int, str]]):
+    """Listen on 127.0.0.1 at the first free one of ``ports`` (0: any) for the
+    browser's GET /auth/callback; ``deliver(params)`` gives (status, page text).
+    Returns the running server, or None when no port was free."""
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 10
+
+        def do_GET(self):
+            parts = urllib.parse.urlsplit(self.path)
+            if parts.path != "/auth/callback":
+                status, text = 404, "Not an OCM sign-in address."
+            else:
+                status, text = deliver(dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True)))
+            body = (text + "\n").encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+        def log_message(self, *args) -> None:  # the query holds the code: never log it
+            pass
+
+    for port in ports:
+        try:
+            server = _CallbackServer(("127.0.0.1", port), Handler)
+        except OSError:
+            continue
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                         name="ocm-login-callback", daemon=True).start()
+        return server
+    return None
+
+
+def _feed_lines(stdin, results: "queue.Queue") -> None:
+    """Thread: every pasted line into ``results``, then ("eof", "")."""
+    try:
+        if stdin is not None:
+            for line in iter(stdin.readline, ""):
+                results.put(("paste", line))
+    except (OSError, ValueError):
+        pass
+    results.put(("eof", ""))
+
+
+def sign_in_with_browser(issuer: str, open_url: Callable, stdin, out,
+                         ports=LOGIN_CALLBACK_PORTS, timeout: float = LOGIN_TIMEOUT,
+                         now: Callable[[], float] = time.time) -> Dict[str, str]:
+    """PKCE sign-in, completed by a pasted callback URL or by the browser
+    reaching 127.0.0.1 itself (locally or through an SSH tunnel): first wins."""
+    verifier, challenge = new_pkce()
+    state = _b64url(os.urandom(32))
+    results = queue.Queue()  # type: queue.Queue
+
+    def deliver(params: Dict[str, str]) -> Tuple[int, str]:
+        try:
+            results.put(("code", code_from_callback(params, state)))
+        except WrongCallback as exc:
+            return 400, "OCM ignored this callback: %s." % exc
+        except LoginFailed as exc:
+            results.put(("failed", str(exc)))
+            return 200, "Sign-in failed: %s" % exc
+        return 200, "OCM got the sign-in. You can close this tab and go back to the terminal."
+
+    server = start_callback_listener(ports, deliver)
+    port = server.server_address[1] if server else LOGIN_CALLBACK_PORTS[0]
+    redirect_uri = "http://127.0.0.1:%d/auth/callback" % port
+    print("\nOpen this address in a browser on any device and sign in with ChatGPT:\n\n"
+          "  %s\n\n"
+          "The browser then lands on %s?code=... and the page does\n"
+          "not load. That is expected: copy the whole address from the address bar.\n"
+          % (authorize_url(issuer, redirect_uri, challenge, state), redirect_uri), file=out)
+    if server:
+        print("(A browser on this box, or one tunnelled with `ssh -L %d:127.0.0.1:%d BOX`,\n"
+              "completes the sign-in by itself.)\n" % (port, port), file=out)
+    else:
+        print("(OCM cannot listen for the browser here, so pasting is the only way.)\n", file=out)
+    print("Paste the address (or just the part after ?) and press Enter:", file=out, flush=True)
+    threading.Thread(target=_feed_lines, args=(stdin, results), name="ocm-login-paste", daemon=True).start()
+    try:
+        code = _wait_for_code(results, state, server is not None, timeout, now, out)
+    finally:
+        if server:
+            server.shutdown()
+            server.server_close()
+    return exchange_code(issuer, open_url, code, redirect_uri, verifier)
+
+
+def _wait_for_code(results: "queue.Queue", state: str, listening: bool, timeout: float,
+                   now: Callable[[], float], out) -> str:
+    deadline, last_problem = now() + timeout, ""
+    while True:
+        left = deadline - now()
+        if left <= 0:
+            raise LoginFailed("no sign-in arrived within %g minutes; run login again" % (timeout / 60))
+        try:
+            kind, value = results.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            continue
+        if kind == "code":
+            return value
+        if kind == "failed":
+            raise LoginFailed(value)
+        if kind == "eof":
+            if not listening:
+                raise LoginFailed("no usable callback address was pasted" +
+                                  (" (the last one: %s)" % last_problem if last_problem else ""))
+            print("(Input closed; still waiting for the browser.)", file=out, flush=True)
+            continue
+        if not value.strip():
+            continue
+        try:
+            return code_from_callback(parse_callback(value), state)
+        except WrongCallback as exc:
+            last_problem = str(exc)
+            print("That address was not accepted: %s. Paste the address from this sign-in:"
+                  % exc, file=out, flush=True)
+
+
+def _lock_path(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock")
+
+
+def read_auth_object(path: str) -> Optional[Dict[str, Any]]:
+    """auth.json as a dict; None when missing. Raises LoginFailed when unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise LoginFailed("cannot read %s: %s" % (path, exc.strerror or exc))
+    except (ValueError, UnicodeDecodeError):
+        raise LoginFailed("%s is not valid JSON" % path)
+    if not isinstance(data, dict):
+        raise LoginFailed("%s is not a JSON object" % path)
+    return data
+
+
+def has_login(data: Optional[Dict[str, Any]]) -> bool:
+    """True if an auth.json holds any token or an API key: replacing it loses something."""
+    if not data:
+        return False
+    tokens = data.get("tokens")
+    if isinstance(tokens, dict) and any(isinstance(tokens.get(name), str) and tokens[name]
+                                        for name in ("id_token", "access_token", "refresh_token")):
+        return True
+    return isinstance(data.get("OPENAI_API_KEY"), str) and bool(data["OPENAI_API_KEY"])
+
+
+def _refresh_token_of(data: Optional[Dict[str, Any]]) -> str:
+    tokens = data.get("tokens") if data else None
+    value = tokens.get("refresh_token") if isinstance(tokens, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def auth_json_for(tokens: Dict[str, str], now: float, keep: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """auth.json for a fresh login, as the Codex CLI writes it, plus fields of ``keep`` OCM does not know."""
+    claims = decode_jwt_claims(tokens["id_token"]).get("https://api.openai.com/auth")
+    account_id = claims.get("chatgpt_account_id") if isinstance(claims, dict) else None
+    data = {
+        "auth_mode": "chatgpt",
+        "OPENAI_API_KEY": None,
+        "tokens": {"id_token": tokens["id_token"], "access_token": tokens["access_token"],
+                   "refresh_token": tokens["refresh_token"],
+                   "account_id": account_id if isinstance(account_id, str) and account_id else None},
+        "last_refresh": format_rfc3339(now),
+    }  # type: Dict[str, Any]
+    for key, value in (keep or {}).items():
+        data.setdefault(key, value)
+    return data
+
+
+def save_login(path: str, tokens: Dict[str, str], now: float) -> Tuple[Login, str]:
+    """Write a new login to ``path`` under auth.lock: (the login, the refresh token it replaced or "").
+
+    The old refresh token is read under the same lock as the write, so it is
+    the one really replaced even if a running OCM rotated it meanwhile.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    with file_lock(_lock_path(path)):
+        try:
+            old = read_auth_object(path)
+        except LoginFailed:
+            old = None  # a broken file is exactly what a new login fixes
+        data = auth_json_for(tokens, now, keep=old)
+        write_file_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), 0o600)
+    old_refresh = _refresh_token_of(old)
+    return parse_auth(data), "" if old_refresh == tokens["refresh_token"] else old_refresh
+
+
+def remove_login(path: str) -> Optional[str]:
+    """Drop the tokens (and last_refresh) from auth.json under auth.lock, keeping
+    every other field. Returns the refresh token removed ("" if none), or None
+    when there were no tokens to remove."""
+    if not os.path.exists(path):
+        return None  # and no auth.lock to create in a directory that may not exist
+    with file_lock(_lock_path(path)):
+        data = read_auth_object(path)
+        if data is None or "tokens" not in data:
+            return None
+        refresh = _refresh_token_of(data)
+        del data["tokens"]
+        data.pop("last_refresh", None)
+        write_file_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), 0o600)
+    return refresh
+
+
+def revoke_refresh_token(issuer: str, open_url: Callable, token: str) -> None:
+    """Tell the issuer this refresh token is done with. Raises LoginFailed."""
+    body = json.dumps({"token": token, "token_type_hint": "refresh_token",
+                       "client_id": OAUTH_CLIENT_ID}).encode("utf-8")
+    status, answer, raw = call_issuer(open_url, issuer + "/oauth/revoke", body)
+    if not 200 <= status < 300:
+        raise LoginFailed("the issuer answered %d: %s" % (status, issuer_error_text(answer, raw)))
+
+
+# == 7. Pricing and usage ====================================================
 
 # USD per 1M tokens: (pattern, input, output, cached input, premium triple or
 # None). The premium triple applies when the context window is the premium one
@@ -1630,7 +2094,7 @@ def check_writable_location(path: str) -> None:
         raise ConfigError("usages_path: cannot read %s" % path)
 
 
-# == 7. Users ================================================================
+# == 8. Users ================================================================
 
 def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
@@ -1667,7 +2131,7 @@ class UserTable:
         return user
 
 
-# == 8. HTTP parsing =========================================================
+# == 9. HTTP parsing =========================================================
 
 class Headers:
     """Header fields in arrival order, looked up case-insensitively."""
@@ -1944,7 +2408,7 @@ def read_chunked_body(reader: SocketReader, max_size: int, timeout: float) -> by
     raise bad_request("too many trailer fields")
 
 
-# == 9. Upstream =============================================================
+# == 10. Upstream ============================================================
 
 @dataclass(frozen=True)
 class Origin:
@@ -2298,7 +2762,7 @@ def build_url_opener(connector: Connector) -> Callable:
     return open_url
 
 
-# == 10. Streams =============================================================
+# == 11. Streams =============================================================
 
 class SSEScanner:
     """Finds whole server-sent events in a copy of relayed bytes, incrementally:
@@ -2646,7 +3110,7 @@ def request_model_and_tier(body: bytes) -> Tuple[str, str]:
     return (model if isinstance(model, str) else "", tier if isinstance(tier, str) else "")
 
 
-# == 11. Handler =============================================================
+# == 12. Handler =============================================================
 
 def json_error_body(error_type: str, message: str) -> bytes:
     return json.dumps({"error": {"type": error_type, "message": message}}).encode("utf-8")
@@ -3434,7 +3898,7 @@ def peek_is_closed(sock: socket.socket) -> Optional[bool]:
         raw.detach()
 
 
-# == 12. Server ==============================================================
+# == 13. Server ==============================================================
 
 class ServerTLS:
     """TLS for clients: a context from the configured certificate and key,
@@ -3755,7 +4219,7 @@ class OCMServer(ThreadingHTTPServer):
             self.usage.close()
 
 
-# == 13. CLI =================================================================
+# == 14. CLI =================================================================
 
 def describe_credential(credential: Credential, now: float) -> str:
     login, problem = credential.peek()
@@ -3942,20 +4406,231 @@ def run_usage(argv: List[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"usage": run_usage}
+def issuer_opener(config: Config) -> Callable:
+    """urllib for sign-in calls, on the same connections (detour, TLS) as serving."""
+    limits = config.limits
+    return build_url_opener(Connector(limits.connect_timeout, limits.upstream_read_timeout, config.detour))
+
+
+def _config_or_defaults(path: Optional[str]) -> Config:
+    return load_config(path) if path else Config()
+
+
+def format_age(seconds: float) -> str:
+    """A duration, short and rounded down: 45s, 59m, 3h 12m, 2d 4h."""
+    seconds = int(abs(seconds))
+    days, hours, minutes = seconds // 86400, seconds % 86400 // 3600, seconds % 3600 // 60
+    if days:
+        return "%dd %dh" % (days, hours)
+    if hours:
+        return "%dh %dm" % (hours, minutes)
+    return "%dm" % minutes if minutes else "%ds" % seconds
+
+
+def format_time(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def describe_status(path: str, now: float) -> Tuple[List[str], bool]:
+    """The lines `ocm.py status` prints, and whether the login is usable. Reads the file only."""
+    lines = ["credential:    %s" % path]
+    try:
+        data = read_auth_object(path)
+        if data is None:
+            raise LoginFailed("%s not found; sign in with `python3 ocm.py login`" % path)
+        login = parse_auth(data)
+    except (LoginFailed, CredentialProblem) as exc:
+        return lines + ["usable:        no: %s" % exc], False
+    expired = is_expired(login, now)
+    usable = login.mode == "apikey" or not expired or bool(login.refresh_token)
+    lines.append("usable:        " + ("yes" if usable else "no: the access token has expired and there "
+                                      "is no refresh token; sign in again"))
+    lines.append("mode:          " + login.mode_name)
+    if login.mode != "chatgpt":
+        return lines, usable
+    account = [login.email] if login.email else []
+    account += ["id " + login.account_id] if login.account_id else []
+    lines.append("account:       " + (", ".join(account) or "unknown"))
+    lines.append("plan:          " + (login.plan or "unknown"))
+    if login.expires_at is None:
+        lines.append("access token:  expiry unknown")
+    elif not expired:
+        lines.append("access token:  valid until %s (%s left)" % (format_time(login.expires_at),
+                                                                  format_age(login.expires_at - now)))
+    else:
+        lines.append("access token:  expired %s ago%s" % (format_age(now - login.expires_at),
+                     "; OCM refreshes it on the next request" if login.refresh_token else ""))
+    lines.append("refresh token: " + ("present" if login.refresh_token else "missing"))
+    lines.append("last refresh:  " + ("%s (%s ago)" % (format_time(login.last_refresh),
+                                                       format_age(now - login.last_refresh))
+                                      if login.last_refresh is not None else "not recorded"))
+    return lines, usable
+
+
+def run_status(argv: List[str], out=None, now: Callable[[], float] = time.time) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="ocm.py status",
+                                     description="Say whether the login in the credential file is usable: "
+                                                 "mode, account, plan, access-token expiry, last refresh. "
+                                                 "Reads the file only; changes nothing.")
+    parser.add_argument("config", nargs="?", help="config file naming credential_path (default: as serving)")
+    args = parser.parse_args(argv)
+    try:
+        config = _config_or_defaults(args.config)
+    except ConfigError as exc:
+        print("ocm: config error: %s" % exc, file=sys.stderr)
+        return 2
+    lines, usable = describe_status(config.credential_path, now())
+    print("\n".join(lines), file=out or sys.stdout)
+    return 0 if usable else 2
+
+
+def ask_to_replace(path: str, stdin, out) -> bool:
+    """True when ``path`` holds no login, or the user agrees to replace it.
+
+    Without a terminal to ask on, refuse: a script must say --force.
+    """
+    try:
+        data = read_auth_object(path)
+    except LoginFailed:
+        return True  # a broken file holds nothing worth keeping
+    if not has_login(data):
+        return True
+    try:
+        login = parse_auth(data)
+        who = login.email or login.account_id or login.mode_name
+    except CredentialProblem:
+        who = "tokens"
+    if stdin is None or not getattr(stdin, "isatty", lambda: False)():
+        print("ocm: %s already holds a login (%s); run `ocm.py login --force` to replace it"
+              % (path, who), file=sys.stderr)
+        return False
+    out.write("%s already holds a login (%s).\n"
+              "Replacing it revokes that login's refresh token: a computer that copied this\n"
+              "file will have to sign in again. Replace it? [y/N] " % (path, who))
+    out.flush()
+    if stdin.readline().strip().lower() in ("y", "yes"):
+        return True
+    print("Kept the current login.", file=out)
+    return False
+
+
+def run_login(argv: List[str], stdin=None, out=None, sleep: Callable[[float], None] = time.sleep,
+              now: Callable[[], float] = time.time, ports=LOGIN_CALLBACK_PORTS,
+              interval_floor: float = DEVICE_POLL_FLOOR, timeout: float = LOGIN_TIMEOUT) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="ocm.py login",
+                                     description="Give this box its own ChatGPT login (device code, or a "
+                                                 "browser with paste-back) and write the credential file.")
+    parser.add_argument("config", nargs="?",
+                        help="config file naming credential_path and upstream.issuer_url (default: as serving)")
+    parser.add_argument("--paste", action="store_true",
+                        help="sign in in a browser and paste back the address it ends on "
+                             "(for accounts without device codes)")
+    parser.add_argument("--force", action="store_true", help="replace an existing login without asking")
+    args = parser.parse_args(argv)
+    stdin = sys.stdin if stdin is None else stdin
+    out = out or sys.stdout
+    try:
+        config = _config_or_defaults(args.config)
+    except ConfigError as exc:
+        print("ocm: config error: %s" % exc, file=sys.stderr)
+        return 2
+    path, issuer = config.credential_path, config.upstream.issuer_url
+    if not args.force and not ask_to_replace(path, stdin, out):
+        return 1
+    open_url = issuer_opener(config)
+    try:
+        if args.paste:
+            tokens = sign_in_with_browser(issuer, open_url, stdin, out, ports, timeout, now)
+        else:
+            try:
+                tokens = sign_in_with_device_code(issuer, open_url, out, interval_floor, timeout, sleep, now)
+            except DeviceCodeUnavailable as exc:
+                print("\nThe issuer says %s; signing in through a browser instead." % exc, file=out)
+                tokens = sign_in_with_browser(issuer, open_url, stdin, out, ports, timeout, now)
+        login, old_refresh = save_login(path, tokens, now())
+    except LoginFailed as exc:
+        print("ocm: sign-in failed: %s" % exc, file=sys.stderr)
+        return 1
+    except OSError as exc:  # includes TimeoutError: auth.lock held too long
+        print("ocm: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    details = ["plan " + login.plan] if login.plan else []
+    details += ["account " + login.account_id] if login.account_id else []
+    print("\nSigned in as %s%s. Saved to %s." % (login.email or "an unknown user",
+                                                 " (%s)" % ", ".join(details) if details else "", path), file=out)
+    if old_refresh:
+        try:
+            revoke_refresh_token(issuer, open_url, old_refresh)
+            print("The previous login's refresh token is revoked.", file=out)
+        except LoginFailed as exc:
+            print("Could not revoke the previous login's refresh token (%s); it stays valid "
+                  "until it expires." % exc, file=out)
+    print("Next: start OCM with `python3 ocm.py%s`.\n"
+          "(An OCM that is already running uses the new login at once; no restart needed.)"
+          % (" " + args.config if args.config else ""), file=out)
+    return 0
+
+
+def run_logout(argv: List[str], out=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="ocm.py logout",
+                                     description="Revoke the ChatGPT login's refresh token and remove the "
+                                                 "tokens from the credential file, keeping its other fields.")
+    parser.add_argument("config", nargs="?",
+                        help="config file naming credential_path and upstream.issuer_url (default: as serving)")
+    args = parser.parse_args(argv)
+    out = out or sys.stdout
+    try:
+        config = _config_or_defaults(args.config)
+    except ConfigError as exc:
+        print("ocm: config error: %s" % exc, file=sys.stderr)
+        return 2
+    path = config.credential_path
+    try:
+        refresh = remove_login(path)
+    except LoginFailed as exc:
+        print("ocm: %s; nothing removed" % exc, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print("ocm: cannot write %s: %s" % (path, exc.strerror or exc), file=sys.stderr)
+        return 1
+    if refresh is None:
+        print("No ChatGPT login in %s; nothing to do." % path, file=out)
+        return 0
+    print("Removed the ChatGPT tokens from %s." % path, file=out)
+    if refresh:
+        try:
+            revoke_refresh_token(config.upstream.issuer_url, issuer_opener(config), refresh)
+        except LoginFailed as exc:
+            print("ocm: could not revoke the refresh token (%s); it stays valid until it expires"
+                  % exc, file=sys.stderr)
+            return 1
+        print("The refresh token is revoked.", file=out)
+    return 0
+
+
+SUBCOMMANDS = {"usage": run_usage, "login": run_login, "logout": run_logout, "status": run_status}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
+        try:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        except KeyboardInterrupt:  # Ctrl-C at a prompt or while waiting to sign in
+            print("\nocm: cancelled", file=sys.stderr)
+            return 130
     import argparse
     parser = argparse.ArgumentParser(
         prog="ocm.py",
         description="OCM relays remote Codex clients to OpenAI through the owner's "
                     "ChatGPT login or API key, with a token per user.",
         epilog="Without CONFIG: listen on 127.0.0.1:8080 with $CODEX_HOME/auth.json "
-               "or ~/.codex/auth.json. Other commands: `ocm.py usage FILE` reports usage. "
+               "or ~/.codex/auth.json. Other commands: `ocm.py login [CONFIG]` signs the box "
+               "in (--paste, --force), `ocm.py logout [CONFIG]`, `ocm.py status [CONFIG]`, "
+               "`ocm.py usage FILE` reports usage. "
                "See README.md for the config keys.")
     parser.add_argument("config", nargs="?", help="config file (OCM JSON, or a sing-box config with an ocm service)")
     parser.add_argument("--check", action="store_true",
