@@ -170,6 +170,26 @@ class ClientGone(OCMError):
     """The client hung up. Normal; logged at debug level only."""
 
 
+class ProxyError(OCMError):
+    """The detour proxy could not be used; the message says what it answered."""
+
+
+def describe_connect_error(exc: BaseException) -> str:
+    if isinstance(exc, ProxyError):
+        return str(exc)
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
+        return "TLS certificate not trusted: %s" % (exc.verify_message or exc.reason)
+    if ssl is not None and isinstance(exc, ssl.SSLError):
+        return "TLS failed: %s" % (exc.reason or exc)
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve host name (%s)" % (exc.strerror or exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or exc.__class__.__name__
+
+
 # == 3. Config ===============================================================
 
 @dataclass
@@ -819,6 +839,40 @@ def is_expired(login: Login, now: float) -> bool:
     return login.expires_at is not None and login.expires_at <= now
 
 
+class EndpointUnreachable(OCMError):
+    """No HTTP answer at all (DNS, network, proxy, timeout)."""
+
+
+def post_for_json(open_url: Callable, url: str, body: bytes,
+                  content_type: str = "application/json") -> Tuple[int, Any, bytes]:
+    """POST to an OpenAI auth endpoint: (status, parsed JSON or None, raw body),
+    whatever the status. Raises EndpointUnreachable when no answer came."""
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": content_type, "Accept": "application/json",
+        "User-Agent": "ocm/" + __version__})
+    try:
+        with open_url(request, TOKEN_CALL_TIMEOUT) as response:
+            status, raw = response.status, response.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+        try:
+            raw = exc.read(1 << 20)
+        except OSError:
+            raw = b""
+        finally:
+            exc.close()
+    except (urllib.error.URLError, OSError, http.client.HTTPException, OCMError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(reason, BaseException):
+            reason = describe_connect_error(reason)
+        raise EndpointUnreachable("%s unreachable: %s" % (urllib.parse.urlsplit(url).hostname, reason))
+    try:
+        answer = json.loads(raw.decode("utf-8")) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        answer = None
+    return status, answer, raw
+
+
 class RefreshFailed(OCMError):
     def __init__(self, message: str, permanent: bool):
         super().__init__(message)
@@ -1108,29 +1162,10 @@ class Credential:
     def _call_token_endpoint(self, refresh_token: str) -> Dict[str, Any]:
         body = json.dumps({"client_id": OAUTH_CLIENT_ID, "grant_type": "refresh_token",
                            "refresh_token": refresh_token}).encode("utf-8")
-        request = urllib.request.Request(self.token_url, data=body, method="POST", headers={
-            "Content-Type": "application/json", "Accept": "application/json",
-            "User-Agent": "ocm/" + __version__})
         try:
-            with self._open_url(request, TOKEN_CALL_TIMEOUT) as response:
-                status, raw = response.status, response.read(1 << 20)
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            try:
-                raw = exc.read(1 << 20)
-            except OSError:
-                raw = b""
-            finally:
-                exc.close()
-        except (urllib.error.URLError, OSError, http.client.HTTPException, OCMError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            if isinstance(reason, BaseException):
-                reason = describe_connect_error(reason)
-            raise RefreshFailed("token endpoint unreachable: %s" % reason, permanent=False)
-        try:
-            answer = json.loads(raw.decode("utf-8")) if raw else {}
-        except (ValueError, UnicodeDecodeError):
-            answer = None
+            status, answer, _ = post_for_json(self._open_url, self.token_url, body)
+        except EndpointUnreachable as exc:
+            raise RefreshFailed("token endpoint %s" % str(exc).split(" ", 1)[1], permanent=False)
         if 200 <= status < 300:
             if not isinstance(answer, dict) or not any(
                     isinstance(answer.get(k), str) and answer[k]
@@ -1186,32 +1221,11 @@ def _b64url(data: bytes) -> str:
 
 def call_issuer(open_url: Callable, url: str, body: bytes,
                 content_type: str = "application/json") -> Tuple[int, Any, bytes]:
-    """POST to the issuer: (status, parsed JSON or None, raw body), whatever the status.
-
-    Raises IssuerUnreachable when no answer came at all.
-    """
-    request = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": content_type, "Accept": "application/json",
-        "User-Agent": "ocm/" + __version__})
+    """post_for_json, with "no answer at all" as a sign-in failure."""
     try:
-        with open_url(request, TOKEN_CALL_TIMEOUT) as response:
-            status, raw = response.status, response.read(1 << 20)
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-        try:
-            raw = exc.read(1 << 20)
-        except OSError:
-            raw = b""
-        finally:
-            exc.close()
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise IssuerUnreachable("%s unreachable: %s" % (urllib.parse.urlsplit(url).hostname, reason))
-    try:
-        answer = json.loads(raw.decode("utf-8")) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        answer = None
-    return status, answer, raw
+        return post_for_json(open_url, url, body, content_type)
+    except EndpointUnreachable as exc:
+        raise IssuerUnreachable(str(exc))
 
 
 def issuer_error_text(answer: Any, raw: bytes) -> str:
@@ -2434,10 +2448,6 @@ class BaseURL:
         return cls(Origin(parts.scheme, parts.hostname or "", port), parts.path.rstrip("/"))
 
 
-class ProxyError(OCMError):
-    """The detour proxy could not be used; the message says what it answered."""
-
-
 SOCKS5_REPLIES = {
     1: "general failure", 2: "connection not allowed by its rules", 3: "network unreachable",
     4: "host unreachable", 5: "connection refused", 6: "TTL expired", 7: "command not supported",
@@ -2699,22 +2709,6 @@ class UpstreamPool:
             self._idle.clear()
         for conn in conns:
             conn.close()
-
-
-def describe_connect_error(exc: BaseException) -> str:
-    if isinstance(exc, ProxyError):
-        return str(exc)
-    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
-        return "TLS certificate not trusted: %s" % (exc.verify_message or exc.reason)
-    if ssl is not None and isinstance(exc, ssl.SSLError):
-        return "TLS failed: %s" % (exc.reason or exc)
-    if isinstance(exc, socket.timeout):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return "cannot resolve host name (%s)" % (exc.strerror or exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or exc.__class__.__name__
 
 
 class _OriginHTTPHandler(urllib.request.HTTPHandler):
