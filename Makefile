@@ -1,20 +1,25 @@
-# OCM: `make test` runs the suite (installing pytest into .venv if this Python lacks it).
+# OCM: `make test` runs the suite (installing pytest and hypothesis into .venv
+# if this Python lacks them); `make fuzz` runs the fuzz tests much longer.
 PYTHON ?= python3
 VENV   ?= .venv
 TESTS  ?= test_ocm.py tests
-TEST_DEPS = pytest
+TEST_DEPS = pytest hypothesis
 
-.PHONY: test clean
+.PHONY: test fuzz clean
 
 # Use the interpreter's own pytest when it has one; otherwise a private venv.
 test:
-	@if $(PYTHON) -c "import pytest" 2>/dev/null; then \
+	@if $(PYTHON) -c "import pytest, hypothesis" 2>/dev/null; then \
 		$(PYTHON) -m pytest -q $(TESTS); \
 	else \
 		[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV); \
 		$(VENV)/bin/python -m pip install -q $(TEST_DEPS); \
 		$(VENV)/bin/python -m pytest -q $(TESTS); \
 	fi
+
+# The property tests with many more examples (OCM_FUZZ_EXAMPLES, default 2000 each).
+fuzz:
+	@OCM_FUZZ_EXAMPLES=$${OCM_FUZZ_EXAMPLES:-2000} $(MAKE) --no-print-directory test TESTS="tests/test_hardening.py -k Fuzz"
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__

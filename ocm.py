@@ -107,6 +107,8 @@ DEFAULT_BODY_TIMEOUT = 60.0             # between two reads of a request body
 DEFAULT_MAX_REQUEST_LINE = 16 * 1024
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 DEFAULT_MAX_HEADER_COUNT = 100
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_THREAD_STACK_SIZE = 512 * 1024  # hundreds of streams fit a 32-bit address space
 
 POOL_IDLE_SECONDS = 50.0            # servers drop idle keep-alive connections; don't race them
 POOL_MAX_IDLE_PER_ORIGIN = 32
@@ -174,6 +176,47 @@ class ProxyError(OCMError):
     """The detour proxy could not be used; the message says what it answered."""
 
 
+MAX_JSON_DEPTH = 400  # real API payloads nest a few dozen levels
+# Python 3.13 lets the json decoder recurse 10,000 levels in C before it checks,
+# which overflows small thread stacks (a crash, not an exception). Older
+# versions stop at the recursion limit with a RecursionError.
+JSON_NEEDS_DEPTH_CHECK = sys.version_info >= (3, 13)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def json_too_deep(data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if a JSON text nests deeper than ``limit``. Counting brackets (C
+    speed) settles nearly every document; only those with more brackets than
+    the limit get the exact walk, with strings taken out first."""
+    if isinstance(data, str):
+        opens = data.count("[") + data.count("{")
+    else:
+        opens = data.count(b"[") + data.count(b"{")
+    if opens <= limit:
+        return False
+    raw = bytes(data) if isinstance(data, (bytes, bytearray)) else data.encode("utf-8", "surrogatepass")
+    depth = 0
+    for byte in _JSON_NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", raw)):
+        depth += 1 if byte in (0x5B, 0x7B) else -1
+        if depth > limit:
+            return True
+    return False
+
+
+def parse_json(data: Any) -> Any:
+    """json.loads for text from anywhere: hostile nesting is a ValueError like
+    any other bad JSON. The json module would recurse in C for each level, and
+    with small thread stacks (Python 3.13 checks too late) that is a crash of
+    the whole process, not an exception."""
+    if JSON_NEEDS_DEPTH_CHECK and json_too_deep(data):
+        raise ValueError("JSON nested more than %d levels deep" % MAX_JSON_DEPTH)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply")
+
+
 def describe_connect_error(exc: BaseException) -> str:
     if isinstance(exc, ProxyError):
         return str(exc)
@@ -218,6 +261,8 @@ class Limits:
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE
     max_header_count: int = DEFAULT_MAX_HEADER_COUNT
     max_websocket_message: int = DEFAULT_MAX_BODY_SIZE
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    thread_stack_size: int = DEFAULT_THREAD_STACK_SIZE
 
 
 @dataclass(frozen=True)
@@ -574,7 +619,12 @@ def _parse_limits(raw: Any, where: str) -> Limits:
         max_header_size=f.int("max_header_size", DEFAULT_MAX_HEADER_SIZE, 1024, 16 << 20),
         max_header_count=f.int("max_header_count", DEFAULT_MAX_HEADER_COUNT, 8, 10000),
         max_websocket_message=f.int("max_websocket_message", DEFAULT_MAX_BODY_SIZE, 1024, 1 << 40),
+        max_connections=f.int("max_connections", DEFAULT_MAX_CONNECTIONS, 1, 1 << 20),
+        thread_stack_size=f.int("thread_stack_size", DEFAULT_THREAD_STACK_SIZE, 0, 1 << 30),
     )
+    if limits.thread_stack_size and not 128 * 1024 <= limits.thread_stack_size <= 64 << 20:  # see MAX_JSON_DEPTH
+        raise ConfigError("%s: 0 (the system default) or 131072 to 67108864 bytes"
+                          % f.path("thread_stack_size"))
     f.finish()
     return limits
 
@@ -625,7 +675,7 @@ def load_config(path: str) -> Config:
     except OSError as exc:
         raise ConfigError("cannot read config %s: %s" % (path, exc.strerror or exc))
     try:
-        data = json.loads(text.decode("utf-8-sig"))
+        data = parse_json(text.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ConfigError("%s: not UTF-8 text" % path)
     except ValueError as exc:
@@ -710,7 +760,7 @@ def decode_jwt_claims(token: str) -> Dict[str, Any]:
     try:
         payload = token.split(".")[1]
         payload += "=" * (-len(payload) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
+        claims = parse_json(base64.urlsafe_b64decode(payload.encode("ascii")))
     except (IndexError, ValueError, UnicodeError, TypeError):
         return {}
     return claims if isinstance(claims, dict) else {}
@@ -867,7 +917,7 @@ def post_for_json(open_url: Callable, url: str, body: bytes,
             reason = describe_connect_error(reason)
         raise EndpointUnreachable("%s unreachable: %s" % (urllib.parse.urlsplit(url).hostname, reason))
     try:
-        answer = json.loads(raw.decode("utf-8")) if raw else None
+        answer = parse_json(raw.decode("utf-8")) if raw else None
     except (ValueError, UnicodeDecodeError):
         answer = None
     return status, answer, raw
@@ -971,7 +1021,7 @@ class Credential:
             self._set_problem_locked("cannot read %s: %s" % (self.path, exc.strerror or exc), None)
             return
         try:
-            login = parse_auth(json.loads(raw.decode("utf-8")))
+            login = parse_auth(parse_json(raw.decode("utf-8")))
         except (ValueError, UnicodeDecodeError) as exc:
             problem = "%s is not valid JSON (%s)" % (self.path, exc.__class__.__name__)
             if self._login is not None and self._problem == "":
@@ -1086,18 +1136,18 @@ class Credential:
         # Re-read the file under the lock: the Codex CLI may have refreshed it.
         try:
             raw, file_id = _read_file_with_id(self.path)
-            data = json.loads(raw.decode("utf-8"))
+            data = parse_json(raw.decode("utf-8"))
             on_disk = parse_auth(data)
         except (OSError, ValueError, UnicodeDecodeError, CredentialProblem) as exc:
             if self._unsaved is None:
                 raise RefreshFailed("cannot re-read %s: %s" % (self.path, exc), permanent=False)
-            data, on_disk, file_id = json.loads(self._unsaved.decode("utf-8")), self._login, None
+            data, on_disk, file_id = parse_json(self._unsaved.decode("utf-8")), self._login, None
         with self._lock:
             current = self._login
             unsaved = self._unsaved is not None and file_id == self._file_id
         if unsaved:
             on_disk = current  # the file still holds tokens we already rotated past
-            data = json.loads(self._unsaved.decode("utf-8"))
+            data = parse_json(self._unsaved.decode("utf-8"))
         elif current is None or (on_disk.access_token, on_disk.refresh_token) != (
                 current.access_token, current.refresh_token):
             with self._lock:  # someone else wrote new tokens: adopt them
@@ -1521,7 +1571,7 @@ def read_auth_object(path: str) -> Optional[Dict[str, Any]]:
     """auth.json as a dict; None when missing. Raises LoginFailed when unreadable."""
     try:
         with open(path, "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8"))
+            data = parse_json(fh.read().decode("utf-8"))
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -1931,7 +1981,7 @@ class UsageBook:
                 raise
             return
         try:
-            self._merge_json(json.loads(raw.decode("utf-8")))
+            self._merge_json(parse_json(raw.decode("utf-8")))
         except (ValueError, UnicodeDecodeError) as exc:
             if not repair:
                 raise ValueError(str(exc))
@@ -2335,15 +2385,16 @@ class SocketReader:
         start = 0
         while True:
             end = self.buf.find(b"\r\n\r\n", start)
+            first_line_end = self.buf.find(b"\r\n")
+            if first_line_end < 0 or first_line_end > max_line:
+                if len(self.buf) > max_line or first_line_end > max_line:
+                    raise bad_request("request line longer than %d bytes" % max_line, 414)
+            elif (end if end >= 0 else len(self.buf)) - first_line_end > max_size:
+                raise bad_request("header fields larger than %d bytes" % max_size, 431)
             if end >= 0:
                 head = bytes(self.buf[:end + 4])
                 del self.buf[:end + 4]
                 return head
-            first_line_end = self.buf.find(b"\r\n")
-            if first_line_end < 0 and len(self.buf) > max_line:
-                raise bad_request("request line longer than %d bytes" % max_line, 414)
-            if len(self.buf) > max_line + max_size:
-                raise bad_request("request head larger than %d bytes" % max_size, 431)
             start = max(0, len(self.buf) - 3)
             try:
                 data = self._recv(deadline)
@@ -2828,7 +2879,7 @@ class SSEScanner:
         if b'"usage"' not in payload:
             return
         try:
-            event = json.loads(payload)
+            event = parse_json(payload)
         except ValueError:
             return
         self._on_event(event)
@@ -3083,7 +3134,7 @@ class UsageTap:
             self._scanner.finish()
         elif self._parts is not None and complete:
             try:
-                body = json.loads(b"".join(self._parts))
+                body = parse_json(b"".join(self._parts))
             except ValueError:
                 return
             model, tier = self.request_defaults() if isinstance(body, dict) and (
@@ -3095,7 +3146,7 @@ class UsageTap:
 
 def request_model_and_tier(body: bytes) -> Tuple[str, str]:
     try:
-        data = json.loads(body) if body else {}
+        data = parse_json(body) if body else {}
     except ValueError:
         return "", ""
     if not isinstance(data, dict):
@@ -3205,7 +3256,7 @@ class WebSocketHandshake:
 def usage_limit_frame(handshake: WebSocketHandshake) -> bytes:
     """The error event Codex turns into its usage-limit message (PROTOCOL.md section 6)."""
     try:
-        answer = json.loads(handshake.body.decode("utf-8"))
+        answer = parse_json(handshake.body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         answer = None
     error = answer.get("error") if isinstance(answer, dict) else None
@@ -3362,7 +3413,7 @@ class WebSocketSession:
 
     def read_create(self, text: bytes) -> None:
         try:
-            event = json.loads(text)
+            event = parse_json(text)
         except ValueError:
             event = None
         with self._creates_read:
@@ -3375,7 +3426,7 @@ class WebSocketSession:
 
     def count_usage(self, text: bytes, defaults: Tuple[str, str]) -> None:
         try:
-            event = json.loads(text)
+            event = parse_json(text)
         except ValueError:
             return
         if isinstance(event, dict) and event.get("type") in USAGE_EVENT_TYPES:
@@ -3769,6 +3820,18 @@ class UpstreamExchange:
             self.server.finish_upstream(self.conn, self.response, complete)
 
 
+def response_framing_problem(response) -> str:
+    """Why an upstream response's body framing is ambiguous, or "" if it is not.
+    http.client would quietly read such bodies to the end of the connection."""
+    codings = [c.strip().lower() for v in response.msg.get_all("transfer-encoding") or [] for c in v.split(",")]
+    if codings and codings != ["chunked"]:
+        return "unsupported transfer coding %r" % ", ".join(codings)
+    lengths = {v.strip() for raw in response.msg.get_all("content-length") or [] for v in raw.split(",")}
+    if lengths and not codings and (len(lengths) != 1 or not lengths.pop().isdigit()):
+        return "an invalid Content-Length"
+    return ""
+
+
 def read_refusal_body(reader: SocketReader, headers: Headers, timeout: float,
                       limit: int = 1 << 20) -> bytes:
     """The body of a non-101 answer to a WebSocket handshake (bounded)."""
@@ -3990,7 +4053,7 @@ class OCMServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 256
+    request_queue_size = 1024
 
     def __init__(self, config: Config, bind_and_activate: bool = True,
                  usage_save_interval: float = 60.0):
@@ -4011,6 +4074,8 @@ class OCMServer(ThreadingHTTPServer):
         self.watcher = HangupWatcher()
         self.closing = False
         self._handlers = set()  # live client connections
+        self._connections = 0   # accepted and not yet finished (the cap counts these)
+        self._connections_lock = threading.Lock()
         self._websockets = set()  # type: set  # live WebSocket sessions
         self._handlers_changed = threading.Condition()
         self.tls = ServerTLS(config.tls) if config.tls.enabled else None
@@ -4066,7 +4131,12 @@ class OCMServer(ThreadingHTTPServer):
                 for name, value in headers:
                     conn.putheader(name, value)
                 conn.endheaders(body)
-                return UpstreamExchange(self, conn, conn.getresponse())
+                response = conn.getresponse()
+                problem = response_framing_problem(response)
+                if problem:
+                    conn.close()
+                    raise HTTPError(502, "api_error", "upstream %s failed: %s" % (origin.host, problem))
+                return UpstreamExchange(self, conn, response)
             except socket.timeout:
                 conn.close()
                 raise HTTPError(504, "api_error", "upstream %s did not answer within %g s"
@@ -4154,6 +4224,45 @@ class OCMServer(ThreadingHTTPServer):
         finally:
             with self._handlers_changed:
                 self._websockets.discard(session)
+
+    # -- the connection cap -----------------------------------------------------
+    def process_request(self, request, client_address) -> None:
+        """A thread per connection, up to limits.max_connections; past that a
+        fast 503 from the accept loop itself, without a thread."""
+        with self._connections_lock:
+            full = self._connections >= self.config.limits.max_connections
+            if not full:
+                self._connections += 1
+        if not full:
+            try:
+                super().process_request(request, client_address)
+                return
+            except RuntimeError:  # the OS would not give us another thread
+                with self._connections_lock:
+                    self._connections -= 1
+        self.refuse_busy(request)
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections -= 1
+
+    def refuse_busy(self, sock: socket.socket) -> None:
+        if self.tls is not None:
+            return  # a plain answer means nothing to a TLS client; closing says enough
+        body = json_error_body("api_error", "OCM is serving its limit of %d connections; try again shortly"
+                               % self.config.limits.max_connections)
+        head = encode_head(503, REASONS[503], [("Content-Type", "application/json"),
+                                                ("Content-Length", str(len(body))), ("Retry-After", "1"),
+                                                ("Connection", "close")])
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.recv(65536)  # what already arrived; unread data would turn our close into a reset
+            sock.send(head + body)
 
     # -- live connections (for a clean shutdown) -------------------------------
     def track(self, handler: OCMHandler) -> None:
@@ -4258,6 +4367,8 @@ def run_check(config: Config) -> int:
 
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; 0 on a clean stop."""
+    if config.limits.thread_stack_size:
+        threading.stack_size(config.limits.thread_stack_size)
     try:
         server = OCMServer(config)
     except ConfigError as exc:
@@ -4304,7 +4415,7 @@ def _usage_source(path: str) -> str:
     """A usage file as given, or the usages_path of a config file."""
     try:
         with open(path, "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8-sig"))
+            data = parse_json(fh.read().decode("utf-8-sig"))
     except OSError as exc:
         raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc))
     except (ValueError, UnicodeDecodeError) as exc:

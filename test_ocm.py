@@ -280,7 +280,7 @@ class FakeUpstream:
             self.server.socket = tls_context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.url = "%s://%s:%d" % ("https" if tls_context else "http", host, self.port)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
                                        daemon=True)
         self.thread.start()
 
@@ -360,7 +360,7 @@ class Proxy:
     def __init__(self, server):
         self.server = server
         self.port = server.server_address[1]
-        self.thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+        self.thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
                                        daemon=True)
         self.thread.start()
 

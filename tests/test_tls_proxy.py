@@ -104,6 +104,10 @@ class ProxyServer:
             client.close()
 
     def close(self):
+        try:  # close() alone does not wake a thread blocked in accept(); shutdown does
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
 
 

@@ -1,0 +1,705 @@
+"""Hardening: OCM keeps serving under hostile input, faults and load, and
+loses nothing. Every test here fails if its protection is removed."""
+
+import errno
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ocm
+from test_ocm import (OCM_PY, USERS, completed_event, error_of, make_jwt, message_event, read_json, sse,
+                      write_auth)
+from test_websocket import WSClient, WSUpstream, close_body
+
+FUZZ_EXAMPLES = int(os.environ.get("OCM_FUZZ_EXAMPLES", "60"))
+fuzz_settings = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+                         suppress_health_check=list(HealthCheck))
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def raw(port, data, timeout=5.0, read=True):
+    """Send raw bytes; return everything until the server closes (or goes quiet)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if not read:
+            return b""
+        out = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+        return out
+
+
+def status_of(answer):
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
+
+
+def body_of(answer):
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+AUTH = b"Authorization: Bearer tok-alice\r\n"
+
+
+def works(proxy):
+    """A normal request still gets a normal answer."""
+    return proxy.request("GET", "/v1/models")[0] == 200
+
+
+# == TestLimits ================================================================
+
+class TestLimits:
+    def test_slowloris_is_dropped_without_holding_others(self, make_proxy, fake):
+        proxy = make_proxy(limits={"header_timeout": 0.5})
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        started = time.monotonic()
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\n")
+        answer = b""
+        sock.settimeout(0.1)
+        while time.monotonic() - started < 3:
+            try:
+                sock.sendall(b"X-Drip: 1\r\n")  # a header line every 0.1 s, never the end
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+            except socket.timeout:
+                assert works(proxy)  # others are served meanwhile
+            except OSError:
+                break
+        elapsed = time.monotonic() - started
+        assert 0.4 < elapsed < 2.0
+        assert status_of(answer) in (408, None)
+        sock.close()
+
+    def test_default_header_timeout_is_about_ten_seconds(self):
+        assert ocm.Limits().header_timeout == 10.0
+
+    def test_idle_keep_alive_connection_is_closed(self, make_proxy, fake):
+        proxy = make_proxy(limits={"idle_timeout": 0.3})
+        conn = proxy.conn()
+        conn.request("GET", "/v1/models", headers={"Authorization": "Bearer tok-alice"})
+        conn.getresponse().read()
+        conn.sock.settimeout(3)
+        started = time.monotonic()
+        assert conn.sock.recv(10) == b""
+        assert time.monotonic() - started < 1.5
+
+    @pytest.mark.parametrize("request_bytes, status", [
+        (b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET /v1/models HTTP/1.1\r\n" + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n", 431),
+        (b"GET /v1/models HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n", 431),
+    ])
+    def test_oversized_heads_are_refused(self, proxy, fake, request_bytes, status):
+        answer = raw(proxy.port, request_bytes)
+        assert status_of(answer) == status
+        assert error_of(body_of(answer))[0] == "invalid_request_error"
+        assert fake.requests == [] and works(proxy)
+
+    def test_stalled_body_is_dropped(self, make_proxy, fake):
+        proxy = make_proxy(limits={"body_timeout": 0.3})
+        answer = raw(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: 100\r\n\r\n{",
+                     timeout=3)
+        assert status_of(answer) == 408 and fake.requests == []
+
+    def test_connection_cap_answers_a_fast_503(self, make_proxy, fake):
+        proxy = make_proxy(limits={"max_connections": 10})
+        held = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(10)]
+        assert wait_for(lambda: proxy.server._connections == 10)
+        started = time.monotonic()
+        answer = raw(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n")
+        assert time.monotonic() - started < 1.0
+        assert status_of(answer) == 503 and b"Retry-After: 1" in answer
+        assert "limit of 10 connections" in error_of(body_of(answer))[1]
+        for s in held[:3]:
+            s.close()
+        assert wait_for(lambda: proxy.server._connections <= 7)
+        assert works(proxy)
+        for s in held[3:]:
+            s.close()
+
+    def test_1100_connections_against_the_default_cap(self, make_proxy, fake):
+        proxy = make_proxy()
+        assert proxy.server.config.limits.max_connections == 1024
+        threads_before = threading.active_count()
+        held = []
+        try:
+            for _ in range(1024):
+                held.append(socket.create_connection(("127.0.0.1", proxy.port)))
+            assert wait_for(lambda: proxy.server._connections == 1024, 20)
+            refused = [raw(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n", timeout=5)
+                       for _ in range(76)]
+            assert [status_of(a) for a in refused] == [503] * 76
+            assert threading.active_count() <= threads_before + 1024 + 2  # no thread per refusal
+        finally:
+            for s in held:
+                s.close()
+        assert wait_for(lambda: proxy.server._connections == 0, 20)
+        assert works(proxy)
+
+    def test_thread_stack_size_is_configurable_and_checked(self):
+        assert ocm.Limits().thread_stack_size == 512 * 1024
+        assert ocm.config_from_dict({"limits": {"thread_stack_size": 0}}).limits.thread_stack_size == 0
+        with pytest.raises(ocm.ConfigError, match="thread_stack_size"):
+            ocm.config_from_dict({"limits": {"thread_stack_size": 4096}})
+
+    def test_small_stacks_survive_deeply_nested_json(self, tmp_path, fake, auth_path):
+        """With the default 512 KiB stacks, a hostile body nested 100,000 deep
+        (parsed for the usage fallback) must not crash the process."""
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(
+            {"type": "response.completed", "response": {"usage": {"input_tokens": 5}}})))
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path), "users": USERS,
+                                      "usages_path": str(tmp_path / "u.json"),
+                                      "upstream": {"chatgpt_url": fake.chatgpt_url, "token_url": fake.token_url}}))
+        proc = subprocess.Popen([sys.executable, OCM_PY, str(config)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            port = int(proc.stdout.readline().split("127.0.0.1:")[1].split("/")[0])
+            nested = b"[" * 100000 + b"]" * 100000
+            answer = raw(port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: %d\r\n\r\n"
+                         % len(nested) + nested + b"GET /v1/models HTTP/1.1\r\n" + AUTH +
+                         b"Connection: close\r\n\r\n", timeout=10)
+            assert status_of(answer) == 200 and answer.count(b"HTTP/1.1 200") == 2
+            assert proc.poll() is None
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+
+
+# == TestSmuggling =============================================================
+
+SMUGGLING = [
+    ("both CL and TE", b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+     b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("two Content-Lengths", b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+     b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+    ("a Content-Length list", b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: 5, 6\r\n\r\nhello!"),
+    ("a signed Content-Length", b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: +5\r\n\r\nhello"),
+    ("a hex chunk size with 0x", b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+     b"Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n"),
+    ("a negative chunk size", b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+     b"Transfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n"),
+    ("a chunk size with spaces", b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+     b"Transfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n"),
+    ("an enormous chunk size", b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+     b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 17 + b"\r\nhello\r\n0\r\n\r\n"),
+    ("chunk data longer than its size", b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello world\r\n0\r\n\r\n"),
+    ("gzip before chunked", b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+     b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+    ("chunked before gzip", b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+     b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"),
+    ("identity", b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Transfer-Encoding: identity\r\n\r\n"),
+    ("chunked twice", b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+     b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("a space before the colon", b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length : 5\r\n\r\nhello"),
+    ("a space in a header name", b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"X Forwarded: a\r\n\r\n"),
+    ("a control character in a name", b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"X-\x01Bad: a\r\n\r\n"),
+    ("a NUL in a value", b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"X-Bad: a\x00b\r\n\r\n"),
+    ("a folded header line", b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"X-A: a\r\n b\r\n\r\n"),
+    ("chunked in HTTP/1.0", b"POST /v1/responses HTTP/1.0\r\n" + AUTH +
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("an absolute-form target", b"GET http://evil.example/v1/models HTTP/1.1\r\n" + AUTH + b"\r\n"),
+    ("a request line with extra spaces", b"GET  /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n"),
+    ("an unknown HTTP version", b"GET /v1/models HTTP/1.2\r\n" + AUTH + b"\r\n"),
+    ("a lowercase HTTP version", b"GET /v1/models http/1.1\r\n" + AUTH + b"\r\n"),
+]
+
+
+class TestSmuggling:
+    @pytest.mark.parametrize("name, request_bytes", SMUGGLING, ids=[n for n, _ in SMUGGLING])
+    def test_ambiguous_requests_get_400_and_a_closed_connection(self, proxy, fake, name, request_bytes):
+        # A second, normal request rides behind: it must never be served on this connection.
+        answer = raw(proxy.port, request_bytes + b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n")
+        assert status_of(answer) in (400, 505), answer[:200]
+        assert b"Connection: close" in answer.partition(b"\r\n\r\n")[0]
+        assert answer.count(b"HTTP/1.1 ") == 1  # nothing after the refusal
+        assert error_of(body_of(answer))[0] == "invalid_request_error"
+        assert fake.requests == []
+        assert works(proxy)
+
+    def test_identical_repeated_content_length_is_fine(self, proxy, fake):
+        answer = raw(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+                     b"Content-Length: 2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        assert status_of(answer) == 200 and fake.requests[0].body == b"{}"
+
+    def test_chunk_extensions_and_trailers_are_accepted(self, proxy, fake):
+        answer = raw(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                     b"2;name=value\r\n{}\r\n0\r\nX-Trailer: t\r\n\r\n")
+        assert status_of(answer) == 200 and fake.requests[0].body == b"{}"
+
+
+# == TestUpstreamFaults ========================================================
+
+def reset(handler):
+    """Close the fake upstream's connection with RST instead of FIN."""
+    sock = handler.connection
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    handler.close_connection = True
+    # makefile() references keep the descriptor open past close(): drop them first
+    for stream in (handler.rfile, handler.wfile):
+        try:
+            stream.close()
+        except (OSError, ValueError):
+            pass
+    handler.rfile, handler.wfile = io.BytesIO(), io.BytesIO()
+    sock.close()
+
+
+class TestUpstreamFaults:
+    def check_recovers(self, proxy, fake, connections_before):
+        """The next request works, on a connection that is not the broken one."""
+        fake.routes.pop(("POST", "/backend-api/codex/responses"), None)
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200
+        assert fake.connections == connections_before + 1
+        assert wait_for(lambda: not [h for h in proxy.server._handlers if h.busy])
+
+    def test_reset_before_the_response_is_502(self, proxy, fake):
+        # Warm up first: the hang-up watcher and one pooled connection (with its
+        # fake-side thread) are meant to stay; anything beyond them is a leak.
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200
+        threads = threading.active_count()
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: reset(ex.handler))
+        for _ in range(5):
+            status, _, body = proxy.request("POST", "/v1/responses", {})
+            assert status == 502 and error_of(body)[0] == "api_error"
+        self.check_recovers(proxy, fake, 6)
+        assert wait_for(lambda: threading.active_count() <= threads)
+
+    def test_reset_during_the_response_truncates_it(self, proxy, fake):
+        def route(ex):
+            ex.start_chunked()
+            ex.chunk(sse(message_event()))
+            reset(ex.handler)
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        conn = proxy.conn()
+        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        with pytest.raises(Exception):
+            resp.read()
+        conn.close()
+        self.check_recovers(proxy, fake, 1)
+
+    def test_known_length_cut_short_is_truncated(self, proxy, fake):
+        def route(ex):
+            ex.handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 70000)
+            ex.close()
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        conn = proxy.conn()
+        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        resp = conn.getresponse()
+        with pytest.raises(Exception):
+            resp.read()
+        conn.close()
+        self.check_recovers(proxy, fake, 1)
+
+    @pytest.mark.parametrize("garbage", [b"HELLO\r\n\r\n", b"HTTP/1.1 abc OK\r\n\r\n", b"\x16\x03\x01\x00\x05hello",
+                                         b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+                                         b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello!",
+                                         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"])
+    def test_invalid_http_answer_is_502(self, proxy, fake, garbage):
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: (ex.raw(garbage), ex.close()))
+        status, _, body = proxy.request("POST", "/v1/responses", {})
+        assert status == 502 and "failed" in error_of(body)[1]
+        self.check_recovers(proxy, fake, 1)
+
+    def test_5xx_is_relayed_and_the_connection_reused(self, proxy, fake):
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.json(503, {"error": {"message": "busy"}}))
+        assert proxy.request("POST", "/v1/responses", {})[0] == 503
+        fake.routes.pop(("POST", "/backend-api/codex/responses"))
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200
+        assert fake.connections == 1  # a complete 5xx answer leaves a healthy connection
+
+    def test_stall_releases_the_worker_and_the_socket(self, make_proxy, fake):
+        release = threading.Event()
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: release.wait(5))
+        proxy = make_proxy(limits={"upstream_read_timeout": 0.3})
+        assert proxy.request("POST", "/v1/responses", {})[0] == 504
+        release.set()
+        assert wait_for(lambda: not [h for h in proxy.server._handlers if h.busy])
+        self.check_recovers(proxy, fake, 1)
+
+    def test_a_partly_read_response_never_goes_back_to_the_pool(self, proxy, fake):
+        """A client that leaves mid-stream must not hand the next request a
+        connection with the rest of the old stream still in it."""
+        gate = threading.Event()
+
+        def route(ex):
+            ex.start_chunked()
+            ex.chunk(sse(message_event()))
+            gate.wait(5)
+            ex.chunk(sse(completed_event()))
+            ex.end_chunked()
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        conn = proxy.conn()
+        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        conn.getresponse().read1(100)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        gate.set()
+        self.check_recovers(proxy, fake, 1)
+
+
+# == TestFiles =================================================================
+
+class DiskFull:
+    """os.write in ocm fails with ENOSPC (or another errno) while active."""
+
+    def __init__(self, monkeypatch, code=errno.ENOSPC):
+        self.active = True
+        real = os.write
+
+        def write(fd, data):
+            if self.active:
+                raise OSError(code, os.strerror(code))
+            return real(fd, data)
+
+        monkeypatch.setattr(ocm.os, "write", write)
+
+
+class ReadOnlyDir:
+    """Creating files in a directory fails, as on a read-only mount (root
+    ignores permission bits, so this is simulated)."""
+
+    def __init__(self, monkeypatch):
+        self.active = True
+        real = ocm.tempfile.mkstemp
+
+        def mkstemp(*args, **kwargs):
+            if self.active:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ocm.tempfile, "mkstemp", mkstemp)
+
+
+def no_temp_files(directory):
+    return [n for n in os.listdir(str(directory)) if n.endswith(".tmp")] == []
+
+
+class TestFiles:
+    @pytest.mark.parametrize("fault", [DiskFull, ReadOnlyDir])
+    def test_usage_save_failure_keeps_the_old_file_logs_once_and_retries(self, tmp_path, monkeypatch, caplog,
+                                                                          fault):
+        path = tmp_path / "usage.json"
+        book = ocm.UsageBook(str(path), save_interval=0.05)
+        book.record("alice", ocm.UsageRecord("gpt-5.4", "", 10, 1, 0), None)
+        assert book.save()
+        old = path.read_bytes()
+        broken = fault(monkeypatch)
+        book.record("alice", ocm.UsageRecord("gpt-5.4", "", 10, 1, 0), None)
+        book.start_saver()
+        try:
+            with caplog.at_level(logging.ERROR, logger="ocm"):
+                time.sleep(0.3)  # several save attempts
+            assert path.read_bytes() == old and no_temp_files(tmp_path)
+            assert len([r for r in caplog.records if "cannot save usage" in r.getMessage()]) == 1
+            broken.active = False
+            assert wait_for(lambda: read_json(path)["combinations"][0]["total"]["request_count"] == 2)
+        finally:
+            book.close()
+
+    def test_usage_is_saved_at_exit_after_a_failure_spell(self, tmp_path, monkeypatch):
+        path = tmp_path / "usage.json"
+        book = ocm.UsageBook(str(path))
+        broken = DiskFull(monkeypatch)
+        book.record("bob", ocm.UsageRecord("o3", "", 1, 1, 0), None)
+        assert not book.save()
+        broken.active = False
+        book.close()
+        assert read_json(path)["combinations"][0]["by_user"]["bob"]["request_count"] == 1
+
+    @pytest.mark.parametrize("fault", [DiskFull, ReadOnlyDir])
+    def test_refreshed_tokens_are_kept_in_memory_until_auth_json_can_be_written(
+            self, make_proxy, fake, auth_path, monkeypatch, caplog, fault):
+        write_auth(auth_path, expires_in=100)  # refresh due, old token still valid
+        old = auth_path.read_bytes()
+        proxy = make_proxy()
+        broken = fault(monkeypatch)
+        with caplog.at_level(logging.ERROR, logger="ocm"):
+            for _ in range(3):
+                assert proxy.request("POST", "/v1/responses", {})[0] == 200
+        assert auth_path.read_bytes() == old and no_temp_files(auth_path.parent)
+        assert len(fake.token_calls) == 1  # refreshed once, not on every request
+        new_access = fake.api_requests()[-1].header("Authorization")[7:]
+        assert new_access != read_json(auth_path)["tokens"]["access_token"]
+        assert len([r for r in caplog.records if "cannot save refreshed tokens" in r.getMessage()]) == 1
+        broken.active = False
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200
+        saved = read_json(auth_path)
+        assert saved["tokens"]["access_token"] == new_access and saved["tokens"]["refresh_token"] == "rt_2"
+
+    def test_unsaved_tokens_are_not_replaced_by_the_stale_file(self, make_proxy, fake, auth_path, monkeypatch):
+        """While the rotated refresh token lives only in memory, the file's old
+        (now dead) one must never be sent again."""
+        write_auth(auth_path, expires_in=100)
+        proxy = make_proxy()
+        broken = DiskFull(monkeypatch)
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200
+        proxy.server.credential._login = ocm.Login(**dict(proxy.server.credential._login.__dict__,
+                                                          expires_at=time.time() + 10))
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200
+        assert [c["refresh_token"] for c in fake.token_calls] == ["rt_initial", "rt_2"]
+        broken.active = False
+
+    def test_lock_file_that_cannot_be_created_does_not_stop_a_refresh(self, make_proxy, fake, auth_path,
+                                                                      monkeypatch, caplog):
+        write_auth(auth_path, expires_in=-10)
+        real_open = os.open
+
+        def open_(path, *args, **kwargs):
+            if str(path).endswith("auth.lock"):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(ocm.os, "open", open_)
+        with caplog.at_level(logging.WARNING, logger="ocm"):
+            assert make_proxy().request("POST", "/v1/responses", {})[0] == 200
+        assert "refreshing without it" in caplog.text
+
+    def test_kill_at_any_instant_leaves_auth_json_old_or_new(self, tmp_path):
+        path = tmp_path / "auth.json"
+        versions = [json.dumps({"auth_mode": "chatgpt", "tokens": {"access_token": "a" * 50000 + str(i)}},
+                               indent=2) for i in range(2)]
+        path.write_text(versions[0])
+        script = ("import sys, ocm\n"
+                  "versions = [open(sys.argv[2]).read().encode(), open(sys.argv[3]).read().encode()]\n"
+                  "print('ready', flush=True)\n"
+                  "i = 0\n"
+                  "while True:\n"
+                  "    i += 1\n"
+                  "    ocm.write_file_atomic(sys.argv[1], versions[i % 2], 0o600)\n")
+        for n, v in enumerate(versions):
+            (tmp_path / ("v%d" % n)).write_text(v)
+        for attempt in range(10):
+            proc = subprocess.Popen([sys.executable, "-c", script, str(path), str(tmp_path / "v0"),
+                                     str(tmp_path / "v1")], cwd=os.path.dirname(OCM_PY), stdout=subprocess.PIPE,
+                                    text=True)
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(0.005 + attempt * 0.007)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert path.read_text() in versions
+            assert oct(os.stat(str(path)).st_mode & 0o777) in ("0o600", "0o644")
+
+
+# == TestSecrets ===============================================================
+
+class TestSecrets:
+    def test_a_whole_debug_session_logs_no_secret(self, tmp_path, fake, auth_path):
+        """Every secret of a busy session (user tokens, access, refresh and id
+        tokens, the API key) is absent from everything OCM printed."""
+        WSUpstream(fake)
+        write_auth(auth_path, expires_in=-10)  # forces a refresh: new tokens issued mid-session
+        issued = []
+        token_endpoint = fake.token_endpoint
+
+        def recording_token_endpoint(ex):
+            token_endpoint(ex)
+
+        fake.on("POST", "/oauth/token", recording_token_endpoint)
+        first = read_json(auth_path)["tokens"]
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path), "users": USERS,
+                                      "usages_path": str(tmp_path / "u.json"),
+                                      "detour": "",
+                                      "upstream": {"chatgpt_url": fake.chatgpt_url, "token_url": fake.token_url}}))
+        proc = subprocess.Popen([sys.executable, OCM_PY, str(config), "--log-level", "debug"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            port = int(proc.stdout.readline().split("127.0.0.1:")[1].split("/")[0])
+            for token in ("tok-alice", "tok-bob", "tok-wrong-secret-1234"):
+                raw(port, b"POST /v1/responses HTTP/1.1\r\nAuthorization: Bearer %s\r\nContent-Length: 2\r\n"
+                          b"Connection: close\r\n\r\n{}" % token.encode())
+            raw(port, b"GET /v1/models HTTP/1.1\r\nAuthorization: Basic dG9rLWFsaWNlOng=\r\n"
+                      b"X-Api-Key: client-key-secret\r\nConnection: close\r\n\r\n")
+            client = WSClient(port)
+            client.send_json({"type": "response.create", "model": "gpt-5.4"})
+            client.events_until_completed()
+            client.send(0x8, close_body(1000))
+            client.frame()
+            client.close()
+            # the refreshed token rejected once: a reactive refresh too
+            current = read_json(auth_path)["tokens"]["access_token"]
+            fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.json(401, {}) if ex.request.header(
+                "Authorization") == "Bearer " + current else ex.stream(sse(completed_event())))
+            raw(port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=10)
+        final = read_json(auth_path)["tokens"]
+        secrets = ["tok-alice", "tok-bob", "tok-wrong-secret-1234", "client-key-secret", "dG9rLWFsaWNlOng",
+                   first["access_token"], first["refresh_token"], first["id_token"],
+                   final["access_token"], final["refresh_token"], final["id_token"]]
+        secrets += [r.header("Authorization")[7:] for r in fake.requests if r.header("Authorization")]
+        assert len(fake.token_calls) == 2
+        assert "DEBUG" in err and "alice" in err  # it did log, at debug level
+        for secret in set(secrets):
+            for fragment in (secret, secret[:12], secret[-12:]):
+                assert fragment not in out and fragment not in err, "a secret leaked into the log"
+
+    def test_api_key_never_logged(self, tmp_path, fake, auth_path):
+        auth_path.write_text(json.dumps({"auth_mode": "apikey", "OPENAI_API_KEY": "sk-proj-TOPSECRETKEY123"}))
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path), "users": USERS,
+                                      "upstream": {"api_url": fake.url, "token_url": fake.token_url}}))
+        proc = subprocess.Popen([sys.executable, OCM_PY, str(config), "--log-level", "debug"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            port = int(proc.stdout.readline().split("127.0.0.1:")[1].split("/")[0])
+            raw(port, b"POST /v1/chat/completions HTTP/1.1\r\n" + AUTH + b"Content-Length: 2\r\nConnection: close"
+                      b"\r\n\r\n{}")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=10)
+        assert fake.api_requests()[0].header("Authorization") == "Bearer sk-proj-TOPSECRETKEY123"
+        assert "TOPSECRET" not in out + err and "sk-proj" not in out + err
+
+    def test_host_header_and_absolute_urls_never_steer_upstream(self, proxy, fake):
+        raw(proxy.port, b"GET /v1/models HTTP/1.1\r\nHost: attacker.example:9999\r\n" + AUTH +
+            b"X-Forwarded-Host: attacker.example\r\nConnection: close\r\n\r\n")
+        assert fake.requests[0].header("Host") == "127.0.0.1:%d" % fake.port
+
+
+# == Fuzzing ===================================================================
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 100000) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=20)
+config_keys = st.sampled_from(["listen", "listen_port", "credential_path", "usages_path", "users", "headers",
+                               "detour", "tls", "upstream", "limits", "services", "type", "tag", "sniff"])
+configs = st.dictionaries(config_keys, json_values, max_size=6)
+
+
+class TestFuzz:
+    @fuzz_settings
+    @given(configs)
+    def test_config_loader_raises_only_config_errors(self, data):
+        try:
+            ocm.config_from_dict(data)
+        except ocm.ConfigError:
+            pass
+
+    @fuzz_settings
+    @given(st.lists(st.binary(max_size=80) | st.sampled_from([
+        b"data: ", b"\n", b"\r\n", b"\r", b"\n\n", b'{"usage": {"input_tokens": 3}}', b"event: x\n", b": c\n"]),
+        max_size=30), st.data())
+    def test_sse_scanner_never_fails_and_splits_do_not_matter(self, pieces, data):
+        stream = b"".join(pieces)
+        whole = []
+        scanner = ocm.SSEScanner(whole.append)
+        scanner.feed(stream)
+        scanner.finish()
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=5)))
+        split = []
+        scanner = ocm.SSEScanner(split.append)
+        last = 0
+        for cut in cuts + [len(stream)]:
+            scanner.feed(stream[last:cut])
+            last = cut
+        scanner.finish()
+        assert split == whole
+
+    @fuzz_settings
+    @given(st.binary(max_size=300), st.booleans(), st.data())
+    def test_frame_parser_raises_only_websocket_errors(self, data, from_client, draw):
+        def run(pieces):
+            parser = ocm.FrameParser(from_client, 1000)
+            frames = []
+            try:
+                for piece in pieces:
+                    frames += parser.feed(piece)
+            except ocm.WebSocketError as exc:
+                return frames, exc.code
+            return frames, None
+
+        whole = run([data])
+        cut = draw.draw(st.integers(0, len(data)))
+        assert run([data[:cut], data[cut:]]) == whole
+
+    @fuzz_settings
+    @given(st.binary(max_size=200))
+    def test_chunked_reader_raises_only_http_errors(self, body):
+        a, b = socket.socketpair()
+        try:
+            a.sendall(body)
+            a.shutdown(socket.SHUT_WR)
+            reader = ocm.SocketReader(b)
+            try:
+                ocm.read_chunked_body(reader, 1000, 1.0)
+            except (ocm.HTTPError, ocm.ClientGone):
+                pass
+        finally:
+            a.close()
+            b.close()
+
+    @fuzz_settings
+    @given(st.one_of(
+        st.binary(max_size=300),
+        st.builds(lambda method, target, version, headers, body: b"%s %s %s\r\n%s\r\n%s" % (
+            method, target, version, b"".join(b"%s: %s\r\n" % h for h in headers), body),
+            st.sampled_from([b"GET", b"POST", b"PUT", b"G ET", b"", b"\x00"]),
+            st.sampled_from([b"/v1/models", b"/v1/responses", b"/", b"*", b"/v1/../x", b"/v1/%00"]),
+            st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 x", b""]),
+            st.lists(st.tuples(st.sampled_from([b"Content-Length", b"Transfer-Encoding", b"Authorization",
+                                                b"Connection", b"Upgrade", b"Expect", b"X"]),
+                               st.binary(max_size=20)), max_size=5),
+            st.binary(max_size=50))))
+    def test_raw_request_bytes_never_break_the_server(self, fuzz_proxy, data):
+        proxy, baseline = fuzz_proxy
+        raw(proxy.port, data, timeout=0.5)
+        assert works(proxy)
+        assert wait_for(lambda: threading.active_count() <= baseline, 3)
+
+
+@pytest.fixture(scope="class")
+def fuzz_proxy():
+    """One proxy for the whole raw-bytes fuzz run (hypothesis calls the test many times)."""
+    import tempfile
+    from test_ocm import FakeUpstream, Proxy
+    fake = FakeUpstream()
+    directory = tempfile.mkdtemp()
+    path = os.path.join(directory, "auth.json")
+    write_auth(path)
+    proxy = Proxy(ocm.OCMServer(ocm.config_from_dict({
+        "listen_port": 0, "credential_path": path, "users": USERS,
+        "limits": {"header_timeout": 0.3, "body_timeout": 0.3, "idle_timeout": 0.3},
+        "upstream": {"chatgpt_url": fake.chatgpt_url, "api_url": fake.url, "token_url": fake.token_url}})))
+    assert works(proxy)
+    time.sleep(0.4)
+    baseline = threading.active_count()
+    yield proxy, baseline + 1
+    proxy.close()
+    fake.close()
