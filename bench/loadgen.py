@@ -1,0 +1,184 @@
+"""Load client for the bench, run as its own process so it has its own GIL.
+
+  python3 loadgen.py rps PORT TARGET HOST TOKEN CONNS START_AT STOP_AT
+      CONNS keep-alive connections, each sending the next small POST as soon
+      as the last answer is in; counts answers that complete between the
+      time.monotonic() instants START_AT and STOP_AT (before: warm-up).
+
+  python3 loadgen.py streams PORT TARGET HOST TOKEN COUNT TIMEOUT
+      COUNT SSE streams opened at once and read to their end.
+
+Prints one JSON object on stdout. One thread, one epoll loop, hand-parsed
+HTTP: the client must cost much less than the relay it measures.
+"""
+
+import json
+import os
+import selectors
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (BadResponse, ChunkedDecoder, EventClock, build_request,  # noqa: E402
+                    parse_head, percentile, raise_fd_limit)
+
+
+class Conn:
+    __slots__ = ("sock", "buf", "need", "decoder", "clock", "open")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+        self.need = None     # total bytes of the response being read, once its head is in
+        self.decoder = None  # streams: the chunked decoder once the head is in
+        self.clock = None
+        self.open = False
+
+
+def connect(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+# == Requests per second =====================================================
+
+def run_rps(port, target, host, token, conns, start_at, stop_at):
+    request = build_request(target, host, token)
+    sel = selectors.DefaultSelector()
+    for _ in range(conns):
+        conn = Conn(connect(port))
+        sel.register(conn.sock, selectors.EVENT_READ, conn)
+        conn.sock.sendall(request)
+    responses = errors = 0
+    cpu_start = None
+    while True:
+        now = time.monotonic()
+        if now >= stop_at or not sel.get_map():
+            break
+        if cpu_start is None and now >= start_at:
+            cpu_start = time.process_time()
+        for key, _ in sel.select(timeout=stop_at - now):
+            conn = key.data
+            try:
+                data = conn.sock.recv(65536)
+                if not data:
+                    raise BadResponse("connection closed")
+                conn.buf += data
+                if conn.need is None:
+                    end = conn.buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        continue
+                    status, length, _ = parse_head(conn.buf, end)
+                    if status != 200 or length is None:
+                        raise BadResponse("status %d" % status)
+                    conn.need = end + 4 + length
+                if len(conn.buf) < conn.need:
+                    continue
+            except (OSError, BadResponse):
+                errors += 1
+                sel.unregister(conn.sock)
+                conn.sock.close()
+                continue
+            if time.monotonic() >= start_at:
+                responses += 1
+            del conn.buf[:conn.need]
+            conn.need = None
+            conn.sock.sendall(request)
+    cpu = time.process_time() - (cpu_start if cpu_start is not None else time.process_time())
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+    return {"responses": responses, "errors": errors, "seconds": stop_at - start_at, "cpu": cpu}
+
+
+# == Many open streams =======================================================
+
+def run_streams(port, target, host, token, count, timeout):
+    request = build_request(target, host, token)
+    sel = selectors.DefaultSelector()
+    started = time.monotonic()
+    deadline = started + timeout
+    errors, samples = 0, []
+
+    def fail(conn, why):
+        nonlocal errors
+        errors += 1
+        if len(samples) < 5:
+            samples.append(why)
+        if conn is not None:
+            sel.unregister(conn.sock)
+            conn.sock.close()
+
+    for _ in range(count):
+        try:
+            conn = Conn(connect(port))
+            conn.sock.sendall(request)
+        except OSError as exc:
+            fail(None, "connect: %s" % exc)
+            continue
+        sel.register(conn.sock, selectors.EVENT_READ, conn)
+    connected = time.monotonic() - started
+    ok = open_now = peak_open = events = 0
+    delays = []
+    while sel.get_map():
+        now = time.monotonic()
+        if now >= deadline:
+            for key in list(sel.get_map().values()):
+                fail(key.data, "timed out")
+            break
+        for key, _ in sel.select(timeout=deadline - now):
+            conn = key.data
+            try:
+                data = conn.sock.recv(65536)
+                arrived = time.monotonic_ns()
+                if not data:
+                    raise BadResponse("closed before the last chunk")
+                if conn.decoder is None:
+                    conn.buf += data
+                    end = conn.buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        continue
+                    status, _, chunked = parse_head(conn.buf, end)
+                    if status != 200 or not chunked:
+                        raise BadResponse("status %d" % status)
+                    conn.decoder, conn.clock = ChunkedDecoder(), EventClock()
+                    conn.open = True
+                    open_now += 1
+                    peak_open = max(peak_open, open_now)
+                    data = bytes(conn.buf[end + 4:])
+                conn.clock.feed(conn.decoder.feed(data), arrived)
+            except (OSError, BadResponse, ValueError) as exc:
+                if conn.open:
+                    open_now -= 1
+                fail(conn, str(exc))
+                continue
+            if conn.decoder.done:
+                ok += 1
+                open_now -= 1
+                events += len(conn.clock.delays)
+                delays.extend(conn.clock.delays)
+                sel.unregister(conn.sock)
+                conn.sock.close()
+    ms = [d / 1e6 for d in delays]
+    return {"ok": ok, "errors": errors, "error_samples": samples, "peak_open": peak_open,
+            "events": events, "connect_seconds": connected, "seconds": time.monotonic() - started,
+            "delay_p50_ms": percentile(ms, 50), "delay_p99_ms": percentile(ms, 99),
+            "cpu": time.process_time()}
+
+
+def main(argv):
+    raise_fd_limit()
+    mode, port, target, host, token = argv[0], int(argv[1]), argv[2], argv[3], argv[4]
+    if mode == "rps":
+        result = run_rps(port, target, host, token, int(argv[5]), float(argv[6]), float(argv[7]))
+    elif mode == "streams":
+        result = run_streams(port, target, host, token, int(argv[5]), float(argv[6]))
+    else:
+        raise SystemExit("usage: loadgen.py rps|streams ...")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
