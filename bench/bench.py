@@ -256,7 +256,7 @@ http {{
         keepalive 64;                     # reuse upstream connections, like OCM's pool
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port};          # default backlog (511), as OCM keeps its own
         keepalive_requests 1000000;
         location /v1/ {{
             proxy_pass http://fake/backend-api/codex/;
@@ -510,6 +510,8 @@ def main(argv=None):
                     nginx_command(nginx, workdir, upstream_port, port), port, settings.start_runs)
 
         ocm = start_ocm(workdir, upstream_port)
+        progress("OCM pid %d, port %d; fake upstream pid %d, port %d"
+                 % (ocm.proc.pid, ocm.port, upstream.pid, upstream_port))
         routes = [direct, ocm]
         if nginx:
             ngx = start_nginx(nginx, workdir, upstream_port)
@@ -594,6 +596,7 @@ def render(results, settings, nginx):
         table.row("completed", {k: v["ok"] for k, v in streams.items()}, 0)
         table.row("errors", {k: v["errors"] for k, v in streams.items()}, 0, ("=", 0))
         table.row("most open at once", {k: v["peak_open"] for k, v in streams.items()}, 0)
+        table.row("seconds until all were connected", {k: v["connect_seconds"] for k, v in streams.items()}, 2)
         table.row("event delay p99 (ms)", {k: v["delay_p99_ms"] for k, v in streams.items()}, 1)
         table.row("relay peak RSS (MB)", {k: v.get("peak_rss_mb") for k, v in streams.items()
                                           if k != "direct"}, 1, ("<=", 100))

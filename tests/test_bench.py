@@ -19,7 +19,7 @@ ROWS = (
     "event delay p50 (ms)", "event delay p99 (ms)", "added delay p99 over direct (ms)",
     "requests/s", "relay CPU (% of one core)", "fake upstream CPU (% of one core)",
     "load clients CPU (% of one core, sum)",
-    "completed", "errors", "most open at once", "relay peak RSS (MB)", "relay peak threads",
+    "completed", "errors", "most open at once", "seconds until all were connected", "relay peak RSS (MB)", "relay peak threads",
     "idle RSS after start (MB)", "idle threads", "start to listening, median of 2 (ms)",
     "upstream connections per 100 requests",
 )
