@@ -16,6 +16,7 @@ Profiling hooks (see bench/README.md):
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -100,13 +101,17 @@ def wait_listening(port, proc, timeout=10.0):
 
 
 def stop(proc, sig=signal.SIGTERM, timeout=5.0):
+    """Signal the child's whole process group: under OCM_BENCH_WRAP the child
+    is a profiler and OCM its child, and both must go."""
     if proc is None or proc.poll() is not None:
         return
-    proc.send_signal(sig)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 

@@ -151,8 +151,8 @@ class Upstream(asyncio.Protocol):
 
 def watch_stdin(loop, stop):
     """The bench holds our stdin open; EOF means it is gone, so go too."""
-    try:
-        while sys.stdin.buffer.read(4096):
+    try:  # os.read, not sys.stdin: a buffered read still blocked at exit aborts the interpreter
+        while os.read(0, 4096):
             pass
     finally:
         loop.call_soon_threadsafe(stop.set)
