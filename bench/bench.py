@@ -36,8 +36,8 @@ ROOT = os.path.dirname(HERE)
 OCM_PY = os.path.join(ROOT, "ocm.py")
 sys.path.insert(0, HERE)
 
-from common import (build_request, connect, percentile, proc_cpu_seconds,  # noqa: E402
-                    proc_status, raise_fd_limit, read_response, read_stream)
+from common import (SMALL_BODY, build_request, connect, percentile,  # noqa: E402
+                    proc_cpu_seconds, proc_status, raise_fd_limit, read_response, read_stream)
 
 PHASES = ("start", "conns", "latency", "sse", "rps", "streams")
 
@@ -62,6 +62,9 @@ class Settings:
         self.stream_events = 5 if quick else 20
         self.stream_gap_ms = 50 if quick else 250
         self.stream_timeout = 30.0 if quick else 120.0
+        # Request body sizes for the streams: a tiny one, and one like a Codex
+        # turn mid-session (instructions, tools and history are resent each turn).
+        self.stream_bodies = (0, 64 * 1024)
         self.start_runs = 2 if quick else 9
         self.sequential = 100
 
@@ -105,13 +108,19 @@ def stop(proc, sig=signal.SIGTERM, timeout=5.0):
     is a profiler and OCM its child, and both must go."""
     if proc is None or proc.poll() is not None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
+
+    def send(signum):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:  # not a group leader after all: the process alone
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    send(sig)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        send(signal.SIGKILL)
         proc.wait()
 
 
@@ -130,9 +139,9 @@ def time_to_listen(cmd, port, runs, cwd=None):
     return statistics.median(times)
 
 
-def idle_rss(cmd, port):
+def idle_rss(cmd, port, cwd=None):
     """RSS (MB) of ``cmd`` half a second after it starts listening."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, preexec_fn=child_setup)
     try:
         wait_listening(port, proc)
@@ -226,6 +235,21 @@ def ocm_command(config_path):
     else:
         cmd = [sys.executable, OCM_PY, config_path]
     return shlex.split(os.environ.get("OCM_BENCH_WRAP", "")) + cmd
+
+
+def cached_ocm(workdir):
+    """A copy of ocm.py with its bytecode compiled, for ``python3 -m ocm``.
+
+    ``python3 ocm.py`` compiles the whole file at every start (a script's
+    bytecode is never cached); run as a module, it loads __pycache__ instead.
+    The bench shows what that alone saves in start time and idle RSS."""
+    import importlib.util
+    import py_compile
+    directory = os.path.join(workdir, "pyc")
+    os.makedirs(directory, exist_ok=True)
+    source = shutil.copy(OCM_PY, directory)
+    py_compile.compile(source, cfile=importlib.util.cache_from_source(source), doraise=True)
+    return directory
 
 
 def start_ocm(workdir, upstream_port):
@@ -396,13 +420,17 @@ def throughput(route, upstream, settings):
     return out
 
 
-def many_streams(route, settings):
+def many_streams(route, settings, body_size=0):
     """``streams`` SSE streams at once; the relay's RSS and threads sampled meanwhile."""
     query = "?sse=%d&gap_ms=%g" % (settings.stream_events, settings.stream_gap_ms)
     client = run_loadgen(["streams", route.port, route.target + query, route.host, route.token,
-                          settings.streams, settings.stream_timeout])
+                          settings.streams, settings.stream_timeout, body_size])
     peak = {"rss": 0, "threads": 0}
     pid = route.proc.pid if route.proc else None
+    if pid:  # reset VmHWM (Linux 4.0+), so the peak is this run's, not an earlier one's
+        with contextlib.suppress(OSError):
+            with open("/proc/%d/clear_refs" % pid, "w") as fh:
+                fh.write("5")
     while client.poll() is None:
         if pid:
             status = proc_status(pid)
@@ -509,6 +537,10 @@ def main(argv=None):
             port = free_port()
             results["start"]["OCM"] = time_to_listen(
                 ocm_command(write_ocm_config(workdir, upstream_port, port)), port, settings.start_runs)
+            module_cmd = [sys.executable, "-m", "ocm", write_ocm_config(workdir, upstream_port, port)]
+            pyc_dir = cached_ocm(workdir)
+            results["start_module"] = {"OCM": time_to_listen(module_cmd, port, settings.start_runs, pyc_dir)}
+            results["idle_rss_module"] = {"OCM": idle_rss(module_cmd, port, pyc_dir)}
             if nginx:
                 port = free_port()
                 results["start"]["nginx"] = time_to_listen(
@@ -544,9 +576,12 @@ def main(argv=None):
                 results["rps"][route.name] = throughput(route, upstream, settings)
         if "streams" in phases:
             results["streams"] = {}
-            for route in routes:
-                progress("%d concurrent streams through %s" % (settings.streams, route.name))
-                results["streams"][route.name] = many_streams(route, settings)
+            for body in settings.stream_bodies:
+                results["streams"][body] = {}
+                for route in routes:
+                    progress("%d concurrent streams through %s, %d-byte bodies"
+                             % (settings.streams, route.name, body or len(SMALL_BODY)))
+                    results["streams"][body][route.name] = many_streams(route, settings, body)
     finally:
         for route_proc in (ocm.proc if ocm else None, ngx.proc if ngx else None):
             stop(route_proc)
@@ -592,12 +627,14 @@ def render(results, settings, nginx):
         table.row("errors", {k: v["errors"] for k, v in rps.items()}, 0)
         table.row("relay CPU (% of one core)", {k: v.get("relay_cpu") for k, v in rps.items()
                                                  if k != "direct"}, 0)
+        table.row("relay CPU per request (us)", {k: v["relay_cpu"] * 1e4 / v["rps"] for k, v in rps.items()
+                                                  if k != "direct" and v["rps"]}, 0)
         table.row("fake upstream CPU (% of one core)", {k: v["upstream_cpu"] for k, v in rps.items()}, 0)
         table.row("load clients CPU (% of one core, sum)", {k: v["client_cpu"] for k, v in rps.items()}, 0)
-    streams = results.get("streams")
-    if streams:
-        table.section("%d concurrent SSE streams, %d events %g ms apart"
-                      % (settings.streams, settings.stream_events, settings.stream_gap_ms))
+    for body, streams in sorted(results.get("streams", {}).items()):
+        table.section("%d concurrent SSE streams, %d events %g ms apart, %s request bodies"
+                      % (settings.streams, settings.stream_events, settings.stream_gap_ms,
+                         "%d KB" % (body // 1024) if body else "%d-byte" % len(SMALL_BODY)))
         table.row("completed", {k: v["ok"] for k, v in streams.items()}, 0)
         table.row("errors", {k: v["errors"] for k, v in streams.items()}, 0, ("=", 0))
         table.row("most open at once", {k: v["peak_open"] for k, v in streams.items()}, 0)
@@ -613,6 +650,9 @@ def render(results, settings, nginx):
     if "start" in results:
         table.row("start to listening, median of %d (ms)" % settings.start_runs,
                   {k: v * 1000 for k, v in results["start"].items()}, 0, ("<=", 150))
+        table.row("  as `python3 -m ocm`, cached bytecode (ms)",
+                  {k: v * 1000 for k, v in results["start_module"].items()}, 0, ("<=", 150))
+        table.row("  as `python3 -m ocm`: idle RSS (MB)", results["idle_rss_module"], 1, ("<=", 20))
     if "conns" in results:
         table.row("upstream connections per %d requests" % settings.sequential,
                   results["conns"], 0, ("=", 1))

@@ -5,8 +5,9 @@
       as the last answer is in; counts answers that complete between the
       time.monotonic() instants START_AT and STOP_AT (before: warm-up).
 
-  python3 loadgen.py streams PORT TARGET HOST TOKEN COUNT TIMEOUT
-      COUNT SSE streams opened at once and read to their end.
+  python3 loadgen.py streams PORT TARGET HOST TOKEN COUNT TIMEOUT [BODY_BYTES]
+      COUNT SSE streams opened at once and read to their end; BODY_BYTES pads
+      each request body (Codex resends the whole conversation every turn).
 
 Prints one JSON object on stdout. One thread, one epoll loop, hand-parsed
 HTTP: the client must cost much less than the relay it measures.
@@ -20,8 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (BadResponse, ChunkedDecoder, EventClock, build_request,  # noqa: E402
-                    parse_head, percentile, raise_fd_limit)
+from common import (SMALL_BODY, BadResponse, ChunkedDecoder, EventClock,  # noqa: E402
+                    build_request, parse_head, percentile, raise_fd_limit)
 
 
 class Conn:
@@ -94,11 +95,17 @@ def run_rps(port, target, host, token, conns, start_at, stop_at):
 
 # == Many open streams =======================================================
 
-def run_streams(port, target, host, token, count, timeout):
+def padded_body(size):
+    """The small body, padded to ``size`` bytes inside a JSON string."""
+    pad = max(0, size - len(SMALL_BODY) - 12)
+    return SMALL_BODY[:-1] + b',"padding":"' + b"x" * pad + b'"}'
+
+
+def run_streams(port, target, host, token, count, timeout, body_size=0):
     """All connects start at once (non-blocking) and every stream is read as
     soon as its bytes arrive, so a slow accept on one connection never holds
     up reading the others (that would show up as relay delay)."""
-    request = build_request(target, host, token)
+    request = build_request(target, host, token, padded_body(body_size) if body_size else SMALL_BODY)
     sel = selectors.DefaultSelector()
     started = time.monotonic()
     deadline = started + timeout
@@ -192,7 +199,8 @@ def main(argv):
     if mode == "rps":
         result = run_rps(port, target, host, token, int(argv[5]), float(argv[6]), float(argv[7]))
     elif mode == "streams":
-        result = run_streams(port, target, host, token, int(argv[5]), float(argv[6]))
+        result = run_streams(port, target, host, token, int(argv[5]), float(argv[6]),
+                             int(argv[7]) if len(argv) > 7 else 0)
     else:
         raise SystemExit("usage: loadgen.py rps|streams ...")
     print(json.dumps(result), flush=True)

@@ -17,10 +17,11 @@ BENCH = os.path.join(ROOT, "bench", "bench.py")
 ROWS = (
     "round trip p50 (ms)", "round trip p99 (ms)", "added latency p50 (ms)", "added latency p99 (ms)",
     "event delay p50 (ms)", "event delay p99 (ms)", "added delay p99 over direct (ms)",
-    "requests/s", "relay CPU (% of one core)", "fake upstream CPU (% of one core)",
+    "requests/s", "relay CPU (% of one core)", "relay CPU per request (us)", "fake upstream CPU (% of one core)",
     "load clients CPU (% of one core, sum)",
     "completed", "errors", "most open at once", "seconds until all were connected", "relay peak RSS (MB)", "relay peak threads",
     "idle RSS after start (MB)", "idle threads", "start to listening, median of 2 (ms)",
+    "as `python3 -m ocm`, cached bytecode (ms)", "as `python3 -m ocm`: idle RSS (MB)",
     "upstream connections per 100 requests",
 )
 
