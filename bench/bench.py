@@ -16,6 +16,7 @@ Profiling hooks (see bench/README.md):
 """
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -28,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,7 +92,7 @@ def is_listening(port):
 
 
 def wait_listening(port, proc, timeout=10.0):
-    """Poll-connect until the port accepts; seconds since ``started``-ish call."""
+    """Poll-connect every millisecond until the port accepts a connection."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if is_listening(port):
@@ -190,7 +190,6 @@ USER_TOKEN = "bench-user-token-0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 def b64url(data):
-    import base64
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
@@ -255,9 +254,9 @@ def cached_ocm(workdir):
 def start_ocm(workdir, upstream_port):
     port = free_port()
     config_path = write_ocm_config(workdir, upstream_port, port)
-    log = open(os.path.join(workdir, "ocm.log"), "wb")  # OCM logs a line per request, as deployed
-    proc = subprocess.Popen(ocm_command(config_path), stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=log, preexec_fn=child_setup)
+    with open(os.path.join(workdir, "ocm.log"), "wb") as log:  # a line per request, as deployed
+        proc = subprocess.Popen(ocm_command(config_path), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, preexec_fn=child_setup)
     wait_listening(port, proc)
     return Route("OCM", port, "/v1/responses", USER_TOKEN, proc)
 
@@ -483,7 +482,8 @@ class Table:
 
     def render(self):
         width = max([len(r[0]) for r in self.rows if isinstance(r, tuple)] + [10]) + 2
-        head = "%-*s" % (width, "") + "".join("%10s" % c for c in self.columns) + "%11s  %s" % ("target", "OCM")
+        head = ("%-*s" % (width, "") + "".join("%10s" % c for c in self.columns)
+                + "%11s  %s" % ("target", "OCM"))
         lines = [head, "-" * len(head)]
         for row in self.rows:
             if isinstance(row, str):
@@ -564,10 +564,12 @@ def main(argv=None):
             results["conns"] = {r.name: upstream_connections(r, upstream_port, settings.sequential)
                                 for r in routes}
         if "latency" in phases:
-            progress("latency, %d small POSTs per route" % (settings.latency_rounds * settings.latency_per_round))
+            progress("latency, %d small POSTs per route"
+                     % (settings.latency_rounds * settings.latency_per_round))
             results["latency"] = latencies(routes, settings)
         if "sse" in phases:
-            progress("SSE event delay, %d stream(s) of %d events" % (settings.sse_streams, settings.sse_events))
+            progress("SSE event delay, %d stream(s) of %d events"
+                     % (settings.sse_streams, settings.sse_events))
             results["sse"] = sse_delays(routes, settings)
         if "rps" in phases:
             results["rps"] = {}
@@ -638,7 +640,8 @@ def render(results, settings, nginx):
         table.row("completed", {k: v["ok"] for k, v in streams.items()}, 0)
         table.row("errors", {k: v["errors"] for k, v in streams.items()}, 0, ("=", 0))
         table.row("most open at once", {k: v["peak_open"] for k, v in streams.items()}, 0)
-        table.row("seconds until all were connected", {k: v["connect_seconds"] for k, v in streams.items()}, 2)
+        table.row("seconds until all were connected",
+                  {k: v["connect_seconds"] for k, v in streams.items()}, 2)
         table.row("event delay p99 (ms)", {k: v["delay_p99_ms"] for k, v in streams.items()}, 1)
         table.row("relay peak RSS (MB)", {k: v.get("peak_rss_mb") for k, v in streams.items()
                                           if k != "direct"}, 1, ("<=", 100))
@@ -661,7 +664,8 @@ def render(results, settings, nginx):
         platform.release(), ", nginx " + nginx_version(nginx) if nginx else ", nginx: not installed/skipped")
     notes = [
         "direct = the same client straight to the fake upstream; added = relay minus direct.",
-        "OCM runs as `%s ocm.py config.json`, logging at info level to a file." % os.path.basename(sys.executable),
+        "OCM runs as `%s ocm.py config.json`, logging at info level to a file."
+        % os.path.basename(sys.executable),
     ]
     if nginx:
         notes.append("nginx: one process, proxy_buffering off, upstream keepalive 64, access log on.")

@@ -15,11 +15,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench", "bench.py")
 
 ROWS = (
-    "round trip p50 (ms)", "round trip p99 (ms)", "added latency p50 (ms)", "added latency p99 (ms)",
+    # one keep-alive connection
+    "round trip p50 (ms)", "round trip p99 (ms)",
+    "added latency p50 (ms)", "added latency p99 (ms)",
+    # SSE
     "event delay p50 (ms)", "event delay p99 (ms)", "added delay p99 over direct (ms)",
-    "requests/s", "relay CPU (% of one core)", "relay CPU per request (us)", "fake upstream CPU (% of one core)",
-    "load clients CPU (% of one core, sum)",
-    "completed", "errors", "most open at once", "seconds until all were connected", "relay peak RSS (MB)", "relay peak threads",
+    # throughput
+    "requests/s", "relay CPU (% of one core)", "relay CPU per request (us)",
+    "fake upstream CPU (% of one core)", "load clients CPU (% of one core, sum)",
+    # many streams (twice: tiny and 64 KB request bodies)
+    "completed", "errors", "most open at once", "seconds until all were connected",
+    "relay peak RSS (MB)", "relay peak threads",
+    # footprint
     "idle RSS after start (MB)", "idle threads", "start to listening, median of 2 (ms)",
     "as `python3 -m ocm`, cached bytecode (ms)", "as `python3 -m ocm`: idle RSS (MB)",
     "upstream connections per 100 requests",
@@ -41,4 +48,5 @@ class TestBench:
         labels = [line.strip() for line in out.splitlines() if line.startswith("  ")]
         for row in ROWS:
             assert any(label.startswith(row + " ") for label in labels), "no row %r in:\n%s" % (row, out)
+        assert out.count("concurrent SSE streams") == 2, out  # tiny and 64 KB request bodies
         assert "MISS" in out or "PASS" in out
