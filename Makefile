@@ -1,11 +1,13 @@
 # OCM: `make test` runs the suite (installing pytest and hypothesis into .venv
-# if this Python lacks them); `make fuzz` runs the fuzz tests much longer.
+# if this Python lacks them); `make fuzz` runs the fuzz tests much longer;
+# `make bench` measures OCM against direct and nginx (BENCH_ARGS=--quick for a short run).
 PYTHON ?= python3
 VENV   ?= .venv
 TESTS  ?= test_ocm.py tests
 TEST_DEPS = pytest hypothesis
+BENCH_ARGS ?=
 
-.PHONY: test fuzz clean
+.PHONY: test fuzz bench clean
 
 # Use the interpreter's own pytest when it has one; otherwise a private venv.
 test:
@@ -20,6 +22,10 @@ test:
 # The property tests with many more examples (OCM_FUZZ_EXAMPLES, default 2000 each).
 fuzz:
 	@OCM_FUZZ_EXAMPLES=$${OCM_FUZZ_EXAMPLES:-2000} $(MAKE) --no-print-directory test TESTS="tests/test_hardening.py -k Fuzz"
+
+# Standard library only; a measurement, not a test: it never fails on timing.
+bench:
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__
