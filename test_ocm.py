@@ -410,7 +410,8 @@ def make_proxy(fake, auth_path):
             "upstream": {"chatgpt_url": fake.chatgpt_url, "api_url": fake.url, "token_url": fake.token_url},
         }
         config.update(overrides)
-        proxy = Proxy(ocm.OCMServer(ocm.config_from_dict(config)))
+        # file_check_interval=0: tests change auth.json and expect the next request to see it
+        proxy = Proxy(ocm.OCMServer(ocm.config_from_dict(config), file_check_interval=0))
         started.append(proxy)
         return proxy
 
@@ -768,6 +769,28 @@ class TestCredentials:
 
 # == TestAuth ===============================================================
 
+class TestFileWatch:
+    def test_auth_json_is_looked_at_once_a_second_at_most(self, fake, auth_path, monkeypatch):
+        calls = []
+        real = ocm._file_id
+        monkeypatch.setattr(ocm, "_file_id", lambda path: calls.append(path) or real(path))
+        credential = ocm.Credential(str(auth_path), fake.token_url, None)
+        for _ in range(50):
+            credential.current()
+        assert len(calls) == 1
+        credential._checked_at -= 1.5
+        credential.current()
+        assert len(calls) == 2
+
+    def test_a_changed_file_is_seen_within_the_interval(self, fake, auth_path):
+        credential = ocm.Credential(str(auth_path), fake.token_url, None, check_interval=0.05)
+        first = credential.current().access_token
+        fresh = new_access_token()
+        write_auth(auth_path, access=fresh)
+        time.sleep(0.06)
+        assert credential.current().access_token == fresh != first
+
+
 class TestAuth:
     @pytest.mark.parametrize("header, message", [
         (None, "missing api key"),
@@ -1087,6 +1110,37 @@ def start_process(config_path, extra_args=()):
 
 
 class TestProcess:
+    @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+    def test_server_run_replaces_itself_to_free_the_script_syntax_tree(self, tmp_path, fake, auth_path):
+        """`python3 ocm.py config.json` re-executes as a module load (same PID),
+        so CPython frees the syntax tree it keeps for scripts (11 MB)."""
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path),
+                                      "upstream": {"chatgpt_url": fake.chatgpt_url}}))
+        proc, port, _ = start_process(config)
+        try:
+            cmdline = open("/proc/%d/cmdline" % proc.pid, "rb").read().split(b"\0")
+            assert cmdline[1] == b"-c" and b"spec_from_file_location" in cmdline[2]
+            assert os.path.abspath(OCM_PY).encode() in cmdline[2] and cmdline[3] == str(config).encode()
+            assert b"OCM_REEXECUTED=1" in open("/proc/%d/environ" % proc.pid, "rb").read()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+
+    def test_a_renamed_copy_still_runs(self, tmp_path, fake, auth_path):
+        copy = tmp_path / "ocm-server"
+        copy.write_bytes(open(OCM_PY, "rb").read())
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path),
+                                      "upstream": {"chatgpt_url": fake.chatgpt_url}}))
+        proc = subprocess.Popen([sys.executable, str(copy), str(config)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert "listening on" in proc.stdout.readline()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+
     @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
     def test_process_serves_and_stops_cleanly_on_signal(self, tmp_path, fake, auth_path, sig):
         config = tmp_path / "config.json"
@@ -1633,6 +1687,15 @@ class TestAccounting:
         fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(event)))
         proxy.request("POST", "/v1/responses", {"model": "gpt-5.1-codex-max", "service_tier": "flex"})
         assert ("gpt-5.1-codex-max", "flex", None) in combos_of(proxy.server.usage)
+
+    def test_fallback_reads_the_ends_of_a_released_big_body(self, tracked, fake):
+        proxy, _ = tracked
+        event = completed_event("r1", "x", 10, 0, 1)
+        del event["response"]["model"]
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(event)))
+        body = {"model": "gpt-5.2-codex", "input": [{"text": "y" * 200000}], "service_tier": "priority"}
+        proxy.request("POST", "/v1/responses", body)
+        assert ("gpt-5.2-codex", "priority", None) in combos_of(proxy.server.usage)
 
     def test_non_streaming_json_is_counted(self, tracked, fake):
         proxy, _ = tracked
