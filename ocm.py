@@ -42,8 +42,9 @@ if (__name__ == "__main__" and not os.environ.get("OCM_REEXECUTED") and sys.exec
         and not any(arg in _QUICK_COMMANDS for arg in sys.argv[1:])):
     # Loaded by its absolute path (never another ocm.py on sys.path), through
     # the bytecode cache in __pycache__ when the directory is writable.
-    _boot = ("import importlib.util as u, sys; p = sys.argv[0] = %r; s = u.spec_from_file_location('ocm', p); "
-             "m = sys.modules['ocm'] = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.main())")
+    _boot = ("import importlib.machinery as im, importlib.util as iu, sys; p = sys.argv[0] = %r; "
+             "l = im.SourceFileLoader('ocm', p); m = sys.modules['ocm'] = iu.module_from_spec("
+             "iu.spec_from_loader('ocm', l)); l.exec_module(m); sys.exit(m.main())")
     try:
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, "-c", _boot % os.path.abspath(__file__)] + sys.argv[1:],

@@ -1120,7 +1120,7 @@ class TestProcess:
         proc, port, _ = start_process(config)
         try:
             cmdline = open("/proc/%d/cmdline" % proc.pid, "rb").read().split(b"\0")
-            assert cmdline[1] == b"-c" and b"spec_from_file_location" in cmdline[2]
+            assert cmdline[1] == b"-c" and b"SourceFileLoader" in cmdline[2]
             assert os.path.abspath(OCM_PY).encode() in cmdline[2] and cmdline[3] == str(config).encode()
             assert b"OCM_REEXECUTED=1" in open("/proc/%d/environ" % proc.pid, "rb").read()
         finally:
