@@ -34,26 +34,39 @@ import sys
 # Run as a script (`python3 ocm.py config.json`), CPython keeps the whole
 # file's syntax tree in memory until the script ends: 11 MB for the life of a
 # server. Before the heavy imports, a server run therefore replaces itself
-# (same PID, same signals) with a run of this same file through runpy, which
-# compiles it like a module and frees the tree. Quick commands don't bother.
+# (same PID, same signals) with a load of this same file, by absolute path,
+# through importlib, which frees the tree. Only when that is cheap: with a
+# bytecode cache to load it from (else it would compile twice), and with -S
+# (OCM imports nothing from site-packages). Quick commands don't bother.
 _QUICK_COMMANDS = ("-h", "--help", "--version", "--check", "usage", "login", "logout", "status",
                    "init", "hash-token")
+
+
+def _bytecode_cache_usable(path: str) -> bool:
+    import importlib.util
+    try:
+        cached = importlib.util.cache_from_source(path)
+        if os.stat(cached).st_mtime >= os.stat(path).st_mtime:
+            return True
+    except (OSError, NotImplementedError, ValueError):
+        pass
+    return not sys.dont_write_bytecode and os.access(os.path.dirname(path) or ".", os.W_OK)
+
+
 if (__name__ == "__main__" and not os.environ.get("OCM_REEXECUTED") and sys.executable
-        and not any(arg in _QUICK_COMMANDS for arg in sys.argv[1:])):
-    # Loaded by its absolute path (never another ocm.py on sys.path), through
-    # the bytecode cache in __pycache__ when the directory is writable.
+        and not any(arg in _QUICK_COMMANDS for arg in sys.argv[1:])
+        and _bytecode_cache_usable(os.path.abspath(__file__))):
     _boot = ("import importlib.machinery as im, importlib.util as iu, sys; p = sys.argv[0] = %r; "
              "l = im.SourceFileLoader('ocm', p); m = sys.modules['ocm'] = iu.module_from_spec("
              "iu.spec_from_loader('ocm', l)); l.exec_module(m); sys.exit(m.main())")
     try:
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, "-c", _boot % os.path.abspath(__file__)] + sys.argv[1:],
-                  dict(os.environ, OCM_REEXECUTED="1"))
+        os.execve(sys.executable, [sys.executable, "-S", "-c", _boot % os.path.abspath(__file__)]
+                  + sys.argv[1:], dict(os.environ, OCM_REEXECUTED="1"))
     except OSError:
         pass  # carry on as a script: correct, only heavier
 
 import base64
-import calendar
 import codecs
 import contextlib
 import functools
@@ -790,6 +803,17 @@ def decode_jwt_claims(token: str) -> Dict[str, Any]:
 _RFC3339 = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
 
 
+def days_since_epoch(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 in the proleptic Gregorian calendar (what
+    calendar.timegm computes; that module costs 3 ms of start-up)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468
+
+
 def parse_rfc3339(text: Any) -> Optional[float]:
     """Unix seconds from an RFC 3339 time (any fraction length), or None."""
     if not isinstance(text, str):
@@ -797,11 +821,11 @@ def parse_rfc3339(text: Any) -> Optional[float]:
     m = _RFC3339.match(text.strip())
     if not m:
         return None
-    try:
-        seconds = calendar.timegm((int(m.group(1)), int(m.group(2)), int(m.group(3)),
-                                   int(m.group(4)), int(m.group(5)), int(m.group(6)), 0, 0, 0))
-    except (ValueError, OverflowError):
+    year, month, day = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if not (1 <= month <= 12 and 1 <= day <= 31):
         return None
+    seconds = (days_since_epoch(year, month, day) * 86400
+               + int(m.group(4)) * 3600 + int(m.group(5)) * 60 + int(m.group(6)))
     if m.group(7):
         seconds += float("0" + m.group(7))
     zone = m.group(8)

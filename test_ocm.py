@@ -580,6 +580,14 @@ class TestCredentials:
         assert ocm.needs_refresh(old, now) and not ocm.needs_refresh(recent, now)
         assert not ocm.needs_refresh(ocm.Login(mode="apikey", api_key="k"), now)
 
+    def test_day_arithmetic_matches_calendar_timegm(self):
+        import calendar
+        import random
+        rng = random.Random(7)
+        for _ in range(5000):
+            y, m, d = rng.randint(1, 9999), rng.randint(1, 12), rng.randint(1, 28)
+            assert ocm.days_since_epoch(y, m, d) * 86400 == calendar.timegm((y, m, d, 0, 0, 0, 0, 0, 0))
+
     def test_rfc3339_parsing_handles_nanoseconds_and_offsets(self):
         assert ocm.parse_rfc3339("1970-01-01T00:00:10.5Z") == 10.5
         assert ocm.parse_rfc3339("2026-11-24T08:33:47.488245999Z") == pytest.approx(1795509227.488246)
@@ -1117,12 +1125,35 @@ class TestProcess:
         config = tmp_path / "config.json"
         config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path),
                                       "upstream": {"chatgpt_url": fake.chatgpt_url}}))
-        proc, port, _ = start_process(config)
+        copy = tmp_path / "ocm.py"  # in a writable directory: the bytecode cache can be made
+        copy.write_bytes(open(OCM_PY, "rb").read())
+        env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        proc = subprocess.Popen([sys.executable, str(copy), str(config)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
         try:
+            assert "listening on" in proc.stdout.readline()
             cmdline = open("/proc/%d/cmdline" % proc.pid, "rb").read().split(b"\0")
-            assert cmdline[1] == b"-c" and b"SourceFileLoader" in cmdline[2]
-            assert os.path.abspath(OCM_PY).encode() in cmdline[2] and cmdline[3] == str(config).encode()
+            assert cmdline[1:3] == [b"-S", b"-c"] and b"SourceFileLoader" in cmdline[3]
+            assert str(copy).encode() in cmdline[3] and cmdline[4] == str(config).encode()
             assert b"OCM_REEXECUTED=1" in open("/proc/%d/environ" % proc.pid, "rb").read()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+
+    def test_without_a_bytecode_cache_it_stays_a_script(self, tmp_path, fake, auth_path):
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path),
+                                      "upstream": {"chatgpt_url": fake.chatgpt_url}}))
+        copy = tmp_path / "ocm.py"
+        copy.write_bytes(open(OCM_PY, "rb").read())
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        proc = subprocess.Popen([sys.executable, str(copy), str(config)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert "listening on" in proc.stdout.readline()
+            if sys.platform.startswith("linux"):
+                assert b"OCM_REEXECUTED" not in open("/proc/%d/environ" % proc.pid, "rb").read()
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0
@@ -1133,10 +1164,14 @@ class TestProcess:
         config = tmp_path / "config.json"
         config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path),
                                       "upstream": {"chatgpt_url": fake.chatgpt_url}}))
+        env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         proc = subprocess.Popen([sys.executable, str(copy), str(config)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, env=env)
         try:
             assert "listening on" in proc.stdout.readline()
+            if sys.platform.startswith("linux"):
+                assert b"OCM_REEXECUTED=1" in open("/proc/%d/environ" % proc.pid, "rb").read()
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0

@@ -28,7 +28,7 @@ ROWS = (
     "relay peak RSS (MB)", "relay peak threads",
     # footprint
     "idle RSS after start (MB)", "idle threads", "start to listening, median of 2 (ms)",
-    "as `python3 -m ocm`, cached bytecode (ms)", "as `python3 -m ocm`: idle RSS (MB)",
+    "without a bytecode cache (ms)", "without a bytecode cache: idle RSS (MB)",
     "upstream connections per 100 requests",
 )
 
