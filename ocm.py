@@ -22,10 +22,11 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
    8. Users              bearer tokens, constant-time lookup
    9. HTTP parsing       strict request heads and bodies, response heads
   10. Upstream           the Connector (proxies, TLS), keep-alive pool, urllib
-  11. Streams            the SSE usage scanner, WebSocket framing
-  12. Handler            route, authenticate, relay HTTP, SSE and WebSocket
-  13. Server             TLS for clients, the ThreadingHTTPServer owning all state
-  14. CLI                main(), login, logout, status, usage
+  11. Accounts           rate-limit state, pools (balancer, fallback), stickiness
+  12. Streams            the SSE usage scanner, WebSocket framing
+  13. Handler            route, authenticate, relay HTTP, SSE and WebSocket
+  14. Server             TLS for clients, the ThreadingHTTPServer owning all state
+  15. CLI                main(), login, logout, status, usage
 """
 
 import os
@@ -68,6 +69,7 @@ if (__name__ == "__main__" and not os.environ.get("OCM_REEXECUTED") and sys.exec
 
 import base64
 import codecs
+import collections
 import contextlib
 import functools
 import hashlib
@@ -78,6 +80,7 @@ import json
 import logging
 import math
 import queue
+import random
 import re
 import select
 import selectors
@@ -193,13 +196,14 @@ class HTTPError(OCMError):
     """
 
     def __init__(self, status: int, error_type: str, message: str, close: bool = False,
-                 headers: Optional[List[Tuple[str, str]]] = None):
+                 headers: Optional[List[Tuple[str, str]]] = None, body: Optional[bytes] = None):
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
         self.close = close
         self.headers = headers or []
+        self.body = body  # a ready answer (429 usage_limit_reached), instead of {"error": ...}
 
 
 class ClientGone(OCMError):
@@ -273,6 +277,7 @@ def describe_connect_error(exc: BaseException) -> str:
 class User:
     name: str
     token: str
+    credential: str = ""   # the tag of the account or pool this user draws from
 
 
 @dataclass
@@ -354,6 +359,29 @@ def default_credential_path(env: Optional[Dict[str, str]] = None) -> str:
     return os.path.join(home, ".codex", "auth.json")
 
 
+DEFAULT_POLL_INTERVAL = 60.0
+BALANCER_STRATEGIES = ("least_used", "round_robin", "random")
+
+
+@dataclass
+class CredentialConfig:
+    """One entry of ``credentials`` (sing-box 1.14): an account, or a pool."""
+    tag: str
+    type: str = "default"                  # default | balancer | fallback
+    credential_path: str = ""
+    usages_path: str = ""
+    detour: Optional[ProxyURL] = None
+    reserve_5h: int = 0                    # keep this much of the 5-hour window unused
+    reserve_weekly: int = 0
+    strategy: str = "least_used"           # balancer only
+    members: List[str] = field(default_factory=list)   # balancer and fallback: tags, in order
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+
+    @property
+    def is_pool(self) -> bool:
+        return self.type != "default"
+
+
 @dataclass
 class TLSConfig:
     """Inbound TLS, with sing-box's field names."""
@@ -374,6 +402,7 @@ class Config:
     credential_path: str = field(default_factory=default_credential_path)
     usages_path: str = ""
     users: List[User] = field(default_factory=list)
+    credentials: List[CredentialConfig] = field(default_factory=list)
     headers: Dict[str, List[str]] = field(default_factory=dict)
     detour: Optional[ProxyURL] = None
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -390,8 +419,6 @@ SING_BOX_IGNORED_KEYS = frozenset((
     "udp_disable_domain_unmapping", "bind_interface", "routing_mark", "reuse_addr",
     "netns", "disable_tcp_keep_alive", "tcp_keep_alive", "tcp_keep_alive_interval",
 ))
-# Keys that belong to features not built yet: refused, never silently ignored.
-NOT_SUPPORTED_YET = ("credentials",)
 # sing-box TLS options OCM cannot honour; refused, as ignoring them would
 # quietly weaken what the owner configured.
 TLS_UNSUPPORTED = ("acme", "ech", "reality", "client_authentication", "client_certificate",
@@ -551,6 +578,10 @@ def _parse_users(raw: list, where: str) -> List[User]:
         f = _Fields(entry, "%s[%d]" % (where, i))
         name = f.str("name", allow_empty=False)
         token = f.str("token", allow_empty=False)
+        credential = f.str("credential")
+        for key in ("external_credential", "allow_external_usage"):
+            if f.has(key):
+                raise ConfigError("%s: external credentials are not supported by OCM" % f.path(key))
         if not f.has("name"):
             raise ConfigError("%s: missing name" % f.where)
         if not f.has("token"):
@@ -564,8 +595,97 @@ def _parse_users(raw: list, where: str) -> List[User]:
         f.finish()
         names.add(name)
         tokens.add(token)
-        users.append(User(name=name, token=token))
+        users.append(User(name=name, token=token, credential=credential))
     return users
+
+
+def _listable(value: Any, where: str) -> List[str]:
+    """sing-box's Listable: one string or a list of them."""
+    values = value if isinstance(value, list) else [value] if value is not None else []
+    if not all(isinstance(v, str) and v for v in values):
+        raise ConfigError("%s: expected a tag or a list of tags" % where)
+    return values
+
+
+def _parse_credentials(raw: list, where: str) -> List[CredentialConfig]:
+    entries = {}  # type: Dict[str, CredentialConfig]
+    paths = {}  # type: Dict[str, str]
+    for i, entry in enumerate(raw):
+        f = _Fields(entry, "%s[%d]" % (where, i))
+        tag = f.str("tag", allow_empty=False)
+        if not tag:
+            raise ConfigError("%s: missing tag" % f.where)
+        if tag in entries:
+            raise ConfigError("%s: duplicate tag %r" % (f.path("tag"), tag))
+        kind = f.str("type") or "default"
+        if kind == "external":
+            raise ConfigError("%s: external credentials are not supported by OCM" % f.path("type"))
+        if kind not in ("default", "balancer", "fallback"):
+            raise ConfigError("%s: %r is not a credential type (default, balancer, fallback)"
+                              % (f.path("type"), kind))
+        item = CredentialConfig(tag=tag, type=kind)
+        if kind == "default":
+            item.credential_path = os.path.expanduser(f.str("credential_path", allow_empty=False))
+            if not item.credential_path:
+                raise ConfigError("%s: missing credential_path" % f.where)
+            if item.credential_path in paths:
+                raise ConfigError("%s: %s is also the file of %r; each account needs its own"
+                                  % (f.path("credential_path"), item.credential_path, paths[item.credential_path]))
+            paths[item.credential_path] = tag
+            item.usages_path = os.path.expanduser(f.str("usages_path"))
+            detour = f.str("detour")
+            item.detour = parse_proxy_url(detour, f.path("detour")) if detour else None
+            for key in ("reserve_5h", "reserve_weekly"):
+                if f.has(key):
+                    value = f.int(key, 0, -1 << 31, 1 << 31)
+                    if not 1 <= value <= 99:
+                        raise ConfigError("%s: %d is outside 1 to 99 (leave it out for no reserve)"
+                                          % (f.path(key), value))
+                    setattr(item, key, value)
+        else:
+            item.members = _listable(f.raw("credentials"), f.path("credentials"))
+            if not item.members:
+                raise ConfigError("%s: a %s needs credentials" % (f.path("credentials"), kind))
+            item.poll_interval = f.seconds("poll_interval", DEFAULT_POLL_INTERVAL)
+            if kind == "balancer":
+                item.strategy = f.str("strategy") or "least_used"
+                if item.strategy not in BALANCER_STRATEGIES:
+                    raise ConfigError("%s: %r is not a strategy (%s)"
+                                      % (f.path("strategy"), item.strategy, ", ".join(BALANCER_STRATEGIES)))
+        f.finish()
+        entries[tag] = item
+    for i, item in enumerate(entries.values()):
+        for member in item.members:
+            path = "%s[%d].credentials" % (where, i)
+            if member not in entries:
+                raise ConfigError("%s: unknown tag %r" % (path, member))
+            if member == item.tag:
+                raise ConfigError("%s: %r contains itself" % (path, item.tag))
+            if item.type == "balancer" and entries[member].is_pool:
+                raise ConfigError("%s: a balancer draws from accounts only, and %r is a %s"
+                                  % (path, member, entries[member].type))
+        _check_no_cycle(item.tag, entries, [], where)
+    return list(entries.values())
+
+
+def _check_no_cycle(tag: str, entries: Dict[str, CredentialConfig], trail: List[str], where: str) -> None:
+    if tag in trail:
+        raise ConfigError("%s: pools form a cycle: %s" % (where, " -> ".join(trail + [tag])))
+    for member in entries[tag].members:
+        _check_no_cycle(member, entries, trail + [tag], where)
+
+
+def accounts_of(config: Config, tag: str) -> List[str]:
+    """The account tags behind a credential tag, in order, each once."""
+    entries = {c.tag: c for c in config.credentials}
+    if not entries[tag].is_pool:
+        return [tag]
+    out = []  # type: List[str]
+    for member in entries[tag].members:
+        for account in accounts_of(config, member):
+            if account not in out:
+                out.append(account)
+    return out
 
 
 def _parse_headers(raw: Any, where: str) -> Dict[str, List[str]]:
@@ -679,10 +799,6 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         where = "services[%d]" % found[0][0]
         data = found[0][1]
     f = _Fields(data, where)
-    for key in NOT_SUPPORTED_YET:
-        if f.has(key):
-            raise ConfigError("%s: not supported yet by OCM %s; remove it"
-                              % (f.path(key), __version__))
     listen = f.str("listen", DEFAULT_LISTEN, allow_empty=False)
     config = Config(
         listen=listen,
@@ -690,6 +806,7 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         credential_path=os.path.expanduser(f.str("credential_path")) or default_credential_path(),
         usages_path=os.path.expanduser(f.str("usages_path")),
         users=_parse_users(f.list("users"), f.path("users")),
+        credentials=_parse_credentials(f.list("credentials"), f.path("credentials")),
         headers=_parse_headers(f.raw("headers"), f.path("headers")),
         detour=parse_proxy_url(f.str("detour"), f.path("detour")) if f.str("detour") else None,
         tls=_parse_tls(f.raw("tls"), f.path("tls")),
@@ -698,7 +815,28 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         source=source,
     )
     f.finish(SING_BOX_IGNORED_KEYS)
+    _check_credentials(config, f)
     return config
+
+
+def _check_credentials(config: Config, f: _Fields) -> None:
+    """With ``credentials``, every user names one; without, nobody may."""
+    if not config.credentials:
+        for i, user in enumerate(config.users):
+            if user.credential:
+                raise ConfigError("%s[%d].credential: there is no credentials list to draw from"
+                                  % (f.path("users"), i))
+        return
+    for key in ("credential_path", "usages_path", "detour"):
+        if f.has(key):
+            raise ConfigError("%s: with a credentials list, set it on each credential instead" % f.path(key))
+    tags = {c.tag for c in config.credentials}
+    for i, user in enumerate(config.users):
+        if not user.credential:
+            raise ConfigError("%s[%d].credential: required with a credentials list (one of %s)"
+                              % (f.path("users"), i, ", ".join(sorted(tags))))
+        if user.credential not in tags:
+            raise ConfigError("%s[%d].credential: unknown tag %r" % (f.path("users"), i, user.credential))
 
 
 def load_config(path: str) -> Config:
@@ -2975,7 +3113,464 @@ def _make_opener(connector: Connector):
     return opener
 
 
-# == 11. Streams =============================================================
+# == 11. Accounts ============================================================
+
+# How much of a pool's capacity an account brings, by plan (OpenAI gives Pro
+# several times Plus's Codex limits). Other plans count 1.
+PLAN_WEIGHTS = {"pro": 6.0, "free": 0.25}
+DEFAULT_COOLDOWN = 300.0          # a 429 without any reset time
+MAX_POLL_BACKOFF = 30 * 60.0
+POLL_TIMEOUT = 15.0
+SESSION_TTL = 12 * 3600.0         # a sticky session forgotten after this long unused
+MAX_SESSIONS = 20000
+
+
+@dataclass
+class Window:
+    """One rate-limit window of an account: the 5-hour (primary) or weekly one."""
+    used_percent: Optional[float] = None
+    window_minutes: Optional[float] = None
+    resets_at: Optional[float] = None
+
+    def used(self, now: float) -> float:
+        """Use now, in percent: 0 if unknown, and 0 once the window has reset."""
+        if self.used_percent is None or (self.resets_at is not None and self.resets_at <= now):
+            return 0.0
+        return self.used_percent
+
+    def to_json(self, now: float) -> Dict[str, Any]:
+        return {"used_percent": round(self.used(now), 1), "window_minutes": self.window_minutes,
+                "resets_at": int(self.resets_at) if self.resets_at and self.resets_at > now else None}
+
+
+def _number(value: Any) -> Optional[float]:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def windows_from_headers(headers, now: float) -> Tuple[Optional[Window], Optional[Window]]:
+    """(primary, secondary) from x-{limit}-(primary|secondary)-* response headers."""
+    active = (headers.get("x-codex-active-limit") or "codex").strip().lower().replace("_", "-")
+    out = []
+    for name in ("primary", "secondary"):
+        prefix = "x-%s-%s-" % (active, name)
+        used = _number(headers.get(prefix + "used-percent"))
+        if used is None:
+            out.append(None)
+            continue
+        resets_at = _number(headers.get(prefix + "reset-at"))
+        if resets_at is None and _number(headers.get(prefix + "reset-after-seconds")) is not None:
+            resets_at = now + _number(headers.get(prefix + "reset-after-seconds"))
+        out.append(Window(used, _number(headers.get(prefix + "window-minutes")), resets_at))
+    return out[0], out[1]
+
+
+def window_from_poll(data: Any, now: float) -> Optional[Window]:
+    """A window of the usage endpoint's answer (PROTOCOL.md section 7)."""
+    if not isinstance(data, dict) or _number(data.get("used_percent")) is None:
+        return None
+    seconds = _number(data.get("limit_window_seconds"))
+    resets_at = _number(data.get("reset_at"))
+    if resets_at is None and _number(data.get("reset_after_seconds")) is not None:
+        resets_at = now + _number(data.get("reset_after_seconds"))
+    return Window(_number(data.get("used_percent")), seconds / 60 if seconds else None, resets_at)
+
+
+def usage_url_for(chatgpt_url: str) -> str:
+    """The usage endpoint: the ChatGPT backend with /codex replaced by /wham/usage."""
+    base = chatgpt_url.rstrip("/")
+    return (base[:-len("/codex")] if base.endswith("/codex") else base) + "/wham/usage"
+
+
+def rate_limit_reset(body: bytes, headers, now: float) -> float:
+    """When a 429'd account may be tried again: the body's resets_at, else the
+    headers' reset of a full window, else Retry-After, else a default pause."""
+    try:
+        answer = parse_json(body)
+    except ValueError:
+        answer = None
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(error, dict):
+        resets_at = _number(error.get("resets_at"))
+        if resets_at and resets_at > now:
+            return resets_at
+        resets_in = _number(error.get("resets_in_seconds"))
+        if resets_in and resets_in > 0:
+            return now + resets_in
+    full = [w.resets_at for w in windows_from_headers(headers, now)
+            if w is not None and w.used_percent is not None and w.used_percent >= 100 and w.resets_at]
+    if full:
+        return max(full)
+    retry_after = _number(headers.get("retry-after"))
+    return now + (retry_after if retry_after and retry_after > 0 else DEFAULT_COOLDOWN)
+
+
+class Account:
+    """One subscription: its login, its connections, its usage book, and what
+    we know of its rate limits (from every response, from polls, from 429s)."""
+
+    def __init__(self, tag: str, credential_path: str, usages_path: str, detour: Optional[ProxyURL],
+                 config: Config, reserve_5h: int = 0, reserve_weekly: int = 0,
+                 check_interval: float = 1.0, save_interval: float = 60.0,
+                 now: Callable[[], float] = time.time):
+        limits = config.limits
+        self.tag = tag
+        self.reserve_5h = reserve_5h
+        self.reserve_weekly = reserve_weekly
+        self.connector = Connector(limits.connect_timeout, limits.upstream_read_timeout, detour)
+        self.pool = UpstreamPool(self.connector)
+        self.open_url = build_url_opener(self.connector)
+        self.credential = Credential(credential_path, config.upstream.token_url, self.open_url, tag=tag,
+                                     check_interval=check_interval)
+        self.usage = None  # type: Optional[UsageBook]
+        if usages_path:
+            check_writable_location(usages_path)
+            self.usage = UsageBook(usages_path, save_interval=save_interval)
+            self.usage.load()
+        self._now = now
+        self._lock = threading.Lock()
+        self.primary = Window()
+        self.secondary = Window()
+        self.plan = ""
+        self.cooldown_until = 0.0
+        self.polled_at = 0.0
+        self.poll_interval = 0.0        # 0: not polled (not in a pool)
+        self.poll_failures = 0
+        self.next_poll_at = 0.0
+        self.last_poll_error = ""
+
+    # -- what we learn -------------------------------------------------------
+    def observe_headers(self, headers, success: bool) -> None:
+        now = self._now()
+        primary, secondary = windows_from_headers(headers, now)
+        with self._lock:
+            if primary is not None:
+                self.primary = primary
+            if secondary is not None:
+                self.secondary = secondary
+            if success and self.cooldown_until:  # the account answered: its quota is back
+                log.info("account %s: quota is back; cooldown cleared", self.tag)
+                self.cooldown_until = 0.0
+
+    def observe_poll(self, answer: Any) -> None:
+        now = self._now()
+        limits = answer.get("rate_limit") if isinstance(answer, dict) else None
+        with self._lock:
+            self.polled_at = now
+            if isinstance(answer, dict) and isinstance(answer.get("plan_type"), str):
+                self.plan = answer["plan_type"]
+            if not isinstance(limits, dict):
+                return
+            primary = window_from_poll(limits.get("primary_window"), now)
+            secondary = window_from_poll(limits.get("secondary_window"), now)
+            if primary is not None:
+                self.primary = primary
+            if secondary is not None:
+                self.secondary = secondary
+            quota_back = limits.get("allowed") is not False and not limits.get("limit_reached")
+            if self.cooldown_until and quota_back:
+                log.info("account %s: a poll shows quota back; cooldown cleared", self.tag)
+                self.cooldown_until = 0.0
+
+    def mark_rate_limited(self, resets_at: float) -> None:
+        with self._lock:
+            self.cooldown_until = max(resets_at, self._now() + 1.0)
+        log.warning("account %s: rate limited until %s", self.tag, format_rfc3339(resets_at))
+
+    # -- what we conclude ------------------------------------------------------
+    def state(self) -> str:
+        """usable | cooling_down | reserve_reached | unavailable"""
+        login, problem = self.credential.peek()
+        if login is None or problem:
+            return "unavailable"
+        now = self._now()
+        with self._lock:
+            if self.cooldown_until > now:
+                return "cooling_down"
+            if (self.primary.used(now) >= 100 - self.reserve_5h
+                    or self.secondary.used(now) >= 100 - self.reserve_weekly):
+                return "reserve_reached" if self.reserve_5h or self.reserve_weekly else "exhausted"
+        return "usable"
+
+    def is_usable(self) -> bool:
+        return self.state() == "usable"
+
+    @property
+    def weight(self) -> float:
+        return PLAN_WEIGHTS.get(self.plan or self._login_plan(), 1.0)
+
+    def _login_plan(self) -> str:
+        login, _ = self.credential.peek()
+        return login.plan if login is not None else ""
+
+    def headroom(self) -> float:
+        """Weighted percent left before a reserve: least_used takes the most."""
+        now = self._now()
+        with self._lock:
+            left = min(100 - self.reserve_5h - self.primary.used(now),
+                       100 - self.reserve_weekly - self.secondary.used(now))
+        return max(0.0, left) * self.weight
+
+    def next_reset(self) -> Optional[float]:
+        """When this account is next expected to be usable again."""
+        now = self._now()
+        with self._lock:
+            candidates = [self.cooldown_until] if self.cooldown_until > now else []
+            for window, reserve in ((self.primary, self.reserve_5h), (self.secondary, self.reserve_weekly)):
+                if window.used(now) >= 100 - reserve and window.resets_at:
+                    candidates.append(window.resets_at)
+        return max(candidates) if candidates else None
+
+    def to_json(self) -> Dict[str, Any]:
+        """The account as the status endpoint shows it: never a token or an id."""
+        now = self._now()
+        state = self.state()
+        _, problem = self.credential.peek()
+        with self._lock:
+            out = {"tag": self.tag, "plan": self.plan or self._login_plan() or None, "state": state,
+                   "five_hour": self.primary.to_json(now), "weekly": self.secondary.to_json(now),
+                   "cooldown_until": int(self.cooldown_until) if self.cooldown_until > now else None,
+                   "reserve_5h": self.reserve_5h, "reserve_weekly": self.reserve_weekly}
+        if state == "unavailable":
+            out["problem"] = problem
+        reset = self.next_reset()
+        if reset:
+            out["usable_again_at"] = int(reset)
+        return out
+
+    # -- polling ---------------------------------------------------------------
+    def poll(self, usage_url: str) -> None:
+        """Ask the usage endpoint; back off exponentially when it fails. A 429
+        from it means "ask later", never "this account is exhausted"."""
+        try:
+            login = self.credential.current()
+        except HTTPError as exc:
+            self._poll_failed("credential: " + exc.message)
+            return
+        if login.mode != "chatgpt":
+            self.next_poll_at = self._now() + MAX_POLL_BACKOFF  # API keys have no usage endpoint
+            return
+        import urllib.error
+        import urllib.request
+        headers = {"Authorization": "Bearer " + login.access_token, "Accept": "application/json",
+                   "User-Agent": "ocm/" + __version__}
+        if login.account_id:
+            headers["ChatGPT-Account-Id"] = login.account_id
+        try:
+            with self.open_url(urllib.request.Request(usage_url, headers=headers), POLL_TIMEOUT) as response:
+                answer = parse_json(response.read(1 << 20))
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            self._poll_failed("usage endpoint answered %d%s" % (exc.code, " (poll later)" if exc.code == 429 else ""))
+            return
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, OCMError) as exc:
+            self._poll_failed("usage endpoint: %s" % (getattr(exc, "reason", None) or exc))
+            return
+        self.observe_poll(answer)
+        self.poll_failures = 0
+        self.last_poll_error = ""
+        self.next_poll_at = self._now() + self.poll_interval
+
+    def _poll_failed(self, why: str) -> None:
+        self.poll_failures += 1
+        delay = min(self.poll_interval * (2 ** self.poll_failures), MAX_POLL_BACKOFF)
+        if why != self.last_poll_error:
+            log.warning("account %s: %s; next poll in %d s", self.tag, why, delay)
+        self.last_poll_error = why
+        self.next_poll_at = self._now() + delay
+
+    def close(self) -> None:
+        self.pool.close()
+        if self.usage is not None:
+            self.usage.close()
+
+
+class NoAccount(OCMError):
+    """No account of a pool can take a request now."""
+
+    def __init__(self, resets_at: Optional[float], unavailable: bool):
+        super().__init__("no usable account")
+        self.resets_at = resets_at
+        self.unavailable = unavailable
+
+
+class Pool:
+    """Where a user's requests go: one account alone ("single"), or a balancer
+    (least_used, round_robin, random) or fallback (first usable, in order)
+    over several. A session sticks to its account while that stays usable."""
+
+    def __init__(self, tag: str, kind: str, members: list, strategy: str = "",
+                 now: Callable[[], float] = time.time):
+        self.tag = tag
+        self.kind = kind                 # single | balancer | fallback
+        self.members = members           # Accounts; a fallback may also hold Pools
+        self.strategy = strategy
+        self._now = now
+        self._lock = threading.Lock()
+        self._turn = 0
+        self._sessions = collections.OrderedDict()  # type: collections.OrderedDict
+
+    @property
+    def is_pool(self) -> bool:
+        return self.kind != "single"
+
+    def accounts(self) -> List[Account]:
+        out = []  # type: List[Account]
+        for member in self.members:
+            for account in (member.accounts() if isinstance(member, Pool) else [member]):
+                if account not in out:
+                    out.append(account)
+        return out
+
+    def choose(self, session: str = "", exclude: frozenset = frozenset()) -> Account:
+        """The account for a request. Raises NoAccount when none can take it."""
+        if not self.is_pool:
+            return self.members[0]  # one account: OpenAI decides, OCM never refuses for it
+        now = self._now()
+        if session:
+            with self._lock:
+                sticky = self._sessions.get(session)
+            if sticky is not None and sticky[0] not in exclude and sticky[0].is_usable():
+                self._remember(session, sticky[0], now)
+                return sticky[0]
+        account = self._pick(exclude)
+        if account is None:
+            accounts = self.accounts()
+            resets = [r for r in (a.next_reset() for a in accounts) if r]
+            unavailable = all(a.state() == "unavailable" for a in accounts)
+            raise NoAccount(min(resets) if resets else None, unavailable)
+        if session:
+            self._remember(session, account, now)
+        return account
+
+    def _pick(self, exclude: frozenset) -> Optional[Account]:
+        if self.kind == "fallback":
+            for member in self.members:
+                if isinstance(member, Pool):
+                    try:
+                        return member.choose("", exclude)
+                    except NoAccount:
+                        continue
+                if member not in exclude and member.is_usable():
+                    return member
+            return None
+        usable = [a for a in self.members if a not in exclude and a.is_usable()]
+        if not usable:
+            return None
+        if self.strategy == "random":
+            return random.choice(usable)
+        if self.strategy == "round_robin":
+            with self._lock:
+                self._turn += 1
+                return usable[self._turn % len(usable)]
+        return max(usable, key=lambda a: a.headroom())  # least_used; ties: config order
+
+    def _remember(self, session: str, account: Account, now: float) -> None:
+        with self._lock:
+            self._sessions[session] = (account, now)
+            self._sessions.move_to_end(session)
+            while self._sessions and (len(self._sessions) > MAX_SESSIONS
+                                      or next(iter(self._sessions.values()))[1] < now - SESSION_TTL):
+                self._sessions.popitem(last=False)
+
+    def aggregate(self) -> Dict[str, Any]:
+        """The pool as one account: use weighted by plan, the earliest resets."""
+        now = self._now()
+        accounts = self.accounts()
+        out = {}  # type: Dict[str, Any]
+        for name in ("primary", "secondary"):
+            known = [(a.weight, getattr(a, name)) for a in accounts if getattr(a, name).used_percent is not None]
+            total = sum(weight for weight, _ in known)
+            resets = [w.resets_at for _, w in known if w.resets_at and w.resets_at > now]
+            minutes = [w.window_minutes for _, w in known if w.window_minutes]
+            out[name] = {
+                "used_percent": round(sum(weight * w.used(now) for weight, w in known) / total, 1) if total else None,
+                "resets_at": int(min(resets)) if resets else None,
+                "window_minutes": minutes[0] if minutes else None,
+            }
+        return out
+
+    def rewrite_rate_limit_headers(self, headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+        """Rate-limit headers as the pool's, so Codex's own display shows the pool."""
+        aggregate = self.aggregate()
+        out = [(n, v) for n, v in headers
+               if not re.match(r"(?i)^x-codex-(primary|secondary)-(used-percent|reset-at|reset-after-seconds)$", n)]
+        now = self._now()
+        for name in ("primary", "secondary"):
+            window = aggregate[name]
+            if window["used_percent"] is not None:
+                out.append(("x-codex-%s-used-percent" % name, "%g" % window["used_percent"]))
+            if window["resets_at"]:
+                out.append(("x-codex-%s-reset-at" % name, str(window["resets_at"])))
+                out.append(("x-codex-%s-reset-after-seconds" % name, str(max(0, int(window["resets_at"] - now)))))
+        return out
+
+    def to_json(self) -> Dict[str, Any]:
+        accounts = self.accounts()
+        states = [a.to_json() for a in accounts]
+        resets = [s["usable_again_at"] for s in states if s.get("usable_again_at")]
+        aggregate = self.aggregate()
+        return {"pool": self.tag, "type": self.kind, "strategy": self.strategy or None,
+                "five_hour": aggregate["primary"], "weekly": aggregate["secondary"],
+                "usable_accounts": sum(s["state"] == "usable" for s in states),
+                "next_reset": min(resets) if resets else None, "accounts": states}
+
+
+def build_accounts(config: Config, check_interval: float = 1.0,
+                   save_interval: float = 60.0) -> Tuple[Dict[str, Account], Dict[str, Pool]]:
+    """The accounts and pools a config describes. Without ``credentials``:
+    one account, "default", from credential_path, usages_path and detour."""
+    def make(tag: str, path: str, usages: str, detour: Optional[ProxyURL], r5: int = 0, rw: int = 0) -> Account:
+        return Account(tag, path, usages, detour, config, r5, rw, check_interval, save_interval)
+
+    if not config.credentials:
+        account = make("default", config.credential_path, config.usages_path, config.detour)
+        return {"default": account}, {"default": Pool("default", "single", [account])}
+    accounts = {}  # type: Dict[str, Account]
+    try:
+        for c in config.credentials:
+            if not c.is_pool:
+                accounts[c.tag] = make(c.tag, c.credential_path, c.usages_path, c.detour,
+                                       c.reserve_5h, c.reserve_weekly)
+    except BaseException:
+        for account in accounts.values():
+            account.close()
+        raise
+    entries = {c.tag: c for c in config.credentials}
+    pools = {}  # type: Dict[str, Pool]
+
+    def pool(tag: str) -> Pool:
+        if tag not in pools:
+            c = entries[tag]
+            if not c.is_pool:
+                pools[tag] = Pool(tag, "single", [accounts[tag]])
+            else:
+                members = [pool(m) if entries[m].is_pool else accounts[m] for m in c.members]
+                pools[tag] = Pool(tag, c.type, members, c.strategy if c.type == "balancer" else "")
+                for account in pools[tag].accounts():  # polled as often as its busiest pool asks
+                    interval = c.poll_interval
+                    account.poll_interval = min(account.poll_interval or interval, interval)
+        return pools[tag]
+
+    for c in config.credentials:
+        pool(c.tag)
+    return accounts, pools
+
+
+def usage_limit_body(resets_at: Optional[float], now: float) -> bytes:
+    """A 429 body Codex turns into "You've hit your usage limit ... try again at ..."."""
+    error = {"type": "usage_limit_reached",
+             "message": "Every account of this pool has reached its usage limit."}
+    if resets_at:
+        error["resets_at"] = int(resets_at)
+        error["resets_in_seconds"] = max(0, int(resets_at - now))
+    return json.dumps({"error": error}).encode("utf-8")
+
+
+# == 12. Streams =============================================================
 
 class SSEScanner:
     """Finds whole server-sent events in a copy of relayed bytes, incrementally:
@@ -3332,7 +3927,7 @@ def request_model_and_tier(body: bytes) -> Tuple[str, str]:
     return (model if isinstance(model, str) else "", tier if isinstance(tier, str) else "")
 
 
-# == 12. Handler =============================================================
+# == 13. Handler =============================================================
 
 def json_error_body(error_type: str, message: str) -> bytes:
     return json.dumps({"error": {"type": error_type, "message": message}}).encode("utf-8")
@@ -3363,6 +3958,33 @@ def build_upstream_headers(client: Headers, config_headers: Dict[str, List[str]]
     if login.mode == "chatgpt" and login.account_id:
         out.append(("ChatGPT-Account-Id", login.account_id))
     return out
+
+
+STATUS_PATH = "/ocm/v1/status"
+_PROMPT_CACHE_KEY = re.compile(rb'"prompt_cache_key"\s*:\s*"([^"\\]{1,200})"')
+
+
+def session_key(request: ClientRequest) -> str:
+    """What keeps a conversation on one account: the session-id (or older
+    session_id) header, else the body's prompt_cache_key (Codex's thread id)."""
+    key = request.headers.get("session-id") or request.headers.get("session_id")
+    if key:
+        return key
+    body = request.body or request.body_head
+    if len(body) > 2 * REQUEST_BODY_KEEP:  # where the top-level keys are (see release_body)
+        body = body[:REQUEST_BODY_KEEP] + b"\n" + body[-REQUEST_BODY_KEEP:]
+    match = _PROMPT_CACHE_KEY.search(body)
+    return "prompt:" + match.group(1).decode("utf-8", "replace") if match else ""
+
+
+def usage_limit_frame_for_pool(error: HTTPError) -> bytes:
+    """The WebSocket error event for a pool with no usable account left."""
+    try:
+        answer = parse_json(error.body)
+    except ValueError:
+        answer = {}
+    return json.dumps({"type": "error", "status": 429, "error": answer.get("error", {}),
+                       "headers": {}}).encode("utf-8")
 
 
 def build_websocket_headers(client: Headers, config_headers: Dict[str, List[str]],
@@ -3487,7 +4109,8 @@ class WebSocketSession:
     """
 
     def __init__(self, server: "OCMServer", client_sock, client_leftover: bytes,
-                 handshake: WebSocketHandshake, user_name: str, week_start: Optional[int]):
+                 handshake: WebSocketHandshake, user_name: str, week_start: Optional[int],
+                 account: Optional[Account] = None):
         limits = server.config.limits
         self.server = server
         self.client = WebSocketEnd("client", client_sock, False, limits)
@@ -3495,6 +4118,7 @@ class WebSocketSession:
         self._leftover = {self.client: client_leftover, self.upstream: handshake.leftover}
         self.user_name = user_name
         self.week_start = week_start
+        self.account = account
         self.model = ""
         self.service_tier = ""
         # response.create messages forwarded but not yet read for their model
@@ -3609,7 +4233,7 @@ class WebSocketSession:
         if isinstance(event, dict) and event.get("type") in USAGE_EVENT_TYPES:
             record = usage_record_from_event(event, *defaults)
             if record is not None:
-                self.server.account(self.user_name, record, self.week_start)
+                self.server.account(self.user_name, record, self.week_start, self.account)
 
 
 class StreamContext:
@@ -3691,8 +4315,8 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.head_sent = True
 
     def send_error_json(self, error: HTTPError, close: bool) -> None:
-        self.send_json(error.status, json_error_body(error.error_type, error.message), close=close,
-                       extra=error.headers)
+        body = error.body if error.body is not None else json_error_body(error.error_type, error.message)
+        self.send_json(error.status, body, close=close, extra=error.headers)
 
     # -- one request ----------------------------------------------------------
     def serve_one(self) -> bool:
@@ -3754,6 +4378,16 @@ class OCMHandler(BaseHTTPRequestHandler):
         server = self.server
         if not request.path.startswith("/"):
             raise bad_request("only origin-form request targets are accepted (\"/v1/...\")")
+        if request.path == STATUS_PATH:
+            user = server.users.authenticate(request.headers)
+            self.read_body(request, DISCARD_BODY_LIMIT)
+            if request.method not in ("GET", "HEAD"):
+                raise HTTPError(405, "invalid_request_error", "use GET for %s" % STATUS_PATH)
+            body = json.dumps(dict(server.pool_for(user).to_json(), user=user.name if user else None),
+                              indent=2).encode("utf-8")
+            self.send_json(200, body if request.method == "GET" else b"", close=not request.keep_alive)
+            self.log_request_line(request, 200, user)
+            return
         if not request.path.startswith("/v1/"):
             raise HTTPError(404, "invalid_request_error",
                             "no such path %s: OCM serves the OpenAI API under /v1/" % request.path[:200])
@@ -3778,33 +4412,58 @@ class OCMHandler(BaseHTTPRequestHandler):
 
     # -- relaying ---------------------------------------------------------------
     def relay_http(self, request: ClientRequest, user: Optional[User]) -> int:
-        """Send the request upstream (refreshing once on 401) and relay the answer."""
+        """Send the request to an account of the user's pool and relay the answer.
+        In a pool, a 429 (before any byte reached the client) cools that account
+        down and the same request goes to the next usable one."""
         server = self.server
-        credential = server.credential
-        login = credential.current()
-        base, upstream_path = server.upstream_target(login.mode, request.path, request.query)
-        has_body = request.body_kind != "none" or request.method in ("POST", "PUT", "PATCH")
-        retried = False
+        pool = server.pool_for(user)
+        session = session_key(request) if pool.is_pool else ""
+        tried = set()  # type: set
         while True:
-            headers = build_upstream_headers(request.headers, server.config.headers, login,
-                                             len(request.body) if has_body else None)
-            exchange = server.send_upstream(base.origin, request.method, upstream_path,
-                                            headers, request.body if has_body else None)
-            if exchange.status == 401 and login.mode == "chatgpt" and not retried:
-                body, complete = read_small_body(exchange.response)
-                exchange.finish(complete)
-                new_login = credential.refresh(login.access_token)
-                if new_login.access_token != login.access_token:
-                    log.info("upstream refused the access token; refreshed, retrying once")
-                    login, retried = new_login, True
-                    continue
-                self.send_buffered(request, exchange.response, body)
-                return exchange.status
+            account = server.choose_account(pool, session, tried)
+            try:
+                exchange = self.send_to(account, request)
+            except HTTPError as exc:
+                if not pool.is_pool or exc.status not in (401, 503):
+                    raise
+                log.warning("account %s unusable: %s; trying another", account.tag, exc.message)
+                tried.add(account)
+                continue
+            msg = exchange.response.msg
+            if exchange.status == 429 and pool.is_pool:
+                body = exchange.discard()
+                account.observe_headers(msg, success=False)
+                account.mark_rate_limited(rate_limit_reset(body, msg, time.time()))
+                tried.add(account)
+                continue
+            account.observe_headers(msg, success=200 <= exchange.status < 300)
             break
         release_body(request)  # no retry from here on
-        tap = server.usage_tap(request, user, exchange.response)
-        self.relay_response(request, exchange, tap)
+        tap = server.usage_tap(request, user, exchange.response, account)
+        self.relay_response(request, exchange, tap, pool)
         return exchange.status
+
+    def send_to(self, account: Account, request: ClientRequest) -> "UpstreamExchange":
+        """One account's answer; a 401 refreshes its token and tries once more."""
+        server = self.server
+        login = account.credential.current()
+        base, upstream_path = server.upstream_target(login.mode, request.path, request.query)
+        has_body = request.body_kind != "none" or request.method in ("POST", "PUT", "PATCH")
+        for attempt in (1, 2):
+            headers = build_upstream_headers(request.headers, server.config.headers, login,
+                                             len(request.body) if has_body else None)
+            exchange = server.send_upstream(account, base.origin, request.method, upstream_path,
+                                            headers, request.body if has_body else None)
+            if exchange.status == 401 and login.mode == "chatgpt" and attempt == 1:
+                new_login = account.credential.refresh(login.access_token)
+                if new_login.access_token != login.access_token:
+                    log.info("account %s: upstream refused the access token; refreshed, retrying once",
+                             account.tag)
+                    exchange.discard()
+                    login = new_login
+                    continue
+            return exchange
+        raise AssertionError("unreachable")
 
     def relay_websocket(self, request: ClientRequest, user: Optional[User]) -> int:
         """Upgrade to a WebSocket pinned to one upstream WebSocket (PROTOCOL.md
@@ -3816,21 +4475,28 @@ class OCMHandler(BaseHTTPRequestHandler):
                             headers=[("Sec-WebSocket-Version", "13")])
         if not is_websocket_key(key):
             raise HTTPError(400, "invalid_request_error", "missing or invalid Sec-WebSocket-Key")
-        login = server.credential.current()
-        base, upstream_path = server.upstream_target(login.mode, request.path, request.query)
-        retried = False
+        pool = server.pool_for(user)
+        session = session_key(request) if pool.is_pool else ""
+        tried = set()  # type: set
         while True:
-            headers = build_websocket_headers(request.headers, server.config.headers, login)
-            handshake = server.open_websocket(base.origin, upstream_path, headers)
-            if handshake.status == 401 and login.mode == "chatgpt" and not retried:
-                new_login = server.credential.refresh(login.access_token)
-                if new_login.access_token != login.access_token:
-                    login, retried = new_login, True
-                    continue
+            try:
+                account = server.choose_account(pool, session, tried)
+            except HTTPError as exc:
+                if exc.status != 429:
+                    raise
+                self.refuse_websocket_with_usage_limit(key, usage_limit_frame_for_pool(exc))
+                return 429
+            handshake = self.open_websocket_to(account, request)
+            if handshake.status == 429 and pool.is_pool:
+                account.observe_headers(handshake.headers, success=False)
+                account.mark_rate_limited(rate_limit_reset(handshake.body, handshake.headers, time.time()))
+                tried.add(account)
+                continue
+            account.observe_headers(handshake.headers, success=handshake.status == 101)
             break
         status = handshake.status
         if status == 101:
-            self.accept_websocket(key, handshake.headers)
+            self.accept_websocket(key, handshake.headers, pool)
             for sock in (self.connection, handshake.sock):
                 # Sessions idle between turns for as long as the user thinks: no
                 # read timeout, but TCP keep-alive finds peers that vanished.
@@ -3838,20 +4504,13 @@ class OCMHandler(BaseHTTPRequestHandler):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             session = WebSocketSession(server, self.connection, bytes(self.reader.buf), handshake,
-                                       user.name if user else "", week_start_from_headers(handshake.headers))
+                                       user.name if user else "", week_start_from_headers(handshake.headers),
+                                       account)
             self.reader.buf.clear()
             server.run_websocket(session)
             return 101
         if status == 429:
-            # Accept, then say why in the frame Codex shows as its usage-limit message.
-            self.accept_websocket(key, handshake.headers)
-            self.write(encode_frame(WS_TEXT, usage_limit_frame(handshake))
-                       + encode_frame(WS_CLOSE, close_payload(1008, "usage limit reached")))
-            # Read what the client already sent (and its close) before closing:
-            # closing on unread data resets the connection and can lose the frame.
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_WR)
-            self.reader.read_until_close(1 << 20, 2.0)
+            self.refuse_websocket_with_usage_limit(key, usage_limit_frame(handshake), handshake.headers)
             return 429
         if status in (404, 426):
             raise HTTPError(426, "invalid_request_error",
@@ -3863,29 +4522,51 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.head_sent = True
         return status
 
-    def accept_websocket(self, key: str, upstream_headers: Headers) -> None:
+    def open_websocket_to(self, account: Account, request: ClientRequest) -> WebSocketHandshake:
+        """One account's answer to an upgrade; a 401 refreshes and tries once more."""
+        server = self.server
+        login = account.credential.current()
+        base, upstream_path = server.upstream_target(login.mode, request.path, request.query)
+        for attempt in (1, 2):
+            headers = build_websocket_headers(request.headers, server.config.headers, login)
+            handshake = server.open_websocket(account, base.origin, upstream_path, headers)
+            if handshake.status == 401 and login.mode == "chatgpt" and attempt == 1:
+                new_login = account.credential.refresh(login.access_token)
+                if new_login.access_token != login.access_token:
+                    login = new_login
+                    continue
+            return handshake
+        raise AssertionError("unreachable")
+
+    def refuse_websocket_with_usage_limit(self, key: str, frame: bytes,
+                                          upstream_headers: Optional[Headers] = None) -> None:
+        """Accept, then say why in the frame Codex shows as its usage-limit message."""
+        self.accept_websocket(key, upstream_headers or Headers())
+        self.write(encode_frame(WS_TEXT, frame) + encode_frame(WS_CLOSE, close_payload(1008, "usage limit reached")))
+        # Read what the client already sent (and its close) before closing:
+        # closing on unread data resets the connection and can lose the frame.
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+        self.reader.read_until_close(1 << 20, 2.0)
+
+    def accept_websocket(self, key: str, upstream_headers: Headers, pool: Optional[Pool] = None) -> None:
         headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
                    ("Sec-WebSocket-Accept", websocket_accept(key))]
-        headers += [(n, v) for n, v in upstream_headers.items() if is_forwarded_handshake_header(n)]
+        forwarded = [(n, v) for n, v in upstream_headers.items() if is_forwarded_handshake_header(n)]
+        headers += pool.rewrite_rate_limit_headers(forwarded) if pool is not None and pool.is_pool else forwarded
         self.write(encode_head(101, "Switching Protocols", headers))
         self.head_sent = True
 
-    def send_buffered(self, request: ClientRequest, response, body: bytes) -> None:
-        headers = response_headers_to_forward(response.msg)
-        headers.append(("Content-Length", str(len(body))))
-        if not request.keep_alive:
-            headers.append(("Connection", "close"))
-        self.write(encode_head(response.status, response.reason, headers) + body)
-        self.head_sent = True
-
     def relay_response(self, request: ClientRequest, exchange: "UpstreamExchange",
-                       tap: Optional[UsageTap] = None) -> None:
+                       tap: Optional[UsageTap] = None, pool: Optional[Pool] = None) -> None:
         """Status, headers and body unchanged (minus hop-by-hop). Known lengths pass
         as they are; unknown lengths (SSE) go out chunked, each read flushed.
         The upstream connection goes back to the pool as soon as its response
         is read, before the client gets the last byte and can ask again."""
         response = exchange.response
         headers = response_headers_to_forward(response.msg)
+        if pool is not None and pool.is_pool:
+            headers = pool.rewrite_rate_limit_headers(headers)
         status = response.status
         no_body = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         complete = False
@@ -3980,10 +4661,11 @@ class OCMHandler(BaseHTTPRequestHandler):
 class UpstreamExchange:
     """One upstream request in flight. ``finish()`` hands its connection back
     to the pool (or closes it) exactly once."""
-    __slots__ = ("server", "conn", "response", "finished")
+    __slots__ = ("server", "account", "conn", "response", "finished")
 
-    def __init__(self, server: "OCMServer", conn: UpstreamConnection, response):
+    def __init__(self, server: "OCMServer", account: Account, conn: UpstreamConnection, response):
         self.server = server
+        self.account = account
         self.conn = conn
         self.response = response
         self.finished = False
@@ -3995,7 +4677,13 @@ class UpstreamExchange:
     def finish(self, complete: bool) -> None:
         if not self.finished:
             self.finished = True
-            self.server.finish_upstream(self.conn, self.response, complete)
+            self.server.finish_upstream(self.account, self.conn, self.response, complete)
+
+    def discard(self) -> bytes:
+        """Read (up to 1 MiB of) an answer we will not relay, and finish it."""
+        body, complete = read_small_body(self.response)
+        self.finish(complete)
+        return body
 
 
 def response_framing_problem(response) -> str:
@@ -4133,7 +4821,7 @@ def peek_is_closed(sock: socket.socket) -> Optional[bool]:
         raw.detach()
 
 
-# == 13. Server ==============================================================
+# == 14. Server ==============================================================
 
 class ServerTLS:
     """TLS for clients: a context from the configured certificate and key,
@@ -4226,8 +4914,8 @@ def listen_address(host: str, port: int) -> Tuple[int, str]:
 
 
 class OCMServer(ThreadingHTTPServer):
-    """The listening server. It owns the config, the credential, the users,
-    the upstream pool and the hang-up watcher; ``close()`` releases them."""
+    """The listening server. It owns the config, the users, the accounts and
+    their pools, the hang-up watcher and the poller; ``close()`` releases them."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -4237,17 +4925,14 @@ class OCMServer(ThreadingHTTPServer):
                  usage_save_interval: float = 60.0, file_check_interval: float = 1.0):
         self.config = config
         self.users = UserTable(config.users)
-        limits = config.limits
-        self.connector = Connector(limits.connect_timeout, limits.upstream_read_timeout, config.detour)
-        self.pool = UpstreamPool(self.connector)
-        self.open_url = build_url_opener(self.connector)
-        self.credential = Credential(config.credential_path, config.upstream.token_url, self.open_url,
-                                     check_interval=file_check_interval)
-        self.usage = None  # type: Optional[UsageBook]
-        if config.usages_path:
-            check_writable_location(config.usages_path)
-            self.usage = UsageBook(config.usages_path, save_interval=usage_save_interval)
-            self.usage.load()
+        self.accounts, self.pools = build_accounts(config, file_check_interval, usage_save_interval)
+        # One account without pools: the plain single-credential set-up.
+        single = None if config.credentials else self.accounts["default"]
+        self.credential = single.credential if single else None
+        self.usage = single.usage if single else None
+        self.usage_url = usage_url_for(config.upstream.chatgpt_url)
+        self._poller = None  # type: Optional[threading.Thread]
+        self._stop_polling = threading.Event()
         self.chatgpt_base = BaseURL.parse(config.upstream.chatgpt_url)
         self.api_base = BaseURL.parse(config.upstream.api_url)
         self.watcher = HangupWatcher()
@@ -4263,9 +4948,55 @@ class OCMServer(ThreadingHTTPServer):
             super().__init__((address, config.listen_port), OCMHandler, bind_and_activate)
         except BaseException:
             self.watcher.close()
+            for account in self.accounts.values():
+                account.close()
             raise
-        if self.usage is not None:
-            self.usage.start_saver()
+        for account in self.accounts.values():
+            if account.usage is not None:
+                account.usage.start_saver()
+        if any(a.poll_interval for a in self.accounts.values()):
+            self._poller = threading.Thread(target=self._poll_accounts, name="ocm-poller", daemon=True)
+            self._poller.start()
+
+    # -- accounts and pools -----------------------------------------------------
+    def pool_for(self, user: Optional[User]) -> Pool:
+        if user is not None and user.credential:
+            return self.pools[user.credential]
+        return self.pools[self.default_pool_tag]
+
+    @property
+    def default_pool_tag(self) -> str:
+        """For open access: the first pool, else the first account."""
+        if not self.config.credentials:
+            return "default"
+        pools = [c.tag for c in self.config.credentials if c.is_pool]
+        return pools[0] if pools else self.config.credentials[0].tag
+
+    def choose_account(self, pool: Pool, session: str, tried: set) -> Account:
+        """An account of ``pool`` not tried yet. Raises HTTPError: 429 with a
+        truthful usage_limit_reached when every account is resting, 503 when
+        none has a usable login."""
+        try:
+            return pool.choose(session, frozenset(tried))
+        except NoAccount as exc:
+            if exc.unavailable and not tried:
+                raise HTTPError(503, "api_error", "credential unavailable: no account of %r has a "
+                                "usable login (see /ocm/v1/status)" % pool.tag)
+            now = time.time()
+            return_at = ("; try again at %s" % format_rfc3339(exc.resets_at)) if exc.resets_at else ""
+            raise HTTPError(429, "usage_limit_reached", "every account of %r is resting%s" % (pool.tag, return_at),
+                            body=usage_limit_body(exc.resets_at, now),
+                            headers=[("Retry-After", str(max(1, int(exc.resets_at - now))))] if exc.resets_at else None)
+
+    def _poll_accounts(self) -> None:
+        """Ask the usage endpoint about each pooled account, each on its own
+        schedule (poll_interval, with backoff after failures)."""
+        tick = max(0.05, min(a.poll_interval for a in self.accounts.values() if a.poll_interval) / 4)
+        while not self._stop_polling.wait(min(tick, 1.0)):
+            now = time.time()
+            for account in self.accounts.values():
+                if account.poll_interval and account.next_poll_at <= now and not self._stop_polling.is_set():
+                    account.poll(self.usage_url)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can stall
@@ -4294,14 +5025,14 @@ class OCMServer(ThreadingHTTPServer):
             base, rest = self.api_base, path
         return base, base.path + rest + ("?" + query if query else "")
 
-    def send_upstream(self, origin: Origin, method: str, path: str,
+    def send_upstream(self, account: Account, origin: Origin, method: str, path: str,
                       headers: List[Tuple[str, str]], body: Optional[bytes]) -> UpstreamExchange:
         """Send one request on a pooled connection.
         A reused connection the server had already dropped is retried once on a
         new one. Raises HTTPError 502/504 for an unreachable or silent upstream."""
         for attempt in (1, 2):
             try:
-                conn, reused = self.pool.acquire(origin)
+                conn, reused = account.pool.acquire(origin)
             except (OSError, http.client.HTTPException, ProxyError) as exc:
                 raise HTTPError(502, "api_error", "upstream %s unreachable: %s"
                                 % (origin.host, describe_connect_error(exc)))
@@ -4312,7 +5043,7 @@ class OCMServer(ThreadingHTTPServer):
                 if problem:
                     conn.close()
                     raise HTTPError(502, "api_error", "upstream %s failed: %s" % (origin.host, problem))
-                return UpstreamExchange(self, conn, response)
+                return UpstreamExchange(self, account, conn, response)
             except socket.timeout:
                 conn.close()
                 raise HTTPError(504, "api_error", "upstream %s did not answer within %g s"
@@ -4326,33 +5057,36 @@ class OCMServer(ThreadingHTTPServer):
                                 % (origin.host, describe_connect_error(exc)))
         raise AssertionError("unreachable")
 
-    def usage_tap(self, request: ClientRequest, user: Optional[User], response) -> Optional[UsageTap]:
+    def usage_tap(self, request: ClientRequest, user: Optional[User], response,
+                  account: Account) -> Optional[UsageTap]:
         """A tap for responses that carry usage, when anything records it."""
-        if self.usage is None or not 200 <= response.status < 300 or not is_accounted_path(request.path):
+        if account.usage is None or not 200 <= response.status < 300 or not is_accounted_path(request.path):
             return None
         week_start = week_start_from_headers(response.msg)
         name = user.name if user else ""
-        return UsageTap(lambda record: self.account(name, record, week_start), request,
+        return UsageTap(lambda record: self.account(name, record, week_start, account), request,
                         (response.msg.get("content-type") or "").lower())
 
-    def account(self, user_name: str, record: UsageRecord, week_start: Optional[int]) -> None:
-        """The one accounting entry point: HTTP JSON, SSE and WebSocket all end here."""
+    def account(self, user_name: str, record: UsageRecord, week_start: Optional[int],
+                account: Optional[Account] = None) -> None:
+        """The one accounting entry point: HTTP JSON, SSE and WebSocket all end
+        here, into the usage book of the account that served the request."""
         if not record.input_tokens and not record.output_tokens:
             return  # a warm-up (generate: false) costs nothing; sing-box skips these too
-        if self.usage is not None:
-            self.usage.record(user_name, record, week_start)
+        if account is not None and account.usage is not None:
+            account.usage.record(user_name, record, week_start)
         log.debug("usage %s: %s %s in=%d cached=%d out=%d", user_name or "-", record.model,
                   record.service_tier or "default", record.input_tokens, record.cached_tokens,
                   record.output_tokens)
 
-    def open_websocket(self, origin: Origin, path: str,
+    def open_websocket(self, account: Account, origin: Origin, path: str,
                        headers: List[Tuple[str, str]]) -> WebSocketHandshake:
         """Our own upgrade request upstream, on a dedicated connection.
         Raises HTTPError 502/504 when upstream cannot be reached or answers nonsense."""
         limits = self.config.limits
         key = base64.b64encode(os.urandom(16)).decode("ascii")
         try:
-            sock = self.connector.open(origin)
+            sock = account.connector.open(origin)
         except (OSError, ProxyError) as exc:
             raise HTTPError(502, "api_error", "upstream %s unreachable: %s"
                             % (origin.host, describe_connect_error(exc)))
@@ -4481,24 +5215,26 @@ class OCMServer(ThreadingHTTPServer):
                         handler.client_address[0])
             handler.interrupt()
 
-    def finish_upstream(self, conn: UpstreamConnection, response, complete: bool) -> None:
+    def finish_upstream(self, account: Account, conn: UpstreamConnection, response, complete: bool) -> None:
         """Back to the pool only if the response was read to its end."""
         if complete and response.isclosed() and not response.will_close and conn.sock is not None:
-            self.pool.release(conn)
+            account.pool.release(conn)
         else:
             conn.close()
 
     def close(self, drain_timeout: float = 5.0) -> None:
         """Stop everything this server owns. Call after shutdown()."""
         self.drain(drain_timeout)
+        self._stop_polling.set()
+        if self._poller is not None:
+            self._poller.join(timeout=POLL_TIMEOUT + 1)
         self.watcher.close()
-        self.pool.close()
         self.server_close()
-        if self.usage is not None:
-            self.usage.close()
+        for account in self.accounts.values():
+            account.close()
 
 
-# == 14. CLI =================================================================
+# == 15. CLI =================================================================
 
 def describe_credential(credential: Credential, now: float) -> str:
     login, problem = credential.peek()
@@ -4519,26 +5255,36 @@ def describe_credential(credential: Credential, now: float) -> str:
 
 
 def run_check(config: Config) -> int:
-    credential = Credential(config.credential_path, config.upstream.token_url, open_url=None)
-    login, problem = credential.peek()
     print("config:      %s" % (config.source or "(defaults)"))
     print("listen:      %s:%d" % (config.listen, config.listen_port))
-    print("credential:  %s" % config.credential_path)
-    print("             %s" % describe_credential(credential, time.time()))
-    print("users:       %s" % (", ".join(u.name for u in config.users) or "none (open access)"))
-    print("upstream:    %s" % (config.upstream.chatgpt_url if login is None or login.mode == "chatgpt"
-                               else config.upstream.api_url))
-    if config.usages_path:
-        print("usage file:  %s" % config.usages_path)
-        try:
-            check_writable_location(config.usages_path)
-        except ConfigError as exc:
-            print("problem:     %s" % exc, file=sys.stderr)
-            return 2
-    if login is None:
-        print("problem:     credential unavailable: %s" % problem, file=sys.stderr)
-        return 2
-    return 0
+    print("users:       %s" % (", ".join("%s (%s)" % (u.name, u.credential) if u.credential else u.name
+                                         for u in config.users) or "none (open access)"))
+    print("upstream:    %s" % config.upstream.chatgpt_url)
+    problems = 0
+    usages = {c.tag: c.usages_path for c in config.credentials} if config.credentials else {
+        "default": config.usages_path}
+    for tag, path, _ in account_files(config):
+        credential = Credential(path, config.upstream.token_url, open_url=None, tag=tag)
+        login, problem = credential.peek()
+        label = "credential:" if not config.credentials else "account %s:" % tag
+        print("%-12s %s" % (label, path))
+        print("             %s" % describe_credential(credential, time.time()))
+        if login is None:
+            print("problem:     %s: credential unavailable: %s" % (tag, problem), file=sys.stderr)
+            problems += 1
+        if usages.get(tag):
+            print("usage file:  %s" % usages[tag])
+            try:
+                check_writable_location(usages[tag])
+            except ConfigError as exc:
+                print("problem:     %s" % exc, file=sys.stderr)
+                problems += 1
+    for c in config.credentials:
+        if c.is_pool:
+            print("pool %s:     %s of %s (%s), polled every %gs" % (
+                c.tag, c.type, ", ".join(c.members), c.strategy if c.type == "balancer" else "in order",
+                c.poll_interval))
+    return 2 if problems else 0
 
 
 def return_freed_memory() -> None:
@@ -4583,8 +5329,13 @@ def serve(config: Config) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    login, problem = server.credential.peek()
-    mode = login.mode_name if login else "no usable credential yet (%s)" % problem
+    if server.credential is not None:
+        login, problem = server.credential.peek()
+        mode = login.mode_name if login else "no usable credential yet (%s)" % problem
+    else:
+        usable = sum(a.credential.peek()[0] is not None for a in server.accounts.values())
+        pools = sum(p.is_pool for p in server.pools.values())
+        mode = "%d accounts, %d usable, %d pool%s" % (len(server.accounts), usable, pools, "" if pools == 1 else "s")
     users = len(config.users)
     print("OCM %s listening on %s/v1 (%s, %s)" % (
         __version__, server.url, mode,
@@ -4610,8 +5361,9 @@ def serve(config: Config) -> int:
     return 0
 
 
-def _usage_source(path: str) -> str:
-    """A usage file as given, or the usages_path of a config file."""
+def _usage_sources(path: str) -> List[Tuple[str, str]]:
+    """[(account, usage file)]: a usage file as given, or the usages_path of a
+    config file (of each account, with a credentials list)."""
     try:
         with open(path, "rb") as fh:
             data = parse_json(fh.read().decode("utf-8-sig"))
@@ -4620,11 +5372,15 @@ def _usage_source(path: str) -> str:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError("%s is not valid JSON: %s" % (path, exc))
     if isinstance(data, dict) and ("combinations" in data or "costs" in data):
-        return path
+        return [("", path)]
     config = config_from_dict(data, source=path)
-    if not config.usages_path:
+    if config.credentials:
+        sources = [(c.tag, c.usages_path) for c in config.credentials if not c.is_pool and c.usages_path]
+    else:
+        sources = [("", config.usages_path)] if config.usages_path else []
+    if not sources:
         raise ConfigError("%s has no usages_path; give the usage file itself" % path)
-    return config.usages_path
+    return sources
 
 
 def summarize_usage(data: Dict[str, Any]) -> Dict[str, Any]:
@@ -4690,34 +5446,62 @@ def run_usage(argv: List[str]) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
-        path = _usage_source(args.source)
-        book = UsageBook(path)
-        book.load(repair=False)
+        sources = _usage_sources(args.source)
     except ConfigError as exc:
         print("ocm: %s" % exc, file=sys.stderr)
         return 2
-    except FileNotFoundError:
-        print("ocm: no usage recorded yet: %s does not exist" % path, file=sys.stderr)
-        return 2
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        print("ocm: cannot read usage file %s: %s" % (path, exc), file=sys.stderr)
-        return 2
-    summary = summarize_usage(book.to_json())
+    reports = []
+    for account, path in sources:
+        try:
+            book = UsageBook(path)
+            book.load(repair=False)
+        except FileNotFoundError:
+            print("ocm: no usage recorded yet: %s does not exist" % path, file=sys.stderr)
+            return 2
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            print("ocm: cannot read usage file %s: %s" % (path, exc), file=sys.stderr)
+            return 2
+        reports.append((account, path, summarize_usage(book.to_json())))
     if args.json:
-        print(json.dumps(dict(summary, source=path), indent=2))
+        if len(reports) == 1 and not reports[0][0]:
+            print(json.dumps(dict(reports[0][2], source=reports[0][1]), indent=2))
+        else:
+            print(json.dumps({"accounts": {a: dict(s, source=p) for a, p, s in reports}}, indent=2))
     else:
-        sys.stdout.write(format_usage_report(path, summary))
+        sys.stdout.write("\n".join(("Account %s: " % a if a else "") + format_usage_report(p, s)
+                                    for a, p, s in reports))
     return 0
 
 
-def issuer_opener(config: Config) -> Callable:
+def issuer_opener(config: Config, detour: Optional[ProxyURL]) -> Callable:
     """urllib for sign-in calls, on the same connections (detour, TLS) as serving."""
     limits = config.limits
-    return build_url_opener(Connector(limits.connect_timeout, limits.upstream_read_timeout, config.detour))
+    return build_url_opener(Connector(limits.connect_timeout, limits.upstream_read_timeout, detour))
 
 
 def _config_or_defaults(path: Optional[str]) -> Config:
     return load_config(path) if path else Config()
+
+
+def account_files(config: Config) -> List[Tuple[str, str, Optional[ProxyURL]]]:
+    """(tag, credential file, detour) of every account a config names."""
+    if not config.credentials:
+        return [("default", config.credential_path, config.detour)]
+    return [(c.tag, c.credential_path, c.detour) for c in config.credentials if not c.is_pool]
+
+
+def pick_account(config: Config, tag: Optional[str]) -> Tuple[str, str, Optional[ProxyURL]]:
+    """The account a login command is about: --account, or the only one."""
+    accounts = account_files(config)
+    if tag:
+        for account in accounts:
+            if account[0] == tag:
+                return account
+        raise ConfigError("--account: no account %r here (%s)" % (tag, ", ".join(a[0] for a in accounts)))
+    if len(accounts) > 1:
+        raise ConfigError("this config has %d accounts; say which with --account (%s)"
+                          % (len(accounts), ", ".join(a[0] for a in accounts)))
+    return accounts[0]
 
 
 def format_age(seconds: float) -> str:
@@ -4778,15 +5562,22 @@ def run_status(argv: List[str], out=None, now: Callable[[], float] = time.time) 
                                                  "mode, account, plan, access-token expiry, last refresh. "
                                                  "Reads the file only; changes nothing.")
     parser.add_argument("config", nargs="?", help="config file naming credential_path (default: as serving)")
+    parser.add_argument("--account", metavar="TAG", help="one account of a credentials list (default: all)")
     args = parser.parse_args(argv)
     try:
         config = _config_or_defaults(args.config)
+        accounts = [pick_account(config, args.account)] if args.account else account_files(config)
     except ConfigError as exc:
         print("ocm: config error: %s" % exc, file=sys.stderr)
         return 2
-    lines, usable = describe_status(config.credential_path, now())
-    print("\n".join(lines), file=out or sys.stdout)
-    return 0 if usable else 2
+    all_usable = True
+    for i, (tag, path, _) in enumerate(accounts):
+        lines, usable = describe_status(path, now())
+        if len(accounts) > 1:
+            lines.insert(0, "%saccount %s" % ("\n" if i else "", tag))
+        print("\n".join(lines), file=out or sys.stdout)
+        all_usable = all_usable and usable
+    return 0 if all_usable else 2
 
 
 def ask_to_replace(path: str, stdin, out) -> bool:
@@ -4832,18 +5623,20 @@ def run_login(argv: List[str], stdin=None, out=None, sleep: Callable[[float], No
                         help="sign in in a browser and paste back the address it ends on "
                              "(for accounts without device codes)")
     parser.add_argument("--force", action="store_true", help="replace an existing login without asking")
+    parser.add_argument("--account", metavar="TAG", help="which account of a credentials list to sign in")
     args = parser.parse_args(argv)
     stdin = sys.stdin if stdin is None else stdin
     out = out or sys.stdout
     try:
         config = _config_or_defaults(args.config)
+        _, path, detour = pick_account(config, args.account)
     except ConfigError as exc:
         print("ocm: config error: %s" % exc, file=sys.stderr)
         return 2
-    path, issuer = config.credential_path, config.upstream.issuer_url
+    issuer = config.upstream.issuer_url
     if not args.force and not ask_to_replace(path, stdin, out):
         return 1
-    open_url = issuer_opener(config)
+    open_url = issuer_opener(config, detour)
     try:
         if args.paste:
             tokens = sign_in_with_browser(issuer, open_url, stdin, out, ports, timeout, now)
@@ -4884,14 +5677,15 @@ def run_logout(argv: List[str], out=None) -> int:
                                                  "tokens from the credential file, keeping its other fields.")
     parser.add_argument("config", nargs="?",
                         help="config file naming credential_path and upstream.issuer_url (default: as serving)")
+    parser.add_argument("--account", metavar="TAG", help="which account of a credentials list to sign out")
     args = parser.parse_args(argv)
     out = out or sys.stdout
     try:
         config = _config_or_defaults(args.config)
+        _, path, detour = pick_account(config, args.account)
     except ConfigError as exc:
         print("ocm: config error: %s" % exc, file=sys.stderr)
         return 2
-    path = config.credential_path
     try:
         refresh = remove_login(path)
     except LoginFailed as exc:
@@ -4906,7 +5700,7 @@ def run_logout(argv: List[str], out=None) -> int:
     print("Removed the ChatGPT tokens from %s." % path, file=out)
     if refresh:
         try:
-            revoke_refresh_token(config.upstream.issuer_url, issuer_opener(config), refresh)
+            revoke_refresh_token(config.upstream.issuer_url, issuer_opener(config, detour), refresh)
         except LoginFailed as exc:
             print("ocm: could not revoke the refresh token (%s); it stays valid until it expires"
                   % exc, file=sys.stderr)
