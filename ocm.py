@@ -19,14 +19,16 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
    5. Credentials        auth.json, token refresh, the Credential object
    6. Sign-in            device codes, PKCE with paste-back, writing a new login
    7. Pricing and usage  the price table, costs, the usage book and its saver
-   8. Users              bearer tokens, constant-time lookup
+   8. Users              bearer tokens (or their digests), constant-time lookup
    9. HTTP parsing       strict request heads and bodies, response heads
   10. Upstream           the Connector (proxies, TLS), keep-alive pool, urllib
-  11. Accounts           rate-limit state, pools (balancer, fallback), stickiness
-  12. Streams            the SSE usage scanner, WebSocket framing
-  13. Handler            route, authenticate, relay HTTP, SSE and WebSocket
-  14. Server             TLS for clients, the ThreadingHTTPServer owning all state
-  15. CLI                main(), login, logout, status, usage
+  11. Accounts           rate-limit state, shares, pools (balancer, fallback)
+  12. Policy             budgets with reservations, concurrency, models, expiry
+  13. Operations         metrics, the access log
+  14. Streams            the SSE usage scanner, WebSocket framing
+  15. Handler            route, authenticate, relay HTTP, SSE and WebSocket
+  16. Server             TLS for clients, the ThreadingHTTPServer owning all state
+  17. CLI                main(), login, logout, status, usage, hash-token
 """
 
 import os
@@ -68,9 +70,11 @@ if (__name__ == "__main__" and not os.environ.get("OCM_REEXECUTED") and sys.exec
         pass  # carry on as a script: correct, only heavier
 
 import base64
+import bisect
 import codecs
 import collections
 import contextlib
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -274,10 +278,30 @@ def describe_connect_error(exc: BaseException) -> str:
 # == 3. Config ===============================================================
 
 @dataclass
+class Budget:
+    """A spending cap per period: ``usd`` at API prices, or ``tokens``."""
+    period: str                  # day | week | month, in the configured time zone
+    usd: Optional[float] = None
+    tokens: Optional[int] = None
+
+
+@dataclass
 class User:
     name: str
-    token: str
-    credential: str = ""   # the tag of the account or pool this user draws from
+    token: str = field(repr=False)  # the token, or "sha256:<hex>" of it; never in a repr
+    credential: str = ""         # the tag of the account or pool this user draws from
+    max_concurrent: int = 0      # requests and WebSockets at once; 0: no limit
+    models: List[str] = field(default_factory=list)   # allowed model globs; empty: all
+    expires_at: Optional[float] = None
+    budgets: List[Budget] = field(default_factory=list)
+    share_5h: Optional[float] = None       # percent of an account's 5-hour window
+    share_weekly: Optional[float] = None
+
+    @property
+    def token_digest(self) -> bytes:
+        if self.token.startswith("sha256:"):
+            return bytes.fromhex(self.token[7:])
+        return hashlib.sha256(self.token.encode("utf-8")).digest()
 
 
 @dataclass
@@ -403,6 +427,10 @@ class Config:
     usages_path: str = ""
     users: List[User] = field(default_factory=list)
     credentials: List[CredentialConfig] = field(default_factory=list)
+    timezone: str = "local"      # budgets' days, weeks and months
+    budgets_path: str = ""       # where budget spending is kept across restarts
+    metrics_token: str = ""      # /metrics for this bearer token (or "sha256:<hex>"); loopback always
+    log_format: str = "text"     # access log lines: text | json
     headers: Dict[str, List[str]] = field(default_factory=dict)
     detour: Optional[ProxyURL] = None
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -578,6 +606,9 @@ def _parse_users(raw: list, where: str) -> List[User]:
         f = _Fields(entry, "%s[%d]" % (where, i))
         name = f.str("name", allow_empty=False)
         token = f.str("token", allow_empty=False)
+        if token.startswith("sha256:") and not re.match(r"^sha256:[0-9a-fA-F]{64}$", token):
+            raise ConfigError("%s: sha256: must be followed by 64 hex digits "
+                              "(from `python3 ocm.py hash-token`)" % f.path("token"))
         credential = f.str("credential")
         for key in ("external_credential", "allow_external_usage"):
             if f.has(key):
@@ -590,13 +621,51 @@ def _parse_users(raw: list, where: str) -> List[User]:
             raise ConfigError("%s: must not contain spaces" % f.path("token"))
         if name in names:
             raise ConfigError("%s: duplicate user name %r" % (f.path("name"), name))
-        if token in tokens:
+        digest = User(name, token).token_digest
+        if digest in tokens:
             raise ConfigError("%s: the same token is given to two users" % f.path("token"))
-        f.finish()
         names.add(name)
-        tokens.add(token)
-        users.append(User(name=name, token=token, credential=credential))
+        tokens.add(digest)
+        user = User(name=name, token=token, credential=credential)
+        user.max_concurrent = f.int("max_concurrent", 0, 0, 100000)
+        user.models = [str(m) for m in f.list("models")]
+        if not all(isinstance(m, str) and m for m in f.raw("models") or []):
+            raise ConfigError("%s: expected a list of model patterns" % f.path("models"))
+        expires = f.str("expires_at")
+        if expires:
+            user.expires_at = parse_rfc3339(expires)
+            if user.expires_at is None:
+                raise ConfigError("%s: %r is not an RFC 3339 time (2027-01-31T00:00:00Z)"
+                                  % (f.path("expires_at"), expires))
+        user.budgets = _parse_budgets(f.list("budgets"), f.path("budgets"))
+        for key in ("share_5h", "share_weekly"):
+            value = f.raw(key)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+                    raise ConfigError("%s: a percent above 0 and at most 100" % f.path(key))
+                setattr(user, key, float(value))
+        f.finish()
+        users.append(user)
     return users
+
+
+def _parse_budgets(raw: list, where: str) -> List[Budget]:
+    budgets = []
+    for i, entry in enumerate(raw):
+        f = _Fields(entry, "%s[%d]" % (where, i))
+        period = f.str("period", allow_empty=False)
+        if period not in ("day", "week", "month"):
+            raise ConfigError("%s: %r is not day, week or month" % (f.path("period"), period))
+        usd, tokens = f.raw("usd"), f.raw("tokens")
+        if (usd is None) == (tokens is None):
+            raise ConfigError("%s: give usd or tokens (one of them)" % f.where)
+        if usd is not None and (isinstance(usd, bool) or not isinstance(usd, (int, float)) or usd <= 0):
+            raise ConfigError("%s: a positive number of dollars" % f.path("usd"))
+        budget = Budget(period, usd=float(usd) if usd is not None else None,
+                        tokens=f.int("tokens", 0, 1, 1 << 50) if tokens is not None else None)
+        f.finish()
+        budgets.append(budget)
+    return budgets
 
 
 def _listable(value: Any, where: str) -> List[str]:
@@ -807,6 +876,10 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         usages_path=os.path.expanduser(f.str("usages_path")),
         users=_parse_users(f.list("users"), f.path("users")),
         credentials=_parse_credentials(f.list("credentials"), f.path("credentials")),
+        timezone=_check_timezone(f.str("timezone", "local"), f.path("timezone")),
+        budgets_path=os.path.expanduser(f.str("budgets_path")),
+        metrics_token=f.str("metrics_token"),
+        log_format=f.str("log_format", "text"),
         headers=_parse_headers(f.raw("headers"), f.path("headers")),
         detour=parse_proxy_url(f.str("detour"), f.path("detour")) if f.str("detour") else None,
         tls=_parse_tls(f.raw("tls"), f.path("tls")),
@@ -816,7 +889,33 @@ def config_from_dict(data: Any, source: str = "") -> Config:
     )
     f.finish(SING_BOX_IGNORED_KEYS)
     _check_credentials(config, f)
+    if config.log_format not in ("text", "json"):
+        raise ConfigError("%s: text or json" % f.path("log_format"))
+    if config.metrics_token.startswith("sha256:") and not re.match(r"^sha256:[0-9a-fA-F]{64}$", config.metrics_token):
+        raise ConfigError("%s: sha256: must be followed by 64 hex digits" % f.path("metrics_token"))
+    if not config.budgets_path and any(u.budgets for u in config.users):
+        config.budgets_path = os.path.join(os.path.dirname(os.path.abspath(source)) if source else ".",
+                                           "ocm-budgets.json")
     return config
+
+
+_UTC_OFFSET = re.compile(r"^[+-](\d\d):(\d\d)$")
+
+
+def _check_timezone(name: str, where: str) -> str:
+    """"local", "UTC", a fixed offset ("+05:30"), or an IANA name (Python 3.9+)."""
+    if name in ("local", "UTC") or _UTC_OFFSET.match(name):
+        return name
+    try:
+        import zoneinfo
+    except ImportError:
+        raise ConfigError("%s: time zone names need Python 3.9+; use \"local\", \"UTC\" or an offset "
+                          "like \"+02:00\"" % where)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError("%s: unknown time zone %r" % (where, name))
+    return name
 
 
 def _check_credentials(config: Config, f: _Fields) -> None:
@@ -2365,11 +2464,12 @@ def token_digest(token: str) -> bytes:
 
 class UserTable:
     """Bearer tokens to users. Lookup is by SHA-256 digest, then compare_digest,
-    so timing says nothing about how close a guess was."""
+    so timing says nothing about how close a guess was. A config may hold
+    only the digest ("sha256:<hex>"), so it holds no usable secret."""
 
     def __init__(self, users: List[User]):
         self.users = list(users)
-        self._by_digest = {token_digest(u.token): u for u in users}
+        self._by_digest = {u.token_digest: u for u in users}
 
     @property
     def is_open(self) -> bool:
@@ -2389,7 +2489,7 @@ class UserTable:
             raise HTTPError(401, "authentication_error", "invalid api key format")
         digest = token_digest(token)
         user = self._by_digest.get(digest)
-        if user is None or not hmac.compare_digest(token_digest(user.token), digest):
+        if user is None or not hmac.compare_digest(user.token_digest, digest):
             raise HTTPError(401, "authentication_error", "invalid api key")
         return user
 
@@ -2455,6 +2555,16 @@ class ClientRequest:
     body_read: bool = False
     keep_alive: bool = True
     started: float = 0.0
+    # what the access log and the metrics say of it
+    user_name: str = ""
+    status: int = 0
+    model: str = ""
+    account_tag: str = ""
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    reservation: Any = None     # a Reservation of the user's budgets while it runs
 
 
 REQUEST_BODY_KEEP = 4096  # of each end of a released body: where "model" and "service_tier" are
@@ -3218,6 +3328,7 @@ class Account:
                  now: Callable[[], float] = time.time):
         limits = config.limits
         self.tag = tag
+        self.identity = (credential_path, usages_path, detour, limits.connect_timeout, limits.upstream_read_timeout)
         self.reserve_5h = reserve_5h
         self.reserve_weekly = reserve_weekly
         self.connector = Connector(limits.connect_timeout, limits.upstream_read_timeout, detour)
@@ -3241,12 +3352,18 @@ class Account:
         self.poll_failures = 0
         self.next_poll_at = 0.0
         self.last_poll_error = ""
+        # Each user's share of this account's windows, in percent points
+        # (share_5h, share_weekly): see observe_headers.
+        self.shares = {"primary": {}, "secondary": {}}  # type: Dict[str, Dict[str, float]]
+        self._pending = []  # type: List[Tuple[str, float, Dict[str, float]]]  # finished since the last headers
+        self._percent_per_dollar = {}  # type: Dict[str, float]
 
     # -- what we learn -------------------------------------------------------
     def observe_headers(self, headers, success: bool) -> None:
         now = self._now()
         primary, secondary = windows_from_headers(headers, now)
         with self._lock:
+            self._attribute_use({"primary": primary, "secondary": secondary})
             if primary is not None:
                 self.primary = primary
             if secondary is not None:
@@ -3274,6 +3391,65 @@ class Account:
             if self.cooldown_until and quota_back:
                 log.info("account %s: a poll shows quota back; cooldown cleared", self.tag)
                 self.cooldown_until = 0.0
+
+    def _attribute_use(self, windows: Dict[str, Optional[Window]]) -> None:
+        """Share each window's rise since the last answer among the requests
+        that finished in between: all of it to one request when they came one
+        at a time, split by cost when they overlapped. A new window (its reset
+        moved on) starts everyone's share afresh."""
+        pending, self._pending = self._pending, []
+        total_cost = sum(cost for _, cost, _ in pending)
+        for name, new in windows.items():
+            if new is None or new.used_percent is None:
+                continue
+            shares = self.shares[name]
+            old = getattr(self, name)
+            for user, _, provisional in pending:  # the estimates give way to the measurement
+                shares[user] = max(0.0, shares.get(user, 0.0) - provisional.get(name, 0.0))
+            if old.resets_at is not None and new.resets_at is not None and abs(new.resets_at - old.resets_at) > 60:
+                shares.clear()
+                continue
+            rise = max(0.0, new.used_percent - (old.used_percent or 0.0)) if old.used_percent is not None else 0.0
+            if not pending or rise <= 0:
+                continue
+            for user, cost, _ in pending:
+                part = cost / total_cost if total_cost > 0 else 1.0 / len(pending)
+                shares[user] = shares.get(user, 0.0) + rise * part
+            if total_cost > 0:
+                measured = rise / total_cost
+                known = self._percent_per_dollar.get(name)
+                self._percent_per_dollar[name] = measured if known is None else known + (measured - known) * 0.3
+
+    def note_completion(self, user: str, cost: float) -> None:
+        """A request of ``user`` finished: its share counts at once, estimated
+        from its cost, until the next answer's headers measure it."""
+        with self._lock:
+            provisional = {}
+            for name, rate in self._percent_per_dollar.items():
+                provisional[name] = cost * rate
+                self.shares[name][user] = self.shares[name].get(user, 0.0) + provisional[name]
+            self._pending.append((user, cost, provisional))
+
+    def user_share(self, user: str, name: str) -> float:
+        """Percent points of the current window (primary or secondary) ``user`` used."""
+        now = self._now()
+        with self._lock:
+            window = getattr(self, name)
+            if window.resets_at is not None and window.resets_at <= now:
+                return 0.0  # that window is over
+            return self.shares[name].get(user, 0.0)
+
+    def check_share(self, user: Optional[User]) -> None:
+        """429 when ``user`` has had their share of one of this account's windows."""
+        if user is None:
+            return
+        for name, cap, label in (("primary", user.share_5h, "5-hour"), ("secondary", user.share_weekly, "weekly")):
+            if cap is not None and self.user_share(user.name, name) >= cap:
+                resets_at = getattr(self, name).resets_at
+                raise HTTPError(429, "rate_limit_error", "you have used your share (%g%%) of the %s window of "
+                                "account %s%s" % (cap, label, self.tag, "; it resets at %s UTC" % format_rfc3339(
+                                    resets_at)[:16].replace("T", " ") if resets_at else ""),
+                                headers=[("Retry-After", str(max(1, int(resets_at - self._now()))))] if resets_at else None)
 
     def mark_rate_limited(self, resets_at: float) -> None:
         with self._lock:
@@ -3468,6 +3644,14 @@ class Pool:
                 return usable[self._turn % len(usable)]
         return max(usable, key=lambda a: a.headroom())  # least_used; ties: config order
 
+    def adopt_sessions(self, old: "Pool") -> None:
+        """After a reload: keep the old pool's sticky sessions on accounts still here."""
+        mine = set(self.accounts())
+        with old._lock:
+            kept = [(k, v) for k, v in old._sessions.items() if v[0] in mine]
+        with self._lock:
+            self._sessions.update(kept)
+
     def _remember(self, session: str, account: Account, now: float) -> None:
         with self._lock:
             self._sessions[session] = (account, now)
@@ -3519,11 +3703,20 @@ class Pool:
                 "next_reset": min(resets) if resets else None, "accounts": states}
 
 
-def build_accounts(config: Config, check_interval: float = 1.0,
-                   save_interval: float = 60.0) -> Tuple[Dict[str, Account], Dict[str, Pool]]:
+def build_accounts(config: Config, check_interval: float = 1.0, save_interval: float = 60.0,
+                   reuse: Optional[Dict[str, Account]] = None) -> Tuple[Dict[str, Account], Dict[str, Pool]]:
     """The accounts and pools a config describes. Without ``credentials``:
-    one account, "default", from credential_path, usages_path and detour."""
+    one account, "default", from credential_path, usages_path and detour.
+    On a reload, an account whose file, usage file, detour and timeouts did
+    not change is ``reuse``d as it is: its quota state, book and connections."""
+    limits = config.limits
+
     def make(tag: str, path: str, usages: str, detour: Optional[ProxyURL], r5: int = 0, rw: int = 0) -> Account:
+        old = (reuse or {}).get(tag)
+        if old is not None and old.identity == (path, usages, detour, limits.connect_timeout,
+                                                 limits.upstream_read_timeout):
+            old.reserve_5h, old.reserve_weekly, old.poll_interval = r5, rw, 0.0
+            return old
         return Account(tag, path, usages, detour, config, r5, rw, check_interval, save_interval)
 
     if not config.credentials:
@@ -3570,7 +3763,393 @@ def usage_limit_body(resets_at: Optional[float], now: float) -> bytes:
     return json.dumps({"error": error}).encode("utf-8")
 
 
-# == 12. Streams =============================================================
+# == 12. Policy ==============================================================
+
+MIN_COST_ESTIMATE = 0.01     # USD a request is assumed to cost before the user has history
+MIN_TOKEN_ESTIMATE = 2000
+ESTIMATE_WEIGHT = 0.2        # how much each new request moves a user's running average
+
+
+class PeriodClock:
+    """Days, weeks (from Monday) and months in the owner's time zone: "local"
+    (the box's), "UTC", a fixed offset like "+05:30", or an IANA name."""
+
+    def __init__(self, name: str = "local"):
+        import datetime
+        self._datetime = datetime
+        self.name = name
+        self._tz = None
+        if name == "UTC":
+            self._tz = datetime.timezone.utc
+        elif _UTC_OFFSET.match(name):
+            sign = 1 if name[0] == "+" else -1
+            self._tz = datetime.timezone(sign * datetime.timedelta(hours=int(name[1:3]), minutes=int(name[4:6])))
+        elif name != "local":
+            import zoneinfo
+            self._tz = zoneinfo.ZoneInfo(name)
+
+    def _epoch(self, moment) -> float:
+        return moment.timestamp() if self._tz is not None else time.mktime(moment.timetuple())
+
+    def period(self, period: str, now: float) -> Tuple[str, float]:
+        """(key, resets_at) of the day, week or month containing ``now``."""
+        dt = self._datetime
+        moment = dt.datetime.fromtimestamp(now, self._tz) if self._tz else dt.datetime.fromtimestamp(now)
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        if period == "day":
+            return start.strftime("%Y-%m-%d"), self._epoch(start + dt.timedelta(days=1))
+        if period == "week":
+            monday = start - dt.timedelta(days=start.weekday())
+            return monday.strftime("week of %Y-%m-%d"), self._epoch(monday + dt.timedelta(days=7))
+        first = start.replace(day=1)
+        following = (first + dt.timedelta(days=32)).replace(day=1)
+        return first.strftime("%Y-%m"), self._epoch(following)
+
+    def describe(self, seconds: float) -> str:
+        dt = self._datetime
+        moment = dt.datetime.fromtimestamp(seconds, self._tz) if self._tz else dt.datetime.fromtimestamp(seconds)
+        return moment.strftime("%Y-%m-%d %H:%M") + (" " + self.name if self.name != "local" else "")
+
+
+PERIOD_WORDS = {"day": "daily", "week": "weekly", "month": "monthly"}
+
+
+class Reservation:
+    """What one request set aside from its user's budgets until it settles."""
+    __slots__ = ("user", "keys", "usd", "tokens", "settled")
+
+    def __init__(self, user: str, keys: List[Tuple[str, str]], usd: float, tokens: float):
+        self.user = user
+        self.keys = keys          # [(period, key)] it was set aside in
+        self.usd = usd
+        self.tokens = tokens
+        self.settled = False
+
+
+class BudgetLedger:
+    """Spending per user and period, and what requests in flight have set
+    aside. A request is admitted only if spent + set aside + its own estimate
+    fits every budget, so parallel streams cannot run far past a budget: at
+    most by how much one request costs more than its estimate. The estimate is
+    the user's running average per request, never below a floor. Saved
+    atomically beside the config, so budgets survive restarts."""
+
+    def __init__(self, path: str, clock: PeriodClock, now: Callable[[], float] = time.time):
+        self.path = path
+        self.clock = clock
+        self._now = now
+        self._lock = threading.Lock()
+        self._spent = {}     # type: Dict[Tuple[str, str, str], List[float]]  # (user, period, key) -> usd, tokens
+        self._reserved = {}  # type: Dict[Tuple[str, str, str], List[float]]
+        self._average = {}   # type: Dict[str, List[float]]  # user -> usd, tokens per request
+        self._dirty = False
+        self._save_failing = False
+
+    # -- admission ---------------------------------------------------------------
+    def estimate(self, user: str) -> Tuple[float, float]:
+        with self._lock:
+            usd, tokens = self._average.get(user, (0.0, 0.0))
+        return max(usd, MIN_COST_ESTIMATE), max(tokens, MIN_TOKEN_ESTIMATE)
+
+    def admit(self, user: User) -> Optional[Reservation]:
+        """Set aside this request's estimate, or raise HTTPError 429 naming the
+        budget that would be exceeded and when it resets."""
+        if not user.budgets:
+            return None
+        usd, tokens = self.estimate(user.name)
+        now = self._now()
+        keys = []
+        with self._lock:
+            for budget in user.budgets:
+                key, resets_at = self.clock.period(budget.period, now)
+                spent = self._spent.get((user.name, budget.period, key), [0.0, 0.0])
+                held = self._reserved.get((user.name, budget.period, key), [0.0, 0.0])
+                if budget.usd is not None and spent[0] + held[0] + usd > budget.usd:
+                    raise self._refusal(budget, "$%.2f" % budget.usd, "$%.2f spent" % spent[0], held[0] > 0, resets_at)
+                if budget.tokens is not None and spent[1] + held[1] + tokens > budget.tokens:
+                    raise self._refusal(budget, "{:,} tokens".format(budget.tokens),
+                                        "{:,.0f} used".format(spent[1]), held[1] > 0, resets_at)
+                keys.append((budget.period, key))
+            for period, key in keys:
+                held = self._reserved.setdefault((user.name, period, key), [0.0, 0.0])
+                held[0] += usd
+                held[1] += tokens
+        return Reservation(user.name, keys, usd, tokens)
+
+    def _refusal(self, budget: Budget, limit: str, spent: str, in_flight: bool, resets_at: float) -> HTTPError:
+        return HTTPError(429, "rate_limit_error", "your %s budget of %s is reached (%s%s); it resets at %s" % (
+            PERIOD_WORDS[budget.period], limit, spent, ", more in requests still running" if in_flight else "",
+            self.clock.describe(resets_at)), headers=[("Retry-After", str(max(1, int(resets_at - self._now()))))])
+
+    def settle(self, reservation: Optional[Reservation], user: str, usd: float, tokens: int,
+               budgets: List[Budget]) -> None:
+        """Charge what a request really cost; its estimate is set free."""
+        now = self._now()
+        with self._lock:
+            if reservation is not None and not reservation.settled:
+                self._release_locked(reservation)
+            for budget in budgets:
+                key, _ = self.clock.period(budget.period, now)
+                spent = self._spent.setdefault((user, budget.period, key), [0.0, 0.0])
+                spent[0] += usd
+                spent[1] += tokens
+            average = self._average.get(user)
+            if average is None:
+                self._average[user] = [usd, float(tokens)]
+            else:
+                average[0] += (usd - average[0]) * ESTIMATE_WEIGHT
+                average[1] += (tokens - average[1]) * ESTIMATE_WEIGHT
+            self._dirty = True
+
+    def release(self, reservation: Optional[Reservation]) -> None:
+        """A request that ends without usage (an error, a hang-up) frees its estimate."""
+        if reservation is not None:
+            with self._lock:
+                if not reservation.settled:
+                    self._release_locked(reservation)
+
+    def _release_locked(self, reservation: Reservation) -> None:
+        reservation.settled = True
+        for period, key in reservation.keys:
+            held = self._reserved.get((reservation.user, period, key))
+            if held is not None:
+                held[0] = max(0.0, held[0] - reservation.usd)
+                held[1] = max(0.0, held[1] - reservation.tokens)
+
+    def spent(self, user: str, period: str) -> Tuple[float, float]:
+        key, _ = self.clock.period(period, self._now())
+        with self._lock:
+            return tuple(self._spent.get((user, period, key), [0.0, 0.0]))  # type: ignore
+
+    # -- the file ----------------------------------------------------------------
+    def load(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                data = parse_json(fh.read().decode("utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            aside = "%s.corrupt-%s" % (self.path, time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._now())))
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            log.error("budget file %s is damaged (%s); moved it to %s and started afresh", self.path, exc, aside)
+            return
+        users = data.get("users") if isinstance(data, dict) else None
+        for user, entry in (users or {}).items():
+            if not isinstance(entry, dict):
+                continue
+            for period in ("day", "week", "month"):
+                for key, values in (entry.get(period) or {}).items():
+                    if isinstance(values, dict):
+                        self._spent[(user, period, key)] = [float(values.get("usd") or 0),
+                                                            float(values.get("tokens") or 0)]
+            average = entry.get("average_per_request")
+            if isinstance(average, dict):
+                self._average[user] = [float(average.get("usd") or 0), float(average.get("tokens") or 0)]
+
+    def to_json(self) -> Dict[str, Any]:
+        now = self._now()
+        current = {p: self.clock.period(p, now)[0] for p in ("day", "week", "month")}
+        users = {}  # type: Dict[str, Any]
+        with self._lock:
+            for (user, period, key), (usd, tokens) in self._spent.items():
+                if key == current[period]:  # past periods are done with
+                    users.setdefault(user, {}).setdefault(period, {})[key] = {"usd": round(usd, 6),
+                                                                              "tokens": int(tokens)}
+            for user, (usd, tokens) in self._average.items():
+                users.setdefault(user, {})["average_per_request"] = {"usd": round(usd, 6), "tokens": int(tokens)}
+        return {"timezone": self.clock.name, "saved_at": format_rfc3339(now), "users": users}
+
+    def save_if_dirty(self) -> None:
+        with self._lock:
+            if not self._dirty:
+                return
+            self._dirty = False
+        try:
+            write_file_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8"), 0o600)
+            self._save_failing = False
+        except OSError as exc:
+            with self._lock:
+                self._dirty = True
+            if not self._save_failing:
+                log.error("cannot save budgets to %s (%s); retrying", self.path, exc.strerror or exc)
+            self._save_failing = True
+
+
+class ConcurrencyLimit:
+    """Requests and WebSockets in flight, per user (max_concurrent)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._in_flight = {}  # type: Dict[str, int]
+
+    def acquire(self, user: User) -> None:
+        with self._lock:
+            count = self._in_flight.get(user.name, 0)
+            if user.max_concurrent and count >= user.max_concurrent:
+                raise HTTPError(429, "rate_limit_error", "you may run %d request%s at a time, and %d %s running; "
+                                "try again when one ends" % (user.max_concurrent, "" if user.max_concurrent == 1 else "s",
+                                                             count, "is" if count == 1 else "are"),
+                                headers=[("Retry-After", "1")])
+            self._in_flight[user.name] = count + 1
+
+    def release(self, user: User) -> None:
+        with self._lock:
+            self._in_flight[user.name] = max(0, self._in_flight.get(user.name, 1) - 1)
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._lock:
+            return dict(self._in_flight)
+
+
+def model_allowed(user: User, model: str) -> bool:
+    return not user.models or any(fnmatch.fnmatchcase(model, pattern) for pattern in user.models)
+
+
+def check_access(user: Optional[User], now: float) -> None:
+    """403 for a user whose access has expired."""
+    if user is not None and user.expires_at is not None and now >= user.expires_at:
+        raise HTTPError(403, "permission_error", "your access expired at %s UTC; ask the owner to renew it"
+                        % format_rfc3339(user.expires_at)[:19].replace("T", " "))
+
+
+def check_model(user: Optional[User], model: str) -> None:
+    if user is not None and not model_allowed(user, model):
+        raise HTTPError(403, "permission_error", "model %r is not allowed for you (allowed: %s)"
+                        % (model or "(none)", ", ".join(user.models)))
+
+
+# == 13. Operations ==========================================================
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def prometheus_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Counters and a latency histogram for /metrics (Prometheus text format)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters = {}  # type: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
+        self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
+
+    def add(self, name: str, value: float = 1.0, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0.0) + value
+
+    def observe_latency(self, seconds: float) -> None:
+        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        with self._lock:
+            self._buckets[index] += 1
+            self._latency_sum += seconds
+
+    def counters(self) -> Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]:
+        with self._lock:
+            return dict(self._counters)
+
+    def latency(self) -> Tuple[List[int], float]:
+        with self._lock:
+            return list(self._buckets), self._latency_sum
+
+
+COUNTER_HELP = (
+    ("ocm_requests_total", "Requests answered, by user, status and model."),
+    ("ocm_tokens_total", "Tokens used, by user, model and kind (input, cached, output)."),
+    ("ocm_cost_usd_total", "Cost at API prices in USD, by user and model."),
+    ("ocm_token_refreshes_total", "Access-token refreshes, by account."),
+    ("ocm_token_refresh_failures_total", "Failed access-token refreshes, by account."),
+)
+
+
+def render_metrics(server: "OCMServer") -> str:
+    """The exposition: counters, gauges read from live state, the histogram."""
+    lines = []  # type: List[str]
+
+    def sample(name: str, labels: Dict[str, str], value: float) -> None:
+        text = ",".join('%s="%s"' % (k, prometheus_escape(str(v))) for k, v in sorted(labels.items()))
+        lines.append("%s%s %s" % (name, "{%s}" % text if text else "", repr(float(value))))
+
+    counters = server.metrics.counters()
+    for account in server.accounts.values():
+        counters[("ocm_token_refreshes_total", (("account", account.tag),))] = account.credential.refreshes
+        counters[("ocm_token_refresh_failures_total", (("account", account.tag),))] = account.credential.refresh_failures
+    for name, help_text in COUNTER_HELP:
+        lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s counter" % name]
+        for (counter, labels), value in sorted(counters.items()):
+            if counter == name:
+                sample(name, dict(labels), value)
+    lines += ["# HELP ocm_in_flight Requests and WebSocket sessions running now, by user.",
+              "# TYPE ocm_in_flight gauge"]
+    for user, count in sorted(server.concurrency.snapshot().items()):
+        sample("ocm_in_flight", {"user": user}, count)
+    lines += ["# HELP ocm_account_used_percent Use of each account's rate-limit window.",
+              "# TYPE ocm_account_used_percent gauge",
+              "# HELP ocm_account_usable 1 if the account can take requests now.",
+              "# TYPE ocm_account_usable gauge"]
+    now = time.time()
+    for account in server.accounts.values():
+        for window, name in ((account.primary, "5h"), (account.secondary, "weekly")):
+            if window.used_percent is not None:
+                sample("ocm_account_used_percent", {"account": account.tag, "window": name}, window.used(now))
+        sample("ocm_account_usable", {"account": account.tag}, 1 if account.is_usable() else 0)
+    lines += ["# HELP ocm_budget_spent Spending in the current period against each budget (usd or tokens).",
+              "# TYPE ocm_budget_spent gauge",
+              "# HELP ocm_budget_limit Each budget's limit (usd or tokens).",
+              "# TYPE ocm_budget_limit gauge"]
+    for user in server.users.users:
+        for budget in user.budgets:
+            unit = "usd" if budget.usd is not None else "tokens"
+            spent = server.ledger.spent(user.name, budget.period) if server.ledger else (0.0, 0.0)
+            labels = {"user": user.name, "period": budget.period, "unit": unit}
+            sample("ocm_budget_spent", labels, spent[0] if unit == "usd" else spent[1])
+            sample("ocm_budget_limit", labels, budget.usd if unit == "usd" else budget.tokens)
+    lines += ["# HELP ocm_user_share_percent Each user's estimated share of an account's window, in points.",
+              "# TYPE ocm_user_share_percent gauge"]
+    for account in server.accounts.values():
+        for window, name in (("primary", "5h"), ("secondary", "weekly")):
+            for user_name in sorted(account.shares[window]):
+                sample("ocm_user_share_percent", {"user": user_name, "account": account.tag, "window": name},
+                       account.user_share(user_name, window))
+    buckets, total = server.metrics.latency()
+    lines += ["# HELP ocm_upstream_latency_seconds Time from sending a request upstream to its answer's head.",
+              "# TYPE ocm_upstream_latency_seconds histogram"]
+    count = 0
+    for bound, n in zip(list(LATENCY_BUCKETS) + ["+Inf"], buckets):
+        count += n
+        lines.append('ocm_upstream_latency_seconds_bucket{le="%s"} %d' % (bound, count))
+    lines += ["ocm_upstream_latency_seconds_sum %r" % total, "ocm_upstream_latency_seconds_count %d" % count]
+    return "\n".join(lines) + "\n"
+
+
+access_log = logging.getLogger("ocm.access")
+
+
+def write_access_line(request: "ClientRequest", log_format: str) -> None:
+    """One line per request: time, user, method, path, status, model, tokens,
+    cost, duration. Never a token or a header value."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    duration = time.monotonic() - request.started
+    if log_format == "json":
+        access_log.info(json.dumps({
+            "time": format_rfc3339(time.time()), "user": request.user_name or None, "method": request.method,
+            "path": request.path[:200], "status": request.status, "model": request.model or None,
+            "account": request.account_tag or None, "input_tokens": request.input_tokens,
+            "cached_tokens": request.cached_tokens, "output_tokens": request.output_tokens,
+            "cost_usd": round(request.cost, 6), "duration_s": round(duration, 3)}))
+        return
+    access_log.info("%s %s %s %d model=%s in=%d cached=%d out=%d cost=$%.4f %.3fs%s", request.user_name or "-",
+                    request.method, request.path[:200], request.status, request.model or "-",
+                    request.input_tokens, request.cached_tokens, request.output_tokens, request.cost, duration,
+                    " account=" + request.account_tag if request.account_tag else "")
+
+
+# == 14. Streams =============================================================
 
 class SSEScanner:
     """Finds whole server-sent events in a copy of relayed bytes, incrementally:
@@ -3927,7 +4506,7 @@ def request_model_and_tier(body: bytes) -> Tuple[str, str]:
     return (model if isinstance(model, str) else "", tier if isinstance(tier, str) else "")
 
 
-# == 13. Handler =============================================================
+# == 15. Handler =============================================================
 
 def json_error_body(error_type: str, message: str) -> bytes:
     return json.dumps({"error": {"type": error_type, "message": message}}).encode("utf-8")
@@ -3961,6 +4540,8 @@ def build_upstream_headers(client: Headers, config_headers: Dict[str, List[str]]
 
 
 STATUS_PATH = "/ocm/v1/status"
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
 _PROMPT_CACHE_KEY = re.compile(rb'"prompt_cache_key"\s*:\s*"([^"\\]{1,200})"')
 
 
@@ -4109,16 +4690,22 @@ class WebSocketSession:
     """
 
     def __init__(self, server: "OCMServer", client_sock, client_leftover: bytes,
-                 handshake: WebSocketHandshake, user_name: str, week_start: Optional[int],
-                 account: Optional[Account] = None):
+                 handshake: WebSocketHandshake, user: Optional[User], week_start: Optional[int],
+                 account: Optional[Account] = None, request: Optional[ClientRequest] = None):
         limits = server.config.limits
         self.server = server
         self.client = WebSocketEnd("client", client_sock, False, limits)
         self.upstream = WebSocketEnd("upstream", handshake.sock, True, limits)
         self._leftover = {self.client: client_leftover, self.upstream: handshake.leftover}
-        self.user_name = user_name
+        self.user = user
+        self.user_name = user.name if user else ""
         self.week_start = week_start
         self.account = account
+        self.request = request        # the upgrade: its access line sums the turns
+        # A turn is checked before it is forwarded only for users with model
+        # limits or budgets; everyone else keeps the fast path.
+        self.checks_turns = bool(user and (user.models or user.budgets))
+        self._reservations = collections.deque()  # type: collections.deque  # one per turn, in order
         self.model = ""
         self.service_tier = ""
         # response.create messages forwarded but not yet read for their model
@@ -4137,6 +4724,7 @@ class WebSocketSession:
             self.upstream.cut()
             with contextlib.suppress(OSError):
                 self.upstream.sock.close()
+            self.release_reservations()
 
     def close(self, code: int, reason: str) -> None:
         """Close both sides (server shutdown: 1001)."""
@@ -4186,6 +4774,11 @@ class WebSocketSession:
             return False
         is_create = text is not None and source is self.client and b'"response.create"' in text
         defaults = None
+        if is_create and self.checks_turns:
+            refusal = self.admit_turn(text)
+            if refusal is not None:
+                self.client.send(WS_TEXT, refusal)  # this turn goes no further; the session stays
+                return True
         if is_create:
             with self._creates_read:
                 self._creates_pending += 1
@@ -4204,6 +4797,30 @@ class WebSocketSession:
         if defaults is not None:
             self.count_usage(text, defaults)
         return True
+
+    def admit_turn(self, text: bytes) -> Optional[bytes]:
+        """Model and budget checks for one response.create; the error event to
+        send back instead of forwarding it, or None to let it through."""
+        try:
+            event = parse_json(text)
+        except ValueError:
+            return None
+        if not isinstance(event, dict) or event.get("type") != "response.create":
+            return None
+        try:
+            model = event.get("model")
+            check_model(self.user, model if isinstance(model, str) else "")
+            reservation = self.server.ledger.admit(self.user) if self.server.ledger else None
+        except HTTPError as exc:
+            return json.dumps({"type": "error", "status": exc.status,
+                               "error": {"type": exc.error_type, "message": exc.message}}).encode("utf-8")
+        if reservation is not None:
+            self._reservations.append(reservation)
+        return None
+
+    def release_reservations(self) -> None:
+        while self._reservations:
+            self.server.release_reservation(self._reservations.popleft())
 
     def request_defaults(self) -> Tuple[str, str]:
         """(model, service tier) of the latest response.create, waiting briefly
@@ -4233,7 +4850,9 @@ class WebSocketSession:
         if isinstance(event, dict) and event.get("type") in USAGE_EVENT_TYPES:
             record = usage_record_from_event(event, *defaults)
             if record is not None:
-                self.server.account(self.user_name, record, self.week_start, self.account)
+                if self.request is not None and self._reservations:
+                    self.request.reservation = self._reservations.popleft()
+                self.server.account(self.user_name, record, self.week_start, self.account, self.request, self.user)
 
 
 class StreamContext:
@@ -4341,12 +4960,14 @@ class OCMHandler(BaseHTTPRequestHandler):
             if self.head_sent:
                 return False
             close = exc.close or request is None or not request.keep_alive or not self.drain_body(request)
-            self.send_error_json(exc, close)
             if request is not None:
-                self.log_request_line(request, exc.status)
+                request.status = exc.status
+            self.send_error_json(exc, close)
             return not close and not server.closing
         finally:
             server.set_busy(self, False)
+            if request is not None and request.status:
+                server.request_done(request)
 
     def drain_body(self, request: ClientRequest) -> bool:
         """Read and drop the unread body of a refused request so the connection
@@ -4378,15 +4999,8 @@ class OCMHandler(BaseHTTPRequestHandler):
         server = self.server
         if not request.path.startswith("/"):
             raise bad_request("only origin-form request targets are accepted (\"/v1/...\")")
-        if request.path == STATUS_PATH:
-            user = server.users.authenticate(request.headers)
-            self.read_body(request, DISCARD_BODY_LIMIT)
-            if request.method not in ("GET", "HEAD"):
-                raise HTTPError(405, "invalid_request_error", "use GET for %s" % STATUS_PATH)
-            body = json.dumps(dict(server.pool_for(user).to_json(), user=user.name if user else None),
-                              indent=2).encode("utf-8")
-            self.send_json(200, body if request.method == "GET" else b"", close=not request.keep_alive)
-            self.log_request_line(request, 200, user)
+        if request.path in (HEALTH_PATH, METRICS_PATH, STATUS_PATH):
+            self.serve_operations(request)
             return
         if not request.path.startswith("/v1/"):
             raise HTTPError(404, "invalid_request_error",
@@ -4394,21 +5008,48 @@ class OCMHandler(BaseHTTPRequestHandler):
         if is_unsafe_path(request.path):
             raise HTTPError(400, "invalid_request_error", "path has dot segments or encoded slashes")
         user = server.users.authenticate(request.headers)
+        request.user_name = user.name if user else ""
+        check_access(user, time.time())
         if is_websocket_upgrade(request):
             self.read_body(request, DISCARD_BODY_LIMIT)
             request.keep_alive = False  # after a WebSocket, the connection is done
-            status = self.relay_websocket(request, user)
-            self.log_request_line(request, status, user)
+            with server.in_flight(user):
+                request.status = self.relay_websocket(request, user)
             return
         if request.headers.has_token("expect", "100-continue") and request.body_kind != "none":
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.read_body(request, server.config.limits.max_body_size)
-        status = self.relay_http(request, user)
-        self.log_request_line(request, status, user)
+        with server.in_flight(user):
+            server.admit(request, user)
+            try:
+                request.status = self.relay_http(request, user)
+            finally:
+                server.release(request)
 
-    def log_request_line(self, request: ClientRequest, status: int, user: Optional[User] = None) -> None:
-        log.info("%s %s %s %d %.3fs", user.name if user else "-", request.method,
-                 request.path[:200], status, time.monotonic() - request.started)
+    def serve_operations(self, request: ClientRequest) -> None:
+        """/healthz (open), /metrics (metrics token or loopback), the pool status (a user's token)."""
+        server = self.server
+        self.read_body(request, DISCARD_BODY_LIMIT)
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "invalid_request_error", "use GET for %s" % request.path)
+        content_type = "application/json"
+        if request.path == HEALTH_PATH:
+            usable = any(a.credential.peek()[0] is not None for a in server.accounts.values())
+            body = json.dumps({"status": "ok", "credential_usable": usable}).encode("utf-8")
+        elif request.path == METRICS_PATH:
+            server.check_metrics_access(request, self.client_address[0])
+            body, content_type = render_metrics(server).encode("utf-8"), "text/plain; version=0.0.4"
+        else:
+            user = server.users.authenticate(request.headers)
+            request.user_name = user.name if user else ""
+            body = json.dumps(dict(server.pool_for(user).to_json(), user=request.user_name or None),
+                              indent=2).encode("utf-8")
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if not request.keep_alive:
+            headers.append(("Connection", "close"))
+        self.write(encode_head(200, "OK", headers) + (body if request.method == "GET" else b""))
+        self.head_sent = True
+        request.status = 200
 
     # -- relaying ---------------------------------------------------------------
     def relay_http(self, request: ClientRequest, user: Optional[User]) -> int:
@@ -4419,8 +5060,23 @@ class OCMHandler(BaseHTTPRequestHandler):
         pool = server.pool_for(user)
         session = session_key(request) if pool.is_pool else ""
         tried = set()  # type: set
+        share_refusal = None
         while True:
-            account = server.choose_account(pool, session, tried)
+            try:
+                account = server.choose_account(pool, session, tried)
+            except HTTPError:
+                if share_refusal is not None:
+                    raise share_refusal  # the accounts left would exceed the user's share
+                raise
+            try:
+                account.check_share(user)
+            except HTTPError as exc:
+                if not pool.is_pool:
+                    raise
+                share_refusal = exc
+                tried.add(account)
+                continue
+            request.account_tag = account.tag
             try:
                 exchange = self.send_to(account, request)
             except HTTPError as exc:
@@ -4486,6 +5142,14 @@ class OCMHandler(BaseHTTPRequestHandler):
                     raise
                 self.refuse_websocket_with_usage_limit(key, usage_limit_frame_for_pool(exc))
                 return 429
+            try:
+                account.check_share(user)
+            except HTTPError:
+                if not pool.is_pool:
+                    raise
+                tried.add(account)
+                continue
+            request.account_tag = account.tag
             handshake = self.open_websocket_to(account, request)
             if handshake.status == 429 and pool.is_pool:
                 account.observe_headers(handshake.headers, success=False)
@@ -4504,8 +5168,7 @@ class OCMHandler(BaseHTTPRequestHandler):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             session = WebSocketSession(server, self.connection, bytes(self.reader.buf), handshake,
-                                       user.name if user else "", week_start_from_headers(handshake.headers),
-                                       account)
+                                       user, week_start_from_headers(handshake.headers), account, request)
             self.reader.buf.clear()
             server.run_websocket(session)
             return 101
@@ -4821,7 +5484,7 @@ def peek_is_closed(sock: socket.socket) -> Optional[bool]:
         raw.detach()
 
 
-# == 14. Server ==============================================================
+# == 16. Server ==============================================================
 
 class ServerTLS:
     """TLS for clients: a context from the configured certificate and key,
@@ -4931,8 +5594,17 @@ class OCMServer(ThreadingHTTPServer):
         self.credential = single.credential if single else None
         self.usage = single.usage if single else None
         self.usage_url = usage_url_for(config.upstream.chatgpt_url)
-        self._poller = None  # type: Optional[threading.Thread]
-        self._stop_polling = threading.Event()
+        self.concurrency = ConcurrencyLimit()
+        self.metrics = Metrics()
+        self.ledger = None  # type: Optional[BudgetLedger]
+        if config.budgets_path:
+            self.ledger = BudgetLedger(config.budgets_path, PeriodClock(config.timezone))
+            self.ledger.load()
+        self.save_interval = usage_save_interval
+        self.file_check_interval = file_check_interval
+        self._retired = []  # type: List[Account]  # dropped by a reload; closed at the end
+        self._housekeeper = None  # type: Optional[threading.Thread]
+        self._stop_housekeeping = threading.Event()
         self.chatgpt_base = BaseURL.parse(config.upstream.chatgpt_url)
         self.api_base = BaseURL.parse(config.upstream.api_url)
         self.watcher = HangupWatcher()
@@ -4954,9 +5626,8 @@ class OCMServer(ThreadingHTTPServer):
         for account in self.accounts.values():
             if account.usage is not None:
                 account.usage.start_saver()
-        if any(a.poll_interval for a in self.accounts.values()):
-            self._poller = threading.Thread(target=self._poll_accounts, name="ocm-poller", daemon=True)
-            self._poller.start()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="ocm-housekeeping", daemon=True)
+        self._housekeeper.start()
 
     # -- accounts and pools -----------------------------------------------------
     def pool_for(self, user: Optional[User]) -> Pool:
@@ -4988,15 +5659,111 @@ class OCMServer(ThreadingHTTPServer):
                             body=usage_limit_body(exc.resets_at, now),
                             headers=[("Retry-After", str(max(1, int(exc.resets_at - now))))] if exc.resets_at else None)
 
-    def _poll_accounts(self) -> None:
-        """Ask the usage endpoint about each pooled account, each on its own
-        schedule (poll_interval, with backoff after failures)."""
-        tick = max(0.05, min(a.poll_interval for a in self.accounts.values() if a.poll_interval) / 4)
-        while not self._stop_polling.wait(min(tick, 1.0)):
+    def _housekeeping(self) -> None:
+        """Polls the usage endpoint for pooled accounts, each on its own schedule
+        (poll_interval, with backoff after failures); saves the budgets."""
+        saved_at = time.monotonic()
+        while True:
+            intervals = [a.poll_interval for a in list(self.accounts.values()) if a.poll_interval]
+            if self._stop_housekeeping.wait(max(0.05, min(min(intervals) / 4 if intervals else 1.0, 1.0))):
+                return
             now = time.time()
-            for account in self.accounts.values():
-                if account.poll_interval and account.next_poll_at <= now and not self._stop_polling.is_set():
+            for account in list(self.accounts.values()):
+                if account.poll_interval and account.next_poll_at <= now and not self._stop_housekeeping.is_set():
                     account.poll(self.usage_url)
+            if self.ledger is not None and time.monotonic() - saved_at >= self.save_interval:
+                saved_at = time.monotonic()
+                self.ledger.save_if_dirty()
+
+    def reload(self, config: Config) -> None:
+        """SIGHUP: users, limits, headers, budgets and pools change for new
+        requests; requests and streams in flight carry on with what they have
+        (accounts dropped from the config are closed only at shutdown)."""
+        for key in ("listen", "listen_port", "tls"):
+            if getattr(config, key) != getattr(self.config, key):
+                log.warning("reload: %s changed; restart OCM to apply that", key)
+        accounts, pools = build_accounts(config, self.file_check_interval, self.save_interval, reuse=self.accounts)
+        for account in accounts.values():
+            if account not in self.accounts.values() and account.usage is not None:
+                account.usage.start_saver()
+        self._retired += [a for a in self.accounts.values() if a not in accounts.values()]
+        for tag, pool in pools.items():  # conversations stay where they were
+            old = self.pools.get(tag)
+            if old is not None:
+                pool.adopt_sessions(old)
+        ledger = self.ledger
+        if config.budgets_path and (ledger is None or ledger.path != config.budgets_path
+                                    or ledger.clock.name != config.timezone):
+            if ledger is not None:
+                ledger.save_if_dirty()
+            ledger = BudgetLedger(config.budgets_path, PeriodClock(config.timezone))
+            ledger.load()
+        single = None if config.credentials else accounts["default"]
+        self.users = UserTable(config.users)
+        self.accounts, self.pools, self.ledger = accounts, pools, ledger
+        self.credential = single.credential if single else None
+        self.usage = single.usage if single else None
+        self.usage_url = usage_url_for(config.upstream.chatgpt_url)
+        self.chatgpt_base = BaseURL.parse(config.upstream.chatgpt_url)
+        self.api_base = BaseURL.parse(config.upstream.api_url)
+        self.config = config
+        log.info("config reloaded: %d user%s, %d account%s", len(config.users), "" if len(config.users) == 1 else "s",
+                 len(accounts), "" if len(accounts) == 1 else "s")
+
+    # -- policy ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def in_flight(self, user: Optional[User]):
+        """Hold one of the user's max_concurrent places for a request or WebSocket."""
+        if user is not None:
+            self.concurrency.acquire(user)
+        try:
+            yield
+        finally:
+            if user is not None:
+                self.concurrency.release(user)
+
+    def admit(self, request: ClientRequest, user: Optional[User]) -> None:
+        """Model allow-list and budgets, before anything goes upstream."""
+        if user is None:
+            return
+        if user.models:
+            try:  # parsed in full: a pattern match on the text could be fooled
+                data = parse_json(request.body) if request.body else {}
+            except ValueError:
+                data = {}
+            model = data.get("model") if isinstance(data, dict) else None
+            if isinstance(model, str):
+                check_model(user, model)
+        if self.ledger is not None and is_accounted_path(request.path):
+            request.reservation = self.ledger.admit(user)
+
+    def release(self, request: ClientRequest) -> None:
+        self.release_reservation(request.reservation)
+
+    def release_reservation(self, reservation: Optional[Reservation]) -> None:
+        if self.ledger is not None:
+            self.ledger.release(reservation)
+
+    def request_done(self, request: ClientRequest) -> None:
+        """The access line and the request counter, once per request."""
+        write_access_line(request, self.config.log_format)
+        self.metrics.add("ocm_requests_total", user=request.user_name or "-", status=str(request.status),
+                         model=request.model or "-")
+
+    def check_metrics_access(self, request: ClientRequest, client_ip: str) -> None:
+        """Loopback clients, or the bearer of metrics_token."""
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(client_ip)
+            if ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback):
+                return
+        token = self.config.metrics_token
+        presented = (request.headers.get("authorization") or "").partition(" ")[2].strip()
+        if token and presented:
+            expected = User("metrics", token).token_digest
+            if hmac.compare_digest(expected, token_digest(presented)):
+                return
+        raise HTTPError(403, "permission_error", "metrics are served to loopback clients and to the "
+                        "metrics_token of the config")
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can stall
@@ -5037,8 +5804,10 @@ class OCMServer(ThreadingHTTPServer):
                 raise HTTPError(502, "api_error", "upstream %s unreachable: %s"
                                 % (origin.host, describe_connect_error(exc)))
             try:
+                sent_at = time.monotonic()
                 conn.send_request(method, path, headers, body)
                 response = conn.getresponse()
+                self.metrics.observe_latency(time.monotonic() - sent_at)
                 problem = response_framing_problem(response)
                 if problem:
                     conn.close()
@@ -5059,22 +5828,44 @@ class OCMServer(ThreadingHTTPServer):
 
     def usage_tap(self, request: ClientRequest, user: Optional[User], response,
                   account: Account) -> Optional[UsageTap]:
-        """A tap for responses that carry usage, when anything records it."""
-        if account.usage is None or not 200 <= response.status < 300 or not is_accounted_path(request.path):
+        """A tap for every successful answer that may carry usage (budgets,
+        shares, metrics and the access log need it, with or without a file)."""
+        if not 200 <= response.status < 300 or not is_accounted_path(request.path):
             return None
         week_start = week_start_from_headers(response.msg)
         name = user.name if user else ""
-        return UsageTap(lambda record: self.account(name, record, week_start, account), request,
+        return UsageTap(lambda record: self.account(name, record, week_start, account, request, user), request,
                         (response.msg.get("content-type") or "").lower())
 
     def account(self, user_name: str, record: UsageRecord, week_start: Optional[int],
-                account: Optional[Account] = None) -> None:
+                account: Optional[Account] = None, request: Optional[ClientRequest] = None,
+                user: Optional[User] = None) -> None:
         """The one accounting entry point: HTTP JSON, SSE and WebSocket all end
-        here, into the usage book of the account that served the request."""
+        here. The account's usage book, the user's budgets and share, the
+        metrics and the request's access line learn the cost here."""
         if not record.input_tokens and not record.output_tokens:
             return  # a warm-up (generate: false) costs nothing; sing-box skips these too
-        if account is not None and account.usage is not None:
-            account.usage.record(user_name, record, week_start)
+        tier = normalize_service_tier(record.service_tier)
+        cost = raw_cost(record.input_tokens, record.output_tokens, record.cached_tokens, record.model, tier,
+                        context_window_for(record.model, tier, record.input_tokens))
+        if account is not None:
+            if account.usage is not None:
+                account.usage.record(user_name, record, week_start)
+            account.note_completion(user_name or "-", cost)
+        if request is not None:
+            request.model = record.model
+            request.input_tokens += record.input_tokens
+            request.cached_tokens += record.cached_tokens
+            request.output_tokens += record.output_tokens
+            request.cost += cost
+        if self.ledger is not None and user is not None and user.budgets:
+            self.ledger.settle(request.reservation if request else None, user_name, cost,
+                               record.input_tokens + record.output_tokens, user.budgets)
+        labels = {"user": user_name or "-", "model": record.model}
+        self.metrics.add("ocm_cost_usd_total", cost, **labels)
+        for kind, count in (("input", record.input_tokens), ("cached", record.cached_tokens),
+                            ("output", record.output_tokens)):
+            self.metrics.add("ocm_tokens_total", count, kind=kind, **labels)
         log.debug("usage %s: %s %s in=%d cached=%d out=%d", user_name or "-", record.model,
                   record.service_tier or "default", record.input_tokens, record.cached_tokens,
                   record.output_tokens)
@@ -5225,16 +6016,18 @@ class OCMServer(ThreadingHTTPServer):
     def close(self, drain_timeout: float = 5.0) -> None:
         """Stop everything this server owns. Call after shutdown()."""
         self.drain(drain_timeout)
-        self._stop_polling.set()
-        if self._poller is not None:
-            self._poller.join(timeout=POLL_TIMEOUT + 1)
+        self._stop_housekeeping.set()
+        if self._housekeeper is not None:
+            self._housekeeper.join(timeout=POLL_TIMEOUT + 1)
         self.watcher.close()
         self.server_close()
-        for account in self.accounts.values():
+        for account in list(self.accounts.values()) + self._retired:
             account.close()
+        if self.ledger is not None:
+            self.ledger.save_if_dirty()
 
 
-# == 15. CLI =================================================================
+# == 17. CLI =================================================================
 
 def describe_credential(credential: Credential, now: float) -> str:
     login, problem = credential.peek()
@@ -5300,6 +6093,32 @@ def return_freed_memory() -> None:
         pass  # musl, no ctypes, not Linux: nothing to give back this way
 
 
+def reload_config(server: OCMServer) -> None:
+    """Re-read the config file; keep the running one if the new one is wrong."""
+    path = server.config.source
+    if not path:
+        log.warning("SIGHUP: OCM runs without a config file; nothing to reload")
+        return
+    try:
+        config = load_config(path)
+        server.reload(config)
+    except ConfigError as exc:
+        log.error("SIGHUP: %s is not valid (%s); still running the previous config", path, exc)
+        return
+    configure_access_log(config.log_format)
+
+
+def configure_access_log(log_format: str) -> None:
+    """Access lines on stderr: after a timestamp, or as pure JSON lines."""
+    handler = next((h for h in access_log.handlers if getattr(h, "ocm_access", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.ocm_access = True
+        access_log.addHandler(handler)
+        access_log.propagate = False
+    handler.setFormatter(logging.Formatter("%(message)s" if log_format == "json" else "%(asctime)s %(message)s"))
+
+
 def configure_logging(level: str) -> None:
     # The logging HOWTO's optimisations: our format uses no caller, thread or
     # process fields, and gathering them costs every request a few microseconds.
@@ -5324,11 +6143,19 @@ def serve(config: Config) -> int:
         return 2
     stop = threading.Event()
 
+    reload_wanted = threading.Event()
+
     def on_signal(signum, _frame):
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup(_signum, _frame):
+        reload_wanted.set()
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if hasattr(signal, "SIGHUP"):
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
+    configure_access_log(config.log_format)
     if server.credential is not None:
         login, problem = server.credential.peek()
         mode = login.mode_name if login else "no usable credential yet (%s)" % problem
@@ -5349,8 +6176,10 @@ def serve(config: Config) -> int:
     thread.start()
     return_freed_memory()
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.2):
+            if reload_wanted.is_set():
+                reload_wanted.clear()
+                reload_config(server)
     finally:
         server.shutdown()
         thread.join()
@@ -5462,15 +6291,46 @@ def run_usage(argv: List[str]) -> int:
             print("ocm: cannot read usage file %s: %s" % (path, exc), file=sys.stderr)
             return 2
         reports.append((account, path, summarize_usage(book.to_json())))
+    budgets = budget_report(args.source)
     if args.json:
         if len(reports) == 1 and not reports[0][0]:
-            print(json.dumps(dict(reports[0][2], source=reports[0][1]), indent=2))
+            out = dict(reports[0][2], source=reports[0][1])
         else:
-            print(json.dumps({"accounts": {a: dict(s, source=p) for a, p, s in reports}}, indent=2))
+            out = {"accounts": {a: dict(s, source=p) for a, p, s in reports}}
+        if budgets:
+            out["budgets"] = budgets
+        print(json.dumps(out, indent=2))
     else:
         sys.stdout.write("\n".join(("Account %s: " % a if a else "") + format_usage_report(p, s)
                                     for a, p, s in reports))
+        if budgets:
+            sys.stdout.write("\nBudgets (this period)\n" + "".join(
+                "%-12s %-6s %14s of %s\n" % (b["user"], b["period"], b["spent"], b["limit"]) for b in budgets))
     return 0
+
+
+def budget_report(source: str) -> List[Dict[str, Any]]:
+    """Each user's budgets against this period's spending, when ``source`` is a config."""
+    try:
+        config = load_config(source)
+    except ConfigError:
+        return []  # a usage file, not a config
+    if not config.budgets_path or not any(u.budgets for u in config.users):
+        return []
+    ledger = BudgetLedger(config.budgets_path, PeriodClock(config.timezone))
+    ledger.load()
+    rows = []
+    for user in config.users:
+        for budget in user.budgets:
+            usd, tokens = ledger.spent(user.name, budget.period)
+            if budget.usd is not None:
+                rows.append({"user": user.name, "period": budget.period, "spent": "$%.2f" % usd,
+                             "limit": "$%.2f" % budget.usd, "spent_usd": round(usd, 6), "limit_usd": budget.usd})
+            else:
+                rows.append({"user": user.name, "period": budget.period, "spent": "{:,.0f} tokens".format(tokens),
+                             "limit": "{:,} tokens".format(budget.tokens), "spent_tokens": int(tokens),
+                             "limit_tokens": budget.tokens})
+    return rows
 
 
 def issuer_opener(config: Config, detour: Optional[ProxyURL]) -> Callable:
@@ -5709,7 +6569,28 @@ def run_logout(argv: List[str], out=None) -> int:
     return 0
 
 
-SUBCOMMANDS = {"usage": run_usage, "login": run_login, "logout": run_logout, "status": run_status}
+def run_hash_token(argv: List[str], stdin=None, out=None) -> int:
+    """Print the sha256:<hex> form of a token read from stdin, for the config."""
+    import argparse
+    argparse.ArgumentParser(prog="ocm.py hash-token",
+                            description="Read a user token from stdin and print its sha256: form, to put "
+                                        "in the config instead of the token itself.").parse_args(argv)
+    stdin = sys.stdin if stdin is None else stdin
+    if stdin.isatty():
+        import getpass
+        token = getpass.getpass("token (not shown): ")
+    else:
+        token = stdin.readline()
+    token = token.strip()
+    if not token or any(c.isspace() for c in token):
+        print("ocm: give one token, without spaces, on stdin", file=sys.stderr)
+        return 2
+    print("sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest(), file=out or sys.stdout)
+    return 0
+
+
+SUBCOMMANDS = {"usage": run_usage, "login": run_login, "logout": run_logout, "status": run_status,
+               "hash-token": run_hash_token}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
