@@ -345,6 +345,19 @@ class ProxyURL:
 PROXY_SCHEMES = ("http", "socks5", "socks5h")
 
 
+def parse_detour(value: str, where: str, sing_box: bool) -> Optional[ProxyURL]:
+    """A detour proxy URL. In a whole sing-box file a detour names an outbound,
+    which OCM cannot use: it says so and connects directly instead of
+    refusing a file that must run unchanged."""
+    if not value:
+        return None
+    if sing_box and "://" not in value:
+        log.warning("%s: %r is a sing-box outbound tag, which OCM cannot use; connecting directly "
+                    "(give a proxy URL such as socks5://127.0.0.1:1080 to use a proxy)", where, value)
+        return None
+    return parse_proxy_url(value, where)
+
+
 def parse_proxy_url(value: str, where: str) -> ProxyURL:
     if "://" not in value:
         raise ConfigError("%s: %r is not a proxy URL; use http://host:port, socks5://host:port or "
@@ -676,7 +689,7 @@ def _listable(value: Any, where: str) -> List[str]:
     return values
 
 
-def _parse_credentials(raw: list, where: str) -> List[CredentialConfig]:
+def _parse_credentials(raw: list, where: str, sing_box: bool = False) -> List[CredentialConfig]:
     entries = {}  # type: Dict[str, CredentialConfig]
     paths = {}  # type: Dict[str, str]
     for i, entry in enumerate(raw):
@@ -702,8 +715,7 @@ def _parse_credentials(raw: list, where: str) -> List[CredentialConfig]:
                                   % (f.path("credential_path"), item.credential_path, paths[item.credential_path]))
             paths[item.credential_path] = tag
             item.usages_path = os.path.expanduser(f.str("usages_path"))
-            detour = f.str("detour")
-            item.detour = parse_proxy_url(detour, f.path("detour")) if detour else None
+            item.detour = parse_detour(f.str("detour"), f.path("detour"), sing_box)
             for key in ("reserve_5h", "reserve_weekly"):
                 if f.has(key):
                     value = f.int(key, 0, -1 << 31, 1 << 31)
@@ -875,13 +887,13 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         credential_path=os.path.expanduser(f.str("credential_path")) or default_credential_path(),
         usages_path=os.path.expanduser(f.str("usages_path")),
         users=_parse_users(f.list("users"), f.path("users")),
-        credentials=_parse_credentials(f.list("credentials"), f.path("credentials")),
+        credentials=_parse_credentials(f.list("credentials"), f.path("credentials"), sing_box=bool(where)),
         timezone=_check_timezone(f.str("timezone", "local"), f.path("timezone")),
         budgets_path=os.path.expanduser(f.str("budgets_path")),
         metrics_token=f.str("metrics_token"),
         log_format=f.str("log_format", "text"),
         headers=_parse_headers(f.raw("headers"), f.path("headers")),
-        detour=parse_proxy_url(f.str("detour"), f.path("detour")) if f.str("detour") else None,
+        detour=parse_detour(f.str("detour"), f.path("detour"), sing_box=bool(where)),
         tls=_parse_tls(f.raw("tls"), f.path("tls")),
         upstream=_parse_upstream(f.raw("upstream"), f.path("upstream")),
         limits=_parse_limits(f.raw("limits"), f.path("limits")),
@@ -6569,6 +6581,89 @@ def run_logout(argv: List[str], out=None) -> int:
     return 0
 
 
+def guess_host() -> str:
+    """This box's LAN address for clients' base_url (no packet is sent)."""
+    with contextlib.suppress(OSError):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.connect(("10.254.254.254", 9))  # UDP connect only picks a route
+            address = probe.getsockname()[0]
+        finally:
+            probe.close()
+        if not address.startswith("127."):
+            return address
+    return socket.gethostname() or "127.0.0.1"
+
+
+def client_setup(base_url: str, user: str, token: str, websocket: bool = False) -> str:
+    """What a person adds to ~/.codex/config.toml, and the variable to set."""
+    return ('# %s: add to ~/.codex/config.toml\n'
+            '[model_providers.ocm]\nname = "OCM"\nbase_url = "%s"\nwire_api = "responses"\n'
+            'env_key = "OCM_TOKEN"\n%s'
+            '# then, in the shell: export OCM_TOKEN=%s\n'
+            '# and run: codex -c model_provider=ocm   (or set model_provider = "ocm" at the top)\n'
+            % (user, base_url, "supports_websockets = true\n" if websocket else "", token))
+
+
+def run_init(argv: List[str], out=None) -> int:
+    """Write a starter config with a strong random token per person."""
+    import argparse
+    import secrets
+    parser = argparse.ArgumentParser(prog="ocm.py init", description="Write a config with a strong random "
+                                     "token for each person (kept as sha256 digests), check the login, and "
+                                     "print each person's Codex setup.")
+    parser.add_argument("--users", default="", help="comma-separated names (default: you)")
+    parser.add_argument("--out", default="config.json", help="config file to write (default: config.json)")
+    parser.add_argument("--listen", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, the LAN)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: 8080)")
+    parser.add_argument("--host", help="name or address clients use to reach this box (default: guessed)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    args = parser.parse_args(argv)
+    out = out or sys.stdout
+    names = [n.strip() for n in args.users.split(",") if n.strip()] or [_login_name()]
+    if len(set(names)) != len(names) or not all(re.match(r"^[A-Za-z0-9._@-]+$", n) for n in names):
+        print("ocm: --users: distinct names of letters, digits, . _ @ - only", file=sys.stderr)
+        return 2
+    if os.path.exists(args.out) and not args.force:
+        print("ocm: %s already exists; not overwriting it (use --force)" % args.out, file=sys.stderr)
+        return 1
+    if not 1 <= args.port <= 65535:
+        print("ocm: --port: 1 to 65535", file=sys.stderr)
+        return 2
+    tokens = {name: "ocm-" + secrets.token_urlsafe(32) for name in names}
+    directory = os.path.dirname(os.path.abspath(args.out))
+    config = {"listen": args.listen, "listen_port": args.port, "credential_path": default_credential_path(),
+              "usages_path": os.path.join(directory, "usage.json"),
+              "users": [{"name": name, "token": "sha256:" + hashlib.sha256(tokens[name].encode()).hexdigest()}
+                        for name in names]}
+    try:
+        write_file_atomic(args.out, (json.dumps(config, indent=2) + "\n").encode("utf-8"), 0o600)
+    except OSError as exc:
+        print("ocm: cannot write %s: %s" % (args.out, exc.strerror or exc), file=sys.stderr)
+        return 1
+    print("Wrote %s for %s (tokens are stored as sha256 digests)." % (args.out, ", ".join(names)), file=out)
+    credential = Credential(config["credential_path"], DEFAULT_TOKEN_URL, open_url=None)
+    login, problem = credential.peek()
+    print("Login: %s" % (describe_credential(credential, time.time()) if login else
+                         "%s\n       sign in first: python3 ocm.py login %s" % (problem, args.out)), file=out)
+    base_url = "http://%s:%d/v1" % (args.host or guess_host(), args.port)
+    print("\nStart OCM:  python3 ocm.py %s\n" % args.out, file=out)
+    print("Give each person their block below. The tokens are shown this once; OCM keeps only digests.\n",
+          file=out)
+    for name in names:
+        print(client_setup(base_url, name, tokens[name]), file=out)
+    return 0
+
+
+def _login_name() -> str:
+    with contextlib.suppress(Exception):
+        import getpass
+        name = re.sub(r"[^A-Za-z0-9._@-]", "", getpass.getuser())
+        if name:
+            return name
+    return "me"
+
+
 def run_hash_token(argv: List[str], stdin=None, out=None) -> int:
     """Print the sha256:<hex> form of a token read from stdin, for the config."""
     import argparse
@@ -6590,7 +6685,7 @@ def run_hash_token(argv: List[str], stdin=None, out=None) -> int:
 
 
 SUBCOMMANDS = {"usage": run_usage, "login": run_login, "logout": run_logout, "status": run_status,
-               "hash-token": run_hash_token}
+               "hash-token": run_hash_token, "init": run_init}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
