@@ -3650,11 +3650,13 @@ class Pool:
             return None
         if self.strategy == "random":
             return random.choice(usable)
-        if self.strategy == "round_robin":
-            with self._lock:
-                self._turn += 1
-                return usable[self._turn % len(usable)]
-        return max(usable, key=lambda a: a.headroom())  # least_used; ties: config order
+        if self.strategy == "least_used":  # the most headroom; equals take turns
+            headrooms = [(a.headroom(), a) for a in usable]
+            best = max(h for h, _ in headrooms)
+            usable = [a for h, a in headrooms if h >= best - 0.5]
+        with self._lock:
+            self._turn += 1
+            return usable[self._turn % len(usable)]
 
     def adopt_sessions(self, old: "Pool") -> None:
         """After a reload: keep the old pool's sticky sessions on accounts still here."""

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -270,6 +271,11 @@ class FakeUpstream:
         class Server(ThreadingHTTPServer):
             daemon_threads = True
 
+            def server_bind(self):
+                # HTTPServer's own calls getfqdn(): a DNS lookup for every test.
+                socketserver.TCPServer.server_bind(self)
+                self.server_name, self.server_port = self.server_address[:2]
+
             def process_request(self, request, client_address):
                 with fake.lock:
                     fake.connections += 1
@@ -280,7 +286,7 @@ class FakeUpstream:
             self.server.socket = tls_context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.url = "%s://%s:%d" % ("https" if tls_context else "http", host, self.port)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.002},
                                        daemon=True)
         self.thread.start()
 
@@ -360,7 +366,7 @@ class Proxy:
     def __init__(self, server):
         self.server = server
         self.port = server.server_address[1]
-        self.thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
+        self.thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.002},
                                        daemon=True)
         self.thread.start()
 
@@ -1235,7 +1241,8 @@ class TestRealCodex:
         assert len(fake.api_requests()) == 1  # Codex does not retry 429
 
     def test_codex_with_a_wrong_token_is_refused(self, proxy, fake, tmp_path):
-        out = run_codex(proxy.port, tmp_path, "say hi", token="tok-wrong")
+        out = run_codex(proxy.port, tmp_path, "say hi", token="tok-wrong",
+                        provider_extra="request_max_retries = 0\nstream_max_retries = 0\n")
         assert out.returncode != 0
         assert fake.api_requests() == []
 
@@ -1624,11 +1631,11 @@ class TestUsage:
             "while True:\n"
             "    book.record('u', ocm.UsageRecord('model-x', '', 10, 1, 0), None)\n"
             "    book.save()\n")
-        for attempt in range(8):
+        for attempt in range(5):
             proc = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=HERE,
                                     stdout=subprocess.PIPE, text=True)
             assert proc.stdout.readline().strip() == "ready"
-            time.sleep(0.01 + attempt * 0.013)
+            time.sleep(0.01 + attempt * 0.021)
             proc.kill()
             proc.wait()
             data = read_json(path)  # never half-written

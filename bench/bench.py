@@ -50,22 +50,23 @@ class Settings:
     def __init__(self, quick):
         self.quick = quick
         self.latency_rounds = 2 if quick else 10      # rounds alternate direct / OCM / nginx
-        self.latency_per_round = 50 if quick else 500
+        self.latency_per_round = 30 if quick else 500
         self.sse_streams = 1 if quick else 4
-        self.sse_events = 30 if quick else 250
+        self.sse_events = 15 if quick else 250
         self.sse_gap_ms = 2 if quick else 4
         self.rps_conns = 16
         self.rps_procs = 2                            # load client processes
-        self.rps_warmup = 0.2 if quick else 1.0
-        self.rps_seconds = 0.5 if quick else 5.0
+        self.rps_warmup = 0.1 if quick else 1.0
+        self.rps_seconds = 0.3 if quick else 5.0
         self.streams = 20 if quick else 1000
-        self.stream_events = 5 if quick else 20
-        self.stream_gap_ms = 50 if quick else 250
+        self.stream_events = 3 if quick else 20
+        self.stream_gap_ms = 20 if quick else 250
         self.stream_timeout = 30.0 if quick else 120.0
         # Request body sizes for the streams: a tiny one, and one like a Codex
         # turn mid-session (instructions, tools and history are resent each turn).
         self.stream_bodies = (0, 64 * 1024)
         self.start_runs = 2 if quick else 9
+        self.settle = 0.1 if quick else 0.5           # seconds after start before reading idle RSS
         self.sequential = 100
 
 
@@ -150,13 +151,13 @@ def time_to_listen(cmd, port, runs, cwd=None, env=None):
     return statistics.median(times)
 
 
-def idle_rss(cmd, port, cwd=None, env=None):
-    """RSS (MB) of ``cmd`` half a second after it starts listening."""
+def idle_rss(cmd, port, cwd=None, env=None, settle=0.5):
+    """RSS (MB) of ``cmd`` ``settle`` seconds after it starts listening."""
     proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, preexec_fn=child_setup, env=env)
     try:
         wait_listening(port, proc)
-        time.sleep(0.5)
+        time.sleep(settle)
         return proc_status(proc.pid).get("VmRSS", 0) / 1024.0
     finally:
         stop(proc, signal.SIGKILL)
@@ -533,7 +534,7 @@ def main(argv=None):
         floor = [sys.executable, "-c", "import socket, time; s = socket.socket(); "
                  "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
                  "s.bind(('127.0.0.1', %d)); s.listen(); time.sleep(60)" % port]
-        results["idle_rss"] = {"direct": idle_rss(floor, port)}
+        results["idle_rss"] = {"direct": idle_rss(floor, port, settle=settings.settle)}
         if "start" in phases:
             progress("start-up time (%d runs each)" % settings.start_runs)
             results["start"] = {"direct": time_to_listen(floor, port, settings.start_runs)}
@@ -547,7 +548,7 @@ def main(argv=None):
             command = ocm_command(write_ocm_config(no_cache_dir, upstream_port, port))
             no_cache = installed_env(bytecode=False)
             results["start_no_cache"] = {"OCM": time_to_listen(command, port, settings.start_runs, env=no_cache)}
-            results["idle_rss_no_cache"] = {"OCM": idle_rss(command, port, env=no_cache)}
+            results["idle_rss_no_cache"] = {"OCM": idle_rss(command, port, env=no_cache, settle=settings.settle)}
             if nginx:
                 port = free_port()
                 results["start"]["nginx"] = time_to_listen(
@@ -560,7 +561,7 @@ def main(argv=None):
         if nginx:
             ngx = start_nginx(nginx, workdir, upstream_port)
             routes.append(ngx)
-        time.sleep(0.5)  # let start-up settle before reading the idle footprint
+        time.sleep(settings.settle)  # let start-up settle before reading the idle footprint
         results["idle_rss"].update((r.name, proc_status(r.proc.pid).get("VmRSS", 0) / 1024.0)
                                    for r in routes if r.proc)
         results["idle_threads"] = {r.name: proc_status(r.proc.pid).get("Threads", 0)

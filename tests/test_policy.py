@@ -187,7 +187,7 @@ class TestBudgets:
         assert [proxy.request("POST", "/v1/responses", {})[0] for _ in range(2)] == [200, 200]
         status, headers, body = proxy.request("POST", "/v1/responses", {})
         kind, message = error_of(body)
-        tomorrow = (datetime.datetime.utcnow() + datetime.timedelta(days=1)).strftime("%Y-%m-%d")
+        tomorrow = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)).strftime("%Y-%m-%d")
         assert status == 429 and kind == "rate_limit_error"
         assert message == "your daily budget of $0.25 is reached ($0.20 spent); it resets at %s 00:00 UTC" % tomorrow
         assert 0 < int(headers["retry-after"]) <= 86400

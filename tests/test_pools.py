@@ -197,6 +197,12 @@ class TestPoolConfig:
 # == Selection =================================================================
 
 class TestSelection:
+    def test_least_used_spreads_equals(self, make_pool, accounts):
+        proxy = make_pool()
+        for _ in range(6):
+            ask(proxy)
+        assert sorted(accounts.served_tags()) == ["a", "a", "b", "b", "c", "c"]
+
     def test_least_used_takes_the_most_headroom(self, make_pool, accounts):
         accounts.used.update(a=(80.0, 10.0), b=(20.0, 10.0), c=(50.0, 10.0))
         proxy = make_pool()
@@ -556,11 +562,14 @@ class TestManySessions:
         proxy = make_pool(strategy="least_used")
         results = []
         errors = []
+        halfway = threading.Barrier(24, timeout=20)
 
         def session(name):
             for turn in range(4):
-                if name == "s7" and turn == 2:
-                    accounts.limited["b"] = int(time.time()) + 1800  # b hits its limit mid-run
+                if turn == 2:
+                    if halfway.wait() == 0:  # every session has had two turns: now b hits its limit
+                        accounts.limited["b"] = int(time.time()) + 1800
+                    halfway.wait()
                 status = ask(proxy, session=name)[0]
                 (results if status == 200 else errors).append((name, turn, status))
 
@@ -574,6 +583,7 @@ class TestManySessions:
         for tag, session_id, _ in accounts.served:
             by_session.setdefault(session_id, []).append(tag)
         assert len(set(accounts.served_tags())) == 3  # spread
+        assert accounts.refused  # sessions on b met its 429, and none of their requests failed
         for session_id, tags in by_session.items():
             if "b" in tags:  # on b until b's 429, then on one other account for good
                 first_elsewhere = next((i for i, t in enumerate(tags) if t != "b"), len(tags))
