@@ -613,6 +613,12 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HEADER_VALUE = re.compile(r"^[^\x00-\x08\x0a-\x1f\x7f]*$")
 
 
+# config.example.json's tokens start with this; a copy left unedited must not
+# open the subscription to everyone who has read the example.
+EXAMPLE_TOKEN_PREFIX = "replace-with-"
+MIN_TOKEN_LENGTH = 16
+
+
 def _parse_users(raw: list, where: str) -> List[User]:
     users, names, tokens = [], set(), set()
     for i, entry in enumerate(raw):
@@ -632,6 +638,15 @@ def _parse_users(raw: list, where: str) -> List[User]:
             raise ConfigError("%s: missing token" % f.where)
         if token != token.strip() or any(c.isspace() for c in token):
             raise ConfigError("%s: must not contain spaces" % f.path("token"))
+        if token.startswith(EXAMPLE_TOKEN_PREFIX):
+            raise ConfigError("%s: still the example's placeholder, which anyone can read; put a long "
+                              "random token here, or write the config with `python3 ocm.py init`"
+                              % f.path("token"))
+        if not token.startswith("sha256:") and len(token) < MIN_TOKEN_LENGTH:
+            # sing-box accepted any token, so a short one still loads (drop-in), with a nudge.
+            log.warning("config: %s is only %d characters, easy to guess; `python3 ocm.py init` or "
+                        "`python3 -c \"import secrets; print(secrets.token_urlsafe(32))\"` makes a "
+                        "strong one", f.path("token"), len(token))
         if name in names:
             raise ConfigError("%s: duplicate user name %r" % (f.path("name"), name))
         digest = User(name, token).token_digest

@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -515,11 +516,31 @@ class TestConfig:
         ({"limits": {"upstream_read_timeout": "soon"}}, "limits.upstream_read_timeout"),
         ({"limits": {"max_body_size": 10}}, "limits.max_body_size: 10 is out of range"),
         ({"credential_path": 5}, "credential_path: expected a string"),
+        ({"users": [{"name": "a", "token": "replace-with-a-long-random-token-for-alice"}]},
+         "users[0].token: still the example's placeholder"),
     ])
     def test_bad_config_names_the_key(self, data, needle):
         with pytest.raises(ocm.ConfigError) as info:
             ocm.config_from_dict(data)
         assert needle in str(info.value)
+
+    def test_the_example_config_is_refused_until_its_tokens_are_replaced(self):
+        with open(os.path.join(HERE, "config.example.json")) as f:
+            example = json.load(f)
+        with pytest.raises(ocm.ConfigError, match=r"users\[0\].token: still the example's placeholder"):
+            ocm.config_from_dict(example)
+        for user in example["users"]:
+            user["token"] = secrets.token_urlsafe(32)
+        config = ocm.config_from_dict(example)
+        assert [u.name for u in config.users] == ["alice", "bob"] and config.users[1].budgets
+
+    def test_a_short_token_loads_with_a_warning_that_never_shows_it(self, caplog):
+        with caplog.at_level(logging.WARNING, logger="ocm"):
+            config = ocm.config_from_dict({"users": [{"name": "a", "token": "abc123"},
+                                                     {"name": "b", "token": secrets.token_urlsafe(32)}]})
+        assert len(config.users) == 2
+        assert "users[0].token is only 6 characters" in caplog.text
+        assert "users[1]" not in caplog.text and "abc123" not in caplog.text
 
     def test_sing_box_file_without_ocm_service_is_refused(self):
         with pytest.raises(ocm.ConfigError, match="no service of type"):
