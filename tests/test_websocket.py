@@ -649,48 +649,53 @@ def read_json_auth(proxy):
 
 # == The real Codex CLI over WebSocket =========================================
 
+def scripted_model(ws):
+    """A Codex-facing model over WebSocket: call the shell tool, then answer
+    with its output (two model turns on one socket); the HTTP twin is
+    test_ocm.codex_model."""
+
+    def play(sock, reader):
+        message = b""
+        while True:
+            fin, opcode, payload, masked = reader.frame()
+            ws.frames.append((fin, opcode, payload, masked))
+            if opcode == 0x8:
+                sock.sendall(ws_frame(0x8, payload))
+                return
+            if opcode == 0x9:
+                sock.sendall(ws_frame(0xA, payload))
+                continue
+            if opcode not in (0x0, 0x1):
+                continue
+            message += payload
+            if not fin:
+                continue
+            event, message = json.loads(message), b""
+            if event.get("type") != "response.create":
+                continue
+            outputs = [i for i in event.get("input", []) if i.get("type") == "function_call_output"]
+            model = event.get("model", "gpt-5.3-codex")
+            if event.get("generate") is False:
+                out = [completed_event("warm", model, 0, 0, 0)]
+            elif not outputs:
+                out = [{"type": "response.output_item.done", "item": {
+                    "type": "function_call", "name": "exec_command", "call_id": "call_1",
+                    "arguments": json.dumps({"cmd": "echo tool-says-$((40+2))"})}},
+                    completed_event("r-call", model, 5000, 1000, 50)]
+            else:
+                text = json.dumps(outputs[-1].get("output"))
+                answer = "the tool printed 42" if "tool-says-42" in text else "missing: " + text[:100]
+                out = [message_event(answer), completed_event("r-answer", model, 6000, 4000, 20)]
+            for o in out:
+                sock.sendall(ws_frame(0x1, json.dumps(o).encode()))
+
+    return play
+
+
 @needs_codex
 class TestRealCodexWebSocket:
     def test_codex_runs_several_turns_over_one_websocket(self, tracked_proxy, fake, ws, tmp_path):
-        from test_ocm import codex_model  # noqa: F401  (the HTTP twin of this script)
-
-        def play(sock, reader):
-            """Call the shell tool, then answer with its output: two model turns."""
-            message = b""
-            while True:
-                fin, opcode, payload, masked = reader.frame()
-                ws.frames.append((fin, opcode, payload, masked))
-                if opcode == 0x8:
-                    sock.sendall(ws_frame(0x8, payload))
-                    return
-                if opcode == 0x9:
-                    sock.sendall(ws_frame(0xA, payload))
-                    continue
-                if opcode not in (0x0, 0x1):
-                    continue
-                message += payload
-                if not fin:
-                    continue
-                event, message = json.loads(message), b""
-                if event.get("type") != "response.create":
-                    continue
-                outputs = [i for i in event.get("input", []) if i.get("type") == "function_call_output"]
-                model = event.get("model", "gpt-5.3-codex")
-                if event.get("generate") is False:
-                    out = [completed_event("warm", model, 0, 0, 0)]
-                elif not outputs:
-                    out = [{"type": "response.output_item.done", "item": {
-                        "type": "function_call", "name": "exec_command", "call_id": "call_1",
-                        "arguments": json.dumps({"cmd": "echo tool-says-$((40+2))"})}},
-                        completed_event("r-call", model, 5000, 1000, 50)]
-                else:
-                    text = json.dumps(outputs[-1].get("output"))
-                    answer = "the tool printed 42" if "tool-says-42" in text else "missing: " + text[:100]
-                    out = [message_event(answer), completed_event("r-answer", model, 6000, 4000, 20)]
-                for o in out:
-                    sock.sendall(ws_frame(0x1, json.dumps(o).encode()))
-
-        ws.on_connect = play
+        ws.on_connect = scripted_model(ws)
         out = run_codex(tracked_proxy.port, tmp_path, "run the tool and report what it printed",
                         token="tok-bob", provider_extra="supports_websockets = true\n")
         assert out.returncode == 0, out.stderr[-3000:]
@@ -722,3 +727,83 @@ class TestRealCodexWebSocket:
         assert out.returncode == 0, out.stderr[-2000:]
         assert "over plain HTTP" in out.stdout
         assert ws.connections == 1  # one try, then HTTP at once
+
+
+# == The README's nginx front end, with a real Codex ==========================
+
+def readme_nginx_blocks():
+    """The `map` line and the `location /v1/` block of the README's nginx example."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        example = f.read().split("```nginx\n", 1)[1].split("```", 1)[0]
+    mapping = next(line for line in example.splitlines() if line.startswith("map "))
+    rest = example.split("location /v1/", 1)[1]
+    location = "location /v1/" + rest[:rest.index("}") + 1]  # no nested blocks inside
+    return mapping, location
+
+
+@pytest.fixture
+def nginx_front(proxy, tmp_path):
+    """nginx on loopback, configured with the README's example, in front of OCM."""
+    import shutil
+    import subprocess
+    binary = next((p for p in (shutil.which("nginx"), "/usr/sbin/nginx") if p and os.access(p, os.X_OK)), None)
+    if binary is None:
+        pytest.skip("nginx is not installed")
+    mapping, location = readme_nginx_blocks()
+    assert "127.0.0.1:8080" in location
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "nginx"
+    root.mkdir()
+    temp = " ".join("%s_temp_path %s;" % (kind, root / kind) for kind in
+                    ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (root / "nginx.conf").write_text(
+        "daemon off; pid %s; error_log %s warn;\nevents {}\nhttp { access_log off; %s\n%s\n"
+        "server { listen 127.0.0.1:%d;\n%s\n}\n}\n"
+        % (root / "nginx.pid", root / "error.log", temp, mapping, port,
+           location.replace("127.0.0.1:8080", "127.0.0.1:%d" % proxy.port)))
+    proc = subprocess.Popen([binary, "-p", str(root), "-c", str(root / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: proc.poll() is not None or _accepts(port)), "nginx did not start"
+        assert proc.poll() is None, proc.stderr.read().decode()
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stderr.close()
+
+
+def _accepts(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@needs_codex
+class TestBehindNginx:
+    def test_codex_over_websocket_and_http_through_the_readme_nginx_example(self, nginx_front, fake, ws,
+                                                                             tmp_path):
+        from test_ocm import codex_model
+        ws.on_connect = scripted_model(ws)
+        out = run_codex(nginx_front, tmp_path / "ws", "run the tool and report what it printed",
+                        provider_extra="supports_websockets = true\n")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "the tool printed 42" in out.stdout and ws.connections == 1
+        fake.on("POST", "/backend-api/codex/responses", codex_model)
+        out = run_codex(nginx_front, tmp_path / "http", "run the tool and report what it printed")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "the tool printed 42" in out.stdout
+
+
+class TestNginxExample:
+    def test_only_v1_is_passed_on_so_metrics_stay_private(self, nginx_front):
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", nginx_front, timeout=5)
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status in (403, 404) and b"ocm_" not in response.read()  # nginx's own refusal
+        conn.close()
