@@ -218,6 +218,10 @@ class ProxyError(OCMError):
     """The detour proxy could not be used; the message says what it answered."""
 
 
+class ListenError(OCMError):
+    """The listening socket could not be opened (port in use, address not here)."""
+
+
 MAX_JSON_DEPTH = 400  # real API payloads nest a few dozen levels
 # Python 3.13 lets the json decoder recurse 10,000 levels in C before it checks,
 # which overflows small thread stacks (a crash, not an exception). Older
@@ -469,6 +473,48 @@ TLS_VERSIONS = ("1.2", "1.3")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+# Times as Codex writes them in auth.json, and as the config gives expires_at.
+_RFC3339 = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
+
+
+def days_since_epoch(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 in the proleptic Gregorian calendar (what
+    calendar.timegm computes; that module costs 3 ms of start-up)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468
+
+
+def parse_rfc3339(text: Any) -> Optional[float]:
+    """Unix seconds from an RFC 3339 time (any fraction length), or None."""
+    if not isinstance(text, str):
+        return None
+    m = _RFC3339.match(text.strip())
+    if not m:
+        return None
+    year, month, day = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        return None
+    seconds = (days_since_epoch(year, month, day) * 86400
+               + int(m.group(4)) * 3600 + int(m.group(5)) * 60 + int(m.group(6)))
+    if m.group(7):
+        seconds += float("0" + m.group(7))
+    zone = m.group(8)
+    if zone not in ("Z", "z"):
+        sign = 1 if zone[0] == "+" else -1
+        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return seconds
+
+
+def format_rfc3339(seconds: float) -> str:
+    """RFC 3339 UTC with microseconds and a Z, as Codex writes last_refresh."""
+    whole, micros = divmod(int(round(seconds * 1000000)), 1000000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%06dZ" % micros
 
 
 def parse_duration(value: Any, where: str) -> float:
@@ -914,6 +960,9 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         limits=_parse_limits(f.raw("limits"), f.path("limits")),
         source=source,
     )
+    if f.obj.get("type") == "ocm":  # a sing-box service's own type and name: nothing to warn about
+        f.raw("type")
+        f.raw("tag")
     f.finish(SING_BOX_IGNORED_KEYS)
     _check_credentials(config, f)
     if config.log_format not in ("text", "json"):
@@ -1062,47 +1111,6 @@ def decode_jwt_claims(token: str) -> Dict[str, Any]:
     except (IndexError, ValueError, UnicodeError, TypeError):
         return {}
     return claims if isinstance(claims, dict) else {}
-
-
-_RFC3339 = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
-
-
-def days_since_epoch(year: int, month: int, day: int) -> int:
-    """Days from 1970-01-01 in the proleptic Gregorian calendar (what
-    calendar.timegm computes; that module costs 3 ms of start-up)."""
-    year -= month <= 2
-    era = year // 400
-    year_of_era = year - era * 400
-    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
-    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
-    return era * 146097 + day_of_era - 719468
-
-
-def parse_rfc3339(text: Any) -> Optional[float]:
-    """Unix seconds from an RFC 3339 time (any fraction length), or None."""
-    if not isinstance(text, str):
-        return None
-    m = _RFC3339.match(text.strip())
-    if not m:
-        return None
-    year, month, day = int(m.group(1)), int(m.group(2)), int(m.group(3))
-    if not (1 <= month <= 12 and 1 <= day <= 31):
-        return None
-    seconds = (days_since_epoch(year, month, day) * 86400
-               + int(m.group(4)) * 3600 + int(m.group(5)) * 60 + int(m.group(6)))
-    if m.group(7):
-        seconds += float("0" + m.group(7))
-    zone = m.group(8)
-    if zone not in ("Z", "z"):
-        sign = 1 if zone[0] == "+" else -1
-        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    return seconds
-
-
-def format_rfc3339(seconds: float) -> str:
-    """RFC 3339 UTC with microseconds and a Z, as Codex writes last_refresh."""
-    whole, micros = divmod(int(round(seconds * 1000000)), 1000000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%06dZ" % micros
 
 
 @dataclass(frozen=True)
@@ -2305,6 +2313,10 @@ class UsageBook:
             if not repair:
                 raise
             return
+        except OSError as exc:
+            if not repair:
+                raise
+            raise ConfigError("usages_path: cannot read %s (%s)" % (self.path, exc.strerror or exc))
         try:
             self._merge_json(parse_json(raw.decode("utf-8")))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -2468,19 +2480,22 @@ def _existing_mode(path: str, default: int) -> int:
         return default
 
 
-def check_writable_location(path: str) -> None:
+def check_writable_location(path: str, key: str = "usages_path") -> None:
     """Fail at start, not an hour later, when a file cannot be written where configured."""
+    if os.path.isdir(path):
+        raise ConfigError("%s: %s is a directory; name a file in it, such as %s"
+                          % (key, path, os.path.join(path, os.path.basename(key.replace("_path", ".json")))))
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise ConfigError("usages_path: directory %s does not exist" % directory)
+        raise ConfigError("%s: directory %s does not exist" % (key, directory))
     try:
         fd, probe = tempfile.mkstemp(prefix=".ocm-write-test.", dir=directory)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ConfigError("usages_path: cannot write in %s (%s)" % (directory, exc.strerror or exc))
+        raise ConfigError("%s: cannot write in %s (%s)" % (key, directory, exc.strerror or exc))
     if os.path.exists(path) and not os.access(path, os.R_OK):
-        raise ConfigError("usages_path: cannot read %s" % path)
+        raise ConfigError("%s: cannot read %s" % (key, path))
 
 
 # == 8. Users ================================================================
@@ -2964,6 +2979,20 @@ def env_proxy_for(origin: Origin, proxies: Dict[str, str]) -> Optional[ProxyURL]
         return None
 
 
+NO_SSL_MESSAGE = ("this Python has no ssl module, which https needs "
+                  "(OpenWrt: opkg install python3-openssl)")
+
+
+def require_ssl_for(config: "Config") -> None:
+    """Refuse to start on a Python without ssl when an upstream is https: every
+    request would fail."""
+    if ssl is None:
+        for key in ("chatgpt_url", "api_url", "token_url"):
+            url = getattr(config.upstream, key)
+            if url.lower().startswith("https:"):
+                raise ConfigError("upstream.%s is %s, but %s" % (key, url, NO_SSL_MESSAGE))
+
+
 class Connector:
     """Opens every upstream socket: relay, WebSocket and token calls alike.
     Direct, through the configured detour, or else through https_proxy /
@@ -2985,9 +3014,8 @@ class Connector:
         to it (OpenSSL alone would let them replace it)."""
         with self._ssl_lock:
             if self._ssl is None:
-                if ssl is None:
-                    raise OCMError("this Python has no ssl module; install it (OpenWrt: "
-                                   "opkg install python3-openssl) to reach https upstreams")
+                if ssl is None:  # an OSError, so callers answer 502 with this text
+                    raise OSError(NO_SSL_MESSAGE)
                 context = ssl.create_default_context()
                 paths = ssl.get_default_verify_paths()
                 with contextlib.suppress(OSError, ssl.SSLError):
@@ -3855,6 +3883,16 @@ class Reservation:
         self.settled = False
 
 
+def open_budget_ledger(config: "Config") -> "Optional[BudgetLedger]":
+    """The config's budget ledger, loaded; None without budgets_path."""
+    if not config.budgets_path:
+        return None
+    check_writable_location(config.budgets_path, "budgets_path")
+    ledger = BudgetLedger(config.budgets_path, PeriodClock(config.timezone))
+    ledger.load()
+    return ledger
+
+
 class BudgetLedger:
     """Spending per user and period, and what requests in flight have set
     aside. A request is admitted only if spent + set aside + its own estimate
@@ -3893,9 +3931,11 @@ class BudgetLedger:
                 key, resets_at = self.clock.period(budget.period, now)
                 spent = self._spent.get((user.name, budget.period, key), [0.0, 0.0])
                 held = self._reserved.get((user.name, budget.period, key), [0.0, 0.0])
-                if budget.usd is not None and spent[0] + held[0] + usd > budget.usd:
+                # The estimate is capped at the budget itself, so a budget below
+                # it still admits requests until it is spent.
+                if budget.usd is not None and spent[0] + held[0] + min(usd, budget.usd) > budget.usd:
                     raise self._refusal(budget, "$%.2f" % budget.usd, "$%.2f spent" % spent[0], held[0] > 0, resets_at)
-                if budget.tokens is not None and spent[1] + held[1] + tokens > budget.tokens:
+                if budget.tokens is not None and spent[1] + held[1] + min(tokens, budget.tokens) > budget.tokens:
                     raise self._refusal(budget, "{:,} tokens".format(budget.tokens),
                                         "{:,.0f} used".format(spent[1]), held[1] > 0, resets_at)
                 keys.append((budget.period, key))
@@ -3952,29 +3992,48 @@ class BudgetLedger:
 
     # -- the file ----------------------------------------------------------------
     def load(self) -> None:
+        """Continue from the file. A damaged one is moved aside, never lost; one
+        that cannot be read at all stops the start (ConfigError)."""
         try:
             with open(self.path, "rb") as fh:
-                data = parse_json(fh.read().decode("utf-8"))
+                raw = fh.read()
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise ConfigError("budgets_path: cannot read %s (%s)" % (self.path, exc.strerror or exc))
+        try:
+            spent, average = self._parse(parse_json(raw.decode("utf-8")))
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             aside = "%s.corrupt-%s" % (self.path, time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._now())))
             with contextlib.suppress(OSError):
                 os.replace(self.path, aside)
-            log.error("budget file %s is damaged (%s); moved it to %s and started afresh", self.path, exc, aside)
+            log.error("budget file %s is damaged (%s); moved it to %s and started afresh", self.path,
+                      exc.__class__.__name__ if isinstance(exc, (TypeError, AttributeError)) else exc, aside)
             return
-        users = data.get("users") if isinstance(data, dict) else None
-        for user, entry in (users or {}).items():
-            if not isinstance(entry, dict):
-                continue
+        with self._lock:
+            self._spent.update(spent)
+            self._average.update(average)
+
+    @staticmethod
+    def _parse(data: Any) -> Tuple[Dict[Tuple[str, str, str], List[float]], Dict[str, List[float]]]:
+        """The file's spending and averages; ValueError or TypeError if it is not ours."""
+        if not isinstance(data, dict) or not isinstance(data.get("users", {}), dict):
+            raise ValueError("not a budget file")
+        def amounts(values: Dict[str, Any]) -> List[float]:
+            pair = [float(values.get("usd") or 0), float(values.get("tokens") or 0)]
+            if not all(math.isfinite(x) and x >= 0 for x in pair):
+                raise ValueError("a negative or infinite amount")
+            return pair
+
+        spent, average = {}, {}  # type: Dict[Tuple[str, str, str], List[float]], Dict[str, List[float]]
+        for user, entry in data.get("users", {}).items():
             for period in ("day", "week", "month"):
                 for key, values in (entry.get(period) or {}).items():
-                    if isinstance(values, dict):
-                        self._spent[(user, period, key)] = [float(values.get("usd") or 0),
-                                                            float(values.get("tokens") or 0)]
-            average = entry.get("average_per_request")
-            if isinstance(average, dict):
-                self._average[user] = [float(average.get("usd") or 0), float(average.get("tokens") or 0)]
+                    spent[(user, period, key)] = amounts(values)
+            mean = entry.get("average_per_request")
+            if mean is not None:
+                average[user] = amounts(mean)
+        return spent, average
 
     def to_json(self) -> Dict[str, Any]:
         now = self._now()
@@ -5163,19 +5222,23 @@ class OCMHandler(BaseHTTPRequestHandler):
         pool = server.pool_for(user)
         session = session_key(request) if pool.is_pool else ""
         tried = set()  # type: set
+        share_refusal = None
         while True:
             try:
                 account = server.choose_account(pool, session, tried)
             except HTTPError as exc:
+                if share_refusal is not None:
+                    raise share_refusal  # the accounts left would exceed the user's share
                 if exc.status != 429:
                     raise
                 self.refuse_websocket_with_usage_limit(key, usage_limit_frame_for_pool(exc))
                 return 429
             try:
                 account.check_share(user)
-            except HTTPError:
+            except HTTPError as exc:
                 if not pool.is_pool:
                     raise
+                share_refusal = exc
                 tried.add(account)
                 continue
             request.account_tag = account.tag
@@ -5545,10 +5608,17 @@ class ServerTLS:
             cert = config.certificate_path or self._write_inline(inline_dir, "cert.pem", config.certificate)
             key = config.key_path or self._write_inline(inline_dir, "key.pem", config.key)
             for where, path in (("certificate_path", cert), ("key_path", key)):
+                if os.path.isdir(path):
+                    raise ConfigError("tls.%s: %s is a directory; name the PEM file in it" % (where, path))
                 if not os.path.isfile(path):
                     raise ConfigError("tls.%s: %s does not exist" % (where, path))
+
+            def refuse_passphrase() -> str:  # else OpenSSL asks on the terminal, or fails obscurely
+                raise ConfigError("tls: the private key is encrypted, and OCM cannot ask for its pass "
+                                  "phrase; decrypt it once: openssl pkey -in KEY -out KEY.plain")
+
             try:
-                context.load_cert_chain(cert, key)
+                context.load_cert_chain(cert, key, password=refuse_passphrase)
             except ssl.SSLError as exc:
                 reason = exc.reason or str(exc)
                 if "MISMATCH" in reason.upper():
@@ -5616,6 +5686,9 @@ class OCMServer(ThreadingHTTPServer):
     def __init__(self, config: Config, bind_and_activate: bool = True,
                  usage_save_interval: float = 60.0, file_check_interval: float = 1.0):
         self.config = config
+        require_ssl_for(config)  # everything that can refuse the config, before accounts open
+        self.tls = ServerTLS(config.tls) if config.tls.enabled else None
+        self.ledger = open_budget_ledger(config)
         self.users = UserTable(config.users)
         self.accounts, self.pools = build_accounts(config, file_check_interval, usage_save_interval)
         # One account without pools: the plain single-credential set-up.
@@ -5625,10 +5698,6 @@ class OCMServer(ThreadingHTTPServer):
         self.usage_url = usage_url_for(config.upstream.chatgpt_url)
         self.concurrency = ConcurrencyLimit()
         self.metrics = Metrics()
-        self.ledger = None  # type: Optional[BudgetLedger]
-        if config.budgets_path:
-            self.ledger = BudgetLedger(config.budgets_path, PeriodClock(config.timezone))
-            self.ledger.load()
         self.save_interval = usage_save_interval
         self.file_check_interval = file_check_interval
         self._retired = []  # type: List[Account]  # dropped by a reload; closed at the end
@@ -5643,10 +5712,13 @@ class OCMServer(ThreadingHTTPServer):
         self._connections_lock = threading.Lock()
         self._websockets = set()  # type: set  # live WebSocket sessions
         self._handlers_changed = threading.Condition()
-        self.tls = ServerTLS(config.tls) if config.tls.enabled else None
-        self.address_family, address = listen_address(config.listen, config.listen_port)
         try:
-            super().__init__((address, config.listen_port), OCMHandler, bind_and_activate)
+            self.address_family, address = listen_address(config.listen, config.listen_port)
+            try:
+                super().__init__((address, config.listen_port), OCMHandler, bind_and_activate)
+            except OSError as exc:
+                raise ListenError("cannot listen on %s:%d: %s" % (config.listen, config.listen_port,
+                                                                  exc.strerror or exc))
         except BaseException:
             self.watcher.close()
             for account in self.accounts.values():
@@ -5711,6 +5783,12 @@ class OCMServer(ThreadingHTTPServer):
         for key in ("listen", "listen_port", "tls"):
             if getattr(config, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; restart OCM to apply that", key)
+        ledger = self.ledger  # checked before anything changes: a bad new file refuses the reload
+        if config.budgets_path and (ledger is None or ledger.path != config.budgets_path
+                                    or ledger.clock.name != config.timezone):
+            if self.ledger is not None:
+                self.ledger.save_if_dirty()  # the new ledger may read the same file
+            ledger = open_budget_ledger(config)
         accounts, pools = build_accounts(config, self.file_check_interval, self.save_interval, reuse=self.accounts)
         for account in accounts.values():
             if account not in self.accounts.values() and account.usage is not None:
@@ -5720,13 +5798,6 @@ class OCMServer(ThreadingHTTPServer):
             old = self.pools.get(tag)
             if old is not None:
                 pool.adopt_sessions(old)
-        ledger = self.ledger
-        if config.budgets_path and (ledger is None or ledger.path != config.budgets_path
-                                    or ledger.clock.name != config.timezone):
-            if ledger is not None:
-                ledger.save_if_dirty()
-            ledger = BudgetLedger(config.budgets_path, PeriodClock(config.timezone))
-            ledger.load()
         single = None if config.credentials else accounts["default"]
         self.users = UserTable(config.users)
         self.accounts, self.pools, self.ledger = accounts, pools, ledger
@@ -6106,6 +6177,20 @@ def run_check(config: Config) -> int:
             print("pool %s:     %s of %s (%s), polled every %gs" % (
                 c.tag, c.type, ", ".join(c.members), c.strategy if c.type == "balancer" else "in order",
                 c.poll_interval))
+    # What OCMServer would refuse at start, short of opening the port (OCM may be running on it).
+    checks = [("python:", lambda: require_ssl_for(config), "ssl available")]
+    if config.budgets_path:
+        checks.append(("budgets:", lambda: check_writable_location(config.budgets_path, "budgets_path"),
+                       config.budgets_path))
+    if config.tls.enabled:
+        checks.append(("tls:", lambda: ServerTLS(config.tls), "certificate and key usable"))
+    for label, check, summary in checks:
+        try:
+            check()
+            print("%-12s %s" % (label, summary))
+        except ConfigError as exc:
+            print("problem:     %s" % exc, file=sys.stderr)
+            problems += 1
     return 2 if problems else 0
 
 
@@ -6133,6 +6218,9 @@ def reload_config(server: OCMServer) -> None:
         server.reload(config)
     except ConfigError as exc:
         log.error("SIGHUP: %s is not valid (%s); still running the previous config", path, exc)
+        return
+    except OSError as exc:  # a file the new config names cannot be used
+        log.error("SIGHUP: cannot apply %s (%s); still running the previous config", path, exc.strerror or exc)
         return
     configure_access_log(config.log_format)
 
@@ -6166,9 +6254,11 @@ def serve(config: Config) -> int:
     except ConfigError as exc:
         print("ocm: config error: %s" % exc, file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print("ocm: %s" % exc, file=sys.stderr)
+        return 2
     except OSError as exc:
-        print("ocm: cannot listen on %s:%d: %s" % (config.listen, config.listen_port,
-                                                   exc.strerror or exc), file=sys.stderr)
+        print("ocm: cannot start: %s" % (exc.strerror or exc), file=sys.stderr)
         return 2
     stop = threading.Event()
 

@@ -512,6 +512,88 @@ class TestFiles:
             assert oct(os.stat(str(path)).st_mode & 0o777) in ("0o600", "0o644")
 
 
+    @pytest.mark.parametrize("key", ["usages_path", "budgets_path"])
+    def test_a_data_file_that_is_a_directory_stops_the_start_naming_it(self, tmp_path, auth_path, key):
+        (tmp_path / "data").mkdir()
+        config = {"listen": "127.0.0.1", "listen_port": 0, "credential_path": str(auth_path),
+                  key: str(tmp_path / "data")}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        out = subprocess.run([sys.executable, OCM_PY, str(tmp_path / "config.json")], capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 2
+        assert "%s: %s is a directory; name a file in it" % (key, tmp_path / "data") in out.stderr
+        assert "cannot listen" not in out.stderr
+        check = subprocess.run([sys.executable, OCM_PY, "--check", str(tmp_path / "config.json")],
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 2 and "is a directory" in check.stderr
+
+    def test_a_reload_naming_a_bad_file_keeps_the_running_config(self, tmp_path, fake, auth_path):
+        """The new config parses, but a file it names cannot be used: still serving."""
+        config = {"listen": "127.0.0.1", "listen_port": 0, "credential_path": str(auth_path),
+                  "users": USERS, "upstream": {"chatgpt_url": fake.chatgpt_url, "token_url": fake.token_url}}
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(completed_event())))
+        proc = subprocess.Popen([sys.executable, OCM_PY, str(path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            port = int(proc.stdout.readline().split("/v1")[0].rsplit(":", 1)[1])
+            (tmp_path / "a-directory").mkdir()
+            for bad in ({"usages_path": str(tmp_path / "a-directory")},
+                        {"budgets_path": str(tmp_path / "a-directory")}):
+                path.write_text(json.dumps(dict(config, **bad)))
+                proc.send_signal(signal.SIGHUP)
+                time.sleep(0.5)
+                assert proc.poll() is None
+                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+                conn.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\n" + AUTH +
+                             b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+                answer = b""
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+                conn.close()
+                assert status_of(answer) == 200
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0
+        assert err.count("still running the previous config") == 2 and "Traceback" not in err
+
+    @pytest.mark.parametrize("content", [
+        {"users": {"alice": {"day": {"2026-11-24": {"usd": "x"}}}}},
+        {"users": {"alice": {"day": {"2026-11-24": {"usd": -5}}}}},
+        {"users": {"alice": {"average_per_request": ["not", "an", "object"]}}},
+        {"users": ["alice"]},
+    ])
+    def test_a_budget_file_with_wrong_values_is_moved_aside_not_fatal(self, tmp_path, caplog, content):
+        path = tmp_path / "budgets.json"
+        path.write_text(json.dumps(content))
+        ledger = ocm.BudgetLedger(str(path), ocm.PeriodClock("UTC"))
+        with caplog.at_level(logging.ERROR, logger="ocm"):
+            ledger.load()
+        aside = [n for n in os.listdir(str(tmp_path)) if n.startswith("budgets.json.corrupt-")]
+        assert not path.exists() and len(aside) == 1
+        assert json.loads((tmp_path / aside[0]).read_text()) == content  # nothing lost
+        assert "budget file %s is damaged" % path in caplog.text
+        assert ledger.spent("alice", "day") == (0.0, 0.0)
+
+    def test_without_the_ssl_module_https_is_refused_at_start_and_answered_502(self, make_proxy, fake,
+                                                                               monkeypatch):
+        """Some router builds of Python leave ssl out."""
+        https = {"chatgpt_url": fake.chatgpt_url.replace("http:", "https:"), "token_url": fake.token_url}
+        monkeypatch.setattr(ocm, "ssl", None)
+        with pytest.raises(ocm.ConfigError, match=r"upstream.chatgpt_url is https://.*no ssl module"):
+            ocm.OCMServer(ocm.config_from_dict({"listen_port": 0, "upstream": https}), bind_and_activate=False)
+        monkeypatch.undo()
+        proxy = make_proxy(upstream=https)
+        monkeypatch.setattr(ocm, "ssl", None)  # gone after the start: every connection says why
+        status, _, body = proxy.request("POST", "/v1/responses", {})
+        assert status == 502 and "no ssl module" in error_of(body)[1] and fake.api_requests() == []
+
+
 # == TestSecrets ===============================================================
 
 class TestSecrets:

@@ -194,6 +194,13 @@ class TestBudgets:
         assert len(fake.api_requests()) == 2
         assert proxy.request("POST", "/v1/responses", {}, token="tok-bob")[0] == 200  # bob has no budget
 
+    @pytest.mark.parametrize("budget", [{"period": "day", "usd": 0.005}, {"period": "day", "tokens": 1500}])
+    def test_a_budget_below_the_first_estimate_still_admits_until_spent(self, budget_proxy, fake, budget):
+        """The estimate set aside ($0.01 or 2,000 tokens at first) never exceeds the budget itself."""
+        fake.on("POST", "/backend-api/codex/responses", priced_stream(1000))  # $0.0025 each
+        proxy = budget_proxy([budget])
+        assert [proxy.request("POST", "/v1/responses", {})[0] for _ in range(2)] == [200, 429]
+
     def test_token_budget(self, budget_proxy, fake):
         fake.on("POST", "/backend-api/codex/responses", priced_stream(3000))
         proxy = budget_proxy([{"period": "month", "tokens": 7000}])

@@ -336,6 +336,22 @@ class TestStickiness:
         assert ws.handshakes[1].header("ChatGPT-Account-Id") == ws.handshakes[2].header("ChatGPT-Account-Id")
 
 
+    def test_a_user_past_their_share_on_every_account_hears_about_the_share(self, make_pool, accounts, fake):
+        """Over HTTP and over a WebSocket alike, not "every account is exhausted"."""
+        from test_websocket import WSUpstream
+        ws = WSUpstream(fake)
+        proxy = make_pool(users=[{"name": "alice", "token": "tok-alice", "credential": "pool", "share_5h": 20},
+                                 {"name": "bob", "token": "tok-bob", "credential": "pool"}])
+        for account in proxy.server.accounts.values():
+            account.shares["primary"]["alice"] = 25.0
+        status, _, body = ask(proxy)
+        assert status == 429 and error_of(body)[1].startswith("you have used your share (20%) of the 5-hour window")
+        client = WSClient(proxy.port)
+        assert client.status == 429 and b"you have used your share (20%)" in client.sock.recv(4096)
+        client.close()
+        assert ws.connections == 0 and ask(proxy, token="tok-bob")[0] == 200
+
+
 # == 429 failover ==============================================================
 
 class TestFailover:

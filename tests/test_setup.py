@@ -160,6 +160,7 @@ class TestSingBoxDropIn:
         for key in ("tcp_fast_open", "tcp_multi_path", "udp_fragment", "sniff"):
             assert "services[0].%s is a sing-box option OCM does not use" % key in err
         assert "'proxy-out' is a sing-box outbound tag" in err
+        assert "services[0].type" not in err and "services[0].tag" not in err  # a service's own name is normal
         data = read_json(usage_path)  # sing-box's file, carried on in the same combination
         combo = data["combinations"][0]
         assert len(data["combinations"]) == 1 and combo["model"] == "gpt-5.4"

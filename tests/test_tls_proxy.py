@@ -527,6 +527,8 @@ class TestInboundTLS:
 
     @pytest.mark.parametrize("tls, needle", [
         (tls_config(certificate_path="/nonexistent/cert.pem"), "does not exist"),
+        (tls_config(certificate_path=os.path.dirname(cert("ca.pem"))), "is a directory; name the PEM file"),
+        (tls_config(key_path=cert("server-encrypted.key")), "the private key is encrypted"),
         (tls_config(key_path=cert("other.key")), "key does not belong to the certificate"),
         (tls_config(certificate_path=cert("README.md")), "cannot use the certificate and key"),
         ({"enabled": True, "key_path": cert("server.key")}, "certificate_path or as inline"),
@@ -545,6 +547,16 @@ class TestInboundTLS:
                                       "tls": tls_config(key_path=cert("other.key"))}))
         out = subprocess.run([sys.executable, OCM_PY, str(config)], capture_output=True, text=True, timeout=20)
         assert out.returncode == 2 and "key does not belong" in out.stderr
+
+    def test_an_encrypted_key_is_refused_without_asking_for_a_pass_phrase(self, tmp_path, auth_path):
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path),
+                                      "tls": tls_config(key_path=cert("server-encrypted.key"))}))
+        for extra in ([], ["--check"]):
+            out = subprocess.run([sys.executable, OCM_PY] + extra + [str(config)], capture_output=True, text=True,
+                                 timeout=20, stdin=subprocess.DEVNULL)
+            assert out.returncode == 2 and "the private key is encrypted" in out.stderr
+            assert "pass phrase:" not in out.stdout + out.stderr.replace("its pass phrase", "")
 
     def test_websocket_over_tls(self, make_proxy, fake):
         WSUpstream(fake)
