@@ -1,5 +1,6 @@
 # OCM: `make test` runs the suite (installing pytest and hypothesis into .venv
-# if this Python lacks them); `make fuzz` runs the fuzz tests much longer;
+# if this Python lacks them); `make test-all` runs it on every Python 3.8 to 3.13
+# found here (a .venv-3.X each); `make fuzz` runs the fuzz tests much longer;
 # `make bench` measures OCM against direct and nginx (BENCH_ARGS=--quick for a short run).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +8,7 @@ TESTS  ?= test_ocm.py tests
 TEST_DEPS = pytest hypothesis
 BENCH_ARGS ?=
 
-.PHONY: test fuzz bench clean
+.PHONY: test test-all fuzz bench clean
 
 # Use the interpreter's own pytest when it has one; otherwise a private venv.
 test:
@@ -19,6 +20,11 @@ test:
 		$(VENV)/bin/python -m pytest -q $(TESTS); \
 	fi
 
+# The promise is Python 3.8 to 3.13: the same suite on each one found (pyenv or
+# PATH). With CI set, a missing version is a failure too.
+test-all:
+	@$(PYTHON) .ci/test-all $(TESTS)
+
 # The property tests with many more examples (OCM_FUZZ_EXAMPLES, default 2000 each).
 fuzz:
 	@OCM_FUZZ_EXAMPLES=$${OCM_FUZZ_EXAMPLES:-2000} $(MAKE) --no-print-directory test TESTS="tests/test_hardening.py -k Fuzz"
@@ -28,4 +34,4 @@ bench:
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache __pycache__
+	rm -rf $(VENV) .venv-3.* .pytest_cache __pycache__
