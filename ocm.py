@@ -6739,7 +6739,9 @@ def run_init(argv: List[str], out=None) -> int:
         return 2
     tokens = {name: "ocm-" + secrets.token_urlsafe(32) for name in names}
     directory = os.path.dirname(os.path.abspath(args.out))
-    config = {"listen": args.listen, "listen_port": args.port, "credential_path": default_credential_path(),
+    # No credential_path: the login is found at run time ($CODEX_HOME, else
+    # ~/.codex), so the same file works by hand and under a service's CODEX_HOME.
+    config = {"listen": args.listen, "listen_port": args.port,
               "usages_path": os.path.join(directory, "usage.json"),
               "users": [{"name": name, "token": "sha256:" + hashlib.sha256(tokens[name].encode()).hexdigest()}
                         for name in names]}
@@ -6749,9 +6751,9 @@ def run_init(argv: List[str], out=None) -> int:
         print("ocm: cannot write %s: %s" % (args.out, exc.strerror or exc), file=sys.stderr)
         return 1
     print("Wrote %s for %s (tokens are stored as sha256 digests)." % (args.out, ", ".join(names)), file=out)
-    credential = Credential(config["credential_path"], DEFAULT_TOKEN_URL, open_url=None)
+    credential = Credential(default_credential_path(), DEFAULT_TOKEN_URL, open_url=None)
     login, problem = credential.peek()
-    print("Login: %s" % (describe_credential(credential, time.time()) if login else
+    print("Login: %s" % ("%s: %s" % (credential.path, describe_credential(credential, time.time())) if login else
                          "%s\n       sign in first: python3 ocm.py login %s" % (problem, args.out)), file=out)
     base_url = "http://%s:%d/v1" % (args.host or guess_host(), args.port)
     print("\nStart OCM:  python3 ocm.py %s\n" % args.out, file=out)
@@ -6803,15 +6805,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C at a prompt or while waiting to sign in
             print("\nocm: cancelled", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # `ocm.py usage ... | head`: the reader has seen enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 1
     import argparse
     parser = argparse.ArgumentParser(
         prog="ocm.py",
         description="OCM relays remote Codex clients to OpenAI through the owner's "
                     "ChatGPT login or API key, with a token per user.",
         epilog="Without CONFIG: listen on 127.0.0.1:8080 with $CODEX_HOME/auth.json "
-               "or ~/.codex/auth.json. Other commands: `ocm.py login [CONFIG]` signs the box "
-               "in (--paste, --force), `ocm.py logout [CONFIG]`, `ocm.py status [CONFIG]`, "
-               "`ocm.py usage FILE` reports usage. "
+               "or ~/.codex/auth.json. Other commands (each has --help): `ocm.py init` writes a "
+               "config with a token per person, `ocm.py login [CONFIG]` signs the box in, "
+               "`ocm.py logout [CONFIG]`, `ocm.py status [CONFIG]`, `ocm.py usage FILE` reports "
+               "usage, `ocm.py hash-token` hashes a token for the config. "
                "See README.md for the config keys.")
     parser.add_argument("config", nargs="?", help="config file (OCM JSON, or a sing-box config with an ocm service)")
     parser.add_argument("--check", action="store_true",

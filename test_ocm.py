@@ -1101,6 +1101,20 @@ class TestCLI:
         assert out.returncode == 0 and ocm.__version__ in out.stdout
         out = run_cli("--help")
         assert out.returncode == 0 and "--check" in out.stdout and "--log-level" in out.stdout
+        for command in ocm.SUBCOMMANDS:  # every command is named in the help
+            assert "ocm.py %s" % command in out.stdout.replace("\n", " ").replace("  ", " ")
+
+    def test_output_into_a_closed_pipe_ends_quietly(self, tmp_path):
+        """`ocm.py usage FILE | head -1`: no traceback once the reader is gone."""
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = subprocess.run([sys.executable, OCM_PY, "init", "--out", str(tmp_path / "c.json")],
+                                  stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=20,
+                                  env=dict(os.environ, CODEX_HOME=str(tmp_path)))
+        finally:
+            os.close(write_end)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
 
     def test_check_prints_summary_and_exits_0(self, tmp_path, auth_path):
         config = tmp_path / "c.json"

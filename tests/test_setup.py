@@ -64,7 +64,9 @@ class TestInit:
             assert token not in text  # only digests are kept
         config = json.loads(text)
         assert [u["token"][:7] for u in config["users"]] == ["sha256:", "sha256:"]
-        assert config["credential_path"] == str(auth_path) and config["usages_path"].endswith("usage.json")
+        # the login is found at run time (CODEX_HOME here), as under the service files
+        assert "credential_path" not in config and config["usages_path"].endswith("usage.json")
+        assert str(auth_path) in out.stdout
         assert oct(os.stat(str(config_path)).st_mode & 0o777) == "0o600"
         assert 'base_url = "http://box.lan:8080/v1"' in out.stdout and "ChatGPT OAuth" in out.stdout
         assert "python3 ocm.py %s" % config_path in out.stdout
@@ -72,7 +74,7 @@ class TestInit:
         config["listen_port"] = 0
         config["upstream"] = {"chatgpt_url": fake.chatgpt_url, "token_url": fake.token_url}
         config_path.write_text(json.dumps(config))
-        proc, port = start(config_path)
+        proc, port = start(config_path, env=env)
         try:
             assert post(port, tokens["alice"])[0] == 200 and post(port, tokens["bob"])[0] == 200
             assert post(port, "ocm-guess")[0] == 401
@@ -197,7 +199,7 @@ class TestQuickStart:
         config_path.write_text(json.dumps(config))
         block = out.stdout.split("# alice: add to ~/.codex/config.toml\n", 1)[1].split("# then", 1)[0]
         token = printed_tokens(out.stdout)["alice"]
-        proc, _ = start(config_path)
+        proc, _ = start(config_path, env=env)
         try:
             home = tmp_path / "client-codex-home"
             home.mkdir()
