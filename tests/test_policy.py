@@ -2,12 +2,14 @@
 hold under concurrency, hashed tokens, shares of the subscription window,
 /healthz and /metrics, SIGHUP reload, the access log."""
 
+import contextlib
 import datetime
 import hashlib
 import io
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -480,6 +482,57 @@ class TestAccessLog:
                             r"cost=\$0\.1000 \d+\.\d{3}s account=default$", lines[0]), lines[0]
             assert lines[1].startswith("- GET /v1/models 401 ")
         assert "tok-alice" not in caplog.text and "tok-nope" not in caplog.text
+
+    def test_lines_are_written_in_batches_in_order_and_never_held_long(self):
+        stream = io.StringIO()
+        handler = ocm.BatchedStreamHandler(stream, max_delay=0.2, max_bytes=200)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        record = lambda text: logging.LogRecord("ocm.access", logging.INFO, "", 0, text, None, None)
+        handler.handle(record("one"))
+        handler.handle(record("two"))
+        assert stream.getvalue() == ""  # a write per line is what this saves
+        handler.flush_if_due()
+        assert stream.getvalue() == ""
+        time.sleep(0.25)
+        handler.flush_if_due()  # what the housekeeping thread does in a quiet moment
+        assert stream.getvalue() == "one\ntwo\n"
+        for i in range(30):  # 200 bytes gathered: written at once
+            handler.handle(record("line %02d" % i))
+        assert stream.getvalue().count("line") >= 24
+        handler.flush()
+        assert stream.getvalue().splitlines()[2:] == ["line %02d" % i for i in range(30)]
+
+    def test_a_quiet_ocm_writes_the_access_line_within_a_second_and_before_later_log_lines(
+            self, tmp_path, fake, auth_path):
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path), "users": USERS,
+                                      "upstream": {"chatgpt_url": fake.chatgpt_url, "token_url": fake.token_url}}))
+        proc, port, _ = start_process(config)
+        lines = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)
+        reader.start()
+        try:
+            import http.client
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+            conn.getresponse().read()
+            conn.close()
+            deadline = time.monotonic() + 2 * ocm.ACCESS_LOG_DELAY + 1.5
+            seen = ""
+            while "alice POST /v1/responses 200" not in seen and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    seen += lines.get(timeout=0.1)
+            assert "alice POST /v1/responses 200" in seen
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/v1/models", headers={"Authorization": "Bearer tok-bob"})
+            conn.getresponse().read()
+            conn.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+            reader.join(5)
+        rest = "".join(lines.queue)
+        assert rest.index("bob GET /v1/models") < rest.index("received SIGTERM")  # the log keeps its order
 
     def test_json_lines_are_pure_json_on_stderr(self, tmp_path, fake, auth_path):
         config = tmp_path / "c.json"
