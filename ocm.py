@@ -14,7 +14,7 @@ Standard library only; Python 3.8 to 3.13. See README.md.
 Sections, in order (``grep -n '^# ==' ocm.py``):
    1. Constants          default URLs, OAuth client id, intervals, limits
    2. Errors             OCMError, ConfigError, HTTPError
-   3. Config             dataclasses and load_config()
+   3. Config             the config's classes and load_config()
    4. Files              atomic writes, the cross-process file lock
    5. Credentials        auth.json, token refresh, the Credential object
    6. Sign-in            device codes, PKCE with paste-back, writing a new login
@@ -30,6 +30,8 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
   16. Server             TLS for clients, the ThreadingHTTPServer owning all state
   17. CLI                main(), login, logout, status, usage, hash-token
 """
+
+from __future__ import annotations  # annotations stay text: typing is never imported
 
 import os
 import sys
@@ -83,7 +85,6 @@ import ipaddress
 import json
 import logging
 import math
-import queue
 import random
 import re
 import select
@@ -96,9 +97,15 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from collections import namedtuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Tuple
+
+# Start-up time is a feature on a router: importing dataclasses and typing, and
+# applying dataclass decorators, cost 22 ms of a 150 ms start (Python 3.11).
+# Records are plain classes or namedtuples, and annotations are never evaluated.
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for type checkers only
+    from typing import Any, Callable, Dict, List, Optional, Tuple
 
 try:  # POSIX only; without it the cross-process lock is skipped (Windows).
     import fcntl
@@ -281,25 +288,28 @@ def describe_connect_error(exc: BaseException) -> str:
 
 # == 3. Config ===============================================================
 
-@dataclass
-class Budget:
-    """A spending cap per period: ``usd`` at API prices, or ``tokens``."""
-    period: str                  # day | week | month, in the configured time zone
-    usd: Optional[float] = None
-    tokens: Optional[int] = None
+class Budget(namedtuple("Budget", "period usd tokens", defaults=(None, None))):
+    """A spending cap per ``period`` (day | week | month, in the configured
+    time zone): ``usd`` at API prices, or ``tokens``."""
+    __slots__ = ()
 
 
-@dataclass
 class User:
-    name: str
-    token: str = field(repr=False)  # the token, or "sha256:<hex>" of it; never in a repr
-    credential: str = ""         # the tag of the account or pool this user draws from
-    max_concurrent: int = 0      # requests and WebSockets at once; 0: no limit
-    models: List[str] = field(default_factory=list)   # allowed model globs; empty: all
-    expires_at: Optional[float] = None
-    budgets: List[Budget] = field(default_factory=list)
-    share_5h: Optional[float] = None       # percent of an account's 5-hour window
-    share_weekly: Optional[float] = None
+    """One person. Its repr shows the name only: the token never gets into a log."""
+
+    def __init__(self, name: str, token: str, credential: str = ""):
+        self.name = name
+        self.token = token              # the token, or "sha256:<hex>" of it
+        self.credential = credential    # the tag of the account or pool this user draws from
+        self.max_concurrent = 0         # requests and WebSockets at once; 0: no limit
+        self.models = []  # type: List[str]  # allowed model globs; empty: all
+        self.expires_at = None  # type: Optional[float]
+        self.budgets = []  # type: List[Budget]
+        self.share_5h = None  # type: Optional[float]  # percent of an account's 5-hour window
+        self.share_weekly = None  # type: Optional[float]
+
+    def __repr__(self) -> str:
+        return "User(%r)" % self.name
 
     @property
     def token_digest(self) -> bytes:
@@ -308,38 +318,44 @@ class User:
         return hashlib.sha256(self.token.encode("utf-8")).digest()
 
 
-@dataclass
 class UpstreamConfig:
-    chatgpt_url: str = DEFAULT_CHATGPT_URL
-    api_url: str = DEFAULT_API_URL
-    token_url: str = DEFAULT_TOKEN_URL
-    issuer_url: str = DEFAULT_ISSUER_URL
+    def __init__(self, chatgpt_url: str = DEFAULT_CHATGPT_URL, api_url: str = DEFAULT_API_URL,
+                 token_url: str = DEFAULT_TOKEN_URL, issuer_url: str = DEFAULT_ISSUER_URL):
+        self.chatgpt_url = chatgpt_url
+        self.api_url = api_url
+        self.token_url = token_url
+        self.issuer_url = issuer_url
 
 
-@dataclass
 class Limits:
-    max_body_size: int = DEFAULT_MAX_BODY_SIZE
-    upstream_read_timeout: float = DEFAULT_UPSTREAM_READ_TIMEOUT
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    body_timeout: float = DEFAULT_BODY_TIMEOUT
-    max_request_line: int = DEFAULT_MAX_REQUEST_LINE
-    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
-    max_header_count: int = DEFAULT_MAX_HEADER_COUNT
-    max_websocket_message: int = DEFAULT_MAX_BODY_SIZE
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    thread_stack_size: int = DEFAULT_THREAD_STACK_SIZE
+    """The ``limits`` block; keyword arguments override the defaults."""
+    max_body_size = DEFAULT_MAX_BODY_SIZE
+    upstream_read_timeout = DEFAULT_UPSTREAM_READ_TIMEOUT
+    connect_timeout = DEFAULT_CONNECT_TIMEOUT
+    header_timeout = DEFAULT_HEADER_TIMEOUT
+    idle_timeout = DEFAULT_IDLE_TIMEOUT
+    body_timeout = DEFAULT_BODY_TIMEOUT
+    max_request_line = DEFAULT_MAX_REQUEST_LINE
+    max_header_size = DEFAULT_MAX_HEADER_SIZE
+    max_header_count = DEFAULT_MAX_HEADER_COUNT
+    max_websocket_message = DEFAULT_MAX_BODY_SIZE
+    max_connections = DEFAULT_MAX_CONNECTIONS
+    thread_stack_size = DEFAULT_THREAD_STACK_SIZE
+
+    def __init__(self, **values: Any):
+        for name, value in values.items():
+            if not hasattr(Limits, name):
+                raise TypeError("no limit %r" % name)
+            setattr(self, name, value)
 
 
-@dataclass(frozen=True)
-class ProxyURL:
-    """A detour proxy: http (CONNECT), socks5 (local DNS) or socks5h (proxy DNS)."""
-    scheme: str
-    host: str
-    port: int
-    username: str = ""
-    password: str = field(default="", repr=False)  # never in a log line or an error
+class ProxyURL(namedtuple("ProxyURL", "scheme host port username password", defaults=("", ""))):
+    """A detour proxy: http (CONNECT), socks5 (local DNS) or socks5h (proxy
+    DNS). The password is never in its str or repr, so never in a log line."""
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ProxyURL(%r)" % str(self)
 
     def __str__(self) -> str:
         host = "[%s]" % self.host if ":" in self.host else self.host
@@ -404,56 +420,77 @@ DEFAULT_POLL_INTERVAL = 60.0
 BALANCER_STRATEGIES = ("least_used", "round_robin", "random")
 
 
-@dataclass
 class CredentialConfig:
     """One entry of ``credentials`` (sing-box 1.14): an account, or a pool."""
-    tag: str
-    type: str = "default"                  # default | balancer | fallback
-    credential_path: str = ""
-    usages_path: str = ""
-    detour: Optional[ProxyURL] = None
-    reserve_5h: int = 0                    # keep this much of the 5-hour window unused
-    reserve_weekly: int = 0
-    strategy: str = "least_used"           # balancer only
-    members: List[str] = field(default_factory=list)   # balancer and fallback: tags, in order
-    poll_interval: float = DEFAULT_POLL_INTERVAL
+
+    def __init__(self, tag: str, type: str = "default"):
+        self.tag = tag
+        self.type = type                    # default | balancer | fallback
+        self.credential_path = ""
+        self.usages_path = ""
+        self.detour = None  # type: Optional[ProxyURL]
+        self.reserve_5h = 0                 # keep this much of the 5-hour window unused
+        self.reserve_weekly = 0
+        self.strategy = "least_used"        # balancer only
+        self.members = []  # type: List[str]  # balancer and fallback: tags, in order
+        self.poll_interval = DEFAULT_POLL_INTERVAL
 
     @property
     def is_pool(self) -> bool:
         return self.type != "default"
 
 
-@dataclass
 class TLSConfig:
-    """Inbound TLS, with sing-box's field names."""
-    enabled: bool = False
-    certificate_path: str = ""
-    key_path: str = ""
-    certificate: str = ""       # inline PEM (a string, or sing-box's list of lines, joined)
-    key: str = field(default="", repr=False)
-    min_version: str = ""
-    max_version: str = ""
-    alpn: List[str] = field(default_factory=list)
+    """Inbound TLS, with sing-box's field names. Equal when every field is (a
+    reload compares them); the repr leaves the inline key out."""
+
+    def __init__(self, enabled: bool = False, certificate_path: str = "", key_path: str = "",
+                 certificate: str = "", key: str = "", min_version: str = "", max_version: str = "",
+                 alpn: Optional[List[str]] = None):
+        self.enabled = enabled
+        self.certificate_path = certificate_path
+        self.key_path = key_path
+        self.certificate = certificate  # inline PEM (a string, or sing-box's list of lines, joined)
+        self.key = key
+        self.min_version = min_version
+        self.max_version = max_version
+        self.alpn = list(alpn or [])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TLSConfig) and vars(self) == vars(other)
+
+    __hash__ = None  # type: ignore  # mutable
+
+    def __repr__(self) -> str:
+        return "TLSConfig(enabled=%r, certificate_path=%r)" % (self.enabled, self.certificate_path)
 
 
-@dataclass
 class Config:
-    listen: str = DEFAULT_LISTEN
-    listen_port: int = DEFAULT_PORT
-    credential_path: str = field(default_factory=default_credential_path)
-    usages_path: str = ""
-    users: List[User] = field(default_factory=list)
-    credentials: List[CredentialConfig] = field(default_factory=list)
-    timezone: str = "local"      # budgets' days, weeks and months
-    budgets_path: str = ""       # where budget spending is kept across restarts
-    metrics_token: str = ""      # /metrics for this bearer token (or "sha256:<hex>"); loopback always
-    log_format: str = "text"     # access log lines: text | json
-    headers: Dict[str, List[str]] = field(default_factory=dict)
-    detour: Optional[ProxyURL] = None
-    tls: TLSConfig = field(default_factory=TLSConfig)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
-    limits: Limits = field(default_factory=Limits)
-    source: str = ""  # the file it came from, for messages
+    """The whole config; keyword arguments override the defaults."""
+
+    def __init__(self, **values: Any):
+        self.listen = DEFAULT_LISTEN
+        self.listen_port = DEFAULT_PORT
+        self.credential_path = ""
+        self.usages_path = ""
+        self.users = []  # type: List[User]
+        self.credentials = []  # type: List[CredentialConfig]
+        self.timezone = "local"         # budgets' days, weeks and months
+        self.budgets_path = ""          # where budget spending is kept across restarts
+        self.metrics_token = ""         # /metrics for this bearer token (or "sha256:<hex>"); loopback always
+        self.log_format = "text"        # access log lines: text | json
+        self.headers = {}  # type: Dict[str, List[str]]
+        self.detour = None  # type: Optional[ProxyURL]
+        self.tls = TLSConfig()
+        self.upstream = UpstreamConfig()
+        self.limits = Limits()
+        self.source = ""                # the file it came from, for messages
+        for name, value in values.items():
+            if not hasattr(self, name):
+                raise TypeError("no config key %r" % name)
+            setattr(self, name, value)
+        if not self.credential_path:
+            self.credential_path = default_credential_path()
 
 
 # Keys of a sing-box service or listen block that OCM accepts but has no use for.
@@ -1113,19 +1150,14 @@ def decode_jwt_claims(token: str) -> Dict[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
-@dataclass(frozen=True)
-class Login:
-    """What one auth.json holds, already interpreted."""
-    mode: str                   # "chatgpt" (OAuth) or "apikey"
-    access_token: str = ""
-    refresh_token: str = ""
-    id_token: str = ""
-    api_key: str = ""
-    account_id: str = ""
-    plan: str = ""
-    email: str = ""
-    expires_at: Optional[float] = None
-    last_refresh: Optional[float] = None
+class Login(namedtuple("Login", "mode access_token refresh_token id_token api_key account_id plan email "
+                                "expires_at last_refresh", defaults=("",) * 7 + (None, None))):
+    """What one auth.json holds, already interpreted. ``mode`` is "chatgpt"
+    (OAuth) or "apikey". Its repr holds no token or key."""
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Login(%r, account_id=%r, plan=%r)" % (self.mode, self.account_id, self.plan)
 
     @property
     def bearer(self) -> str:
@@ -1577,12 +1609,9 @@ class WrongCallback(OCMError):
     """A callback that is not for this sign-in; ignored, and the wait goes on."""
 
 
-@dataclass(frozen=True)
-class DeviceCode:
-    device_auth_id: str
-    user_code: str
-    interval: float             # seconds between polls, already floored
-    verification_url: str
+class DeviceCode(namedtuple("DeviceCode", "device_auth_id user_code interval verification_url")):
+    """A device-code sign-in in progress; ``interval``: seconds between polls, already floored."""
+    __slots__ = ()
 
 
 # Callback errors in plain words; anything else is shown as the issuer sent it.
@@ -1822,6 +1851,7 @@ def sign_in_with_browser(issuer: str, open_url: Callable, stdin, out,
                          now: Callable[[], float] = time.time) -> Dict[str, str]:
     """PKCE sign-in, completed by a pasted callback URL or by the browser
     reaching 127.0.0.1 itself (locally or through an SSH tunnel): first wins."""
+    import queue  # sign-in only; not worth its start-up time for the server
     verifier, challenge = new_pkce()
     state = _b64url(os.urandom(32))
     results = queue.Queue()  # type: queue.Queue
@@ -1862,6 +1892,7 @@ def sign_in_with_browser(issuer: str, open_url: Callable, stdin, out,
 
 def _wait_for_code(results: "queue.Queue", state: str, listening: bool, timeout: float,
                    now: Callable[[], float], out) -> str:
+    import queue
     deadline, last_problem = now() + timeout, ""
     while True:
         left = deadline - now()
@@ -2227,14 +2258,9 @@ def week_start_from_headers(headers) -> Optional[int]:
         return None
 
 
-@dataclass
-class UsageRecord:
+class UsageRecord(namedtuple("UsageRecord", "model service_tier input_tokens output_tokens cached_tokens")):
     """One response's usage, as every relay path reports it to the book."""
-    model: str
-    service_tier: str
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
+    __slots__ = ()
 
 
 def _int_field(obj: Any, *path: str) -> int:
@@ -2586,31 +2612,36 @@ def bad_request(message: str, status: int = 400) -> HTTPError:
     return HTTPError(status, "invalid_request_error", message, close=True)
 
 
-@dataclass
 class ClientRequest:
-    method: str
-    target: str
-    version: str
-    headers: Headers
-    path: str = ""
-    query: str = ""
-    body: bytes = b""
-    body_head: bytes = b""      # what is left of the body after release_body()
-    body_kind: str = "none"     # none | length | chunked
-    body_length: int = 0
-    body_read: bool = False
-    keep_alive: bool = True
-    started: float = 0.0
-    # what the access log and the metrics say of it
-    user_name: str = ""
-    status: int = 0
-    model: str = ""
-    account_tag: str = ""
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    cost: float = 0.0
-    reservation: Any = None     # a Reservation of the user's budgets while it runs
+    """One request from a client, as it is read, relayed and logged."""
+    __slots__ = ("method", "target", "version", "headers", "path", "query", "body", "body_head", "body_kind",
+                 "body_length", "body_read", "keep_alive", "started", "user_name", "status", "model",
+                 "account_tag", "input_tokens", "cached_tokens", "output_tokens", "cost", "reservation")
+
+    def __init__(self, method: str, target: str, version: str, headers: Headers):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.path = ""
+        self.query = ""
+        self.body = b""
+        self.body_head = b""            # what is left of the body after release_body()
+        self.body_kind = "none"         # none | length | chunked
+        self.body_length = 0
+        self.body_read = False
+        self.keep_alive = True
+        self.started = 0.0
+        # what the access log and the metrics say of it
+        self.user_name = ""
+        self.status = 0
+        self.model = ""
+        self.account_tag = ""
+        self.input_tokens = 0
+        self.cached_tokens = 0
+        self.output_tokens = 0
+        self.cost = 0.0
+        self.reservation = None  # type: Any  # a Reservation of the user's budgets while it runs
 
 
 REQUEST_BODY_KEEP = 4096  # of each end of a released body: where "model" and "service_tier" are
@@ -2847,22 +2878,17 @@ def read_chunked_body(reader: SocketReader, max_size: int, timeout: float) -> by
 
 # == 10. Upstream ============================================================
 
-@dataclass(frozen=True)
-class Origin:
-    scheme: str
-    host: str
-    port: int
+class Origin(namedtuple("Origin", "scheme host port")):
+    __slots__ = ()
 
     @property
     def is_tls(self) -> bool:
         return self.scheme in ("https", "wss")
 
 
-@dataclass(frozen=True)
-class BaseURL:
+class BaseURL(namedtuple("BaseURL", "origin path")):
     """A parsed upstream base URL: where to connect and the path prefix."""
-    origin: Origin
-    path: str
+    __slots__ = ()
 
     @classmethod
     def parse(cls, url: str) -> "BaseURL":
@@ -3295,12 +3321,9 @@ SESSION_TTL = 12 * 3600.0         # a sticky session forgotten after this long u
 MAX_SESSIONS = 20000
 
 
-@dataclass
-class Window:
+class Window(namedtuple("Window", "used_percent window_minutes resets_at", defaults=(None, None, None))):
     """One rate-limit window of an account: the 5-hour (primary) or weekly one."""
-    used_percent: Optional[float] = None
-    window_minutes: Optional[float] = None
-    resets_at: Optional[float] = None
+    __slots__ = ()
 
     def used(self, now: float) -> float:
         """Use now, in percent: 0 if unknown, and 0 once the window has reset."""
@@ -4778,15 +4801,17 @@ def is_rate_limit_header(name: str) -> bool:
     return name.startswith("x-codex-") or name.startswith("x-ratelimit-") or name == "retry-after"
 
 
-@dataclass
 class WebSocketHandshake:
     """What upstream answered to our upgrade request."""
-    sock: Any
-    status: int
-    reason: str
-    headers: Headers
-    leftover: bytes = b""   # frame bytes that came with the 101
-    body: bytes = b""       # the body of a refusal
+
+    def __init__(self, sock: Any, status: int, reason: str, headers: Headers, leftover: bytes = b"",
+                 body: bytes = b""):
+        self.sock = sock
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.leftover = leftover    # frame bytes that came with the 101
+        self.body = body            # the body of a refusal
 
 
 def usage_limit_frame(handshake: WebSocketHandshake) -> bytes:

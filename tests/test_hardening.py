@@ -465,8 +465,7 @@ class TestFiles:
         proxy = make_proxy()
         broken = DiskFull(monkeypatch)
         assert proxy.request("POST", "/v1/responses", {})[0] == 200
-        proxy.server.credential._login = ocm.Login(**dict(proxy.server.credential._login.__dict__,
-                                                          expires_at=time.time() + 10))
+        proxy.server.credential._login = proxy.server.credential._login._replace(expires_at=time.time() + 10)
         assert proxy.request("POST", "/v1/responses", {})[0] == 200
         assert [c["refresh_token"] for c in fake.token_calls] == ["rt_initial", "rt_2"]
         broken.active = False
@@ -597,6 +596,18 @@ class TestFiles:
 # == TestSecrets ===============================================================
 
 class TestSecrets:
+    def test_no_record_shows_a_secret_in_its_repr(self):
+        """A repr can end up in a log line or a traceback."""
+        secrets_ = ["tok-alice-secret", "at-secret", "rt-secret", "id-secret", "sk-secret", "proxy-pass", "KEYPEM"]
+        shown = " ".join(repr(x) + str(x) for x in (
+            ocm.User("alice", "tok-alice-secret"),
+            ocm.Login("chatgpt", access_token="at-secret", refresh_token="rt-secret", id_token="id-secret",
+                      api_key="sk-secret", account_id="acct-1"),
+            ocm.parse_proxy_url("socks5://me:proxy-pass@10.0.0.2:1080", "detour"),
+            ocm.TLSConfig(enabled=True, key="KEYPEM")))
+        assert "alice" in shown and "acct-1" in shown and "me@10.0.0.2" in shown
+        assert not [s for s in secrets_ if s in shown], shown
+
     def test_a_whole_debug_session_logs_no_secret(self, tmp_path, fake, auth_path):
         """Every secret of a busy session (user tokens, access, refresh and id
         tokens, the API key) is absent from everything OCM printed."""
