@@ -826,8 +826,11 @@ class TestCommandLine:
     def test_ctrl_c_while_waiting_cancels_without_a_traceback(self, tmp_path, fake, new_auth, issuer):
         issuer.pending = None
         config = write_config(tmp_path, fake, new_auth)
+        # as at a terminal: a suite started with `&` from a script inherits SIGINT ignored, and
+        # Python (rightly) leaves an ignored SIGINT ignored
         proc = subprocess.Popen([sys.executable, OCM_PY, "login", str(config)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 10
             while not issuer.polls and time.monotonic() < deadline:
