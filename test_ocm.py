@@ -86,6 +86,16 @@ def read_json(path):
         return json.load(fh)
 
 
+def wait_for(predicate, timeout=5.0):
+    """Poll until predicate() holds (True) or timeout seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def sse(*events) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
 

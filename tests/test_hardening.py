@@ -20,21 +20,12 @@ from hypothesis import strategies as st
 
 import ocm
 from test_ocm import (OCM_PY, USERS, completed_event, error_of, make_jwt, message_event, read_json, sse,
-                      write_auth)
+                      wait_for, write_auth)
 from test_websocket import WSClient, WSUpstream, close_body
 
 FUZZ_EXAMPLES = int(os.environ.get("OCM_FUZZ_EXAMPLES", "25"))  # `make fuzz` runs 2000
 fuzz_settings = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
                          suppress_health_check=list(HealthCheck))
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def raw(port, data, timeout=5.0, read=True):

@@ -21,7 +21,7 @@ import pytest
 
 import ocm
 from test_ocm import (OCM_PY, USERS, completed_event, error_of, message_event, read_json, sse, start_process,
-                      write_auth)
+                      wait_for, write_auth)
 from test_websocket import WSClient, WSUpstream, close_body
 
 
@@ -34,15 +34,6 @@ def user(name="alice", token="tok-alice", **extra):
 def priced_stream(input_tokens=40000, model="gpt-5.4", headers=None):
     """A response costing input_tokens x $2.50 / 1M (gpt-5.4): 40,000 -> $0.10."""
     return lambda ex: ex.stream(sse(message_event(), completed_event("r", model, input_tokens, 0, 0)), headers)
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # == Limits ====================================================================

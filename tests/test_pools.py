@@ -14,7 +14,7 @@ import pytest
 
 import ocm
 from test_ocm import (USERS, completed_event, error_of, message_event, new_access_token, read_json, sse,
-                      write_auth)
+                      wait_for, write_auth)
 from test_websocket import WSClient, close_body
 
 TAGS = ("a", "b", "c")
@@ -125,15 +125,6 @@ def make_pool(make_proxy, auth_files, tmp_path):
 def ask(proxy, session=None, token="tok-alice", body=None):
     headers = {"session-id": session} if session else {}
     return proxy.request("POST", "/v1/responses", body or {"model": "gpt-5.4"}, headers=headers, token=token)
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # == Config ====================================================================

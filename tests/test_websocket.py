@@ -15,8 +15,8 @@ import time
 import pytest
 
 import ocm
-from test_ocm import (CODEX_BIN, completed_event, error_of, make_jwt, message_event, needs_codex,
-                      read_json, run_codex, write_auth)
+from test_ocm import (CODEX_BIN, completed_event, error_of, make_jwt, message_event, needs_codex, read_json,
+                      run_codex, wait_for, write_auth)
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -239,15 +239,6 @@ def expected_accept(key):
 @pytest.fixture
 def ws(fake):
     return WSUpstream(fake)
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # == TestWebSocketFrames: the codec at byte level ============================
