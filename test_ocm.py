@@ -447,10 +447,12 @@ def error_of(body: bytes):
     return err["type"], err["message"]
 
 
-def raw_exchange(port, data: bytes, timeout=5.0) -> bytes:
-    """Send raw bytes, read until the server closes or goes quiet."""
+def raw_exchange(port, data: bytes, timeout=5.0, read=True) -> bytes:
+    """Send raw bytes; return everything until the server closes, resets or goes quiet."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
+        if not read:
+            return b""
         out = b""
         try:
             while True:
@@ -458,7 +460,7 @@ def raw_exchange(port, data: bytes, timeout=5.0) -> bytes:
                 if not chunk:
                     break
                 out += chunk
-        except socket.timeout:
+        except (socket.timeout, ConnectionResetError):
             pass
         return out
 
@@ -1163,19 +1165,31 @@ def start_process(config_path, extra_args=()):
 
 
 class TestProcess:
+    @staticmethod
+    def start_copy(tmp_path, fake, auth_path, name, bytecode_cache):
+        """Run a copy of ocm.py named ``name`` in tmp_path, with or without a bytecode cache."""
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path),
+                                      "upstream": {"chatgpt_url": fake.chatgpt_url}}))
+        copy = tmp_path / name  # in a writable directory: the bytecode cache can be made
+        copy.write_bytes(open(OCM_PY, "rb").read())
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        if bytecode_cache:
+            del env["PYTHONDONTWRITEBYTECODE"]
+        proc = subprocess.Popen([sys.executable, str(copy), str(config)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        return proc, copy, config
+
+    @staticmethod
+    def stop(proc):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
     @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
     def test_server_run_replaces_itself_to_free_the_script_syntax_tree(self, tmp_path, fake, auth_path):
         """`python3 ocm.py config.json` re-executes as a module load (same PID),
         so CPython frees the syntax tree it keeps for scripts (11 MB)."""
-        config = tmp_path / "config.json"
-        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path),
-                                      "upstream": {"chatgpt_url": fake.chatgpt_url}}))
-        copy = tmp_path / "ocm.py"  # in a writable directory: the bytecode cache can be made
-        copy.write_bytes(open(OCM_PY, "rb").read())
-        env = dict(os.environ)
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        proc = subprocess.Popen([sys.executable, str(copy), str(config)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        proc, copy, config = self.start_copy(tmp_path, fake, auth_path, "ocm.py", bytecode_cache=True)
         try:
             assert "listening on" in proc.stdout.readline()
             cmdline = open("/proc/%d/cmdline" % proc.pid, "rb").read().split(b"\0")
@@ -1183,43 +1197,25 @@ class TestProcess:
             assert str(copy).encode() in cmdline[3] and cmdline[4] == str(config).encode()
             assert b"OCM_REEXECUTED=1" in open("/proc/%d/environ" % proc.pid, "rb").read()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(10) == 0
+            self.stop(proc)
 
     def test_without_a_bytecode_cache_it_stays_a_script(self, tmp_path, fake, auth_path):
-        config = tmp_path / "config.json"
-        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path),
-                                      "upstream": {"chatgpt_url": fake.chatgpt_url}}))
-        copy = tmp_path / "ocm.py"
-        copy.write_bytes(open(OCM_PY, "rb").read())
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-        proc = subprocess.Popen([sys.executable, str(copy), str(config)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        proc, _, _ = self.start_copy(tmp_path, fake, auth_path, "ocm.py", bytecode_cache=False)
         try:
             assert "listening on" in proc.stdout.readline()
             if sys.platform.startswith("linux"):
                 assert b"OCM_REEXECUTED" not in open("/proc/%d/environ" % proc.pid, "rb").read()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(10) == 0
+            self.stop(proc)
 
     def test_a_renamed_copy_still_runs(self, tmp_path, fake, auth_path):
-        copy = tmp_path / "ocm-server"
-        copy.write_bytes(open(OCM_PY, "rb").read())
-        config = tmp_path / "config.json"
-        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path),
-                                      "upstream": {"chatgpt_url": fake.chatgpt_url}}))
-        env = dict(os.environ)
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        proc = subprocess.Popen([sys.executable, str(copy), str(config)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        proc, _, _ = self.start_copy(tmp_path, fake, auth_path, "ocm-server", bytecode_cache=True)
         try:
             assert "listening on" in proc.stdout.readline()
             if sys.platform.startswith("linux"):
                 assert b"OCM_REEXECUTED=1" in open("/proc/%d/environ" % proc.pid, "rb").read()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(10) == 0
+            self.stop(proc)
 
     @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
     def test_process_serves_and_stops_cleanly_on_signal(self, tmp_path, fake, auth_path, sig):

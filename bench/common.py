@@ -110,9 +110,8 @@ class ChunkedDecoder:
         return bytes(out)
 
 
-def read_response(sock, buf):
-    """Read one whole response from a blocking socket. (status, body).
-    ``buf`` (a bytearray) carries bytes that arrived beyond this response."""
+def read_head(sock, buf):
+    """Receive into ``buf`` until it holds a whole response head; its end offset."""
     while True:
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
@@ -121,6 +120,13 @@ def read_response(sock, buf):
         if not data:
             raise BadResponse("connection closed before the response head")
         buf += data
+    return end
+
+
+def read_response(sock, buf):
+    """Read one whole response from a blocking socket. (status, body).
+    ``buf`` (a bytearray) carries bytes that arrived beyond this response."""
+    end = read_head(sock, buf)
     status, length, chunked = parse_head(buf, end)
     del buf[:end + 4]
     if chunked:
@@ -175,14 +181,7 @@ def read_stream(sock, request):
     Returns the per-event delays in ns; raises BadResponse if it breaks."""
     sock.sendall(request)
     buf = bytearray()
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            break
-        data = sock.recv(65536)
-        if not data:
-            raise BadResponse("connection closed before the response head")
-        buf += data
+    end = read_head(sock, buf)
     status, _, chunked = parse_head(buf, end)
     if status != 200 or not chunked:
         raise BadResponse("expected a 200 chunked stream, got %d" % status)

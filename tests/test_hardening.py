@@ -19,31 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ocm
-from test_ocm import (OCM_PY, USERS, completed_event, error_of, make_jwt, message_event, read_json, sse,
+from test_ocm import (OCM_PY, USERS, completed_event, error_of, make_jwt, message_event, raw_exchange, read_json, sse,
                       wait_for, write_auth)
 from test_websocket import WSClient, WSUpstream, close_body
 
 FUZZ_EXAMPLES = int(os.environ.get("OCM_FUZZ_EXAMPLES", "25"))  # `make fuzz` runs 2000
 fuzz_settings = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
                          suppress_health_check=list(HealthCheck))
-
-
-def raw(port, data, timeout=5.0, read=True):
-    """Send raw bytes; return everything until the server closes (or goes quiet)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        if not read:
-            return b""
-        out = b""
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
-        except (socket.timeout, ConnectionResetError):
-            pass
-        return out
 
 
 def status_of(answer):
@@ -107,14 +89,14 @@ class TestLimits:
         (b"GET /v1/models HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n", 431),
     ])
     def test_oversized_heads_are_refused(self, proxy, fake, request_bytes, status):
-        answer = raw(proxy.port, request_bytes)
+        answer = raw_exchange(proxy.port, request_bytes)
         assert status_of(answer) == status
         assert error_of(body_of(answer))[0] == "invalid_request_error"
         assert fake.requests == [] and works(proxy)
 
     def test_stalled_body_is_dropped(self, make_proxy, fake):
         proxy = make_proxy(limits={"body_timeout": 0.3})
-        answer = raw(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: 100\r\n\r\n{",
+        answer = raw_exchange(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: 100\r\n\r\n{",
                      timeout=3)
         assert status_of(answer) == 408 and fake.requests == []
 
@@ -123,7 +105,7 @@ class TestLimits:
         held = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(10)]
         assert wait_for(lambda: proxy.server._connections == 10)
         started = time.monotonic()
-        answer = raw(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n")
+        answer = raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n")
         assert time.monotonic() - started < 1.0
         assert status_of(answer) == 503 and b"Retry-After: 1" in answer
         assert "limit of 10 connections" in error_of(body_of(answer))[1]
@@ -143,7 +125,7 @@ class TestLimits:
             for _ in range(1024):
                 held.append(socket.create_connection(("127.0.0.1", proxy.port)))
             assert wait_for(lambda: proxy.server._connections == 1024, 20)
-            refused = [raw(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n", timeout=5)
+            refused = [raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n", timeout=5)
                        for _ in range(76)]
             assert [status_of(a) for a in refused] == [503] * 76
             assert threading.active_count() <= threads_before + 1024 + 2  # no thread per refusal
@@ -173,7 +155,7 @@ class TestLimits:
         try:
             port = int(proc.stdout.readline().split("127.0.0.1:")[1].split("/")[0])
             nested = b"[" * 100000 + b"]" * 100000
-            answer = raw(port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: %d\r\n\r\n"
+            answer = raw_exchange(port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: %d\r\n\r\n"
                          % len(nested) + nested + b"GET /v1/models HTTP/1.1\r\n" + AUTH +
                          b"Connection: close\r\n\r\n", timeout=10)
             assert status_of(answer) == 200 and answer.count(b"HTTP/1.1 200") == 2
@@ -227,7 +209,7 @@ class TestSmuggling:
     @pytest.mark.parametrize("name, request_bytes", SMUGGLING, ids=[n for n, _ in SMUGGLING])
     def test_ambiguous_requests_get_400_and_a_closed_connection(self, proxy, fake, name, request_bytes):
         # A second, normal request rides behind: it must never be served on this connection.
-        answer = raw(proxy.port, request_bytes + b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n")
+        answer = raw_exchange(proxy.port, request_bytes + b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n")
         assert status_of(answer) in (400, 505), answer[:200]
         assert b"Connection: close" in answer.partition(b"\r\n\r\n")[0]
         assert answer.count(b"HTTP/1.1 ") == 1  # nothing after the refusal
@@ -236,12 +218,12 @@ class TestSmuggling:
         assert works(proxy)
 
     def test_identical_repeated_content_length_is_fine(self, proxy, fake):
-        answer = raw(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+        answer = raw_exchange(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
                      b"Content-Length: 2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
         assert status_of(answer) == 200 and fake.requests[0].body == b"{}"
 
     def test_chunk_extensions_and_trailers_are_accepted(self, proxy, fake):
-        answer = raw(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+        answer = raw_exchange(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
                      b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                      b"2;name=value\r\n{}\r\n0\r\nX-Trailer: t\r\n\r\n")
         assert status_of(answer) == 200 and fake.requests[0].body == b"{}"
@@ -622,9 +604,9 @@ class TestSecrets:
         try:
             port = int(proc.stdout.readline().split("127.0.0.1:")[1].split("/")[0])
             for token in ("tok-alice", "tok-bob", "tok-wrong-secret-1234"):
-                raw(port, b"POST /v1/responses HTTP/1.1\r\nAuthorization: Bearer %s\r\nContent-Length: 2\r\n"
+                raw_exchange(port, b"POST /v1/responses HTTP/1.1\r\nAuthorization: Bearer %s\r\nContent-Length: 2\r\n"
                           b"Connection: close\r\n\r\n{}" % token.encode())
-            raw(port, b"GET /v1/models HTTP/1.1\r\nAuthorization: Basic dG9rLWFsaWNlOng=\r\n"
+            raw_exchange(port, b"GET /v1/models HTTP/1.1\r\nAuthorization: Basic dG9rLWFsaWNlOng=\r\n"
                       b"X-Api-Key: client-key-secret\r\nConnection: close\r\n\r\n")
             client = WSClient(port)
             client.send_json({"type": "response.create", "model": "gpt-5.4"})
@@ -636,7 +618,7 @@ class TestSecrets:
             current = read_json(auth_path)["tokens"]["access_token"]
             fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.json(401, {}) if ex.request.header(
                 "Authorization") == "Bearer " + current else ex.stream(sse(completed_event())))
-            raw(port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+            raw_exchange(port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
         finally:
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=10)
@@ -660,7 +642,7 @@ class TestSecrets:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             port = int(proc.stdout.readline().split("127.0.0.1:")[1].split("/")[0])
-            raw(port, b"POST /v1/chat/completions HTTP/1.1\r\n" + AUTH + b"Content-Length: 2\r\nConnection: close"
+            raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\n" + AUTH + b"Content-Length: 2\r\nConnection: close"
                       b"\r\n\r\n{}")
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -669,7 +651,7 @@ class TestSecrets:
         assert "TOPSECRET" not in out + err and "sk-proj" not in out + err
 
     def test_host_header_and_absolute_urls_never_steer_upstream(self, proxy, fake):
-        raw(proxy.port, b"GET /v1/models HTTP/1.1\r\nHost: attacker.example:9999\r\n" + AUTH +
+        raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\nHost: attacker.example:9999\r\n" + AUTH +
             b"X-Forwarded-Host: attacker.example\r\nConnection: close\r\n\r\n")
         assert fake.requests[0].header("Host") == "127.0.0.1:%d" % fake.port
 
@@ -761,7 +743,7 @@ class TestFuzz:
             st.binary(max_size=50))))
     def test_raw_request_bytes_never_break_the_server(self, fuzz_proxy, data):
         proxy, baseline = fuzz_proxy
-        raw(proxy.port, data, timeout=0.15)
+        raw_exchange(proxy.port, data, timeout=0.15)
         assert works(proxy)
         assert wait_for(lambda: threading.active_count() <= baseline, 3)
 
