@@ -86,6 +86,13 @@ def read_json(path):
         return json.load(fh)
 
 
+def free_port():
+    """A loopback port nothing listens on (until someone takes it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_for(predicate, timeout=5.0):
     """Poll until predicate() holds (True) or timeout seconds pass (False)."""
     deadline = time.monotonic() + timeout
@@ -1013,10 +1020,7 @@ class TestRelay:
         assert fake.connections == 2
 
     def test_unreachable_upstream_is_502(self, make_proxy, fake):
-        dead = socket.socket()
-        dead.bind(("127.0.0.1", 0))
-        port = dead.getsockname()[1]
-        dead.close()
+        port = free_port()
         proxy = make_proxy(upstream={"chatgpt_url": "http://127.0.0.1:%d/backend-api/codex" % port,
                                      "token_url": fake.token_url})
         status, _, body = proxy.request("POST", "/v1/responses", {})

@@ -6,14 +6,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
 import ocm
-from test_ocm import CODEX_BIN, OCM_PY, needs_codex, read_json, write_auth
+from test_ocm import CODEX_BIN, OCM_PY, free_port, needs_codex, read_json, write_auth
 
 
 def run(*args, env=None, cwd=None):
@@ -26,12 +25,6 @@ def printed_tokens(stdout):
     users = re.findall(r"^# (\S+): add to ~/.codex/config.toml$", stdout, re.M)
     tokens = re.findall(r"^# then, in the shell: export OCM_TOKEN=(\S+)$", stdout, re.M)
     return dict(zip(users, tokens))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(config_path, env=None):

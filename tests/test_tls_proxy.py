@@ -21,8 +21,8 @@ import time
 import pytest
 
 import ocm
-from test_ocm import (OCM_PY, USERS, FakeUpstream, Proxy, completed_event, error_of, message_event,
-                      needs_codex, read_json, run_codex, sse, write_auth)
+from test_ocm import (OCM_PY, USERS, FakeUpstream, Proxy, completed_event, error_of, free_port,
+                      message_event, needs_codex, read_json, run_codex, sse, write_auth)
 from test_websocket import WSClient, WSUpstream
 
 CERTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "certs")
@@ -270,10 +270,7 @@ class TestDetour:
         assert fake.requests == []
 
     def test_dead_proxy_is_a_502_not_a_hang(self, make_proxy, fake):
-        dead = socket.socket()
-        dead.bind(("127.0.0.1", 0))
-        port = dead.getsockname()[1]
-        dead.close()
+        port = free_port()
         ocm_proxy = make_proxy(detour="socks5://127.0.0.1:%d" % port, upstream=upstream_config(fake))
         status, _, body = ocm_proxy.request("POST", "/v1/responses", {})
         assert status == 502 and "cannot reach proxy socks5://127.0.0.1:%d" % port in error_of(body)[1]

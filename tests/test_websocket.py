@@ -15,8 +15,8 @@ import time
 import pytest
 
 import ocm
-from test_ocm import (CODEX_BIN, completed_event, error_of, make_jwt, message_event, needs_codex, read_json,
-                      run_codex, wait_for, write_auth)
+from test_ocm import (CODEX_BIN, completed_event, error_of, free_port, make_jwt, message_event, needs_codex,
+                      read_json, run_codex, wait_for, write_auth)
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -585,10 +585,7 @@ class TestWebSocketRelay:
         assert client.status == 500 and client.body() == b'{"error": {"message": "boom"}}'
 
     def test_unreachable_upstream_is_502(self, make_proxy, fake):
-        dead = socket.socket()
-        dead.bind(("127.0.0.1", 0))
-        port = dead.getsockname()[1]
-        dead.close()
+        port = free_port()
         proxy = make_proxy(upstream={"chatgpt_url": "http://127.0.0.1:%d/backend-api/codex" % port,
                                      "token_url": fake.token_url})
         client = WSClient(proxy.port)
