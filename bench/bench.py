@@ -211,7 +211,7 @@ def fake_jwt(claims):
     return "%s.%s.%s" % (header, b64url(json.dumps(claims).encode()), b64url(b"sig"))
 
 
-def write_ocm_config(workdir, upstream_port, port):
+def write_ocm_config(workdir, upstream_port, port, usages=False):
     auth = {"account_id": "acct-bench", "plan": "pro"}
     claims = {"https://api.openai.com/auth": {"chatgpt_account_id": auth["account_id"],
                                               "chatgpt_plan_type": auth["plan"]}}
@@ -232,6 +232,8 @@ def write_ocm_config(workdir, upstream_port, port):
         "upstream": {"chatgpt_url": upstream + "/backend-api/codex", "api_url": upstream,
                      "token_url": upstream + "/oauth/token"},
     }
+    if usages:  # usage accounting on: every answer is scanned and recorded
+        config["usages_path"] = os.path.join(workdir, "usages.json")
     path = os.path.join(workdir, "config.json")
     with open(path, "w") as fh:
         json.dump(config, fh, indent=2)
@@ -254,9 +256,9 @@ def install_ocm(workdir):
     shutil.copy(OCM_PY, os.path.join(workdir, "ocm.py"))
 
 
-def start_ocm(workdir, upstream_port):
+def start_ocm(workdir, upstream_port, usages=False):
     port = free_port()
-    config_path = write_ocm_config(workdir, upstream_port, port)
+    config_path = write_ocm_config(workdir, upstream_port, port, usages)
     with open(os.path.join(workdir, "ocm.log"), "wb") as log:  # a line per request, as deployed
         proc = subprocess.Popen(ocm_command(config_path), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, preexec_fn=child_setup, env=installed_env())
@@ -505,6 +507,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Measure OCM against direct and nginx.")
     parser.add_argument("--quick", action="store_true", help="tiny workloads, no nginx (smoke test)")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx row even if installed")
+    parser.add_argument("--usages", action="store_true",
+                        help="run OCM with usages_path set, to compare accounting on with off")
     parser.add_argument("--only", default=",".join(PHASES),
                         help="comma-separated phases to run: %s" % ",".join(PHASES))
     args = parser.parse_args(argv)
@@ -521,7 +525,7 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix="ocm-bench-")
     install_ocm(workdir)
     upstream = ocm = ngx = None
-    results = {}
+    results = {"usages": args.usages}
     try:
         upstream, upstream_port = start_upstream()
         direct = Route("direct", upstream_port, "/backend-api/codex/responses", "upstream-token")
@@ -554,7 +558,7 @@ def main(argv=None):
                 results["start"]["nginx"] = time_to_listen(
                     nginx_command(nginx, workdir, upstream_port, port), port, settings.start_runs)
 
-        ocm = start_ocm(workdir, upstream_port)
+        ocm = start_ocm(workdir, upstream_port, args.usages)
         progress("OCM pid %d, port %d; fake upstream pid %d, port %d"
                  % (ocm.proc.pid, ocm.port, upstream.pid, upstream_port))
         routes = [direct, ocm]
@@ -598,10 +602,22 @@ def main(argv=None):
         if upstream is not None:
             upstream.stdin.close()
             stop(upstream)
+        if args.usages:  # saved at OCM's exit: proof the accounting ran
+            results["recorded"] = recorded_requests(os.path.join(workdir, "usages.json"))
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(render(results, settings, nginx))
     return 0
+
+
+def recorded_requests(path):
+    """Requests counted in OCM's usage file (0 if it is missing)."""
+    try:
+        with open(path) as fh:
+            combinations = json.load(fh).get("combinations") or []
+    except (OSError, ValueError):
+        return 0
+    return sum(c.get("total", {}).get("request_count", 0) for c in combinations)
 
 
 def render(results, settings, nginx):
@@ -670,10 +686,12 @@ def render(results, settings, nginx):
     title = "OCM bench: %d CPUs, Python %s (%s), %s %s%s" % (
         os.cpu_count() or 0, platform.python_version(), sys.executable, platform.system(),
         platform.release(), ", nginx " + nginx_version(nginx) if nginx else ", nginx: not installed/skipped")
+    accounting = ("on (--usages), %s requests recorded" % format(results.get("recorded", 0), ",")
+                  if results.get("usages") else "off")
     notes = [
         "direct = the same client straight to the fake upstream; added = relay minus direct.",
-        "OCM runs as `%s ocm.py config.json`, logging at info level to a file."
-        % os.path.basename(sys.executable),
+        "OCM runs as `%s ocm.py config.json`, logging at info level to a file; usage accounting %s."
+        % (os.path.basename(sys.executable), accounting),
     ]
     if nginx:
         notes.append("nginx: one process, proxy_buffering off, upstream keepalive 64, access log on.")
