@@ -56,8 +56,8 @@ class Settings:
         self.sse_gap_ms = 2 if quick else 4
         self.rps_conns = 16
         self.rps_procs = 2                            # load client processes
-        self.rps_warmup = 0.1 if quick else 1.0
-        self.rps_seconds = 0.3 if quick else 5.0
+        self.rps_warmup = 0.05 if quick else 1.0
+        self.rps_seconds = 0.15 if quick else 5.0
         self.streams = 20 if quick else 1000
         self.stream_events = 3 if quick else 20
         self.stream_gap_ms = 20 if quick else 250

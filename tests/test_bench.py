@@ -37,10 +37,11 @@ ROWS = (
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="the bench reads /proc (Linux)")
 class TestBench:
     def test_quick_run_completes_and_prints_every_row(self):
+        """One tiny run, with usage accounting on so that switch is kept working too."""
         env = dict(os.environ)
         env.pop("OCM_BENCH_PROFILE", None)
         env.pop("OCM_BENCH_WRAP", None)
-        result = subprocess.run([sys.executable, BENCH, "--quick"], cwd=ROOT, env=env,
+        result = subprocess.run([sys.executable, BENCH, "--quick", "--usages"], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
         out = result.stdout.decode()
         assert result.returncode == 0, result.stderr.decode()[-3000:]
@@ -51,16 +52,5 @@ class TestBench:
             assert any(label.startswith(row + " ") for label in labels), "no row %r in:\n%s" % (row, out)
         assert out.count("concurrent SSE streams") == 2, out  # tiny and 64 KB request bodies
         assert "MISS" in out or "PASS" in out
-        assert "usage accounting off" in out
-
-    def test_usages_switch_runs_ocm_with_accounting_on(self):
-        env = dict(os.environ)
-        env.pop("OCM_BENCH_PROFILE", None)
-        env.pop("OCM_BENCH_WRAP", None)
-        result = subprocess.run([sys.executable, BENCH, "--quick", "--usages", "--only", "latency"], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-        out = result.stdout.decode()
-        assert result.returncode == 0, result.stderr.decode()[-3000:]
         recorded = re.search(r"usage accounting on \(--usages\), ([\d,]+) requests recorded", out)
         assert recorded and int(recorded.group(1).replace(",", "")) > 0, out  # the book was kept and saved
-        assert "added latency p50" in out
