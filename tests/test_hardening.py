@@ -508,29 +508,26 @@ class TestFiles:
         fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(completed_event())))
         proc = subprocess.Popen([sys.executable, OCM_PY, str(path)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
+        errors = []
+        reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
         try:
             port = int(proc.stdout.readline().split("/v1")[0].rsplit(":", 1)[1])
+            reader.start()
             (tmp_path / "a-directory").mkdir()
-            for bad in ({"usages_path": str(tmp_path / "a-directory")},
-                        {"budgets_path": str(tmp_path / "a-directory")}):
+            for refused, bad in enumerate(({"usages_path": str(tmp_path / "a-directory")},
+                                           {"budgets_path": str(tmp_path / "a-directory")}), 1):
                 path.write_text(json.dumps(dict(config, **bad)))
                 proc.send_signal(signal.SIGHUP)
-                time.sleep(0.5)
+                assert wait_for(lambda: "".join(errors).count("still running the previous config") == refused)
                 assert proc.poll() is None
-                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-                conn.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\n" + AUTH +
-                             b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
-                answer = b""
-                while True:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    answer += chunk
-                conn.close()
+                answer = raw_exchange(port, b"POST /v1/responses HTTP/1.1\r\nHost: x\r\n" + AUTH +
+                                      b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
                 assert status_of(answer) == 200
         finally:
             proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=10)
+            proc.wait(10)
+            reader.join(5)
+        err = "".join(errors)
         assert proc.returncode == 0
         assert err.count("still running the previous config") == 2 and "Traceback" not in err
 
