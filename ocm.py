@@ -2820,6 +2820,22 @@ class SocketReader:
         del self.buf[:size]
         return out
 
+    def wait_for_websocket_message(self, max_payload: int, timeout: float) -> None:
+        """Consume client frames until a whole data message or a close has come,
+        the connection ends or ``timeout`` passes, whichever is first."""
+        parser = FrameParser(from_client=True, max_payload=max_payload)
+        deadline = time.monotonic() + timeout
+        data = bytes(self.buf)
+        self.buf.clear()
+        with contextlib.suppress(OSError, ClientGone, WebSocketError):
+            while True:
+                for frame in parser.feed(data):
+                    if frame.opcode == WS_CLOSE or (frame.fin and frame.opcode in WS_DATA_OPCODES):
+                        return
+                data = self._recv(deadline)
+                if not data:
+                    return
+
     def read_until_close(self, limit: int, timeout: float) -> bytes:
         """Whatever arrives until the peer closes, ``limit`` bytes or ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -4782,6 +4798,7 @@ def encode_head(status: int, reason: str, headers: List[Tuple[str, str]]) -> byt
 # -- WebSocket relay ----------------------------------------------------------
 
 WS_CLOSE_WAIT = 5.0  # after one side's close, how long the other gets to answer it
+WS_FIRST_MESSAGE_WAIT = 10.0  # a refused session's error frame waits this long for the request
 WS_SHUTDOWN_WAIT = 2.0  # at shutdown, how long live sessions get to finish their close
 
 
@@ -5390,6 +5407,10 @@ class OCMHandler(BaseHTTPRequestHandler):
                                           upstream_headers: Optional[Headers] = None) -> None:
         """Accept, then say why in the frame Codex shows as its usage-limit message."""
         self.accept_websocket(key, upstream_headers or Headers())
+        # Codex matches an error frame to the request it waits on: one sent before its
+        # response.create arrived is dropped, and it reconnects (5 times, then HTTP).
+        self.reader.wait_for_websocket_message(self.server.config.limits.max_websocket_message,
+                                               WS_FIRST_MESSAGE_WAIT)
         self.write(encode_frame(WS_TEXT, frame) + encode_frame(WS_CLOSE, close_payload(1008, "usage limit reached")))
         # Read what the client already sent (and its close) before closing:
         # closing on unread data resets the connection and can lose the frame.

@@ -402,6 +402,7 @@ class TestFailover:
             proxy.server.accounts[tag].mark_rate_limited(time.time() + 300)
         client = WSClient(proxy.port)
         assert client.status == 101
+        client.send_json({"type": "response.create", "model": "gpt-5.4", "input": []})
         event = json.loads(client.frame()[2])
         assert event["type"] == "error" and event["status"] == 429
         assert event["error"]["type"] == "usage_limit_reached" and event["error"]["resets_at"]

@@ -563,6 +563,12 @@ class TestWebSocketRelay:
                               "Content-Type": "application/json"}
         client = WSClient(proxy.port)
         assert client.status == 101
+        # the error answers the request, as upstream's would: Codex drops one that comes before it
+        client.sock.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            client.sock.recv(1)
+        client.sock.settimeout(10)
+        client.send_json({"type": "response.create", "model": "gpt-5.4", "input": []})
         fin, opcode, payload, _ = client.frame()
         event = json.loads(payload)
         assert event["type"] == "error" and event["status"] == 429
@@ -570,6 +576,18 @@ class TestWebSocketRelay:
                                   "resets_at": 1795512000}
         assert event["headers"]["x-codex-primary-used-percent"] == "100"
         assert "content-type" not in event["headers"]
+        assert client.frame()[1] == 0x8
+
+    def test_a_client_that_sends_nothing_still_gets_the_error_frame(self, proxy, fake, ws, monkeypatch):
+        monkeypatch.setattr(ocm, "WS_FIRST_MESSAGE_WAIT", 0.3)
+        ws.status = 429
+        ws.refusal_body = json.dumps({"error": {"type": "usage_limit_reached", "message": "limit"}}).encode()
+        client = WSClient(proxy.port)
+        assert client.status == 101
+        started = time.monotonic()
+        event = json.loads(client.frame()[2])
+        assert event["type"] == "error" and event["status"] == 429
+        assert time.monotonic() - started < 5  # the wait is bounded: no thread held for ever
         assert client.frame()[1] == 0x8
 
     @pytest.mark.parametrize("upstream_status", [404, 426])
