@@ -144,37 +144,47 @@ class WSUpstream:
     def send(self, sock, opcode, payload, fin=True):
         sock.sendall(ws_frame(opcode, payload, fin))
 
+    def record(self, frame):
+        with self.lock:
+            self.frames.append(frame)
+
     def serve(self, sock, reader):
-        turn = 0
-        message = b""
-        while True:
-            fin, opcode, payload, masked = reader.frame()
-            with self.lock:
-                self.frames.append((fin, opcode, payload, masked))
-            if opcode == 0x8:
-                self.send(sock, 0x8, payload)  # echo the close, then done
-                return
-            if opcode == 0x9:
-                self.send(sock, 0xA, payload)
-                continue
-            if opcode == 0x2:
-                self.send(sock, 0x2, payload[::-1])
-                continue
-            if opcode in (0x1, 0x0):
-                message += payload
-                if not fin:
-                    continue
-                event, message = json.loads(message), b""
-                if event.get("type") != "response.create":
-                    continue
-                turn += 1
-                completed = completed_event("resp-%d" % turn, event.get("model", "gpt-5.3-codex"),
-                                            1000 * turn, 100, 10 * turn)
-                if self.completed_without_model:
-                    del completed["response"]["model"]
-                for out in ({"type": "response.created", "response": {"id": "resp-%d" % turn}},
-                            message_event("turn %d" % turn), completed):
-                    self.send(sock, 0x1, json.dumps(out).encode())
+        on_binary = lambda payload: self.send(sock, 0x2, payload[::-1])  # noqa: E731
+        for turn, event in enumerate(response_creates(sock, reader, self.record, on_binary), 1):
+            completed = completed_event("resp-%d" % turn, event.get("model", "gpt-5.3-codex"),
+                                        1000 * turn, 100, 10 * turn)
+            if self.completed_without_model:
+                del completed["response"]["model"]
+            for out in ({"type": "response.created", "response": {"id": "resp-%d" % turn}},
+                        message_event("turn %d" % turn), completed):
+                self.send(sock, 0x1, json.dumps(out).encode())
+
+
+def response_creates(sock, reader, record, on_binary=None):
+    """The response.create events a client sends, as a fake upstream sees them:
+    every frame goes to ``record``, pings are answered, fragments joined, and a
+    close is echoed and ends the iteration."""
+    message = b""
+    while True:
+        fin, opcode, payload, masked = reader.frame()
+        record((fin, opcode, payload, masked))
+        if opcode == 0x8:
+            sock.sendall(ws_frame(0x8, payload))
+            return
+        if opcode == 0x9:
+            sock.sendall(ws_frame(0xA, payload))
+            continue
+        if opcode == 0x2 and on_binary is not None:
+            on_binary(payload)
+            continue
+        if opcode not in (0x0, 0x1):
+            continue
+        message += payload
+        if not fin:
+            continue
+        event, message = json.loads(message), b""
+        if event.get("type") == "response.create":
+            yield event
 
 
 class WSClient:
@@ -661,24 +671,7 @@ def scripted_model(ws):
     test_ocm.codex_model."""
 
     def play(sock, reader):
-        message = b""
-        while True:
-            fin, opcode, payload, masked = reader.frame()
-            ws.frames.append((fin, opcode, payload, masked))
-            if opcode == 0x8:
-                sock.sendall(ws_frame(0x8, payload))
-                return
-            if opcode == 0x9:
-                sock.sendall(ws_frame(0xA, payload))
-                continue
-            if opcode not in (0x0, 0x1):
-                continue
-            message += payload
-            if not fin:
-                continue
-            event, message = json.loads(message), b""
-            if event.get("type") != "response.create":
-                continue
+        for event in response_creates(sock, reader, ws.record):
             outputs = [i for i in event.get("input", []) if i.get("type") == "function_call_output"]
             model = event.get("model", "gpt-5.3-codex")
             if event.get("generate") is False:
