@@ -790,6 +790,7 @@ def _listable(value: Any, where: str) -> List[str]:
 def _parse_credentials(raw: list, where: str, sing_box: bool = False) -> List[CredentialConfig]:
     entries = {}  # type: Dict[str, CredentialConfig]
     paths = {}  # type: Dict[str, str]
+    books = {}  # type: Dict[str, str]  # usage files (absolute) -> tag
     for i, entry in enumerate(raw):
         f = _Fields(entry, "%s[%d]" % (where, i))
         tag = f.str("tag", allow_empty=False)
@@ -813,6 +814,12 @@ def _parse_credentials(raw: list, where: str, sing_box: bool = False) -> List[Cr
                                   % (f.path("credential_path"), item.credential_path, paths[item.credential_path]))
             paths[item.credential_path] = tag
             item.usages_path = os.path.expanduser(f.str("usages_path"))
+            usages_key = os.path.abspath(item.usages_path) if item.usages_path else ""
+            if usages_key in books:  # two books writing one file lose each other's requests
+                raise ConfigError("%s: %s is also the usage file of %r; give each account its own"
+                                  % (f.path("usages_path"), item.usages_path, books[usages_key]))
+            if usages_key:
+                books[usages_key] = tag
             item.detour = parse_detour(f.str("detour"), f.path("detour"), sing_box)
             for key in ("reserve_5h", "reserve_weekly"):
                 if f.has(key):
@@ -1007,9 +1014,19 @@ def config_from_dict(data: Any, source: str = "") -> Config:
     if config.metrics_token.startswith("sha256:") and not re.match(r"^sha256:[0-9a-fA-F]{64}$", config.metrics_token):
         raise ConfigError("%s: sha256: must be followed by 64 hex digits" % f.path("metrics_token"))
     if not config.budgets_path and any(u.budgets for u in config.users):
-        config.budgets_path = os.path.join(os.path.dirname(os.path.abspath(source)) if source else ".",
-                                           "ocm-budgets.json")
+        config.budgets_path = default_budgets_path(config)
     return config
+
+
+def default_budgets_path(config: Config) -> str:
+    """ocm-budgets.json beside the usage file, where OCM already writes (the
+    config's own directory is often read-only, e.g. /etc); else beside the config."""
+    usages = config.usages_path or next((c.usages_path for c in config.credentials if c.usages_path), "")
+    if usages:
+        directory = os.path.dirname(os.path.abspath(usages))
+    else:
+        directory = os.path.dirname(os.path.abspath(config.source)) if config.source else "."
+    return os.path.join(directory, "ocm-budgets.json")
 
 
 _UTC_OFFSET = re.compile(r"^[+-](\d\d):(\d\d)$")
@@ -1100,6 +1117,20 @@ def write_file_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def write_json_atomic(path: str, data: Any, mode: int = 0o600) -> None:
+    """``data`` as 2-space JSON and a newline (as Codex writes auth.json), atomically."""
+    write_file_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), mode)
+
+
+def move_aside(path: str, now: float) -> str:
+    """Rename a damaged file to ``path.corrupt-<UTC time>`` so that it is kept,
+    never overwritten; returns the new name."""
+    aside = "%s.corrupt-%s" % (path, time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)))
+    with contextlib.suppress(OSError):
+        os.replace(path, aside)
+    return aside
 
 
 @contextlib.contextmanager
@@ -1989,7 +2020,7 @@ def save_login(path: str, tokens: Dict[str, str], now: float) -> Tuple[Login, st
         except LoginFailed:
             old = None  # a broken file is exactly what a new login fixes
         data = auth_json_for(tokens, now, keep=old)
-        write_file_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), 0o600)
+        write_json_atomic(path, data, 0o600)
     old_refresh = _refresh_token_of(old)
     return parse_auth(data), "" if old_refresh == tokens["refresh_token"] else old_refresh
 
@@ -2007,7 +2038,7 @@ def remove_login(path: str) -> Optional[str]:
         refresh = _refresh_token_of(data)
         del data["tokens"]
         data.pop("last_refresh", None)
-        write_file_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), 0o600)
+        write_json_atomic(path, data, 0o600)
     return refresh
 
 
@@ -2348,8 +2379,7 @@ class UsageBook:
         except (ValueError, UnicodeDecodeError) as exc:
             if not repair:
                 raise ValueError(str(exc))
-            aside = "%s.corrupt-%s" % (self.path, time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._now())))
-            os.replace(self.path, aside)
+            aside = move_aside(self.path, self._now())
             with self._lock:
                 self._combos.clear()
             log.error("usage file %s is damaged (%s); moved it to %s and started an empty book",
@@ -2462,9 +2492,9 @@ class UsageBook:
         with self._save_lock:
             with self._lock:
                 self._dirty = False
-            data = (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8")
+            data = self.to_json()
             try:
-                write_file_atomic(self.path, data, _existing_mode(self.path, 0o644))
+                write_json_atomic(self.path, data, _existing_mode(self.path, 0o644))
             except OSError as exc:
                 with self._lock:
                     self._dirty = True
@@ -2524,6 +2554,50 @@ def check_writable_location(path: str, key: str = "usages_path") -> None:
         raise ConfigError("%s: cannot read %s" % (key, path))
 
 
+class UsageBooks:
+    """The open usage books, one per file. A file has exactly one writer,
+    however many accounts record into it: across a reload, the old and the
+    new account of a tag share one book, and it closes (saving) when the last
+    account using it closes."""
+
+    def __init__(self, save_interval: float = 60.0):
+        self.save_interval = save_interval
+        self._lock = threading.Lock()
+        self._open = {}  # type: Dict[str, List[Any]]  # absolute path -> [book, accounts using it]
+
+    def open(self, path: str) -> UsageBook:
+        """The book of ``path``, loaded and saving every save_interval; raises
+        ConfigError when the file cannot be used."""
+        key = os.path.abspath(path)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is not None:
+                entry[1] += 1
+                return entry[0]
+            check_writable_location(path)
+            book = UsageBook(path, save_interval=self.save_interval)
+            book.load()
+            book.start_saver()
+            self._open[key] = [book, 1]
+            return book
+
+    def release(self, book: UsageBook) -> None:
+        key = os.path.abspath(book.path)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None or entry[0] is not book:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._open[key]
+        book.close()
+
+    def books(self) -> List[UsageBook]:
+        with self._lock:
+            return [entry[0] for entry in self._open.values()]
+
+
 # == 8. Users ================================================================
 
 def token_digest(token: str) -> bytes:
@@ -2542,6 +2616,13 @@ class UserTable:
     @property
     def is_open(self) -> bool:
         return not self.users
+
+    def current(self, user: User) -> Optional[User]:
+        """This table's entry for ``user`` (same name, same token), or None when
+        the person was removed, renamed or given a new token: a long-lived
+        WebSocket asks at every turn, so it follows a reload."""
+        entry = self._by_digest.get(user.token_digest)
+        return entry if entry is not None and entry.name == user.name else None
 
     def authenticate(self, headers: "Headers") -> Optional[User]:
         """The user for these request headers; None when access is open.
@@ -2613,10 +2694,10 @@ def bad_request(message: str, status: int = 400) -> HTTPError:
 
 
 class ClientRequest:
-    """One request from a client, as it is read, relayed and logged."""
-    __slots__ = ("method", "target", "version", "headers", "path", "query", "body", "body_head", "body_kind",
-                 "body_length", "body_read", "keep_alive", "started", "user_name", "status", "model",
-                 "account_tag", "input_tokens", "cached_tokens", "output_tokens", "cost", "reservation")
+    """One request from a client, as it is read and relayed. What is said of
+    it afterwards (status, user, model, tokens) lives on its ``record``."""
+    __slots__ = ("method", "target", "version", "headers", "path", "query", "body", "body_kind",
+                 "body_length", "body_read", "keep_alive", "record")
 
     def __init__(self, method: str, target: str, version: str, headers: Headers):
         self.method = method
@@ -2626,37 +2707,28 @@ class ClientRequest:
         self.path = ""
         self.query = ""
         self.body = b""
-        self.body_head = b""            # what is left of the body after release_body()
         self.body_kind = "none"         # none | length | chunked
         self.body_length = 0
         self.body_read = False
         self.keep_alive = True
-        self.started = 0.0
-        # what the access log and the metrics say of it
-        self.user_name = ""
-        self.status = 0
-        self.model = ""
-        self.account_tag = ""
-        self.input_tokens = 0
-        self.cached_tokens = 0
-        self.output_tokens = 0
-        self.cost = 0.0
-        self.reservation = None  # type: Any  # a Reservation of the user's budgets while it runs
+        self.record = RequestRecord(method, "", 0.0)
 
+    # The record's fields the handler sets as it goes.
+    @property
+    def status(self) -> int:
+        return self.record.status
 
-REQUEST_BODY_KEEP = 4096  # of each end of a released body: where "model" and "service_tier" are
+    @status.setter
+    def status(self, value: int) -> None:
+        self.record.status = value
 
+    @property
+    def started(self) -> float:
+        return self.record.started
 
-def release_body(request: ClientRequest) -> None:
-    """Drop the request body once nothing can resend it: a thousand open
-    streams would otherwise hold a thousand copies of Codex's history. Its two
-    ends stay: the top-level keys come before and after the big arrays."""
-    body = request.body
-    if len(body) > 2 * REQUEST_BODY_KEEP:
-        request.body_head = body[:REQUEST_BODY_KEEP] + b"\n" + body[-REQUEST_BODY_KEEP:]
-    else:
-        request.body_head = body
-    request.body = b""
+    @started.setter
+    def started(self, value: float) -> None:
+        self.record.started = value
 
 
 def parse_request_head(head: bytes, limits: Limits) -> ClientRequest:
@@ -2703,7 +2775,8 @@ def parse_request_head(head: bytes, limits: Limits) -> ClientRequest:
         request.keep_alive = False
     if request.target.startswith("/"):
         path, _, query = request.target.partition("?")
-        request.path, request.query = path, query
+        request.path = request.record.path = path
+        request.query = query
     return request
 
 
@@ -2890,6 +2963,13 @@ def read_chunked_body(reader: SocketReader, max_size: int, timeout: float) -> by
         if not reader.read_line(8192, timeout):
             return bytes(body)
     raise bad_request("too many trailer fields")
+
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def websocket_accept(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
 
 
 # == 10. Upstream ============================================================
@@ -3325,6 +3405,93 @@ def _make_opener(connector: Connector):
     return opener
 
 
+class UpstreamExchange:
+    """One upstream request in flight. ``finish()`` hands its connection back
+    to the account's pool (or closes it) exactly once."""
+    __slots__ = ("account", "conn", "response", "latency", "finished")
+
+    def __init__(self, account: "Account", conn: UpstreamConnection, response, latency: float = 0.0):
+        self.account = account
+        self.conn = conn
+        self.response = response
+        self.latency = latency    # from sending the request to its answer's head
+        self.finished = False
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def headers(self) -> Headers:
+        return self.response.msg
+
+    def finish(self, complete: bool) -> None:
+        if not self.finished:
+            self.finished = True
+            self.account.finish_upstream(self.conn, self.response, complete)
+
+    def discard(self) -> bytes:
+        """Read (up to 1 MiB of) an answer we will not relay, and finish it."""
+        body, complete = read_small_body(self.response)
+        self.finish(complete)
+        return body
+
+
+class WebSocketHandshake:
+    """What upstream answered to our upgrade request."""
+
+    def __init__(self, sock: Any, status: int, reason: str, headers: Headers, leftover: bytes = b"",
+                 body: bytes = b""):
+        self.sock = sock
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.leftover = leftover    # frame bytes that came with the 101
+        self.body = body            # the body of a refusal
+
+    def discard(self) -> bytes:
+        """An answer we will not use: close its socket, if it has one."""
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+        return self.body
+
+
+def response_framing_problem(response) -> str:
+    """Why an upstream response's body framing is ambiguous, or "" if it is not.
+    http.client would quietly read such bodies to the end of the connection."""
+    codings = [c.strip().lower() for v in response.msg.get_all("transfer-encoding") or [] for c in v.split(",")]
+    if codings and codings != ["chunked"]:
+        return "unsupported transfer coding %r" % ", ".join(codings)
+    lengths = {v.strip() for raw in response.msg.get_all("content-length") or [] for v in raw.split(",")}
+    if lengths and not codings and (len(lengths) != 1 or not lengths.pop().isdigit()):
+        return "an invalid Content-Length"
+    return ""
+
+
+def read_refusal_body(reader: SocketReader, headers: Headers, timeout: float,
+                      limit: int = 1 << 20) -> bytes:
+    """The body of a non-101 answer to a WebSocket handshake (bounded)."""
+    if headers.has_token("transfer-encoding", "chunked"):
+        return read_chunked_body(reader, limit, timeout)
+    length = headers.get("content-length")
+    if length is not None and length.strip().isdigit():
+        return reader.read_exact(min(int(length), limit), timeout)
+    return reader.read_until_close(limit, min(timeout, 10.0))
+
+
+def read_small_body(response, limit: int = 1 << 20) -> Tuple[bytes, bool]:
+    """Read a whole (small) upstream body. (body, complete)."""
+    try:
+        body = response.read(limit) if response.length is None else response.read()
+    except http.client.IncompleteRead as exc:
+        return exc.partial, False
+    except (http.client.HTTPException, OSError, ValueError):
+        return b"", False
+    return body, response.isclosed()
+
+
 # == 11. Accounts ============================================================
 
 # How much of a pool's capacity an account brings, by plan (OpenAI gives Pro
@@ -3421,13 +3588,14 @@ class Account:
     """One subscription: its login, its connections, its usage book, and what
     we know of its rate limits (from every response, from polls, from 429s)."""
 
-    def __init__(self, tag: str, credential_path: str, usages_path: str, detour: Optional[ProxyURL],
+    def __init__(self, tag: str, credential_path: str, usage: Optional[UsageBook], detour: Optional[ProxyURL],
                  config: Config, reserve_5h: int = 0, reserve_weekly: int = 0,
-                 check_interval: float = 1.0, save_interval: float = 60.0,
-                 now: Callable[[], float] = time.time):
+                 check_interval: float = 1.0, now: Callable[[], float] = time.time,
+                 books: Optional[UsageBooks] = None):
         limits = config.limits
         self.tag = tag
-        self.identity = (credential_path, usages_path, detour, limits.connect_timeout, limits.upstream_read_timeout)
+        self.identity = (credential_path, os.path.abspath(usage.path) if usage else "", detour,
+                         limits.connect_timeout, limits.upstream_read_timeout, config.upstream.token_url)
         self.reserve_5h = reserve_5h
         self.reserve_weekly = reserve_weekly
         self.connector = Connector(limits.connect_timeout, limits.upstream_read_timeout, detour)
@@ -3435,11 +3603,11 @@ class Account:
         self.open_url = build_url_opener(self.connector)
         self.credential = Credential(credential_path, config.upstream.token_url, self.open_url, tag=tag,
                                      check_interval=check_interval)
-        self.usage = None  # type: Optional[UsageBook]
-        if usages_path:
-            check_writable_location(usages_path)
-            self.usage = UsageBook(usages_path, save_interval=save_interval)
-            self.usage.load()
+        self.usage = usage or None  # type: Optional[UsageBook]
+        self._books = books
+        self._active = 0        # requests and sessions using it now
+        self._retired = False   # dropped by a reload: closes when the last of them ends
+        self._closed = False
         self._now = now
         self._lock = threading.Lock()
         self.primary = Window()
@@ -3657,10 +3825,123 @@ class Account:
         self.last_poll_error = why
         self.next_poll_at = self._now() + delay
 
+    # -- sending -----------------------------------------------------------------
+    def send(self, origin: Origin, method: str, path: str, headers: List[Tuple[str, str]],
+             body: Optional[bytes]) -> "UpstreamExchange":
+        """Send one request on a pooled connection. A reused connection the
+        server had already dropped is retried once on a new one. Raises
+        HTTPError 502/504 for an unreachable or silent upstream."""
+        for attempt in (1, 2):
+            try:
+                conn, reused = self.pool.acquire(origin)
+            except (OSError, http.client.HTTPException, ProxyError) as exc:
+                raise HTTPError(502, "api_error", "upstream %s unreachable: %s"
+                                % (origin.host, describe_connect_error(exc)))
+            try:
+                sent_at = time.monotonic()
+                conn.send_request(method, path, headers, body)
+                response = conn.getresponse()
+                latency = time.monotonic() - sent_at
+                problem = response_framing_problem(response)
+                if problem:
+                    conn.close()
+                    raise HTTPError(502, "api_error", "upstream %s failed: %s" % (origin.host, problem))
+                return UpstreamExchange(self, conn, response, latency)
+            except socket.timeout:
+                conn.close()
+                raise HTTPError(504, "api_error", "upstream %s did not answer within %g s"
+                                % (origin.host, self.connector.read_timeout))
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                if reused and attempt == 1 and isinstance(exc, (
+                        ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)):
+                    continue  # the idle connection had gone stale
+                raise HTTPError(502, "api_error", "upstream %s failed: %s"
+                                % (origin.host, describe_connect_error(exc)))
+        raise AssertionError("unreachable")
+
+    def finish_upstream(self, conn: UpstreamConnection, response, complete: bool) -> None:
+        """Back to the pool only if the response was read to its end."""
+        if complete and response.isclosed() and not response.will_close and conn.sock is not None:
+            self.pool.release(conn)
+        else:
+            conn.close()
+
+    def open_websocket(self, origin: Origin, path: str, headers: List[Tuple[str, str]]) -> "WebSocketHandshake":
+        """Our own upgrade request upstream, on a dedicated connection. Raises
+        HTTPError 502/504 when upstream cannot be reached or answers nonsense."""
+        timeout = self.connector.read_timeout
+        key = base64.b64encode(os.urandom(16)).decode("ascii")
+        try:
+            sock = self.connector.open(origin)
+        except (OSError, ProxyError) as exc:
+            raise HTTPError(502, "api_error", "upstream %s unreachable: %s"
+                            % (origin.host, describe_connect_error(exc)))
+        default_port = 443 if origin.is_tls else 80
+        host = "[%s]" % origin.host if ":" in origin.host else origin.host
+        lines = ["GET %s HTTP/1.1" % path,
+                 "Host: %s" % (host if origin.port == default_port else "%s:%d" % (host, origin.port)),
+                 "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " + key,
+                 "Sec-WebSocket-Version: 13"] + ["%s: %s" % item for item in headers]
+        reader = SocketReader(sock)
+        try:
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            head = reader.read_head(timeout, timeout, 65536, 262144, silence_is_idle=False)
+            if head is None:
+                raise ValueError("closed before answering")
+            status, reason, resp_headers = parse_response_head(head)
+            if status == 101:
+                if not (resp_headers.has_token("upgrade", "websocket")
+                        and resp_headers.has_token("connection", "upgrade")
+                        and resp_headers.get("sec-websocket-accept", "") == websocket_accept(key)):
+                    raise ValueError("a 101 without a valid WebSocket accept")
+                if resp_headers.get("sec-websocket-extensions"):
+                    raise ValueError("an extension we did not offer")
+                return WebSocketHandshake(sock, 101, reason, resp_headers, leftover=bytes(reader.buf))
+            body = read_refusal_body(reader, resp_headers, timeout)
+        except socket.timeout:
+            sock.close()
+            raise HTTPError(504, "api_error", "upstream %s did not answer the WebSocket handshake "
+                            "within %g s" % (origin.host, timeout))
+        except (OSError, ValueError, ClientGone, HTTPError) as exc:
+            sock.close()
+            raise HTTPError(502, "api_error", "upstream %s WebSocket handshake failed: %s"
+                            % (origin.host, exc))
+        sock.close()
+        return WebSocketHandshake(None, status, reason, resp_headers, body=body)
+
+    # -- its life ------------------------------------------------------------------
+    def begin(self) -> None:
+        """A request or session starts using this account."""
+        with self._lock:
+            self._active += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._active -= 1
+            close = self._retired and self._active <= 0
+        if close:
+            self.close()
+
+    def retire(self) -> None:
+        """A reload dropped or replaced it: close once nothing uses it."""
+        with self._lock:
+            self._retired = True
+            close = self._active <= 0
+        if close:
+            self.close()
+
     def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self.pool.close()
         if self.usage is not None:
-            self.usage.close()
+            if self._books is not None:
+                self._books.release(self.usage)
+            else:
+                self.usage.close()
 
 
 class NoAccount(OCMError):
@@ -3804,35 +4085,53 @@ class Pool:
                 "next_reset": min(resets) if resets else None, "accounts": states}
 
 
-def build_accounts(config: Config, check_interval: float = 1.0, save_interval: float = 60.0,
+def build_accounts(config: Config, books: UsageBooks, check_interval: float = 1.0,
                    reuse: Optional[Dict[str, Account]] = None) -> Tuple[Dict[str, Account], Dict[str, Pool]]:
     """The accounts and pools a config describes. Without ``credentials``:
     one account, "default", from credential_path, usages_path and detour.
     On a reload, an account whose file, usage file, detour and timeouts did
-    not change is ``reuse``d as it is: its quota state, book and connections."""
+    not change is ``reuse``d as it is (its quota state and connections); a
+    replaced one hands its usage book on. If anything fails, the accounts
+    made here are closed and those reused are left exactly as they were."""
     limits = config.limits
+    made = []  # type: List[Account]
 
     def make(tag: str, path: str, usages: str, detour: Optional[ProxyURL], r5: int = 0, rw: int = 0) -> Account:
         old = (reuse or {}).get(tag)
-        if old is not None and old.identity == (path, usages, detour, limits.connect_timeout,
-                                                 limits.upstream_read_timeout):
-            old.reserve_5h, old.reserve_weekly, old.poll_interval = r5, rw, 0.0
+        identity = (path, os.path.abspath(usages) if usages else "", detour, limits.connect_timeout,
+                    limits.upstream_read_timeout, config.upstream.token_url)
+        if old is not None and old.identity == identity:
             return old
-        return Account(tag, path, usages, detour, config, r5, rw, check_interval, save_interval)
+        book = books.open(usages) if usages else None
+        try:
+            account = Account(tag, path, book, detour, config, r5, rw, check_interval, books=books)
+        except BaseException:
+            if book is not None:
+                books.release(book)
+            raise
+        made.append(account)
+        return account
 
-    if not config.credentials:
-        account = make("default", config.credential_path, config.usages_path, config.detour)
-        return {"default": account}, {"default": Pool("default", "single", [account])}
-    accounts = {}  # type: Dict[str, Account]
     try:
-        for c in config.credentials:
-            if not c.is_pool:
-                accounts[c.tag] = make(c.tag, c.credential_path, c.usages_path, c.detour,
-                                       c.reserve_5h, c.reserve_weekly)
+        if not config.credentials:
+            account = make("default", config.credential_path, config.usages_path, config.detour)
+            accounts = {"default": account}
+            pools = {"default": Pool("default", "single", [account])}
+        else:
+            accounts = {}
+            for c in config.credentials:
+                if not c.is_pool:
+                    accounts[c.tag] = make(c.tag, c.credential_path, c.usages_path, c.detour,
+                                           c.reserve_5h, c.reserve_weekly)
+            pools = build_pools(config, accounts)
     except BaseException:
-        for account in accounts.values():
+        for account in made:
             account.close()
         raise
+    return accounts, pools
+
+
+def build_pools(config: Config, accounts: Dict[str, Account]) -> Dict[str, Pool]:
     entries = {c.tag: c for c in config.credentials}
     pools = {}  # type: Dict[str, Pool]
 
@@ -3844,14 +4143,25 @@ def build_accounts(config: Config, check_interval: float = 1.0, save_interval: f
             else:
                 members = [pool(m) if entries[m].is_pool else accounts[m] for m in c.members]
                 pools[tag] = Pool(tag, c.type, members, c.strategy if c.type == "balancer" else "")
-                for account in pools[tag].accounts():  # polled as often as its busiest pool asks
-                    interval = c.poll_interval
-                    account.poll_interval = min(account.poll_interval or interval, interval)
         return pools[tag]
 
     for c in config.credentials:
         pool(c.tag)
-    return accounts, pools
+    return pools
+
+
+def account_settings(config: Config) -> Dict[str, Tuple[int, int, float]]:
+    """Per account tag: (reserve_5h, reserve_weekly, poll interval or 0), the
+    settings a reload may change on an account it keeps."""
+    if not config.credentials:
+        return {"default": (0, 0, 0.0)}
+    settings = {c.tag: (c.reserve_5h, c.reserve_weekly, 0.0) for c in config.credentials if not c.is_pool}
+    for c in config.credentials:  # polled as often as its busiest pool asks
+        if c.is_pool:
+            for tag in accounts_of(config, c.tag):
+                r5, rw, interval = settings[tag]
+                settings[tag] = (r5, rw, min(interval or c.poll_interval, c.poll_interval))
+    return settings
 
 
 def usage_limit_body(resets_at: Optional[float], now: float) -> bytes:
@@ -3915,15 +4225,32 @@ class PeriodClock:
 PERIOD_WORDS = {"day": "daily", "week": "weekly", "month": "monthly"}
 
 
-class Reservation:
-    """What one request set aside from its user's budgets until it settles."""
-    __slots__ = ("user", "keys", "usd", "tokens", "settled")
+# The most output one Responses call can produce (GPT-5 models cap max_output_tokens here).
+OUTPUT_TOKEN_CEILING = 128000
+BUDGET_WAIT = 30.0  # near a budget's end, how long a request waits for the running one to end
 
-    def __init__(self, user: str, keys: List[Tuple[str, str]], usd: float, tokens: float):
+
+def worst_case_cost(model: str, tier: str) -> Tuple[float, int]:
+    """(USD, tokens) one request of ``model`` can cost at most: a full context
+    window of uncached input, and the most output a call can give."""
+    row = find_price_row(model, tier)
+    window = PREMIUM_CONTEXT_WINDOW if row is not None and row[4] is not None else DEFAULT_CONTEXT_WINDOW
+    price_in, price_out, _ = prices_for(model, tier, window)
+    return (window * price_in + OUTPUT_TOKEN_CEILING * price_out) / 1e6, window + OUTPUT_TOKEN_CEILING
+
+
+class Reservation:
+    """What one request set aside from its user's budgets until it settles:
+    its estimate (what the user's requests usually cost) and its worst case."""
+    __slots__ = ("ledger", "user", "periods", "estimate", "worst", "settled")
+
+    def __init__(self, ledger: "BudgetLedger", user: str, periods: List[Tuple[str, str]],
+                 estimate: Tuple[float, float], worst: Tuple[float, float]):
+        self.ledger = ledger
         self.user = user
-        self.keys = keys          # [(period, key)] it was set aside in
-        self.usd = usd
-        self.tokens = tokens
+        self.periods = periods    # [(period, key)] it was admitted against, each once
+        self.estimate = estimate  # (usd, tokens)
+        self.worst = worst
         self.settled = False
 
 
@@ -3937,24 +4264,43 @@ def open_budget_ledger(config: "Config") -> "Optional[BudgetLedger]":
     return ledger
 
 
-class BudgetLedger:
-    """Spending per user and period, and what requests in flight have set
-    aside. A request is admitted only if spent + set aside + its own estimate
-    fits every budget, so parallel streams cannot run far past a budget: at
-    most by how much one request costs more than its estimate. The estimate is
-    the user's running average per request, never below a floor. Saved
-    atomically beside the config, so budgets survive restarts."""
+class _Spending:
+    """One user's spending in one period: charged (usd, tokens, requests) and
+    what the requests running now set aside."""
+    __slots__ = ("usd", "tokens", "requests", "running", "held_usd", "held_tokens",
+                 "worst_usd", "worst_tokens")
 
-    def __init__(self, path: str, clock: PeriodClock, now: Callable[[], float] = time.time):
+    def __init__(self, usd: float = 0.0, tokens: float = 0.0, requests: int = 0):
+        self.usd, self.tokens, self.requests = usd, tokens, requests
+        self.running = 0
+        self.held_usd = self.held_tokens = self.worst_usd = self.worst_tokens = 0.0
+
+
+class BudgetLedger:
+    """Spending per user and period, and what requests in flight set aside.
+
+    The bound it keeps: spending passes a budget by at most one request's
+    cost. A request that runs alone is admitted when the user's usual cost
+    (the running average, never below a floor) still fits. A request that
+    would run beside others is admitted only while the budget could pay every
+    one of them at its worst case (``worst_case_cost``); otherwise it waits
+    for the running ones to end (up to ``wait`` seconds), so near a budget's
+    end requests run one at a time. Each budget is charged once per request,
+    whatever else the user has. Saved atomically, so budgets survive restarts."""
+
+    def __init__(self, path: str, clock: PeriodClock, now: Callable[[], float] = time.time,
+                 wait: float = BUDGET_WAIT):
         self.path = path
         self.clock = clock
+        self.wait = wait
         self._now = now
         self._lock = threading.Lock()
-        self._spent = {}     # type: Dict[Tuple[str, str, str], List[float]]  # (user, period, key) -> usd, tokens
-        self._reserved = {}  # type: Dict[Tuple[str, str, str], List[float]]
+        self._changed = threading.Condition(self._lock)  # a request settled: waiters look again
+        self._periods = {}   # type: Dict[Tuple[str, str, str], _Spending]  # (user, period, key)
         self._average = {}   # type: Dict[str, List[float]]  # user -> usd, tokens per request
         self._dirty = False
         self._save_failing = False
+        self._stopping = False
 
     # -- admission ---------------------------------------------------------------
     def estimate(self, user: str) -> Tuple[float, float]:
@@ -3962,77 +4308,144 @@ class BudgetLedger:
             usd, tokens = self._average.get(user, (0.0, 0.0))
         return max(usd, MIN_COST_ESTIMATE), max(tokens, MIN_TOKEN_ESTIMATE)
 
-    def admit(self, user: User) -> Optional[Reservation]:
-        """Set aside this request's estimate, or raise HTTPError 429 naming the
-        budget that would be exceeded and when it resets."""
+    def admit(self, user: User, model: str = "", tier: str = "") -> Optional[Reservation]:
+        """Set this request's estimate aside, or raise HTTPError 429 saying
+        which budget, what is spent and running, and when it resets."""
         if not user.budgets:
             return None
-        usd, tokens = self.estimate(user.name)
-        now = self._now()
-        keys = []
-        with self._lock:
-            for budget in user.budgets:
-                key, resets_at = self.clock.period(budget.period, now)
-                spent = self._spent.get((user.name, budget.period, key), [0.0, 0.0])
-                held = self._reserved.get((user.name, budget.period, key), [0.0, 0.0])
-                # The estimate is capped at the budget itself, so a budget below
-                # it still admits requests until it is spent.
-                if budget.usd is not None and spent[0] + held[0] + min(usd, budget.usd) > budget.usd:
-                    raise self._refusal(budget, "$%.2f" % budget.usd, "$%.2f spent" % spent[0], held[0] > 0, resets_at)
-                if budget.tokens is not None and spent[1] + held[1] + min(tokens, budget.tokens) > budget.tokens:
-                    raise self._refusal(budget, "{:,} tokens".format(budget.tokens),
-                                        "{:,.0f} used".format(spent[1]), held[1] > 0, resets_at)
-                keys.append((budget.period, key))
-            for period, key in keys:
-                held = self._reserved.setdefault((user.name, period, key), [0.0, 0.0])
-                held[0] += usd
-                held[1] += tokens
-        return Reservation(user.name, keys, usd, tokens)
+        estimate = self.estimate(user.name)
+        worst_usd, worst_tokens = worst_case_cost(model, tier)
+        worst = (max(worst_usd, estimate[0]), max(float(worst_tokens), estimate[1]))
+        deadline = time.monotonic() + self.wait
+        with self._changed:
+            while True:
+                now = self._now()
+                periods, refusal, must_wait = self._check_locked(user, estimate, worst, now)
+                if refusal is None:
+                    return self._reserve_locked(user.name, periods, estimate, worst)
+                left = deadline - time.monotonic()
+                if not must_wait or left <= 0 or self._stopping:
+                    raise refusal
+                self._changed.wait(min(left, 1.0))
 
-    def _refusal(self, budget: Budget, limit: str, spent: str, in_flight: bool, resets_at: float) -> HTTPError:
-        return HTTPError(429, "rate_limit_error", "your %s budget of %s is reached (%s%s); it resets at %s" % (
-            PERIOD_WORDS[budget.period], limit, spent, ", more in requests still running" if in_flight else "",
-            self.clock.describe(resets_at)), headers=[("Retry-After", str(max(1, int(resets_at - self._now()))))])
+    def _check_locked(self, user: User, estimate: Tuple[float, float], worst: Tuple[float, float],
+                      now: float) -> Tuple[List[Tuple[str, str]], Optional[HTTPError], bool]:
+        """(periods, refusal or None, whether waiting could help)."""
+        periods = []  # type: List[Tuple[str, str]]
+        waiting = None
+        for budget in user.budgets:
+            key, resets_at = self.clock.period(budget.period, now)
+            spending = self._periods.get((user.name, budget.period, key)) or _Spending()
+            unit = 0 if budget.usd is not None else 1
+            limit = budget.usd if budget.usd is not None else float(budget.tokens)
+            spent = (spending.usd, spending.tokens)[unit]
+            if spent >= limit:
+                return periods, self._refusal(budget, spending, resets_at, "is used up"), False
+            if spending.running == 0:
+                if spent + min(estimate[unit], limit) > limit:
+                    return periods, self._refusal(budget, spending, resets_at, "has %s left" % self._amount(
+                        budget, limit - spent), ", less than your requests usually %s (%s)" % (
+                        "cost" if unit == 0 else "use", self._amount(budget, estimate[unit]))), False
+            elif spent + (spending.worst_usd, spending.worst_tokens)[unit] + worst[unit] > limit:
+                held = (spending.held_usd, spending.held_tokens)[unit]
+                waiting = self._refusal(budget, spending, resets_at, "has %s left" % self._amount(
+                    budget, max(0.0, limit - spent - held)), "; near its end requests run one at a time, "
+                    "and the running one did not end within %g s" % self.wait, retry_after=1)
+            if (budget.period, key) not in periods:
+                periods.append((budget.period, key))
+        return periods, waiting, waiting is not None
 
-    def settle(self, reservation: Optional[Reservation], user: str, usd: float, tokens: int,
-               budgets: List[Budget]) -> None:
-        """Charge what a request really cost; its estimate is set free."""
+    def _reserve_locked(self, user: str, periods: List[Tuple[str, str]], estimate: Tuple[float, float],
+                        worst: Tuple[float, float]) -> Reservation:
+        for period, key in periods:
+            spending = self._periods.setdefault((user, period, key), _Spending())
+            spending.running += 1
+            spending.held_usd += estimate[0]
+            spending.held_tokens += estimate[1]
+            spending.worst_usd += worst[0]
+            spending.worst_tokens += worst[1]
+        return Reservation(self, user, periods, estimate, worst)
+
+    @staticmethod
+    def _amount(budget: Budget, value: float) -> str:
+        return "$%.2f" % value if budget.usd is not None else "{:,.0f} tokens".format(value)
+
+    def _refusal(self, budget: Budget, spending: _Spending, resets_at: float, state: str,
+                 detail: str = "", retry_after: Optional[int] = None) -> HTTPError:
+        """429 naming the budget, what is spent and running, and the reset in
+        the owner's time zone: never "reached" beside a smaller figure."""
+        if budget.usd is not None:
+            limit, spent, held = "$%.2f" % budget.usd, "$%.2f spent" % spending.usd, spending.held_usd
+            running = ", $%.2f set aside for %d running" % (held, spending.running) if spending.running else ""
+        else:
+            limit, spent = "{:,} tokens".format(budget.tokens), "{:,.0f} used".format(spending.tokens)
+            running = (", {:,.0f} set aside for {} running".format(spending.held_tokens, spending.running)
+                       if spending.running else "")
+        wait = retry_after or max(1, int(resets_at - self._now()))
+        return HTTPError(429, "rate_limit_error", "your %s budget of %s %s (%s%s)%s; it resets at %s" % (
+            PERIOD_WORDS[budget.period], limit, state, spent, running, detail,
+            self.clock.describe(resets_at)), headers=[("Retry-After", str(wait))])
+
+    def settle(self, reservation: Reservation, usd: float, tokens: int) -> None:
+        """Charge what a request really cost, once to each budget period it
+        was admitted against (in the period it ends in); its estimate is free."""
         now = self._now()
-        with self._lock:
-            if reservation is not None and not reservation.settled:
-                self._release_locked(reservation)
-            for budget in budgets:
-                key, _ = self.clock.period(budget.period, now)
-                spent = self._spent.setdefault((user, budget.period, key), [0.0, 0.0])
-                spent[0] += usd
-                spent[1] += tokens
-            average = self._average.get(user)
+        with self._changed:
+            if reservation.settled:
+                return
+            self._release_locked(reservation)
+            for period in {p for p, _ in reservation.periods}:
+                key, _ = self.clock.period(period, now)
+                spending = self._periods.setdefault((reservation.user, period, key), _Spending())
+                spending.usd += usd
+                spending.tokens += tokens
+                spending.requests += 1
+            average = self._average.get(reservation.user)
             if average is None:
-                self._average[user] = [usd, float(tokens)]
+                self._average[reservation.user] = [usd, float(tokens)]
             else:
                 average[0] += (usd - average[0]) * ESTIMATE_WEIGHT
                 average[1] += (tokens - average[1]) * ESTIMATE_WEIGHT
             self._dirty = True
+            self._changed.notify_all()
 
     def release(self, reservation: Optional[Reservation]) -> None:
         """A request that ends without usage (an error, a hang-up) frees its estimate."""
         if reservation is not None:
-            with self._lock:
+            with self._changed:
                 if not reservation.settled:
                     self._release_locked(reservation)
+                    self._changed.notify_all()
 
     def _release_locked(self, reservation: Reservation) -> None:
         reservation.settled = True
-        for period, key in reservation.keys:
-            held = self._reserved.get((reservation.user, period, key))
-            if held is not None:
-                held[0] = max(0.0, held[0] - reservation.usd)
-                held[1] = max(0.0, held[1] - reservation.tokens)
+        for period, key in reservation.periods:
+            spending = self._periods.get((reservation.user, period, key))
+            if spending is not None:
+                spending.running = max(0, spending.running - 1)
+                spending.held_usd = max(0.0, spending.held_usd - reservation.estimate[0])
+                spending.held_tokens = max(0.0, spending.held_tokens - reservation.estimate[1])
+                spending.worst_usd = max(0.0, spending.worst_usd - reservation.worst[0])
+                spending.worst_tokens = max(0.0, spending.worst_tokens - reservation.worst[1])
+
+    def stop(self) -> None:
+        """Shutting down: requests waiting for room are refused now."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
 
     def spent(self, user: str, period: str) -> Tuple[float, float]:
         key, _ = self.clock.period(period, self._now())
         with self._lock:
-            return tuple(self._spent.get((user, period, key), [0.0, 0.0]))  # type: ignore
+            spending = self._periods.get((user, period, key)) or _Spending()
+            return spending.usd, spending.tokens
+
+    def requests(self, user: str, period: str) -> int:
+        """Requests charged to ``user`` in the current ``period``."""
+        key, _ = self.clock.period(period, self._now())
+        with self._lock:
+            spending = self._periods.get((user, period, key))
+            return spending.requests if spending else 0
 
     # -- the file ----------------------------------------------------------------
     def load(self) -> None:
@@ -4048,35 +4461,36 @@ class BudgetLedger:
         try:
             spent, average = self._parse(parse_json(raw.decode("utf-8")))
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            aside = "%s.corrupt-%s" % (self.path, time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._now())))
-            with contextlib.suppress(OSError):
-                os.replace(self.path, aside)
+            aside = move_aside(self.path, self._now())
             log.error("budget file %s is damaged (%s); moved it to %s and started afresh", self.path,
                       exc.__class__.__name__ if isinstance(exc, (TypeError, AttributeError)) else exc, aside)
             return
         with self._lock:
-            self._spent.update(spent)
+            self._periods.update(spent)
             self._average.update(average)
 
     @staticmethod
-    def _parse(data: Any) -> Tuple[Dict[Tuple[str, str, str], List[float]], Dict[str, List[float]]]:
+    def _parse(data: Any) -> Tuple[Dict[Tuple[str, str, str], _Spending], Dict[str, List[float]]]:
         """The file's spending and averages; ValueError or TypeError if it is not ours."""
         if not isinstance(data, dict) or not isinstance(data.get("users", {}), dict):
             raise ValueError("not a budget file")
-        def amounts(values: Dict[str, Any]) -> List[float]:
-            pair = [float(values.get("usd") or 0), float(values.get("tokens") or 0)]
-            if not all(math.isfinite(x) and x >= 0 for x in pair):
-                raise ValueError("a negative or infinite amount")
-            return pair
 
-        spent, average = {}, {}  # type: Dict[Tuple[str, str, str], List[float]], Dict[str, List[float]]
+        def amounts(values: Dict[str, Any]) -> List[float]:
+            numbers = [float(values.get("usd") or 0), float(values.get("tokens") or 0),
+                       float(values.get("requests") or 0)]
+            if not all(math.isfinite(x) and x >= 0 for x in numbers):
+                raise ValueError("a negative or infinite amount")
+            return numbers
+
+        spent, average = {}, {}  # type: Dict[Tuple[str, str, str], _Spending], Dict[str, List[float]]
         for user, entry in data.get("users", {}).items():
             for period in ("day", "week", "month"):
                 for key, values in (entry.get(period) or {}).items():
-                    spent[(user, period, key)] = amounts(values)
+                    usd, tokens, requests = amounts(values)
+                    spent[(user, period, key)] = _Spending(usd, tokens, int(requests))
             mean = entry.get("average_per_request")
             if mean is not None:
-                average[user] = amounts(mean)
+                average[user] = amounts(mean)[:2]
         return spent, average
 
     def to_json(self) -> Dict[str, Any]:
@@ -4084,10 +4498,11 @@ class BudgetLedger:
         current = {p: self.clock.period(p, now)[0] for p in ("day", "week", "month")}
         users = {}  # type: Dict[str, Any]
         with self._lock:
-            for (user, period, key), (usd, tokens) in self._spent.items():
-                if key == current[period]:  # past periods are done with
-                    users.setdefault(user, {}).setdefault(period, {})[key] = {"usd": round(usd, 6),
-                                                                              "tokens": int(tokens)}
+            for (user, period, key), spending in self._periods.items():
+                if key == current[period] and (spending.requests or spending.usd or spending.tokens):
+                    users.setdefault(user, {}).setdefault(period, {})[key] = {
+                        "usd": round(spending.usd, 6), "tokens": int(spending.tokens),
+                        "requests": spending.requests}
             for user, (usd, tokens) in self._average.items():
                 users.setdefault(user, {})["average_per_request"] = {"usd": round(usd, 6), "tokens": int(tokens)}
         return {"timezone": self.clock.name, "saved_at": format_rfc3339(now), "users": users}
@@ -4098,7 +4513,7 @@ class BudgetLedger:
                 return
             self._dirty = False
         try:
-            write_file_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8"), 0o600)
+            write_json_atomic(self.path, self.to_json(), 0o600)
             self._save_failing = False
         except OSError as exc:
             with self._lock:
@@ -4191,6 +4606,7 @@ class Metrics:
 
 COUNTER_HELP = (
     ("ocm_requests_total", "Requests answered, by user, status and model."),
+    ("ocm_responses_total", "Model responses that carried usage (what the usage file counts), by user and model."),
     ("ocm_tokens_total", "Tokens used, by user, model and kind (input, cached, output)."),
     ("ocm_cost_usd_total", "Cost at API prices in USD, by user and model."),
     ("ocm_token_refreshes_total", "Access-token refreshes, by account."),
@@ -4324,24 +4740,27 @@ def flush_access_log(only_if_due: bool = False) -> None:
         handler.flush_if_due() if only_if_due else handler.flush()
 
 
-def write_access_line(request: "ClientRequest", log_format: str) -> None:
-    """One line per request: time, user, method, path, status, model, tokens,
-    cost, duration. Never a token or a header value."""
-    if not access_log.isEnabledFor(logging.INFO):
+def write_access_line(request: "RequestRecord", log_format: str) -> None:
+    """One line per request or WebSocket turn: time, user, method, path,
+    status, model, tokens, cost, duration. Never a token or a header value.
+    Health probes go at debug level: a monitor polling them is not news."""
+    level = logging.DEBUG if request.quiet else logging.INFO
+    if not access_log.isEnabledFor(level):
         return
     duration = time.monotonic() - request.started
+    account = request.account.tag if request.account is not None else ""
     if log_format == "json":
-        access_log.info(json.dumps({
+        access_log.log(level, json.dumps({
             "time": format_rfc3339(time.time()), "user": request.user_name or None, "method": request.method,
             "path": request.path[:200], "status": request.status, "model": request.model or None,
-            "account": request.account_tag or None, "input_tokens": request.input_tokens,
+            "account": account or None, "input_tokens": request.input_tokens,
             "cached_tokens": request.cached_tokens, "output_tokens": request.output_tokens,
             "cost_usd": round(request.cost, 6), "duration_s": round(duration, 3)}))
         return
-    access_log.info("%s %s %s %d model=%s in=%d cached=%d out=%d cost=$%.4f %.3fs%s", request.user_name or "-",
-                    request.method, request.path[:200], request.status, request.model or "-",
-                    request.input_tokens, request.cached_tokens, request.output_tokens, request.cost, duration,
-                    " account=" + request.account_tag if request.account_tag else "")
+    access_log.log(level, "%s %s %s %d model=%s in=%d cached=%d out=%d cost=$%.4f %.3fs%s",
+                   request.user_name or "-", request.method, request.path[:200], request.status,
+                   request.model or "-", request.input_tokens, request.cached_tokens, request.output_tokens,
+                   request.cost, duration, " account=" + account if account else "")
 
 
 # == 14. Streams =============================================================
@@ -4428,7 +4847,6 @@ WS_CONTINUATION, WS_TEXT, WS_BINARY = 0x0, 0x1, 0x2
 WS_CLOSE, WS_PING, WS_PONG = 0x8, 0x9, 0xA
 WS_DATA_OPCODES = frozenset((WS_CONTINUATION, WS_TEXT, WS_BINARY))
 WS_CONTROL_OPCODES = frozenset((WS_CLOSE, WS_PING, WS_PONG))
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class WebSocketError(OCMError):
@@ -4439,10 +4857,6 @@ class WebSocketError(OCMError):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-def websocket_accept(key: str) -> str:
-    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
 
 
 def apply_mask(data: bytes, mask: bytes) -> bytes:
@@ -4616,46 +5030,28 @@ class MessageTracker:
         return text
 
 
-def is_accounted_path(path: str) -> bool:
-    return path.startswith("/v1/responses") or path == "/v1/chat/completions"
-
-
 class UsageTap:
-    """Reads usage from a copy of one relayed response body: SSE events as they
-    pass, or a JSON body when it is complete. Never touches the relayed bytes."""
-    __slots__ = ("_record", "_request", "_scanner", "_parts", "_size", "_fallback")
+    """Reads the usage of one relayed answer from a copy of its body: SSE
+    events as they pass, or a JSON body once it is complete. Never touches the
+    relayed bytes. The first usage found goes on the request's record, which
+    books it when it settles; the request's model and tier fill in what the
+    answer leaves out."""
+    __slots__ = ("_record", "_scanner", "_parts", "_size")
 
     JSON_LIMIT = 32 << 20
 
-    def __init__(self, record: Callable[[UsageRecord], None], request: "ClientRequest", content_type: str):
+    def __init__(self, record: "RequestRecord", stream: bool):
         self._record = record
-        self._request = request
-        self._fallback = None  # type: Optional[Tuple[str, str]]
         self._parts = None     # type: Optional[List[bytes]]
         self._size = 0
-        self._scanner = None   # type: Optional[SSEScanner]
-        if content_type.startswith("text/event-stream"):
-            self._scanner = SSEScanner(self._on_event)
-        elif "json" in content_type:
+        self._scanner = SSEScanner(self._on_event) if stream else None  # type: Optional[SSEScanner]
+        if not stream:
             self._parts = []
 
-    def request_defaults(self) -> Tuple[str, str]:
-        """(model, service_tier) from the request body, parsed only when a
-        response lacks them (Codex bodies can be megabytes)."""
-        if self._fallback is None:
-            request = self._request
-            self._fallback = request_model_and_tier(request.body or request.body_head)
-        return self._fallback
-
     def _on_event(self, event: Any) -> None:
-        if not isinstance(event, dict):
-            return
-        response = event.get("response") if isinstance(event.get("response"), dict) else event
-        need_defaults = not response.get("model") or not response.get("service_tier")
-        model, tier = self.request_defaults() if need_defaults else ("", "")
-        record = usage_record_from_event(event, model, tier)
-        if record is not None:
-            self._record(record)
+        record = self._record
+        if record.usage is None:
+            record.usage = usage_record_from_event(event, record.model, record.tier)
 
     def feed(self, data: bytes) -> None:
         if self._scanner is not None:
@@ -4670,38 +5066,418 @@ class UsageTap:
     def finish(self, complete: bool) -> None:
         if self._scanner is not None:
             self._scanner.finish()
-        elif self._parts is not None and complete:
+        elif self._parts is not None and complete and self._record.usage is None:
             try:
                 body = parse_json(b"".join(self._parts))
             except ValueError:
                 return
-            model, tier = self.request_defaults() if isinstance(body, dict) and (
-                not body.get("model") or not body.get("service_tier")) else ("", "")
-            record = usage_record_from(body, model, tier)
-            if record is not None:
-                self._record(record)
+            self._record.usage = usage_record_from(body, self._record.model, self._record.tier)
 
 
-_REQUEST_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
-_REQUEST_TIER = re.compile(rb'"service_tier"\s*:\s*"([^"\\]{1,40})"')
+# == 15. Pipeline ============================================================
+# Every model request, an HTTP request or one response.create turn of a
+# WebSocket, walks the same steps, each written once:
+#   canonical target -> authenticate -> person still current -> body parsed once
+#   -> admit (models, concurrency, budgets, shares) -> choose the account
+#   -> send (one failover loop, one 401 retry) -> relay -> settle
+# Transports differ only in how bytes are read and written (section 16).
+
+STATUS_PATH = "/ocm/v1/status"
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+OPERATIONS_PATHS = frozenset((STATUS_PATH, HEALTH_PATH, METRICS_PATH))
+# Methods the API's endpoints use. Anything else (TRACE would echo the owner's
+# token back from some servers) is answered 405 and never relayed.
+RELAYED_METHODS = ("GET", "HEAD", "POST", "DELETE")
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
-def request_model_and_tier(body: bytes) -> Tuple[str, str]:
-    """(model, service_tier) of a request body, or of its first few KiB: then
-    the first "model" and "service_tier" keys (Codex sends them first)."""
+def canonical_path(raw: str) -> str:
+    """The one spelling of a request path: escapes of unreserved characters
+    decoded (``%72`` is ``r``), other escapes in upper case, repeated slashes
+    and dot segments resolved, no trailing slash. This string decides routing,
+    policy and accounting, and it is what goes upstream. Raises HTTPError 400
+    for what has no safe meaning: encoded slashes, backslashes, NUL, a bad escape."""
+    if "%" in raw:
+        if _BAD_PERCENT.search(raw):
+            raise HTTPError(400, "invalid_request_error", "the path has a malformed %-escape")
+
+        def decode(match) -> str:
+            char = chr(int(match.group(1), 16))
+            return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+        raw = _PERCENT_ESCAPE.sub(decode, raw)
+        if "%2F" in raw or "%5C" in raw or "%00" in raw:
+            raise HTTPError(400, "invalid_request_error", "the path has an encoded slash, backslash or NUL")
+    if "\\" in raw:
+        raise HTTPError(400, "invalid_request_error", "the path has a backslash")
+    segments = []  # type: List[str]
+    for segment in raw.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    return "/" + "/".join(segments)
+
+
+# What OCM knows each model endpoint as; other /v1/ paths are relayed as they are.
+ENDPOINTS = {
+    "/v1/responses": "responses",
+    "/v1/responses/compact": "compact",
+    "/v1/chat/completions": "chat",
+    "/v1/models": "models",
+}
+
+
+class RequestBody:
+    """A request body (or a WebSocket message), parsed once. ``model`` and
+    ``tier`` are its strings ("" when absent); ``problem`` says why the model
+    cannot be known from it ("" when it can): then a person with a model
+    allow-list is refused, and anyone else's request goes on byte for byte.
+    ``data`` (the top-level object) is kept only while something needs it."""
+    __slots__ = ("data", "model", "tier", "stream", "session", "problem")
+
+    def __init__(self, data: Optional[Dict[str, Any]], problem: str = ""):
+        self.data = data
+        self.problem = problem
+        data = data or {}
+        model, tier, session = data.get("model"), data.get("service_tier"), data.get("prompt_cache_key")
+        self.model = model if isinstance(model, str) else ""
+        self.tier = tier if isinstance(tier, str) else ""
+        self.stream = data.get("stream") is True
+        self.session = session if isinstance(session, str) else ""
+        if not problem and data is not None and not isinstance(model, str):
+            self.problem = "it names no model" if model is None else "its model is not a string"
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_SCAN = json.scanner.make_scanner(json.JSONDecoder())  # the json module's C scanner
+
+
+def json_object_members(text: str) -> List[Tuple[str, Any]]:
+    """The top-level members of a JSON object, in order, with duplicates: a
+    body naming ``model`` twice means one model to OCM and perhaps another to
+    upstream. Values are parsed by the json module's C scanner; only the top
+    level is walked here. Raises ValueError for anything but one JSON object."""
+    if JSON_NEEDS_DEPTH_CHECK and json_too_deep(text):
+        raise ValueError("JSON nested more than %d levels deep" % MAX_JSON_DEPTH)
+    space = _JSON_SPACE.match
+    pos = space(text, 0).end()
+    if text[pos:pos + 1] != "{":
+        raise ValueError("not a JSON object")
+    pos = space(text, pos + 1).end()
+    members = []  # type: List[Tuple[str, Any]]
     try:
-        data = parse_json(body) if body else {}
-    except ValueError:
-        model, tier = _REQUEST_MODEL.search(body), _REQUEST_TIER.search(body)
-        return (model.group(1).decode("utf-8", "replace") if model else "",
-                tier.group(1).decode("utf-8", "replace") if tier else "")
-    if not isinstance(data, dict):
-        return "", ""
-    model, tier = data.get("model"), data.get("service_tier")
-    return (model if isinstance(model, str) else "", tier if isinstance(tier, str) else "")
+        if text[pos:pos + 1] == "}":
+            pos += 1
+        else:
+            while True:
+                if text[pos:pos + 1] != '"':
+                    raise ValueError("expected a member name at %d" % pos)
+                name, pos = json.decoder.scanstring(text, pos + 1)
+                pos = space(text, pos).end()
+                if text[pos:pos + 1] != ":":
+                    raise ValueError("expected ':' at %d" % pos)
+                value, pos = _JSON_SCAN(text, space(text, pos + 1).end())
+                members.append((name, value))
+                pos = space(text, pos).end()
+                separator = text[pos:pos + 1]
+                if separator == "}":
+                    pos += 1
+                    break
+                if separator != ",":
+                    raise ValueError("expected ',' or '}' at %d" % pos)
+                pos = space(text, pos + 1).end()
+    except StopIteration as exc:
+        raise ValueError("invalid JSON value at %s" % exc.value)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply")
+    if space(text, pos).end() != len(text):
+        raise ValueError("extra data after the JSON object")
+    return members
 
 
-# == 15. Handler =============================================================
+READABLE_ENCODINGS = ("gzip", "x-gzip", "deflate")
+
+
+def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate request body, inflated to at most ``limit`` bytes (so a
+    small bomb cannot become a big one). ValueError when that is not possible."""
+    import zlib
+    wbits = 16 + zlib.MAX_WBITS if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+    try:
+        inflater = zlib.decompressobj(wbits)
+        out = inflater.decompress(raw, limit)
+    except zlib.error:
+        if encoding != "deflate":
+            raise ValueError("not valid %s" % encoding)
+        try:  # raw deflate without the zlib header, as some clients send it
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            out = inflater.decompress(raw, limit)
+        except zlib.error:
+            raise ValueError("not valid deflate")
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError("larger than %d bytes inflated, or truncated" % limit)
+    return out
+
+
+def parse_request_body(raw: bytes, encoding: str = "", limit: int = DEFAULT_MAX_BODY_SIZE) -> RequestBody:
+    """Parse a body once, for every decision made from it. Never raises: what
+    cannot be read is a ``problem``, and the body still goes on byte for byte."""
+    encoding = encoding.strip().lower()
+    if encoding and encoding != "identity":
+        if encoding not in READABLE_ENCODINGS:
+            return RequestBody(None, "it is compressed with %s, which OCM cannot read" % encoding[:40])
+        try:
+            raw = decode_content(raw, encoding, limit)
+        except ValueError as exc:
+            return RequestBody(None, "its %s encoding is broken (%s)" % (encoding, exc))
+    if not raw:
+        return RequestBody(None, "it has no body")
+    try:
+        members = json_object_members(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return RequestBody(None, "it is not UTF-8 JSON")
+    except ValueError as exc:
+        return RequestBody(None, "it is not one JSON object (%s)" % exc)
+    data = dict(members)
+    if len(data) != len(members):
+        names = sorted({name for name, _ in members if sum(1 for n, _ in members if n == name) > 1})
+        return RequestBody(data, "it names %s more than once" % ", ".join(repr(n)[:60] for n in names[:3]))
+    return RequestBody(data)
+
+
+def session_key(headers: Headers, body: Optional[RequestBody]) -> str:
+    """What keeps a conversation on one account: the session-id (or older
+    session_id) header, else the body's prompt_cache_key (Codex's thread id)."""
+    key = headers.get("session-id") or headers.get("session_id")
+    if key:
+        return key
+    return "prompt:" + body.session if body is not None and body.session else ""
+
+
+def error_event(status: int, error: Dict[str, Any], headers: Optional[Dict[str, str]] = None) -> bytes:
+    """A WebSocket error event as the backend sends them (PROTOCOL.md section 6):
+    the one builder for every error OCM tells a WebSocket client."""
+    event = {"type": "error", "status": status, "error": error}
+    if headers is not None:
+        event["headers"] = headers
+    return json.dumps(event).encode("utf-8")
+
+
+def error_event_for(exc: HTTPError) -> bytes:
+    """An HTTPError as a WebSocket error event; a ready usage-limit answer keeps
+    its own error object (Codex reads plan_type and resets_at from it)."""
+    error = {"type": exc.error_type, "message": exc.message}
+    if exc.body is not None:
+        with contextlib.suppress(ValueError):
+            answer = parse_json(exc.body)
+            if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+                error = answer["error"]
+    return error_event(exc.status, error, {} if exc.body is not None else None)
+
+
+class RequestRecord:
+    """What the access log, the metrics, the usage book and the budgets say of
+    one HTTP request or one WebSocket turn. ``OCMServer.settle`` reads it
+    exactly once, when the request or turn is over."""
+    __slots__ = ("method", "path", "user", "user_name", "status", "model", "tier", "account",
+                 "holds_account", "usage", "week_start", "reservation", "input_tokens",
+                 "cached_tokens", "output_tokens", "cost", "started", "settled", "quiet")
+
+    def __init__(self, method: str, path: str, started: float):
+        self.method = method
+        self.path = path
+        self.started = started
+        self.user = None  # type: Optional[User]
+        self.user_name = ""
+        self.status = 0
+        self.model = ""                 # asked for; the usage's model replaces it
+        self.tier = ""
+        self.account = None  # type: Optional[Account]
+        self.holds_account = False      # settling ends its use of the account
+        self.usage = None  # type: Optional[UsageRecord]
+        self.week_start = None  # type: Optional[int]
+        self.reservation = None  # type: Optional[Reservation]
+        self.input_tokens = self.cached_tokens = self.output_tokens = 0
+        self.cost = 0.0
+        self.settled = False
+        self.quiet = False              # health probes: access line at debug level
+
+
+class ModelRequest:
+    """One model request on its way through the pipeline, for either
+    transport: the checks before it goes upstream, and the one failover loop
+    that sends it."""
+
+    def __init__(self, server: "OCMServer", state: "State", user: Optional[User], record: RequestRecord,
+                 body: Optional[RequestBody]):
+        self.server = server
+        self.state = state
+        self.user = user
+        self.record = record
+        self.body = body
+        record.user = user
+        record.user_name = user.name if user else ""
+        if body is not None:
+            record.model, record.tier = body.model, body.tier
+
+    def admit(self) -> None:
+        """The model allow-list and the budgets, before anything goes upstream."""
+        user, body = self.user, self.body
+        if user is None or body is None:
+            return
+        if user.models:
+            if body.problem:
+                raise HTTPError(400, "invalid_request_error", "OCM cannot tell which model this request "
+                                "asks for (%s), and you may use only some models (%s); send a plain JSON "
+                                "object that names one model" % (body.problem, ", ".join(user.models)))
+            check_model(user, body.model)
+        if self.state.ledger is not None and user.budgets:
+            self.record.reservation = self.state.ledger.admit(user, body.model, body.tier)
+
+    def send(self, pool: "Pool", session: str, attempt: Callable[[Account, Login], Any]) -> Tuple[Account, Any]:
+        """Choose an account of ``pool`` and send with ``attempt(account, login)``,
+        which returns an answer with ``status``, ``headers`` and ``discard()``.
+        In a pool, an account whose login is unusable or refused, or that
+        answers 429 (before any byte reached the client), is set aside and the
+        same request goes to the next usable one. The account chosen stays in
+        use until the record is settled."""
+        tried = set()  # type: set
+        share_refusal = None
+        while True:
+            try:
+                account = choose_account(pool, session, tried)
+            except HTTPError:
+                if share_refusal is not None:
+                    raise share_refusal  # the accounts left would exceed the user's share
+                raise
+            try:
+                account.check_share(self.user)
+            except HTTPError as exc:
+                if not pool.is_pool:
+                    raise
+                share_refusal = exc
+                tried.add(account)
+                continue
+            account.begin()
+            try:
+                answer = self._send_to(account, attempt)
+            except HTTPError as exc:
+                account.end()
+                if not pool.is_pool or exc.status not in (401, 503):
+                    raise
+                log.warning("account %s unusable: %s; trying another", account.tag, exc.message)
+                tried.add(account)
+                continue
+            except BaseException:
+                account.end()
+                raise
+            if pool.is_pool and answer.status in (401, 429):
+                body = answer.discard()
+                if answer.status == 429:
+                    account.observe_headers(answer.headers, success=False)
+                    account.mark_rate_limited(rate_limit_reset(body, answer.headers, time.time()))
+                else:
+                    log.warning("account %s: upstream refused its login after a refresh; trying another",
+                                account.tag)
+                account.end()
+                tried.add(account)
+                continue
+            account.observe_headers(answer.headers, success=200 <= answer.status < 300 or answer.status == 101)
+            self.record.account, self.record.holds_account = account, True
+            return account, answer
+
+    @staticmethod
+    def _send_to(account: Account, attempt: Callable[[Account, Login], Any]) -> Any:
+        """One account's answer; a 401 refreshes its token and tries once more."""
+        login = account.credential.current()
+        answer = attempt(account, login)
+        if answer.status == 401 and login.mode == "chatgpt":
+            new_login = account.credential.refresh(login.access_token)
+            if new_login.access_token != login.access_token:
+                log.info("account %s: upstream refused the access token; refreshed, retrying once", account.tag)
+                answer.discard()
+                answer = attempt(account, new_login)
+        return answer
+
+
+def choose_account(pool: "Pool", session: str, tried: set) -> Account:
+    """An account of ``pool`` not tried yet. Raises HTTPError: 429 with a
+    truthful usage_limit_reached when every account is resting, 503 when none
+    has a usable login."""
+    try:
+        return pool.choose(session, frozenset(tried))
+    except NoAccount as exc:
+        if exc.unavailable and not tried:
+            raise HTTPError(503, "api_error", "credential unavailable: no account of %r has a "
+                            "usable login (see /ocm/v1/status)" % pool.tag)
+        now = time.time()
+        return_at = ("; try again at %s" % format_rfc3339(exc.resets_at)) if exc.resets_at else ""
+        raise HTTPError(429, "usage_limit_reached", "every account of %r is resting%s" % (pool.tag, return_at),
+                        body=usage_limit_body(exc.resets_at, now),
+                        headers=[("Retry-After", str(max(1, int(exc.resets_at - now))))] if exc.resets_at else None)
+
+
+class State:
+    """What one config makes: its users, accounts, pools and budget ledger.
+    A reload builds a whole new State and swaps it in with one assignment;
+    every request keeps the State it started with."""
+
+    def __init__(self, config: Config, accounts: Dict[str, Account], pools: Dict[str, Pool],
+                 ledger: Optional[BudgetLedger]):
+        self.config = config
+        self.users = UserTable(config.users)
+        self.accounts = accounts
+        self.pools = pools
+        self.ledger = ledger
+        self.chatgpt_base = BaseURL.parse(config.upstream.chatgpt_url)
+        self.api_base = BaseURL.parse(config.upstream.api_url)
+        self.usage_url = usage_url_for(config.upstream.chatgpt_url)
+
+    def pool_for(self, user: Optional[User]) -> Pool:
+        if user is not None and user.credential:
+            return self.pools[user.credential]
+        if not self.config.credentials:  # open access: the first pool, else the first account
+            return self.pools["default"]
+        tags = [c.tag for c in self.config.credentials if c.is_pool] or [self.config.credentials[0].tag]
+        return self.pools[tags[0]]
+
+    def upstream_target(self, mode: str, path: str, query: str) -> Tuple[BaseURL, str]:
+        """Where a client's /v1/... goes (PROTOCOL.md section 1)."""
+        if mode == "chatgpt":
+            if path == "/v1/chat/completions" or path.startswith("/v1/chat/completions/"):
+                raise HTTPError(400, "invalid_request_error",
+                                "chat completions endpoint is only available in API key mode")
+            base, rest = self.chatgpt_base, path[len("/v1"):]
+        else:
+            base, rest = self.api_base, path
+        return base, base.path + rest + ("?" + query if query else "")
+
+
+def build_state(config: Config, books: UsageBooks, previous: Optional[State] = None,
+                check_interval: float = 1.0) -> State:
+    """A complete State for ``config``, reusing what ``previous`` has that did
+    not change (accounts, the ledger). Raises ConfigError or OSError, leaving
+    ``previous`` exactly as it was: a refused reload changes nothing that runs."""
+    require_ssl_for(config)
+    ledger = previous.ledger if previous is not None else None
+    if config.budgets_path and (ledger is None or ledger.path != config.budgets_path):
+        if ledger is not None:
+            ledger.save_if_dirty()  # the new ledger may read the same file
+        ledger = open_budget_ledger(config)
+    elif not config.budgets_path:
+        ledger = None
+    accounts, pools = build_accounts(config, books, check_interval,
+                                     reuse=previous.accounts if previous is not None else None)
+    return State(config, accounts, pools, ledger)
+
+
+# == 16. Handler =============================================================
 
 def json_error_body(error_type: str, message: str) -> bytes:
     return json.dumps({"error": {"type": error_type, "message": message}}).encode("utf-8")
@@ -4732,35 +5508,6 @@ def build_upstream_headers(client: Headers, config_headers: Dict[str, List[str]]
     if login.mode == "chatgpt" and login.account_id:
         out.append(("ChatGPT-Account-Id", login.account_id))
     return out
-
-
-STATUS_PATH = "/ocm/v1/status"
-HEALTH_PATH = "/healthz"
-METRICS_PATH = "/metrics"
-_PROMPT_CACHE_KEY = re.compile(rb'"prompt_cache_key"\s*:\s*"([^"\\]{1,200})"')
-
-
-def session_key(request: ClientRequest) -> str:
-    """What keeps a conversation on one account: the session-id (or older
-    session_id) header, else the body's prompt_cache_key (Codex's thread id)."""
-    key = request.headers.get("session-id") or request.headers.get("session_id")
-    if key:
-        return key
-    body = request.body or request.body_head
-    if len(body) > 2 * REQUEST_BODY_KEEP:  # where the top-level keys are (see release_body)
-        body = body[:REQUEST_BODY_KEEP] + b"\n" + body[-REQUEST_BODY_KEEP:]
-    match = _PROMPT_CACHE_KEY.search(body)
-    return "prompt:" + match.group(1).decode("utf-8", "replace") if match else ""
-
-
-def usage_limit_frame_for_pool(error: HTTPError) -> bytes:
-    """The WebSocket error event for a pool with no usable account left."""
-    try:
-        answer = parse_json(error.body)
-    except ValueError:
-        answer = {}
-    return json.dumps({"type": "error", "status": 429, "error": answer.get("error", {}),
-                       "headers": {}}).encode("utf-8")
 
 
 def build_websocket_headers(client: Headers, config_headers: Dict[str, List[str]],
@@ -4800,6 +5547,9 @@ def encode_head(status: int, reason: str, headers: List[Tuple[str, str]]) -> byt
 WS_CLOSE_WAIT = 5.0  # after one side's close, how long the other gets to answer it
 WS_FIRST_MESSAGE_WAIT = 10.0  # a refused session's error frame waits this long for the request
 WS_SHUTDOWN_WAIT = 2.0  # at shutdown, how long live sessions get to finish their close
+WS_POLICY_CLOSE = 1008  # RFC 6455: the endpoint's policy ends the session
+# Terminal events of a turn: each ends the oldest turn still running.
+TURN_END_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed", "error"))
 
 
 def is_websocket_upgrade(request: ClientRequest) -> bool:
@@ -4818,19 +5568,6 @@ def is_rate_limit_header(name: str) -> bool:
     return name.startswith("x-codex-") or name.startswith("x-ratelimit-") or name == "retry-after"
 
 
-class WebSocketHandshake:
-    """What upstream answered to our upgrade request."""
-
-    def __init__(self, sock: Any, status: int, reason: str, headers: Headers, leftover: bytes = b"",
-                 body: bytes = b""):
-        self.sock = sock
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.leftover = leftover    # frame bytes that came with the 101
-        self.body = body            # the body of a refusal
-
-
 def usage_limit_frame(handshake: WebSocketHandshake) -> bytes:
     """The error event Codex turns into its usage-limit message (PROTOCOL.md section 6)."""
     try:
@@ -4841,10 +5578,8 @@ def usage_limit_frame(handshake: WebSocketHandshake) -> bytes:
     if not isinstance(error, dict):
         error = {"type": "usage_limit_reached",
                  "message": handshake.body.decode("utf-8", "replace")[:500] or "rate limited"}
-    event = {"type": "error", "status": 429, "error": error,
-             "headers": {name.lower(): value for name, value in handshake.headers.items()
-                         if is_rate_limit_header(name)}}
-    return json.dumps(event).encode("utf-8")
+    return error_event(429, error, {name.lower(): value for name, value in handshake.headers.items()
+                                    if is_rate_limit_header(name)})
 
 
 class WebSocketEnd:
@@ -4881,34 +5616,29 @@ class WebSocketSession:
     """A client WebSocket pinned to one upstream WebSocket for its whole life
     (server state lives on the connection: previous_response_id chains).
 
-    One thread per direction. Frames pass as they arrive, with their meaning:
-    fragments, pings and pongs between them, close codes and reasons. Frames
-    to upstream are masked afresh. A copy of each text message feeds
-    accounting: the model from response.create, tokens from response.completed.
+    One thread per direction. Frames pass with their meaning: fragments,
+    pings and pongs between them, close codes and reasons; frames to upstream
+    are masked afresh. Each response.create is a model request of its own: it
+    is parsed, admitted by the pipeline exactly as an HTTP request is (the
+    person still configured and not expired, models, budgets, share), and held
+    back with an error event if refused. Each turn is settled at its terminal
+    event, or when the session ends before one came.
     """
 
     def __init__(self, server: "OCMServer", client_sock, client_leftover: bytes,
-                 handshake: WebSocketHandshake, user: Optional[User], week_start: Optional[int],
-                 account: Optional[Account] = None, request: Optional[ClientRequest] = None):
+                 handshake: WebSocketHandshake, user: Optional[User], account: Account, path: str):
         limits = server.config.limits
         self.server = server
         self.client = WebSocketEnd("client", client_sock, False, limits)
         self.upstream = WebSocketEnd("upstream", handshake.sock, True, limits)
         self._leftover = {self.client: client_leftover, self.upstream: handshake.leftover}
         self.user = user
-        self.user_name = user.name if user else ""
-        self.week_start = week_start
         self.account = account
-        self.request = request        # the upgrade: its access line sums the turns
-        # A turn is checked before it is forwarded only for users with model
-        # limits or budgets; everyone else keeps the fast path.
-        self.checks_turns = bool(user and (user.models or user.budgets))
-        self._reservations = collections.deque()  # type: collections.deque  # one per turn, in order
-        self.model = ""
-        self.service_tier = ""
-        # response.create messages forwarded but not yet read for their model
-        self._creates_pending = 0
-        self._creates_read = threading.Condition()
+        self.path = path
+        self.week_start = week_start_from_headers(handshake.headers)
+        self._held = []  # type: List[Frame]  # a client text message's frames, until it is admitted
+        self._turns = collections.deque()  # type: collections.deque  # RequestRecords, oldest first
+        self._turns_lock = threading.Lock()
 
     def run(self) -> None:
         """Relay until both sides closed (or one failed); in the handler's thread."""
@@ -4922,12 +5652,18 @@ class WebSocketSession:
             self.upstream.cut()
             with contextlib.suppress(OSError):
                 self.upstream.sock.close()
-            self.release_reservations()
+            self.end_turns(499)
 
     def close(self, code: int, reason: str) -> None:
         """Close both sides (server shutdown: 1001)."""
         self.client.send_close(code, reason)
         self.upstream.send_close(code, reason)
+
+    def end_for_person(self, message: str) -> None:
+        """The person may no longer use OCM: say why, and close both sides."""
+        with contextlib.suppress(OSError):
+            self.client.send(WS_TEXT, error_event(403, {"type": "permission_error", "message": message}))
+        self.close(WS_POLICY_CLOSE, "access ended")
 
     def cut(self) -> None:
         """Stop at once: for peers that do not answer a close."""
@@ -4970,87 +5706,94 @@ class WebSocketSession:
             with contextlib.suppress(OSError):
                 dest.send(WS_CLOSE, frame.payload)
             return False
-        is_create = text is not None and source is self.client and b'"response.create"' in text
-        defaults = None
-        if is_create and self.checks_turns:
-            refusal = self.admit_turn(text)
-            if refusal is not None:
-                self.client.send(WS_TEXT, refusal)  # this turn goes no further; the session stays
+        frames = [frame]
+        if source is self.client and frame.opcode not in WS_CONTROL_OPCODES:
+            # A client's data message goes on only whole and admitted.
+            self._held.append(frame)
+            if not frame.fin:
                 return True
-        if is_create:
-            with self._creates_read:
-                self._creates_pending += 1
-        elif text is not None and source is self.upstream and b'"usage"' in text:
-            # What the request asked for, as of now: once forwarded, the client
-            # may already send its next turn.
-            defaults = self.request_defaults()
+            frames, self._held = self._held, []
+            refusal = self.start_turn(text) if text is not None else error_event(
+                400, {"type": "invalid_request_error", "message": "send JSON text messages, not binary ones"})
+            if refusal is not None:
+                self.client.send(WS_TEXT, refusal)  # this message goes no further; the session stays
+                return True
         try:
-            dest.send(frame.opcode, frame.payload, frame.fin)
+            for one in frames:
+                dest.send(one.opcode, one.payload, one.fin)
         except OSError:
             source.send_close(1001 if dest is self.client else 1011, "%s connection lost" % dest.name)
             return False
-        finally:
-            if is_create:  # after the send: reading a big request never delays it
-                self.read_create(text)
-        if defaults is not None:
-            self.count_usage(text, defaults)
+        if text is not None and source is self.upstream:
+            self.read_event(text)  # after the send: accounting never delays the client
         return True
 
-    def admit_turn(self, text: bytes) -> Optional[bytes]:
-        """Model and budget checks for one response.create; the error event to
-        send back instead of forwarding it, or None to let it through."""
+    def start_turn(self, text: bytes) -> Optional[bytes]:
+        """One client message: a response.create passes the pipeline's
+        admission as an HTTP request would. Returns the error event to send
+        back instead of forwarding it, or None to let it through."""
+        body = parse_request_body(text)
+        if body.data is None or (body.problem and "more than once" in body.problem):
+            return error_event(400, {"type": "invalid_request_error", "message": (
+                "each message must be one JSON object (%s)" % body.problem)})
+        if body.data.get("type") != "response.create":
+            return None  # no model is run for it
+        server = self.server
+        state = server.state
+        record = RequestRecord("WS", self.path, time.monotonic())
+        user = state.users.current(self.user) if self.user is not None else None
+        if self.user is not None and user is None:
+            log.info("websocket: %s is no longer in the config; closing their session", self.user.name)
+            self.end_for_person("your access to OCM was removed by its owner")
+            return error_event(403, {"type": "permission_error", "message": "your access was removed"})
+        call = ModelRequest(server, state, user, record, body)
+        record.account, record.week_start = self.account, self.week_start
         try:
-            event = parse_json(text)
-        except ValueError:
-            return None
-        if not isinstance(event, dict) or event.get("type") != "response.create":
-            return None
-        try:
-            model = event.get("model")
-            check_model(self.user, model if isinstance(model, str) else "")
-            reservation = self.server.ledger.admit(self.user) if self.server.ledger else None
+            check_access(user, time.time())
         except HTTPError as exc:
-            return json.dumps({"type": "error", "status": exc.status,
-                               "error": {"type": exc.error_type, "message": exc.message}}).encode("utf-8")
-        if reservation is not None:
-            self._reservations.append(reservation)
+            record.status = exc.status
+            server.settle(record)
+            self.end_for_person(exc.message)
+            return error_event_for(exc)
+        try:
+            call.admit()
+            self.account.check_share(user)
+        except HTTPError as exc:
+            record.status = exc.status
+            server.settle(record)
+            return error_event_for(exc)
+        body.data = None  # nothing else needs it
+        with self._turns_lock:
+            self._turns.append(record)
         return None
 
-    def release_reservations(self) -> None:
-        while self._reservations:
-            self.server.release_reservation(self._reservations.popleft())
-
-    def request_defaults(self) -> Tuple[str, str]:
-        """(model, service tier) of the latest response.create, waiting briefly
-        if one is still being read."""
-        with self._creates_read:
-            self._creates_read.wait_for(lambda: self._creates_pending == 0, timeout=2.0)
-            return self.model, self.service_tier
-
-    def read_create(self, text: bytes) -> None:
-        try:
-            event = parse_json(text)
-        except ValueError:
-            event = None
-        with self._creates_read:
-            if isinstance(event, dict) and event.get("type") == "response.create":
-                model, tier = event.get("model"), event.get("service_tier")
-                self.model = model if isinstance(model, str) else self.model
-                self.service_tier = tier if isinstance(tier, str) else ""
-            self._creates_pending -= 1
-            self._creates_read.notify_all()
-
-    def count_usage(self, text: bytes, defaults: Tuple[str, str]) -> None:
+    def read_event(self, text: bytes) -> None:
+        """An upstream event: a terminal one settles the oldest running turn."""
         try:
             event = parse_json(text)
         except ValueError:
             return
-        if isinstance(event, dict) and event.get("type") in USAGE_EVENT_TYPES:
-            record = usage_record_from_event(event, *defaults)
-            if record is not None:
-                if self.request is not None and self._reservations:
-                    self.request.reservation = self._reservations.popleft()
-                self.server.account(self.user_name, record, self.week_start, self.account, self.request, self.user)
+        if not isinstance(event, dict) or event.get("type") not in TURN_END_EVENTS:
+            return
+        with self._turns_lock:
+            record = self._turns.popleft() if self._turns else None
+        if record is None:
+            return
+        if event["type"] == "error":
+            status = event.get("status")
+            record.status = status if isinstance(status, int) and 400 <= status < 600 else 500
+        else:
+            record.status = 200
+            record.usage = usage_record_from_event(event, record.model, record.tier)
+        self.server.settle(record)
+
+    def end_turns(self, status: int) -> None:
+        """The session ended: turns that got no terminal event are settled now."""
+        with self._turns_lock:
+            records, self._turns = list(self._turns), collections.deque()
+        for record in records:
+            record.status = status
+            self.server.settle(record)
 
 
 class StreamContext:
@@ -5164,8 +5907,8 @@ class OCMHandler(BaseHTTPRequestHandler):
             return not close and not server.closing
         finally:
             server.set_busy(self, False)
-            if request is not None and request.status:
-                server.request_done(request)
+            if request is not None:
+                server.request_done(request)  # settled exactly once, however it ended
 
     def drain_body(self, request: ClientRequest) -> bool:
         """Read and drop the unread body of a refused request so the connection
@@ -5194,53 +5937,90 @@ class OCMHandler(BaseHTTPRequestHandler):
         return request.body
 
     def dispatch(self, request: ClientRequest) -> None:
+        """Route one request: operations pages, or the pipeline (section 15)."""
         server = self.server
         if not request.path.startswith("/"):
             raise bad_request("only origin-form request targets are accepted (\"/v1/...\")")
-        if request.path in (HEALTH_PATH, METRICS_PATH, STATUS_PATH):
+        request.path = request.record.path = canonical_path(request.path)
+        if request.path in OPERATIONS_PATHS:
             self.serve_operations(request)
             return
         if not request.path.startswith("/v1/"):
             raise HTTPError(404, "invalid_request_error",
                             "no such path %s: OCM serves the OpenAI API under /v1/" % request.path[:200])
-        if is_unsafe_path(request.path):
-            raise HTTPError(400, "invalid_request_error", "path has dot segments or encoded slashes")
-        user = server.users.authenticate(request.headers)
-        request.user_name = user.name if user else ""
+        if request.method not in RELAYED_METHODS:
+            raise HTTPError(405, "invalid_request_error", "method %s is not used by the API; use %s"
+                            % (request.method, ", ".join(RELAYED_METHODS)),
+                            headers=[("Allow", ", ".join(RELAYED_METHODS))])
+        state = server.state  # this request's view of the config, whatever a reload does meanwhile
+        user = state.users.authenticate(request.headers)
+        request.record.user, request.record.user_name = user, user.name if user else ""
         check_access(user, time.time())
         if is_websocket_upgrade(request):
             self.read_body(request, DISCARD_BODY_LIMIT)
             request.keep_alive = False  # after a WebSocket, the connection is done
             with server.in_flight(user):
-                request.status = self.relay_websocket(request, user)
+                self.serve_websocket(request, state, user)
             return
         if request.headers.has_token("expect", "100-continue") and request.body_kind != "none":
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.read_body(request, server.config.limits.max_body_size)
+        body = None
+        if request.method == "POST" or request.body:  # what it may run is decided from its body
+            body = parse_request_body(request.body, request.headers.get("content-encoding", ""),
+                                      server.config.limits.max_body_size)
         with server.in_flight(user):
-            server.admit(request, user)
-            try:
-                request.status = self.relay_http(request, user)
-            finally:
-                server.release(request)
+            self.serve_model_request(request, state, user, body)
+
+    def serve_model_request(self, request: ClientRequest, state: State, user: Optional[User],
+                            body: Optional[RequestBody]) -> None:
+        """One HTTP request through the pipeline: admit, send, relay. The
+        record is settled by serve_one once the answer is out (or failed)."""
+        call = ModelRequest(self.server, state, user, request.record, body)
+        call.admit()
+        pool = state.pool_for(user)
+        has_body = request.body_kind != "none" or request.method in ("POST", "PUT", "PATCH")
+
+        def attempt(account: Account, login: Login) -> UpstreamExchange:
+            base, upstream_path = state.upstream_target(login.mode, request.path, request.query)
+            headers = build_upstream_headers(request.headers, state.config.headers, login,
+                                             len(request.body) if has_body else None)
+            exchange = account.send(base.origin, request.method, upstream_path, headers,
+                                    request.body if has_body else None)
+            self.server.metrics.observe_latency(exchange.latency)
+            return exchange
+
+        account, exchange = call.send(pool, session_key(request.headers, body) if pool.is_pool else "", attempt)
+        request.body = b""  # no retry from here on: a thousand streams need not hold a thousand bodies
+        request.record.status = exchange.status
+        tap = None
+        if body is not None and 200 <= exchange.status < 300:
+            request.record.week_start = week_start_from_headers(exchange.headers)
+            content_type = (exchange.headers.get("content-type") or "").lower()
+            tap = UsageTap(request.record, body.stream or content_type.startswith("text/event-stream"))
+        body = call.body = None
+        self.relay_response(request, exchange, tap, pool)
 
     def serve_operations(self, request: ClientRequest) -> None:
         """/healthz (open), /metrics (metrics token or loopback), the pool status (a user's token)."""
         server = self.server
+        state = server.state
         self.read_body(request, DISCARD_BODY_LIMIT)
         if request.method not in ("GET", "HEAD"):
-            raise HTTPError(405, "invalid_request_error", "use GET for %s" % request.path)
+            raise HTTPError(405, "invalid_request_error", "use GET for %s" % request.path,
+                            headers=[("Allow", "GET, HEAD")])
         content_type = "application/json"
         if request.path == HEALTH_PATH:
-            usable = any(a.credential.peek()[0] is not None for a in server.accounts.values())
+            request.record.quiet = True
+            usable = any(a.credential.peek()[0] is not None for a in state.accounts.values())
             body = json.dumps({"status": "ok", "credential_usable": usable}).encode("utf-8")
         elif request.path == METRICS_PATH:
             server.check_metrics_access(request, self.client_address[0])
             body, content_type = render_metrics(server).encode("utf-8"), "text/plain; version=0.0.4"
         else:
-            user = server.users.authenticate(request.headers)
-            request.user_name = user.name if user else ""
-            body = json.dumps(dict(server.pool_for(user).to_json(), user=request.user_name or None),
+            user = state.users.authenticate(request.headers)
+            request.record.user_name = user.name if user else ""
+            body = json.dumps(dict(state.pool_for(user).to_json(), user=request.record.user_name or None),
                               indent=2).encode("utf-8")
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         if not request.keep_alive:
@@ -5249,119 +6029,36 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.head_sent = True
         request.status = 200
 
-    # -- relaying ---------------------------------------------------------------
-    def relay_http(self, request: ClientRequest, user: Optional[User]) -> int:
-        """Send the request to an account of the user's pool and relay the answer.
-        In a pool, a 429 (before any byte reached the client) cools that account
-        down and the same request goes to the next usable one."""
-        server = self.server
-        pool = server.pool_for(user)
-        session = session_key(request) if pool.is_pool else ""
-        tried = set()  # type: set
-        share_refusal = None
-        while True:
-            try:
-                account = server.choose_account(pool, session, tried)
-            except HTTPError:
-                if share_refusal is not None:
-                    raise share_refusal  # the accounts left would exceed the user's share
-                raise
-            try:
-                account.check_share(user)
-            except HTTPError as exc:
-                if not pool.is_pool:
-                    raise
-                share_refusal = exc
-                tried.add(account)
-                continue
-            request.account_tag = account.tag
-            try:
-                exchange = self.send_to(account, request)
-            except HTTPError as exc:
-                if not pool.is_pool or exc.status not in (401, 503):
-                    raise
-                log.warning("account %s unusable: %s; trying another", account.tag, exc.message)
-                tried.add(account)
-                continue
-            msg = exchange.response.msg
-            if exchange.status == 429 and pool.is_pool:
-                body = exchange.discard()
-                account.observe_headers(msg, success=False)
-                account.mark_rate_limited(rate_limit_reset(body, msg, time.time()))
-                tried.add(account)
-                continue
-            account.observe_headers(msg, success=200 <= exchange.status < 300)
-            break
-        release_body(request)  # no retry from here on
-        tap = server.usage_tap(request, user, exchange.response, account)
-        self.relay_response(request, exchange, tap, pool)
-        return exchange.status
-
-    def send_to(self, account: Account, request: ClientRequest) -> "UpstreamExchange":
-        """One account's answer; a 401 refreshes its token and tries once more."""
-        server = self.server
-        login = account.credential.current()
-        base, upstream_path = server.upstream_target(login.mode, request.path, request.query)
-        has_body = request.body_kind != "none" or request.method in ("POST", "PUT", "PATCH")
-        for attempt in (1, 2):
-            headers = build_upstream_headers(request.headers, server.config.headers, login,
-                                             len(request.body) if has_body else None)
-            exchange = server.send_upstream(account, base.origin, request.method, upstream_path,
-                                            headers, request.body if has_body else None)
-            if exchange.status == 401 and login.mode == "chatgpt" and attempt == 1:
-                new_login = account.credential.refresh(login.access_token)
-                if new_login.access_token != login.access_token:
-                    log.info("account %s: upstream refused the access token; refreshed, retrying once",
-                             account.tag)
-                    exchange.discard()
-                    login = new_login
-                    continue
-            return exchange
-        raise AssertionError("unreachable")
-
-    def relay_websocket(self, request: ClientRequest, user: Optional[User]) -> int:
+    # -- WebSockets -------------------------------------------------------------
+    def serve_websocket(self, request: ClientRequest, state: State, user: Optional[User]) -> None:
         """Upgrade to a WebSocket pinned to one upstream WebSocket (PROTOCOL.md
-        section 6). The client gets its 101 only once upstream gave us ours."""
-        server = self.server
+        section 6). The client gets its 101 only once upstream gave us ours;
+        its turns are admitted one by one by the session."""
         key = request.headers.get("sec-websocket-key", "").strip()
         if [v.strip() for v in request.headers.get_all("sec-websocket-version")] != ["13"]:
             raise HTTPError(426, "invalid_request_error", "WebSocket version 13 is required",
                             headers=[("Sec-WebSocket-Version", "13")])
         if not is_websocket_key(key):
             raise HTTPError(400, "invalid_request_error", "missing or invalid Sec-WebSocket-Key")
-        pool = server.pool_for(user)
-        session = session_key(request) if pool.is_pool else ""
-        tried = set()  # type: set
-        share_refusal = None
-        while True:
-            try:
-                account = server.choose_account(pool, session, tried)
-            except HTTPError as exc:
-                if share_refusal is not None:
-                    raise share_refusal  # the accounts left would exceed the user's share
-                if exc.status != 429:
-                    raise
-                self.refuse_websocket_with_usage_limit(key, usage_limit_frame_for_pool(exc))
-                return 429
-            try:
-                account.check_share(user)
-            except HTTPError as exc:
-                if not pool.is_pool:
-                    raise
-                share_refusal = exc
-                tried.add(account)
-                continue
-            request.account_tag = account.tag
-            handshake = self.open_websocket_to(account, request)
-            if handshake.status == 429 and pool.is_pool:
-                account.observe_headers(handshake.headers, success=False)
-                account.mark_rate_limited(rate_limit_reset(handshake.body, handshake.headers, time.time()))
-                tried.add(account)
-                continue
-            account.observe_headers(handshake.headers, success=handshake.status == 101)
-            break
-        status = handshake.status
-        if status == 101:
+        call = ModelRequest(self.server, state, user, request.record, None)
+        pool = state.pool_for(user)
+
+        def attempt(account: Account, login: Login) -> WebSocketHandshake:
+            base, upstream_path = state.upstream_target(login.mode, request.path, request.query)
+            return account.open_websocket(base.origin, upstream_path,
+                                          build_websocket_headers(request.headers, state.config.headers, login))
+
+        try:
+            account, handshake = call.send(pool, session_key(request.headers, None) if pool.is_pool else "",
+                                           attempt)
+        except HTTPError as exc:
+            if exc.error_type != "usage_limit_reached":
+                raise
+            request.status = 429  # every account of the pool is resting: say so as Codex shows it
+            self.refuse_websocket_with_usage_limit(key, error_event_for(exc))
+            return
+        request.status = handshake.status
+        if handshake.status == 101:
             self.accept_websocket(key, handshake.headers, pool)
             for sock in (self.connection, handshake.sock):
                 # Sessions idle between turns for as long as the user thinks: no
@@ -5369,39 +6066,22 @@ class OCMHandler(BaseHTTPRequestHandler):
                 sock.settimeout(None)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            session = WebSocketSession(server, self.connection, bytes(self.reader.buf), handshake,
-                                       user, week_start_from_headers(handshake.headers), account, request)
+            session = WebSocketSession(self.server, self.connection, bytes(self.reader.buf), handshake,
+                                       user, account, request.path)
             self.reader.buf.clear()
-            server.run_websocket(session)
-            return 101
-        if status == 429:
+            self.server.run_websocket(session)
+            return
+        if handshake.status == 429:
             self.refuse_websocket_with_usage_limit(key, usage_limit_frame(handshake), handshake.headers)
-            return 429
-        if status in (404, 426):
+            return
+        if handshake.status in (404, 426):
             raise HTTPError(426, "invalid_request_error",
-                            "upstream does not offer WebSockets here (%d); use HTTP" % status)
+                            "upstream does not offer WebSockets here (%d); use HTTP" % handshake.status)
         headers = [(n, v) for n, v in handshake.headers.items()
                    if n.lower() not in HOP_BY_HOP and n.lower() != "content-length"]
         headers += [("Content-Length", str(len(handshake.body))), ("Connection", "close")]
-        self.write(encode_head(status, handshake.reason, headers) + handshake.body)
+        self.write(encode_head(handshake.status, handshake.reason, headers) + handshake.body)
         self.head_sent = True
-        return status
-
-    def open_websocket_to(self, account: Account, request: ClientRequest) -> WebSocketHandshake:
-        """One account's answer to an upgrade; a 401 refreshes and tries once more."""
-        server = self.server
-        login = account.credential.current()
-        base, upstream_path = server.upstream_target(login.mode, request.path, request.query)
-        for attempt in (1, 2):
-            headers = build_websocket_headers(request.headers, server.config.headers, login)
-            handshake = server.open_websocket(account, base.origin, upstream_path, headers)
-            if handshake.status == 401 and login.mode == "chatgpt" and attempt == 1:
-                new_login = account.credential.refresh(login.access_token)
-                if new_login.access_token != login.access_token:
-                    login = new_login
-                    continue
-            return handshake
-        raise AssertionError("unreachable")
 
     def refuse_websocket_with_usage_limit(self, key: str, frame: bytes,
                                           upstream_headers: Optional[Headers] = None) -> None:
@@ -5426,6 +6106,7 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.write(encode_head(101, "Switching Protocols", headers))
         self.head_sent = True
 
+    # -- relaying an HTTP answer --------------------------------------------------
     def relay_response(self, request: ClientRequest, exchange: "UpstreamExchange",
                        tap: Optional[UsageTap] = None, pool: Optional[Pool] = None) -> None:
         """Status, headers and body unchanged (minus hop-by-hop). Known lengths pass
@@ -5452,9 +6133,9 @@ class OCMHandler(BaseHTTPRequestHandler):
                     raise HTTPError(502, "api_error", "upstream closed the connection mid-response")
                 else:
                     headers.append(("Content-Length", str(len(body))))
-                self.finish_head(request, status, response.reason, headers, body)
                 if tap is not None and body:
-                    tap.feed(body)
+                    tap.feed(body)  # a copy, parsed when the answer is over
+                self.finish_head(request, status, response.reason, headers, body)
                 return
             if response.length is not None:
                 headers.append(("Content-Length", str(response.length)))
@@ -5516,9 +6197,11 @@ class OCMHandler(BaseHTTPRequestHandler):
                     watcher.unwatch(self.connection, context)
                     exchange.finish(True)
                 if data:
-                    self.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                    if tap is not None:  # after the write: accounting never delays the client
-                        tap.feed(data)
+                    try:
+                        self.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                    finally:  # after the write, so accounting never delays the client; and
+                        if tap is not None:  # even if the client just hung up: it was produced, and billed
+                            tap.feed(data)
                 if ended:
                     if chunked:
                         self.write(b"0\r\n\r\n")
@@ -5526,76 +6209,6 @@ class OCMHandler(BaseHTTPRequestHandler):
         finally:
             watcher.unwatch(self.connection, context)
 
-
-class UpstreamExchange:
-    """One upstream request in flight. ``finish()`` hands its connection back
-    to the pool (or closes it) exactly once."""
-    __slots__ = ("server", "account", "conn", "response", "finished")
-
-    def __init__(self, server: "OCMServer", account: Account, conn: UpstreamConnection, response):
-        self.server = server
-        self.account = account
-        self.conn = conn
-        self.response = response
-        self.finished = False
-
-    @property
-    def status(self) -> int:
-        return self.response.status
-
-    def finish(self, complete: bool) -> None:
-        if not self.finished:
-            self.finished = True
-            self.server.finish_upstream(self.account, self.conn, self.response, complete)
-
-    def discard(self) -> bytes:
-        """Read (up to 1 MiB of) an answer we will not relay, and finish it."""
-        body, complete = read_small_body(self.response)
-        self.finish(complete)
-        return body
-
-
-def response_framing_problem(response) -> str:
-    """Why an upstream response's body framing is ambiguous, or "" if it is not.
-    http.client would quietly read such bodies to the end of the connection."""
-    codings = [c.strip().lower() for v in response.msg.get_all("transfer-encoding") or [] for c in v.split(",")]
-    if codings and codings != ["chunked"]:
-        return "unsupported transfer coding %r" % ", ".join(codings)
-    lengths = {v.strip() for raw in response.msg.get_all("content-length") or [] for v in raw.split(",")}
-    if lengths and not codings and (len(lengths) != 1 or not lengths.pop().isdigit()):
-        return "an invalid Content-Length"
-    return ""
-
-
-def read_refusal_body(reader: SocketReader, headers: Headers, timeout: float,
-                      limit: int = 1 << 20) -> bytes:
-    """The body of a non-101 answer to a WebSocket handshake (bounded)."""
-    if headers.has_token("transfer-encoding", "chunked"):
-        return read_chunked_body(reader, limit, timeout)
-    length = headers.get("content-length")
-    if length is not None and length.strip().isdigit():
-        return reader.read_exact(min(int(length), limit), timeout)
-    return reader.read_until_close(limit, min(timeout, 10.0))
-
-
-def read_small_body(response, limit: int = 1 << 20) -> Tuple[bytes, bool]:
-    """Read a whole (small) upstream body. (body, complete)."""
-    try:
-        body = response.read(limit) if response.length is None else response.read()
-    except http.client.IncompleteRead as exc:
-        return exc.partial, False
-    except (http.client.HTTPException, OSError, ValueError):
-        return b"", False
-    return body, response.isclosed()
-
-
-def is_unsafe_path(path: str) -> bool:
-    """Dot segments or encoded slashes could walk out of the upstream base path."""
-    lowered = path.lower()
-    if "%2f" in lowered or "%5c" in lowered or "\\" in path:
-        return True
-    segments = urllib.parse.unquote(path).split("/")
-    return any(segment in (".", "..") for segment in segments)
 
 
 class HangupWatcher:
@@ -5690,7 +6303,7 @@ def peek_is_closed(sock: socket.socket) -> Optional[bool]:
         raw.detach()
 
 
-# == 16. Server ==============================================================
+# == 17. Server ==============================================================
 
 class ServerTLS:
     """TLS for clients: a context from the configured certificate and key,
@@ -5790,8 +6403,10 @@ def listen_address(host: str, port: int) -> Tuple[int, str]:
 
 
 class OCMServer(ThreadingHTTPServer):
-    """The listening server. It owns the config, the users, the accounts and
-    their pools, the hang-up watcher and the poller; ``close()`` releases them."""
+    """The listening server. It owns the running State (config, users,
+    accounts, pools, budgets), what outlives a reload (usage books, metrics,
+    in-flight counts, live connections and sessions) and the threads; it
+    settles every request; ``close()`` releases everything."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -5799,26 +6414,18 @@ class OCMServer(ThreadingHTTPServer):
 
     def __init__(self, config: Config, bind_and_activate: bool = True,
                  usage_save_interval: float = 60.0, file_check_interval: float = 1.0):
-        self.config = config
-        require_ssl_for(config)  # everything that can refuse the config, before accounts open
         self.tls = ServerTLS(config.tls) if config.tls.enabled else None
-        self.ledger = open_budget_ledger(config)
-        self.users = UserTable(config.users)
-        self.accounts, self.pools = build_accounts(config, file_check_interval, usage_save_interval)
-        # One account without pools: the plain single-credential set-up.
-        single = None if config.credentials else self.accounts["default"]
-        self.credential = single.credential if single else None
-        self.usage = single.usage if single else None
-        self.usage_url = usage_url_for(config.upstream.chatgpt_url)
+        self.books = UsageBooks(usage_save_interval)
+        self.state = build_state(config, self.books, None, file_check_interval)
+        apply_account_settings(self.state)
         self.concurrency = ConcurrencyLimit()
         self.metrics = Metrics()
         self.save_interval = usage_save_interval
         self.file_check_interval = file_check_interval
-        self._retired = []  # type: List[Account]  # dropped by a reload; closed at the end
+        self._old_ledgers = []  # type: List[BudgetLedger]  # replaced by a reload; in-flight requests settle there
+        self._settle_lock = threading.Lock()
         self._housekeeper = None  # type: Optional[threading.Thread]
         self._stop_housekeeping = threading.Event()
-        self.chatgpt_base = BaseURL.parse(config.upstream.chatgpt_url)
-        self.api_base = BaseURL.parse(config.upstream.api_url)
         self.watcher = HangupWatcher()
         self.closing = False
         self._handlers = set()  # live client connections
@@ -5835,44 +6442,62 @@ class OCMServer(ThreadingHTTPServer):
                                                                   exc.strerror or exc))
         except BaseException:
             self.watcher.close()
-            for account in self.accounts.values():
+            for account in self.state.accounts.values():
                 account.close()
             raise
-        for account in self.accounts.values():
-            if account.usage is not None:
-                account.usage.start_saver()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="ocm-housekeeping", daemon=True)
         self._housekeeper.start()
 
-    # -- accounts and pools -----------------------------------------------------
-    def pool_for(self, user: Optional[User]) -> Pool:
-        if user is not None and user.credential:
-            return self.pools[user.credential]
-        return self.pools[self.default_pool_tag]
+    # -- the running state ------------------------------------------------------
+    # Read-only views of the current State, for operations pages and tests.
+    config = property(lambda self: self.state.config)
+    users = property(lambda self: self.state.users)
+    accounts = property(lambda self: self.state.accounts)
+    pools = property(lambda self: self.state.pools)
+    ledger = property(lambda self: self.state.ledger)
 
     @property
-    def default_pool_tag(self) -> str:
-        """For open access: the first pool, else the first account."""
-        if not self.config.credentials:
-            return "default"
-        pools = [c.tag for c in self.config.credentials if c.is_pool]
-        return pools[0] if pools else self.config.credentials[0].tag
+    def credential(self) -> Optional[Credential]:
+        """The single account's login, without a credentials list."""
+        return None if self.config.credentials else self.accounts["default"].credential
 
-    def choose_account(self, pool: Pool, session: str, tried: set) -> Account:
-        """An account of ``pool`` not tried yet. Raises HTTPError: 429 with a
-        truthful usage_limit_reached when every account is resting, 503 when
-        none has a usable login."""
-        try:
-            return pool.choose(session, frozenset(tried))
-        except NoAccount as exc:
-            if exc.unavailable and not tried:
-                raise HTTPError(503, "api_error", "credential unavailable: no account of %r has a "
-                                "usable login (see /ocm/v1/status)" % pool.tag)
-            now = time.time()
-            return_at = ("; try again at %s" % format_rfc3339(exc.resets_at)) if exc.resets_at else ""
-            raise HTTPError(429, "usage_limit_reached", "every account of %r is resting%s" % (pool.tag, return_at),
-                            body=usage_limit_body(exc.resets_at, now),
-                            headers=[("Retry-After", str(max(1, int(exc.resets_at - now))))] if exc.resets_at else None)
+    @property
+    def usage(self) -> Optional[UsageBook]:
+        return None if self.config.credentials else self.accounts["default"].usage
+
+    def reload(self, config: Config) -> None:
+        """SIGHUP: build the new config's State completely, then swap it in
+        with one assignment. If building fails, nothing that runs changed.
+        Requests and streams in flight carry on with the State they started
+        with; accounts the new config dropped close when their last request
+        ends; WebSocket sessions of people no longer configured are closed."""
+        for key in ("listen", "listen_port", "tls"):
+            if getattr(config, key) != getattr(self.config, key):
+                log.warning("reload: %s changed; restart OCM to apply that", key)
+        old = self.state
+        new = build_state(config, self.books, old, self.file_check_interval)
+        # From here on nothing can fail: the new state takes over.
+        apply_account_settings(new)
+        for tag, pool in new.pools.items():  # conversations stay where they were
+            if tag in old.pools:
+                pool.adopt_sessions(old.pools[tag])
+        if new.ledger is not None and new.ledger is old.ledger:
+            new.ledger.clock = PeriodClock(config.timezone)
+        elif old.ledger is not None:
+            self._old_ledgers.append(old.ledger)
+        self.state = new
+        kept = set(new.accounts.values())
+        for account in old.accounts.values():
+            if account not in kept:
+                account.retire()
+        with self._handlers_changed:
+            sessions = list(self._websockets)
+        for session in sessions:
+            if session.user is not None and new.users.current(session.user) is None:
+                log.info("reload: %s is no longer in the config; closing their WebSocket", session.user.name)
+                session.end_for_person("your access to OCM was removed by its owner")
+        log.info("config reloaded: %d user%s, %d account%s", len(config.users), "" if len(config.users) == 1 else "s",
+                 len(new.accounts), "" if len(new.accounts) == 1 else "s")
 
     def _housekeeping(self) -> None:
         """Polls the usage endpoint for pooled accounts, each on its own schedule
@@ -5880,54 +6505,26 @@ class OCMServer(ThreadingHTTPServer):
         access lines that waited through a quiet moment."""
         saved_at = time.monotonic()
         while True:
-            intervals = [a.poll_interval for a in list(self.accounts.values()) if a.poll_interval]
+            state = self.state
+            intervals = [a.poll_interval for a in state.accounts.values() if a.poll_interval]
             if self._stop_housekeeping.wait(max(0.05, min(min(intervals) / 4 if intervals else 1.0,
                                                           ACCESS_LOG_DELAY))):
                 return
             flush_access_log(only_if_due=True)
             now = time.time()
-            for account in list(self.accounts.values()):
+            for account in list(state.accounts.values()):
                 if account.poll_interval and account.next_poll_at <= now and not self._stop_housekeeping.is_set():
-                    account.poll(self.usage_url)
-            if self.ledger is not None and time.monotonic() - saved_at >= self.save_interval:
+                    account.poll(state.usage_url)
+            if time.monotonic() - saved_at >= self.save_interval:
                 saved_at = time.monotonic()
-                self.ledger.save_if_dirty()
+                self.save_ledgers()
 
-    def reload(self, config: Config) -> None:
-        """SIGHUP: users, limits, headers, budgets and pools change for new
-        requests; requests and streams in flight carry on with what they have
-        (accounts dropped from the config are closed only at shutdown)."""
-        for key in ("listen", "listen_port", "tls"):
-            if getattr(config, key) != getattr(self.config, key):
-                log.warning("reload: %s changed; restart OCM to apply that", key)
-        ledger = self.ledger  # checked before anything changes: a bad new file refuses the reload
-        if config.budgets_path and (ledger is None or ledger.path != config.budgets_path
-                                    or ledger.clock.name != config.timezone):
-            if self.ledger is not None:
-                self.ledger.save_if_dirty()  # the new ledger may read the same file
-            ledger = open_budget_ledger(config)
-        accounts, pools = build_accounts(config, self.file_check_interval, self.save_interval, reuse=self.accounts)
-        for account in accounts.values():
-            if account not in self.accounts.values() and account.usage is not None:
-                account.usage.start_saver()
-        self._retired += [a for a in self.accounts.values() if a not in accounts.values()]
-        for tag, pool in pools.items():  # conversations stay where they were
-            old = self.pools.get(tag)
-            if old is not None:
-                pool.adopt_sessions(old)
-        single = None if config.credentials else accounts["default"]
-        self.users = UserTable(config.users)
-        self.accounts, self.pools, self.ledger = accounts, pools, ledger
-        self.credential = single.credential if single else None
-        self.usage = single.usage if single else None
-        self.usage_url = usage_url_for(config.upstream.chatgpt_url)
-        self.chatgpt_base = BaseURL.parse(config.upstream.chatgpt_url)
-        self.api_base = BaseURL.parse(config.upstream.api_url)
-        self.config = config
-        log.info("config reloaded: %d user%s, %d account%s", len(config.users), "" if len(config.users) == 1 else "s",
-                 len(accounts), "" if len(accounts) == 1 else "s")
+    def save_ledgers(self) -> None:
+        for ledger in [self.state.ledger] + self._old_ledgers:
+            if ledger is not None:
+                ledger.save_if_dirty()
 
-    # -- policy ------------------------------------------------------------------
+    # -- admission and settling ---------------------------------------------------
     @contextlib.contextmanager
     def in_flight(self, user: Optional[User]):
         """Hold one of the user's max_concurrent places for a request or WebSocket."""
@@ -5939,33 +6536,56 @@ class OCMServer(ThreadingHTTPServer):
             if user is not None:
                 self.concurrency.release(user)
 
-    def admit(self, request: ClientRequest, user: Optional[User]) -> None:
-        """Model allow-list and budgets, before anything goes upstream."""
-        if user is None:
-            return
-        if user.models:
-            try:  # parsed in full: a pattern match on the text could be fooled
-                data = parse_json(request.body) if request.body else {}
-            except ValueError:
-                data = {}
-            model = data.get("model") if isinstance(data, dict) else None
-            if isinstance(model, str):
-                check_model(user, model)
-        if self.ledger is not None and is_accounted_path(request.path):
-            request.reservation = self.ledger.admit(user)
-
-    def release(self, request: ClientRequest) -> None:
-        self.release_reservation(request.reservation)
-
-    def release_reservation(self, reservation: Optional[Reservation]) -> None:
-        if self.ledger is not None:
-            self.ledger.release(reservation)
-
     def request_done(self, request: ClientRequest) -> None:
-        """The access line and the request counter, once per request."""
-        write_access_line(request, self.config.log_format)
-        self.metrics.add("ocm_requests_total", user=request.user_name or "-", status=str(request.status),
-                         model=request.model or "-")
+        self.settle(request.record)
+
+    def settle(self, record: RequestRecord) -> None:
+        """The one accounting entry point, exactly once per HTTP request or
+        WebSocket turn, also when the client hung up after the final event:
+        the account's usage book and share, the budgets, the metrics and the
+        access line learn what it cost here."""
+        with self._settle_lock:
+            if record.settled:
+                return
+            record.settled = True
+        if not record.status:
+            record.status = 499  # the client went away before any answer (nginx's code)
+        usage, account = record.usage, record.account
+        try:
+            if usage is not None and (usage.input_tokens or usage.output_tokens):
+                self._book(record, usage, account)
+            elif record.reservation is not None:
+                record.reservation.ledger.release(record.reservation)
+        finally:
+            if account is not None and record.holds_account:
+                account.end()
+        self.metrics.add("ocm_requests_total", user=record.user_name or "-", status=str(record.status),
+                         model=record.model or "-")
+        write_access_line(record, self.config.log_format)
+
+    def _book(self, record: RequestRecord, usage: UsageRecord, account: Optional[Account]) -> None:
+        # A warm-up (generate: false) has no tokens and is not booked; sing-box skips these too.
+        tier = normalize_service_tier(usage.service_tier)
+        cost = raw_cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.model, tier,
+                        context_window_for(usage.model, tier, usage.input_tokens))
+        name = record.user_name
+        if account is not None:
+            if account.usage is not None:
+                account.usage.record(name, usage, record.week_start)
+            account.note_completion(name or "-", cost)
+        record.model = usage.model
+        record.input_tokens, record.cached_tokens = usage.input_tokens, usage.cached_tokens
+        record.output_tokens, record.cost = usage.output_tokens, cost
+        if record.reservation is not None:
+            record.reservation.ledger.settle(record.reservation, cost, usage.input_tokens + usage.output_tokens)
+        labels = {"user": name or "-", "model": usage.model}
+        self.metrics.add("ocm_responses_total", **labels)
+        self.metrics.add("ocm_cost_usd_total", cost, **labels)
+        for kind, count in (("input", usage.input_tokens), ("cached", usage.cached_tokens),
+                            ("output", usage.output_tokens)):
+            self.metrics.add("ocm_tokens_total", count, kind=kind, **labels)
+        log.debug("usage %s: %s %s in=%d cached=%d out=%d", name or "-", usage.model, tier,
+                  usage.input_tokens, usage.cached_tokens, usage.output_tokens)
 
     def check_metrics_access(self, request: ClientRequest, client_ip: str) -> None:
         """Loopback clients, or the bearer of metrics_token."""
@@ -5997,140 +6617,6 @@ class OCMServer(ThreadingHTTPServer):
         if ":" in host:
             host = "[%s]" % host
         return "%s://%s:%d" % ("https" if self.tls else "http", host, self.server_address[1])
-
-    def upstream_target(self, mode: str, path: str, query: str) -> Tuple[BaseURL, str]:
-        """Where a client's /v1/... goes (PROTOCOL.md section 1)."""
-        if mode == "chatgpt":
-            if path == "/v1/chat/completions" or path.startswith("/v1/chat/completions/"):
-                raise HTTPError(400, "invalid_request_error",
-                                "chat completions endpoint is only available in API key mode")
-            base, rest = self.chatgpt_base, path[len("/v1"):]
-        else:
-            base, rest = self.api_base, path
-        return base, base.path + rest + ("?" + query if query else "")
-
-    def send_upstream(self, account: Account, origin: Origin, method: str, path: str,
-                      headers: List[Tuple[str, str]], body: Optional[bytes]) -> UpstreamExchange:
-        """Send one request on a pooled connection.
-        A reused connection the server had already dropped is retried once on a
-        new one. Raises HTTPError 502/504 for an unreachable or silent upstream."""
-        for attempt in (1, 2):
-            try:
-                conn, reused = account.pool.acquire(origin)
-            except (OSError, http.client.HTTPException, ProxyError) as exc:
-                raise HTTPError(502, "api_error", "upstream %s unreachable: %s"
-                                % (origin.host, describe_connect_error(exc)))
-            try:
-                sent_at = time.monotonic()
-                conn.send_request(method, path, headers, body)
-                response = conn.getresponse()
-                self.metrics.observe_latency(time.monotonic() - sent_at)
-                problem = response_framing_problem(response)
-                if problem:
-                    conn.close()
-                    raise HTTPError(502, "api_error", "upstream %s failed: %s" % (origin.host, problem))
-                return UpstreamExchange(self, account, conn, response)
-            except socket.timeout:
-                conn.close()
-                raise HTTPError(504, "api_error", "upstream %s did not answer within %g s"
-                                % (origin.host, self.config.limits.upstream_read_timeout))
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                if reused and attempt == 1 and isinstance(exc, (
-                        ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)):
-                    continue  # the idle connection had gone stale
-                raise HTTPError(502, "api_error", "upstream %s failed: %s"
-                                % (origin.host, describe_connect_error(exc)))
-        raise AssertionError("unreachable")
-
-    def usage_tap(self, request: ClientRequest, user: Optional[User], response,
-                  account: Account) -> Optional[UsageTap]:
-        """A tap for every successful answer that may carry usage (budgets,
-        shares, metrics and the access log need it, with or without a file)."""
-        if not 200 <= response.status < 300 or not is_accounted_path(request.path):
-            return None
-        week_start = week_start_from_headers(response.msg)
-        name = user.name if user else ""
-        return UsageTap(lambda record: self.account(name, record, week_start, account, request, user), request,
-                        (response.msg.get("content-type") or "").lower())
-
-    def account(self, user_name: str, record: UsageRecord, week_start: Optional[int],
-                account: Optional[Account] = None, request: Optional[ClientRequest] = None,
-                user: Optional[User] = None) -> None:
-        """The one accounting entry point: HTTP JSON, SSE and WebSocket all end
-        here. The account's usage book, the user's budgets and share, the
-        metrics and the request's access line learn the cost here."""
-        if not record.input_tokens and not record.output_tokens:
-            return  # a warm-up (generate: false) costs nothing; sing-box skips these too
-        tier = normalize_service_tier(record.service_tier)
-        cost = raw_cost(record.input_tokens, record.output_tokens, record.cached_tokens, record.model, tier,
-                        context_window_for(record.model, tier, record.input_tokens))
-        if account is not None:
-            if account.usage is not None:
-                account.usage.record(user_name, record, week_start)
-            account.note_completion(user_name or "-", cost)
-        if request is not None:
-            request.model = record.model
-            request.input_tokens += record.input_tokens
-            request.cached_tokens += record.cached_tokens
-            request.output_tokens += record.output_tokens
-            request.cost += cost
-        if self.ledger is not None and user is not None and user.budgets:
-            self.ledger.settle(request.reservation if request else None, user_name, cost,
-                               record.input_tokens + record.output_tokens, user.budgets)
-        labels = {"user": user_name or "-", "model": record.model}
-        self.metrics.add("ocm_cost_usd_total", cost, **labels)
-        for kind, count in (("input", record.input_tokens), ("cached", record.cached_tokens),
-                            ("output", record.output_tokens)):
-            self.metrics.add("ocm_tokens_total", count, kind=kind, **labels)
-        log.debug("usage %s: %s %s in=%d cached=%d out=%d", user_name or "-", record.model,
-                  record.service_tier or "default", record.input_tokens, record.cached_tokens,
-                  record.output_tokens)
-
-    def open_websocket(self, account: Account, origin: Origin, path: str,
-                       headers: List[Tuple[str, str]]) -> WebSocketHandshake:
-        """Our own upgrade request upstream, on a dedicated connection.
-        Raises HTTPError 502/504 when upstream cannot be reached or answers nonsense."""
-        limits = self.config.limits
-        key = base64.b64encode(os.urandom(16)).decode("ascii")
-        try:
-            sock = account.connector.open(origin)
-        except (OSError, ProxyError) as exc:
-            raise HTTPError(502, "api_error", "upstream %s unreachable: %s"
-                            % (origin.host, describe_connect_error(exc)))
-        default_port = 443 if origin.is_tls else 80
-        host = "[%s]" % origin.host if ":" in origin.host else origin.host
-        lines = ["GET %s HTTP/1.1" % path,
-                 "Host: %s" % (host if origin.port == default_port else "%s:%d" % (host, origin.port)),
-                 "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " + key,
-                 "Sec-WebSocket-Version: 13"] + ["%s: %s" % item for item in headers]
-        reader = SocketReader(sock)
-        try:
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-            timeout = limits.upstream_read_timeout
-            head = reader.read_head(timeout, timeout, 65536, 262144, silence_is_idle=False)
-            if head is None:
-                raise ValueError("closed before answering")
-            status, reason, resp_headers = parse_response_head(head)
-            if status == 101:
-                if not (resp_headers.has_token("upgrade", "websocket")
-                        and resp_headers.has_token("connection", "upgrade")
-                        and resp_headers.get("sec-websocket-accept", "") == websocket_accept(key)):
-                    raise ValueError("a 101 without a valid WebSocket accept")
-                if resp_headers.get("sec-websocket-extensions"):
-                    raise ValueError("an extension we did not offer")
-                return WebSocketHandshake(sock, 101, reason, resp_headers, leftover=bytes(reader.buf))
-            body = read_refusal_body(reader, resp_headers, timeout)
-        except socket.timeout:
-            sock.close()
-            raise HTTPError(504, "api_error", "upstream %s did not answer the WebSocket handshake "
-                            "within %g s" % (origin.host, limits.upstream_read_timeout))
-        except (OSError, ValueError, ClientGone, HTTPError) as exc:
-            sock.close()
-            raise HTTPError(502, "api_error", "upstream %s WebSocket handshake failed: %s"
-                            % (origin.host, exc))
-        sock.close()
-        return WebSocketHandshake(None, status, reason, resp_headers, body=body)
 
     def run_websocket(self, session: WebSocketSession) -> None:
         with self._handlers_changed:
@@ -6223,28 +6709,31 @@ class OCMServer(ThreadingHTTPServer):
                         handler.client_address[0])
             handler.interrupt()
 
-    def finish_upstream(self, account: Account, conn: UpstreamConnection, response, complete: bool) -> None:
-        """Back to the pool only if the response was read to its end."""
-        if complete and response.isclosed() and not response.will_close and conn.sock is not None:
-            account.pool.release(conn)
-        else:
-            conn.close()
-
     def close(self, drain_timeout: float = 5.0) -> None:
         """Stop everything this server owns. Call after shutdown()."""
+        if self.state.ledger is not None:
+            self.state.ledger.stop()
         self.drain(drain_timeout)
         self._stop_housekeeping.set()
         if self._housekeeper is not None:
             self._housekeeper.join(timeout=POLL_TIMEOUT + 1)
         self.watcher.close()
         self.server_close()
-        for account in list(self.accounts.values()) + self._retired:
-            account.close()
-        if self.ledger is not None:
-            self.ledger.save_if_dirty()
+        for account in self.state.accounts.values():
+            account.retire()
+        for book in self.books.books():  # retired accounts' books still open after a cut request
+            book.close()
+        self.save_ledgers()
 
 
-# == 17. CLI =================================================================
+def apply_account_settings(state: State) -> None:
+    """Reserves and poll intervals, which a reload may change on accounts it keeps."""
+    for tag, (reserve_5h, reserve_weekly, interval) in account_settings(state.config).items():
+        account = state.accounts[tag]
+        account.reserve_5h, account.reserve_weekly, account.poll_interval = reserve_5h, reserve_weekly, interval
+
+
+# == 18. CLI =================================================================
 
 def describe_credential(credential: Credential, now: float) -> str:
     login, problem = credential.peek()

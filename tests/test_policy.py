@@ -182,7 +182,8 @@ class TestBudgets:
         kind, message = error_of(body)
         tomorrow = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)).strftime("%Y-%m-%d")
         assert status == 429 and kind == "rate_limit_error"
-        assert message == "your daily budget of $0.25 is reached ($0.20 spent); it resets at %s 00:00 UTC" % tomorrow
+        assert message == ("your daily budget of $0.25 has $0.05 left ($0.20 spent), less than your requests "
+                           "usually cost ($0.10); it resets at %s 00:00 UTC" % tomorrow)
         assert 0 < int(headers["retry-after"]) <= 86400
         assert len(fake.api_requests()) == 2
         assert proxy.request("POST", "/v1/responses", {}, token="tok-bob")[0] == 200  # bob has no budget
@@ -199,7 +200,8 @@ class TestBudgets:
         proxy = budget_proxy([{"period": "month", "tokens": 7000}])
         assert [proxy.request("POST", "/v1/responses", {})[0] for _ in range(3)] == [200, 200, 429]
         message = error_of(proxy.request("POST", "/v1/responses", {})[2])[1]
-        assert message.startswith("your monthly budget of 7,000 tokens is reached (6,000 used)")
+        assert message.startswith("your monthly budget of 7,000 tokens has 1,000 tokens left (6,000 used), "
+                                  "less than your requests usually use (3,000 tokens)")
 
     def test_twenty_parallel_requests_at_the_edge_overshoot_by_at_most_one(self, budget_proxy, fake, tmp_path):
         """Every peer checks before and charges after, so parallel streams run

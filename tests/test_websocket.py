@@ -498,12 +498,20 @@ class TestWebSocketRelay:
         client.send(0x0, text[12:], fin=True)
         frames = [client.frame() for _ in range(4)]  # pong + 3 events, in any order of pong
         assert (True, 0xA, b"mid-ping", False) in frames
-        client.send(0x2, b"\x00\x01\x02\xff")
-        assert client.frame() == (True, 0x2, b"\xff\x02\x01\x00", False)
+        # A client's message goes upstream once whole and admitted, in its own
+        # fragments; the ping between them passed at once.
         got = [(fin, op, payload) for fin, op, payload, _ in ws.frames]
-        assert got[:4] == [(False, 0x1, text[:5]), (True, 0x9, b"mid-ping"), (False, 0x0, text[5:12]),
+        assert got[:4] == [(True, 0x9, b"mid-ping"), (False, 0x1, text[:5]), (False, 0x0, text[5:12]),
                            (True, 0x0, text[12:])]
         assert all(masked for *_, masked in ws.frames)  # re-masked towards upstream
+        # Binary messages carry nothing the API reads, and could carry what
+        # OCM would not check: refused, and the session goes on.
+        client.send(0x2, b"\x00\x01\x02\xff")
+        fin, opcode, payload, _ = client.frame()
+        assert opcode == 0x1 and json.loads(payload)["error"]["type"] == "invalid_request_error"
+        assert len(ws.frames) == 4
+        client.send_json({"type": "response.create", "model": "m"})
+        assert client.events_until_completed()[-1]["type"] == "response.completed"
         client.close()
 
     def test_close_codes_and_reasons_pass_both_ways(self, proxy, fake, ws):
