@@ -4217,9 +4217,15 @@ class PeriodClock:
         return first.strftime("%Y-%m"), self._epoch(following)
 
     def describe(self, seconds: float) -> str:
+        """A moment with its time zone: "2026-12-05 00:00 UTC", "... Europe/Berlin",
+        or for the box's own zone its offset, "... UTC+01:00"."""
         dt = self._datetime
-        moment = dt.datetime.fromtimestamp(seconds, self._tz) if self._tz else dt.datetime.fromtimestamp(seconds)
-        return moment.strftime("%Y-%m-%d %H:%M") + (" " + self.name if self.name != "local" else "")
+        if self._tz is not None:
+            return dt.datetime.fromtimestamp(seconds, self._tz).strftime("%Y-%m-%d %H:%M ") + (
+                self.name if not _UTC_OFFSET.match(self.name) else "UTC" + self.name)
+        moment = dt.datetime.fromtimestamp(seconds).astimezone()
+        offset = moment.strftime("%z")
+        return moment.strftime("%Y-%m-%d %H:%M ") + "UTC%s:%s" % (offset[:3], offset[3:])
 
 
 PERIOD_WORDS = {"day": "daily", "week": "weekly", "month": "monthly"}
