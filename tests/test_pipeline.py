@@ -687,3 +687,21 @@ class TestSettledOnce:
             budgeted = list(budget_file["users"][name]["day"].values())[0]["requests"]
             counted = metrics[("ocm_responses_total", (("model", "gpt-5.4"), ("user", name)))]
             assert (len(logged), in_file, budgeted, counted) == (count, count, count, count)
+
+
+# == Methods ======================================================================
+
+class TestMethods:
+    @pytest.mark.parametrize("method", [b"TRACE", b"TRACK", b"OPTIONS", b"PUT", b"PATCH", b"CONNECT", b"PROPFIND",
+                                        b"FOO"])
+    def test_methods_the_api_does_not_use_get_405_and_never_reach_upstream(self, proxy, fake, method):
+        from test_ocm import raw_exchange
+        answer = raw_exchange(proxy.port, b"%s /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-alice"
+                                          b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}" % method)
+        assert answer.startswith(b"HTTP/1.1 405 ") and b"\r\nAllow: GET, HEAD, POST, DELETE\r\n" in answer
+        assert fake.api_requests() == []
+
+    @pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "DELETE"])
+    def test_the_api_methods_are_relayed(self, proxy, fake, method):
+        status, _, _ = proxy.request(method, "/v1/files/file-1", body=b"{}" if method == "POST" else None)
+        assert status == 200 and fake.api_requests()[0].method == method
