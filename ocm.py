@@ -2278,15 +2278,20 @@ def week_label(week_start: int) -> str:
 
 
 def week_start_from_headers(headers) -> Optional[int]:
-    """Start of the subscription week: secondary reset-at minus its window
-    (PROTOCOL.md section 7). ``headers`` has a case-insensitive get()."""
+    """Start of the subscription week: the weekly window's reset-at minus its
+    length (PROTOCOL.md section 7), in whichever position it comes. Without a
+    weekly window (a free plan's month) there is no week. ``headers`` has a
+    case-insensitive get()."""
     active = (headers.get("x-codex-active-limit") or "codex").strip().lower().replace("_", "-")
-    reset_at = headers.get("x-%s-secondary-reset-at" % active)
-    minutes = headers.get("x-%s-secondary-window-minutes" % active)
-    try:
-        return int(float(reset_at)) - int(float(minutes)) * 60
-    except (TypeError, ValueError, OverflowError):
-        return None
+    for name in ("primary", "secondary"):
+        reset_at = headers.get("x-%s-%s-reset-at" % (active, name))
+        minutes = headers.get("x-%s-%s-window-minutes" % (active, name))
+        try:
+            if int(float(minutes)) == 7 * 24 * 60:
+                return int(float(reset_at)) - int(float(minutes)) * 60
+        except (TypeError, ValueError, OverflowError):
+            continue
+    return None
 
 
 class UsageRecord(namedtuple("UsageRecord", "model service_tier input_tokens output_tokens cached_tokens")):
@@ -3505,7 +3510,7 @@ MAX_SESSIONS = 20000
 
 
 class Window(namedtuple("Window", "used_percent window_minutes resets_at", defaults=(None, None, None))):
-    """One rate-limit window of an account: the 5-hour (primary) or weekly one."""
+    """One rate-limit window of an account (see window_kind)."""
     __slots__ = ()
 
     def used(self, now: float) -> float:
@@ -3527,32 +3532,73 @@ def _number(value: Any) -> Optional[float]:
     return number if math.isfinite(number) else None
 
 
-def windows_from_headers(headers, now: float) -> Tuple[Optional[Window], Optional[Window]]:
-    """(primary, secondary) from x-{limit}-(primary|secondary)-* response headers."""
+# Windows are known by their length, never by their position: from 2026-07-12
+# for six weeks Plus, Pro and Business had only a weekly "primary", and free
+# plans have monthly windows (PROTOCOL.md section 10).
+SHORT_WINDOW_MAX_MINUTES = 6 * 60        # up to this: the short ("5-hour") window
+LONG_WINDOW_MIN_MINUTES = 6 * 24 * 60    # from this: the long ("weekly") window
+WEEK_MINUTES = 7 * 24 * 60
+WINDOW_LABELS = {"short": "5h", "long": "weekly"}  # in metrics; other lengths show as "<minutes>m"
+
+
+def window_kind(minutes: Optional[float], position: str) -> str:
+    """"short", "long", or "<minutes>m" for a window between them. Only a
+    window that gives no length is taken by its position (primary: short)."""
+    if minutes is None or minutes <= 0:
+        return "short" if position == "primary" else "long"
+    if minutes <= SHORT_WINDOW_MAX_MINUTES:
+        return "short"
+    if minutes >= LONG_WINDOW_MIN_MINUTES:
+        return "long"
+    return "%dm" % round(minutes)
+
+
+def _keep_fuller(windows: Dict[str, Window], kind: str, window: Window) -> None:
+    old = windows.get(kind)
+    if old is None or (window.used_percent or 0) >= (old.used_percent or 0):
+        windows[kind] = window
+
+
+def window_positions(headers, now: float) -> List[Tuple[str, Window]]:
+    """[(position, window)] from x-{limit}-(primary|secondary)-* response headers."""
     active = (headers.get("x-codex-active-limit") or "codex").strip().lower().replace("_", "-")
-    out = []
+    out = []  # type: List[Tuple[str, Window]]
     for name in ("primary", "secondary"):
         prefix = "x-%s-%s-" % (active, name)
         used = _number(headers.get(prefix + "used-percent"))
         if used is None:
-            out.append(None)
             continue
         resets_at = _number(headers.get(prefix + "reset-at"))
         if resets_at is None and _number(headers.get(prefix + "reset-after-seconds")) is not None:
             resets_at = now + _number(headers.get(prefix + "reset-after-seconds"))
-        out.append(Window(used, _number(headers.get(prefix + "window-minutes")), resets_at))
-    return out[0], out[1]
+        out.append((name, Window(used, _number(headers.get(prefix + "window-minutes")), resets_at)))
+    return out
 
 
-def window_from_poll(data: Any, now: float) -> Optional[Window]:
-    """A window of the usage endpoint's answer (PROTOCOL.md section 7)."""
-    if not isinstance(data, dict) or _number(data.get("used_percent")) is None:
-        return None
-    seconds = _number(data.get("limit_window_seconds"))
-    resets_at = _number(data.get("reset_at"))
-    if resets_at is None and _number(data.get("reset_after_seconds")) is not None:
-        resets_at = now + _number(data.get("reset_after_seconds"))
-    return Window(_number(data.get("used_percent")), seconds / 60 if seconds else None, resets_at)
+def windows_from_headers(headers, now: float) -> Dict[str, Window]:
+    """The windows a response's headers report, by kind (window_kind)."""
+    windows = {}  # type: Dict[str, Window]
+    for position, window in window_positions(headers, now):
+        _keep_fuller(windows, window_kind(window.window_minutes, position), window)
+    return windows
+
+
+def windows_from_poll(limits: Any, now: float) -> Dict[str, Window]:
+    """The windows of the usage endpoint's rate_limit object, by kind."""
+    windows = {}  # type: Dict[str, Window]
+    if not isinstance(limits, dict):
+        return windows
+    for position in ("primary", "secondary"):
+        data = limits.get(position + "_window")
+        if not isinstance(data, dict) or _number(data.get("used_percent")) is None:
+            continue
+        seconds = _number(data.get("limit_window_seconds"))
+        resets_at = _number(data.get("reset_at"))
+        if resets_at is None and _number(data.get("reset_after_seconds")) is not None:
+            resets_at = now + _number(data.get("reset_after_seconds"))
+        window = Window(_number(data.get("used_percent")), seconds / 60 if seconds else None, resets_at)
+        _keep_fuller(windows, window_kind(window.window_minutes, position), window)
+    return windows
 
 
 def usage_url_for(chatgpt_url: str) -> str:
@@ -3576,8 +3622,8 @@ def rate_limit_reset(body: bytes, headers, now: float) -> float:
         resets_in = _number(error.get("resets_in_seconds"))
         if resets_in and resets_in > 0:
             return now + resets_in
-    full = [w.resets_at for w in windows_from_headers(headers, now)
-            if w is not None and w.used_percent is not None and w.used_percent >= 100 and w.resets_at]
+    full = [w.resets_at for _, w in window_positions(headers, now)
+            if w.used_percent is not None and w.used_percent >= 100 and w.resets_at]
     if full:
         return max(full)
     retry_after = _number(headers.get("retry-after"))
@@ -3610,8 +3656,7 @@ class Account:
         self._closed = False
         self._now = now
         self._lock = threading.Lock()
-        self.primary = Window()
-        self.secondary = Window()
+        self.windows = {}  # type: Dict[str, Window]  # by window_kind: "short", "long", "1440m"...
         self.plan = ""
         self.cooldown_until = 0.0
         self.polled_at = 0.0
@@ -3619,22 +3664,32 @@ class Account:
         self.poll_failures = 0
         self.next_poll_at = 0.0
         self.last_poll_error = ""
-        # Each user's share of this account's windows, in percent points
-        # (share_5h, share_weekly): see observe_headers.
-        self.shares = {"primary": {}, "secondary": {}}  # type: Dict[str, Dict[str, float]]
+        # Each user's share of this account's windows, in percent points, by
+        # window kind (share_5h is of "short", share_weekly of "long").
+        self.shares = {"short": {}, "long": {}}  # type: Dict[str, Dict[str, float]]
         self._pending = []  # type: List[Tuple[str, float, Dict[str, float]]]  # finished since the last headers
         self._percent_per_dollar = {}  # type: Dict[str, float]
+
+    @property
+    def short(self) -> Window:
+        """The short ("5-hour") window, or an unknown one."""
+        return self.windows.get("short") or Window()
+
+    @property
+    def long(self) -> Window:
+        """The long ("weekly") window, or an unknown one."""
+        return self.windows.get("long") or Window()
+
+    def reserve_of(self, kind: str) -> int:
+        return self.reserve_5h if kind == "short" else self.reserve_weekly if kind == "long" else 0
 
     # -- what we learn -------------------------------------------------------
     def observe_headers(self, headers, success: bool) -> None:
         now = self._now()
-        primary, secondary = windows_from_headers(headers, now)
+        windows = windows_from_headers(headers, now)
         with self._lock:
-            self._attribute_use({"primary": primary, "secondary": secondary})
-            if primary is not None:
-                self.primary = primary
-            if secondary is not None:
-                self.secondary = secondary
+            self._attribute_use(windows)
+            self.windows.update(windows)
             if success and self.cooldown_until:  # the account answered: its quota is back
                 log.info("account %s: quota is back; cooldown cleared", self.tag)
                 self.cooldown_until = 0.0
@@ -3648,18 +3703,13 @@ class Account:
                 self.plan = answer["plan_type"]
             if not isinstance(limits, dict):
                 return
-            primary = window_from_poll(limits.get("primary_window"), now)
-            secondary = window_from_poll(limits.get("secondary_window"), now)
-            if primary is not None:
-                self.primary = primary
-            if secondary is not None:
-                self.secondary = secondary
+            self.windows.update(windows_from_poll(limits, now))
             quota_back = limits.get("allowed") is not False and not limits.get("limit_reached")
             if self.cooldown_until and quota_back:
                 log.info("account %s: a poll shows quota back; cooldown cleared", self.tag)
                 self.cooldown_until = 0.0
 
-    def _attribute_use(self, windows: Dict[str, Optional[Window]]) -> None:
+    def _attribute_use(self, windows: Dict[str, Window]) -> None:
         """Share each window's rise since the last answer among the requests
         that finished in between: all of it to one request when they came one
         at a time, split by cost when they overlapped. A new window (its reset
@@ -3667,10 +3717,10 @@ class Account:
         pending, self._pending = self._pending, []
         total_cost = sum(cost for _, cost, _ in pending)
         for name, new in windows.items():
-            if new is None or new.used_percent is None:
+            if new.used_percent is None:
                 continue
-            shares = self.shares[name]
-            old = getattr(self, name)
+            shares = self.shares.setdefault(name, {})
+            old = self.windows.get(name) or Window()
             for user, _, provisional in pending:  # the estimates give way to the measurement
                 shares[user] = max(0.0, shares.get(user, 0.0) - provisional.get(name, 0.0))
             if old.resets_at is not None and new.resets_at is not None and abs(new.resets_at - old.resets_at) > 60:
@@ -3694,25 +3744,26 @@ class Account:
             provisional = {}
             for name, rate in self._percent_per_dollar.items():
                 provisional[name] = cost * rate
-                self.shares[name][user] = self.shares[name].get(user, 0.0) + provisional[name]
+                shares = self.shares.setdefault(name, {})
+                shares[user] = shares.get(user, 0.0) + provisional[name]
             self._pending.append((user, cost, provisional))
 
-    def user_share(self, user: str, name: str) -> float:
-        """Percent points of the current window (primary or secondary) ``user`` used."""
+    def user_share(self, user: str, kind: str) -> float:
+        """Percent points of the current window of ``kind`` that ``user`` used."""
         now = self._now()
         with self._lock:
-            window = getattr(self, name)
+            window = self.windows.get(kind) or Window()
             if window.resets_at is not None and window.resets_at <= now:
                 return 0.0  # that window is over
-            return self.shares[name].get(user, 0.0)
+            return self.shares.get(kind, {}).get(user, 0.0)
 
     def check_share(self, user: Optional[User]) -> None:
         """429 when ``user`` has had their share of one of this account's windows."""
         if user is None:
             return
-        for name, cap, label in (("primary", user.share_5h, "5-hour"), ("secondary", user.share_weekly, "weekly")):
-            if cap is not None and self.user_share(user.name, name) >= cap:
-                resets_at = getattr(self, name).resets_at
+        for kind, cap, label in (("short", user.share_5h, "5-hour"), ("long", user.share_weekly, "weekly")):
+            if cap is not None and self.user_share(user.name, kind) >= cap:
+                resets_at = (self.windows.get(kind) or Window()).resets_at
                 raise HTTPError(429, "rate_limit_error", "you have used your share (%g%%) of the %s window of "
                                 "account %s%s" % (cap, label, self.tag, "; it resets at %s UTC" % format_rfc3339(
                                     resets_at)[:16].replace("T", " ") if resets_at else ""),
@@ -3733,9 +3784,10 @@ class Account:
         with self._lock:
             if self.cooldown_until > now:
                 return "cooling_down"
-            if (self.primary.used(now) >= 100 - self.reserve_5h
-                    or self.secondary.used(now) >= 100 - self.reserve_weekly):
-                return "reserve_reached" if self.reserve_5h or self.reserve_weekly else "exhausted"
+            full = [kind for kind, window in self.windows.items() if window.used(now) >= 100 - self.reserve_of(kind)]
+            if full:
+                return "reserve_reached" if any(window.used(now) < 100 for kind, window in self.windows.items()
+                                                if kind in full) else "exhausted"
         return "usable"
 
     def is_usable(self) -> bool:
@@ -3753,8 +3805,8 @@ class Account:
         """Weighted percent left before a reserve: least_used takes the most."""
         now = self._now()
         with self._lock:
-            left = min(100 - self.reserve_5h - self.primary.used(now),
-                       100 - self.reserve_weekly - self.secondary.used(now))
+            left = min([100.0] + [100 - self.reserve_of(kind) - window.used(now)
+                                  for kind, window in self.windows.items()])
         return max(0.0, left) * self.weight
 
     def next_reset(self) -> Optional[float]:
@@ -3762,8 +3814,8 @@ class Account:
         now = self._now()
         with self._lock:
             candidates = [self.cooldown_until] if self.cooldown_until > now else []
-            for window, reserve in ((self.primary, self.reserve_5h), (self.secondary, self.reserve_weekly)):
-                if window.used(now) >= 100 - reserve and window.resets_at:
+            for kind, window in self.windows.items():
+                if window.used(now) >= 100 - self.reserve_of(kind) and window.resets_at:
                     candidates.append(window.resets_at)
         return max(candidates) if candidates else None
 
@@ -3774,9 +3826,12 @@ class Account:
         _, problem = self.credential.peek()
         with self._lock:
             out = {"tag": self.tag, "plan": self.plan or self._login_plan() or None, "state": state,
-                   "five_hour": self.primary.to_json(now), "weekly": self.secondary.to_json(now),
+                   "five_hour": self.short.to_json(now), "weekly": self.long.to_json(now),
                    "cooldown_until": int(self.cooldown_until) if self.cooldown_until > now else None,
                    "reserve_5h": self.reserve_5h, "reserve_weekly": self.reserve_weekly}
+            others = {kind: w.to_json(now) for kind, w in self.windows.items() if kind not in ("short", "long")}
+            if others:
+                out["other_windows"] = others
         if state == "unavailable":
             out["problem"] = problem
         reset = self.next_reset()
@@ -4026,6 +4081,12 @@ class Pool:
             self._turn += 1
             return usable[self._turn % len(usable)]
 
+    def sticky_account(self, session: str) -> Optional[Account]:
+        """The account ``session`` last ran on, if the pool remembers it."""
+        with self._lock:
+            entry = self._sessions.get(session) if session else None
+        return entry[0] if entry is not None else None
+
     def adopt_sessions(self, old: "Pool") -> None:
         """After a reload: keep the old pool's sticky sessions on accounts still here."""
         mine = set(self.accounts())
@@ -4042,17 +4103,20 @@ class Pool:
                                       or next(iter(self._sessions.values()))[1] < now - SESSION_TTL):
                 self._sessions.popitem(last=False)
 
-    def aggregate(self) -> Dict[str, Any]:
-        """The pool as one account: use weighted by plan, the earliest resets."""
+    def aggregate(self) -> Dict[str, Dict[str, Any]]:
+        """The pool as one account, by window kind: use weighted by plan, the
+        earliest resets."""
         now = self._now()
         accounts = self.accounts()
-        out = {}  # type: Dict[str, Any]
-        for name in ("primary", "secondary"):
-            known = [(a.weight, getattr(a, name)) for a in accounts if getattr(a, name).used_percent is not None]
+        kinds = ["short", "long"] + sorted({k for a in accounts for k in a.windows if k not in ("short", "long")})
+        out = {}  # type: Dict[str, Dict[str, Any]]
+        for kind in kinds:
+            known = [(a.weight, a.windows[kind]) for a in accounts
+                     if kind in a.windows and a.windows[kind].used_percent is not None]
             total = sum(weight for weight, _ in known)
             resets = [w.resets_at for _, w in known if w.resets_at and w.resets_at > now]
             minutes = [w.window_minutes for _, w in known if w.window_minutes]
-            out[name] = {
+            out[kind] = {
                 "used_percent": round(sum(weight * w.used(now) for weight, w in known) / total, 1) if total else None,
                 "resets_at": int(min(resets)) if resets else None,
                 "window_minutes": minutes[0] if minutes else None,
@@ -4060,15 +4124,19 @@ class Pool:
         return out
 
     def rewrite_rate_limit_headers(self, headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
-        """Rate-limit headers as the pool's, so Codex's own display shows the pool."""
+        """Rate-limit headers as the pool's, so Codex's own display shows the
+        pool: its windows in upstream's two positions, shortest first, each
+        with its length (Codex reads a window's kind from its length)."""
         aggregate = self.aggregate()
-        out = [(n, v) for n, v in headers
-               if not re.match(r"(?i)^x-codex-(primary|secondary)-(used-percent|reset-at|reset-after-seconds)$", n)]
+        out = [(n, v) for n, v in headers if not re.match(
+            r"(?i)^x-codex-(primary|secondary)-(used-percent|reset-at|reset-after-seconds|window-minutes)$", n)]
         now = self._now()
-        for name in ("primary", "secondary"):
-            window = aggregate[name]
-            if window["used_percent"] is not None:
-                out.append(("x-codex-%s-used-percent" % name, "%g" % window["used_percent"]))
+        known = [w for w in aggregate.values() if w["used_percent"] is not None]
+        known.sort(key=lambda w: w["window_minutes"] or 0)
+        for name, window in zip(("primary", "secondary"), known):
+            out.append(("x-codex-%s-used-percent" % name, "%g" % window["used_percent"]))
+            if window["window_minutes"]:
+                out.append(("x-codex-%s-window-minutes" % name, "%g" % window["window_minutes"]))
             if window["resets_at"]:
                 out.append(("x-codex-%s-reset-at" % name, str(window["resets_at"])))
                 out.append(("x-codex-%s-reset-after-seconds" % name, str(max(0, int(window["resets_at"] - now)))))
@@ -4079,10 +4147,13 @@ class Pool:
         states = [a.to_json() for a in accounts]
         resets = [s["usable_again_at"] for s in states if s.get("usable_again_at")]
         aggregate = self.aggregate()
-        return {"pool": self.tag, "type": self.kind, "strategy": self.strategy or None,
-                "five_hour": aggregate["primary"], "weekly": aggregate["secondary"],
-                "usable_accounts": sum(s["state"] == "usable" for s in states),
-                "next_reset": min(resets) if resets else None, "accounts": states}
+        out = {"pool": self.tag, "type": self.kind, "strategy": self.strategy or None,
+               "five_hour": aggregate.pop("short"), "weekly": aggregate.pop("long"),
+               "usable_accounts": sum(s["state"] == "usable" for s in states),
+               "next_reset": min(resets) if resets else None, "accounts": states}
+        if aggregate:
+            out["other_windows"] = aggregate
+        return out
 
 
 def build_accounts(config: Config, books: UsageBooks, check_interval: float = 1.0,
@@ -4647,9 +4718,10 @@ def render_metrics(server: "OCMServer") -> str:
               "# TYPE ocm_account_usable gauge"]
     now = time.time()
     for account in server.accounts.values():
-        for window, name in ((account.primary, "5h"), (account.secondary, "weekly")):
+        for kind, window in sorted(account.windows.items()):
             if window.used_percent is not None:
-                sample("ocm_account_used_percent", {"account": account.tag, "window": name}, window.used(now))
+                sample("ocm_account_used_percent", {"account": account.tag,
+                                                    "window": WINDOW_LABELS.get(kind, kind)}, window.used(now))
         sample("ocm_account_usable", {"account": account.tag}, 1 if account.is_usable() else 0)
     lines += ["# HELP ocm_budget_spent Spending in the current period against each budget (usd or tokens).",
               "# TYPE ocm_budget_spent gauge",
@@ -4665,10 +4737,10 @@ def render_metrics(server: "OCMServer") -> str:
     lines += ["# HELP ocm_user_share_percent Each user's estimated share of an account's window, in points.",
               "# TYPE ocm_user_share_percent gauge"]
     for account in server.accounts.values():
-        for window, name in (("primary", "5h"), ("secondary", "weekly")):
-            for user_name in sorted(account.shares[window]):
-                sample("ocm_user_share_percent", {"user": user_name, "account": account.tag, "window": name},
-                       account.user_share(user_name, window))
+        for kind in ("short", "long"):
+            for user_name in sorted(account.shares.get(kind, ())):
+                sample("ocm_user_share_percent", {"user": user_name, "account": account.tag,
+                                                  "window": WINDOW_LABELS[kind]}, account.user_share(user_name, kind))
     buckets, total = server.metrics.latency()
     lines += ["# HELP ocm_upstream_latency_seconds Time from sending a request upstream to its answer's head.",
               "# TYPE ocm_upstream_latency_seconds histogram"]
@@ -5327,6 +5399,7 @@ class ModelRequest:
         self.user = user
         self.record = record
         self.body = body
+        self.moved = False  # the conversation left the account it ran on before
         record.user = user
         record.user_name = user.name if user else ""
         if body is not None:
@@ -5346,15 +5419,19 @@ class ModelRequest:
         if self.state.ledger is not None and user.budgets:
             self.record.reservation = self.state.ledger.admit(user, body.model, body.tier)
 
-    def send(self, pool: "Pool", session: str, attempt: Callable[[Account, Login], Any]) -> Tuple[Account, Any]:
+    def send(self, pool: "Pool", session: str, attempt: Callable[[Account, Login], Any],
+             strip_reasoning: Optional[Callable[[], bool]] = None) -> Tuple[Account, Any]:
         """Choose an account of ``pool`` and send with ``attempt(account, login)``,
         which returns an answer with ``status``, ``headers`` and ``discard()``.
         In a pool, an account whose login is unusable or refused, or that
         answers 429 (before any byte reached the client), is set aside and the
         same request goes to the next usable one. The account chosen stays in
-        use until the record is settled."""
+        use until the record is settled. When the conversation has moved to
+        another account and that one cannot read the reasoning it carries,
+        ``strip_reasoning()`` takes it out and the request is sent once more."""
         tried = set()  # type: set
         share_refusal = None
+        previous = pool.sticky_account(session) if pool.is_pool else None
         while True:
             try:
                 account = choose_account(pool, session, tried)
@@ -5396,7 +5473,25 @@ class ModelRequest:
                 continue
             account.observe_headers(answer.headers, success=200 <= answer.status < 300 or answer.status == 101)
             self.record.account, self.record.holds_account = account, True
+            self.moved = bool(tried) or (previous is not None and previous is not account)
+            if answer.status == 400 and self.moved and strip_reasoning is not None:
+                answer = self._retry_without_reasoning(account, answer, attempt, strip_reasoning)
             return account, answer
+
+    def _retry_without_reasoning(self, account: Account, answer: Any, attempt: Callable[[Account, Login], Any],
+                                 strip_reasoning: Callable[[], bool]) -> Any:
+        """A 400 on the account a conversation moved to: if it cannot read the
+        reasoning another account encrypted, send once more without it."""
+        body = answer.discard()
+        try:
+            error = parse_json(body)
+        except ValueError:
+            error = None
+        if is_foreign_reasoning_error(error) and strip_reasoning():
+            log.info("account %s cannot read this conversation's reasoning from another account; "
+                     "sending once more without it", account.tag)
+            return self._send_to(account, attempt)
+        raise HTTPError(400, "invalid_request_error", "", body=body)  # upstream's answer, as it was
 
     @staticmethod
     def _send_to(account: Account, attempt: Callable[[Account, Login], Any]) -> Any:
@@ -5410,6 +5505,38 @@ class ModelRequest:
                 answer.discard()
                 answer = attempt(account, new_login)
         return answer
+
+
+_UNKNOWN_ITEM = re.compile(r"(?i)\b(item|previous response) with id '?(rs|resp)_[^ ]* not found")
+
+
+def is_foreign_reasoning_error(answer: Any) -> bool:
+    """An error (an HTTP body or a WebSocket error event) saying the account
+    cannot read reasoning or a response another account produced
+    (PROTOCOL.md section 10)."""
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if not isinstance(error, dict):
+        return False
+    message = error.get("message")
+    return error.get("code") == "invalid_encrypted_content" or (
+        isinstance(message, str) and _UNKNOWN_ITEM.search(message) is not None)
+
+
+def without_reasoning(data: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """A Responses request without what only the account that produced it can
+    read: reasoning items, references to them, previous_response_id. None when
+    there was nothing to take out."""
+    out = dict(data)
+    changed = out.pop("previous_response_id", None) is not None
+    items = out.get("input")
+    if isinstance(items, list):
+        kept = [item for item in items if not (isinstance(item, dict) and (
+            item.get("type") == "reasoning" or (item.get("type") == "item_reference"
+                                                 and str(item.get("id", "")).startswith("rs_"))))]
+        if len(kept) != len(items):
+            out["input"] = kept
+            changed = True
+    return out if changed else None
 
 
 def choose_account(pool: "Pool", session: str, tried: set) -> Account:
@@ -5996,7 +6123,15 @@ class OCMHandler(BaseHTTPRequestHandler):
             self.server.metrics.observe_latency(exchange.latency)
             return exchange
 
-        account, exchange = call.send(pool, session_key(request.headers, body) if pool.is_pool else "", attempt)
+        def strip_reasoning() -> bool:
+            stripped = without_reasoning(body.data) if body is not None and body.data is not None else None
+            if stripped is None or request.headers.get("content-encoding", "identity").lower() != "identity":
+                return False
+            request.body = json.dumps(stripped).encode("utf-8")
+            return True
+
+        account, exchange = call.send(pool, session_key(request.headers, body) if pool.is_pool else "", attempt,
+                                      strip_reasoning)
         request.body = b""  # no retry from here on: a thousand streams need not hold a thousand bodies
         request.record.status = exchange.status
         tap = None
@@ -6629,6 +6764,10 @@ class OCMServer(ThreadingHTTPServer):
             if self.closing:
                 session.close(1001, "server shutting down")
             self._websockets.add(session)
+        # A reload that swapped the state before the session was listed could
+        # not see it: look at the current state once it is listed.
+        if session.user is not None and self.state.users.current(session.user) is None:
+            session.end_for_person("your access to OCM was removed by its owner")
         try:
             session.run()
         finally:

@@ -1703,9 +1703,15 @@ class TestUsage:
         headers = ocm.Headers([("x-codex-secondary-reset-at", "1795604800"),
                                ("x-codex-secondary-window-minutes", "10080")])
         assert ocm.week_start_from_headers(headers) == 1795604800 - 10080 * 60
-        other = ocm.Headers([("X-Codex-Active-Limit", "codex_other"), ("x-codex-other-secondary-reset-at", "2000"),
-                             ("x-codex-other-secondary-window-minutes", "10"), ("x-codex-secondary-reset-at", "9")])
-        assert ocm.week_start_from_headers(other) == 1400
+        other = ocm.Headers([("X-Codex-Active-Limit", "codex_other"), ("x-codex-other-secondary-reset-at", "700000"),
+                             ("x-codex-other-secondary-window-minutes", "10080"), ("x-codex-secondary-reset-at", "9")])
+        assert ocm.week_start_from_headers(other) == 700000 - 604800
+        # The week is the window that lasts a week, in whichever position (July 2026: only a weekly primary).
+        weekly_primary = ocm.Headers([("x-codex-primary-reset-at", "1795604800"),
+                                      ("x-codex-primary-window-minutes", "10080")])
+        assert ocm.week_start_from_headers(weekly_primary) == 1795604800 - 10080 * 60
+        monthly = ocm.Headers([("x-codex-primary-reset-at", "1795604800"), ("x-codex-primary-window-minutes", "43200")])
+        assert ocm.week_start_from_headers(monthly) is None
         assert ocm.week_start_from_headers(ocm.Headers()) is None
 
 

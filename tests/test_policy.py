@@ -334,7 +334,7 @@ class TestShares:
         # alice's three requests rose the window 10 points each: the third answer saw 20,
         # and the provisional estimate (10 per $0.10) covers the third.
         assert statuses == [200, 200, 200, 429]
-        assert account.user_share("alice", "primary") == pytest.approx(30, abs=0.01)
+        assert account.user_share("alice", "short") == pytest.approx(30, abs=0.01)
         message = error_of(proxy.request("POST", "/v1/responses", {})[2])[1]
         assert message.startswith("you have used your share (25%) of the 5-hour window of account default")
         assert proxy.request("POST", "/v1/responses", {}, token="tok-bob")[0] == 200  # bob has no cap
@@ -347,12 +347,12 @@ class TestShares:
         account.note_completion("alice", 0.30)  # two requests finished between two answers
         account.note_completion("bob", 0.10)
         account.observe_headers(headers(18), True)  # a rise of 8 points, split 3:1 by cost
-        assert account.user_share("alice", "primary") == pytest.approx(6)
-        assert account.user_share("bob", "primary") == pytest.approx(2)
+        assert account.user_share("alice", "short") == pytest.approx(6)
+        assert account.user_share("bob", "short") == pytest.approx(2)
         account.note_completion("bob", 0.20)  # estimated at 20 points per dollar until measured
-        assert account.user_share("bob", "primary") == pytest.approx(6)
+        assert account.user_share("bob", "short") == pytest.approx(6)
         account.observe_headers(headers(21), True)  # measured: 3 points
-        assert account.user_share("bob", "primary") == pytest.approx(5)
+        assert account.user_share("bob", "short") == pytest.approx(5)
 
     def test_a_new_window_starts_shares_afresh(self):
         account = ocm.Account("x", "/nonexistent/auth.json", "", None, ocm.Config())
@@ -362,10 +362,10 @@ class TestShares:
         account.note_completion("alice", 1.0)
         account.observe_headers(ocm.Headers([("x-codex-primary-used-percent", "30"),
                                              ("x-codex-primary-reset-at", str(now + 60))]), True)
-        assert account.user_share("alice", "primary") == 20
+        assert account.user_share("alice", "short") == 20
         account.observe_headers(ocm.Headers([("x-codex-primary-used-percent", "1"),
                                              ("x-codex-primary-reset-at", str(now + 18060))]), True)
-        assert account.user_share("alice", "primary") == 0
+        assert account.user_share("alice", "short") == 0
 
 
 # == /healthz and /metrics =====================================================

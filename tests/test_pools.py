@@ -269,7 +269,7 @@ class TestSelection:
     def test_a_finished_window_counts_as_unused(self, make_pool, accounts):
         proxy = make_pool(kind="fallback", members=("a", "b"))
         account = proxy.server.accounts["a"]
-        account.primary = ocm.Window(100.0, 300, time.time() - 1)  # reset a second ago
+        account.windows["short"] = ocm.Window(100.0, 300, time.time() - 1)  # reset a second ago
         assert account.is_usable()
 
 
@@ -334,7 +334,7 @@ class TestStickiness:
         proxy = make_pool(users=[{"name": "alice", "token": "tok-alice", "credential": "pool", "share_5h": 20},
                                  {"name": "bob", "token": "tok-bob", "credential": "pool"}])
         for account in proxy.server.accounts.values():
-            account.shares["primary"]["alice"] = 25.0
+            account.shares["short"]["alice"] = 25.0
         status, _, body = ask(proxy)
         assert status == 429 and error_of(body)[1].startswith("you have used your share (20%) of the 5-hour window")
         client = WSClient(proxy.port)
@@ -437,9 +437,9 @@ class TestPolling:
         accounts.used["c"] = (42.0, 17.0)
         proxy = make_pool(poll_interval="0.1s")
         account = proxy.server.accounts["c"]
-        assert wait_for(lambda: account.primary.used_percent == 42.0, 3)
-        assert account.secondary.used_percent == 17.0 and account.plan == "plus"
-        assert account.primary.window_minutes == 300
+        assert wait_for(lambda: account.short.used_percent == 42.0, 3)
+        assert account.long.used_percent == 17.0 and account.plan == "plus"
+        assert account.short.window_minutes == 300
 
     def test_poll_backs_off_exponentially_and_429_means_later(self, make_pool, accounts):
         accounts.poll_answers["a"] = (500, {"error": "down"})
