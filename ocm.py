@@ -5114,7 +5114,7 @@ class UsageTap:
     relayed bytes. The first usage found goes on the request's record, which
     books it when it settles; the request's model and tier fill in what the
     answer leaves out."""
-    __slots__ = ("_record", "_scanner", "_parts", "_size")
+    __slots__ = ("_record", "_scanner", "_parts", "_size", "_finished")
 
     JSON_LIMIT = 32 << 20
 
@@ -5122,6 +5122,7 @@ class UsageTap:
         self._record = record
         self._parts = None     # type: Optional[List[bytes]]
         self._size = 0
+        self._finished = False
         self._scanner = SSEScanner(self._on_event) if stream else None  # type: Optional[SSEScanner]
         if not stream:
             self._parts = []
@@ -5142,6 +5143,9 @@ class UsageTap:
                 self._parts.append(data)
 
     def finish(self, complete: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
         if self._scanner is not None:
             self._scanner.finish()
         elif self._parts is not None and complete and self._record.usage is None:
@@ -5515,6 +5519,8 @@ def is_foreign_reasoning_error(answer: Any) -> bool:
     cannot read reasoning or a response another account produced
     (PROTOCOL.md section 10)."""
     error = answer.get("error") if isinstance(answer, dict) else None
+    if error is None and isinstance(answer, dict) and isinstance(answer.get("response"), dict):
+        error = answer["response"].get("error")  # a response.failed event
     if not isinstance(error, dict):
         return False
     message = error.get("message")
@@ -5759,7 +5765,8 @@ class WebSocketSession:
     """
 
     def __init__(self, server: "OCMServer", client_sock, client_leftover: bytes,
-                 handshake: WebSocketHandshake, user: Optional[User], account: Account, path: str):
+                 handshake: WebSocketHandshake, user: Optional[User], account: Account, path: str,
+                 moved: bool = False):
         limits = server.config.limits
         self.server = server
         self.client = WebSocketEnd("client", client_sock, False, limits)
@@ -5770,7 +5777,11 @@ class WebSocketSession:
         self.path = path
         self.week_start = week_start_from_headers(handshake.headers)
         self._held = []  # type: List[Frame]  # a client text message's frames, until it is admitted
-        self._turns = collections.deque()  # type: collections.deque  # RequestRecords, oldest first
+        # Turns running, oldest first: [record, its create while it may be sent again].
+        self._turns = collections.deque()  # type: collections.deque
+        # The conversation came from another account: a turn that account cannot
+        # read the reasoning of is sent once more without it.
+        self.moved = moved
         self._turns_lock = threading.Lock()
 
     def run(self) -> None:
@@ -5840,6 +5851,8 @@ class WebSocketSession:
                 dest.send(WS_CLOSE, frame.payload)
             return False
         frames = [frame]
+        if text is not None and source is self.upstream and self.moved and self.retry_without_reasoning(text):
+            return True  # the refusal is answered by sending the turn again; the client never sees it
         if source is self.client and frame.opcode not in WS_CONTROL_OPCODES:
             # A client's data message goes on only whole and admitted.
             self._held.append(frame)
@@ -5859,6 +5872,29 @@ class WebSocketSession:
             return False
         if text is not None and source is self.upstream:
             self.read_event(text)  # after the send: accounting never delays the client
+        return True
+
+    def retry_without_reasoning(self, text: bytes) -> bool:
+        """True if ``text`` is upstream refusing reasoning from another account
+        for the oldest turn, which then went upstream once more without it."""
+        try:
+            event = parse_json(text)
+        except ValueError:
+            return False
+        if not isinstance(event, dict) or event.get("type") not in ("error", "response.failed"):
+            return False
+        with self._turns_lock:
+            entry = self._turns[0] if self._turns else None
+            create = entry[1] if entry is not None else None
+            if create is None or not is_foreign_reasoning_error(event):
+                return False
+            entry[1] = None
+        stripped = without_reasoning(parse_json(create))
+        if stripped is None:
+            return False
+        log.info("account %s cannot read this conversation's reasoning from another account; "
+                 "sending the turn once more without it", self.account.tag)
+        self.upstream.send(WS_TEXT, json.dumps(stripped).encode("utf-8"))
         return True
 
     def start_turn(self, text: bytes) -> Optional[bytes]:
@@ -5897,7 +5933,7 @@ class WebSocketSession:
             return error_event_for(exc)
         body.data = None  # nothing else needs it
         with self._turns_lock:
-            self._turns.append(record)
+            self._turns.append([record, text if self.moved else None])
         return None
 
     def read_event(self, text: bytes) -> None:
@@ -5909,7 +5945,7 @@ class WebSocketSession:
         if not isinstance(event, dict) or event.get("type") not in TURN_END_EVENTS:
             return
         with self._turns_lock:
-            record = self._turns.popleft() if self._turns else None
+            record = self._turns.popleft()[0] if self._turns else None
         if record is None:
             return
         if event["type"] == "error":
@@ -5923,7 +5959,7 @@ class WebSocketSession:
     def end_turns(self, status: int) -> None:
         """The session ended: turns that got no terminal event are settled now."""
         with self._turns_lock:
-            records, self._turns = list(self._turns), collections.deque()
+            records, self._turns = [entry[0] for entry in self._turns], collections.deque()
         for record in records:
             record.status = status
             self.server.settle(record)
@@ -6208,7 +6244,7 @@ class OCMHandler(BaseHTTPRequestHandler):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             session = WebSocketSession(self.server, self.connection, bytes(self.reader.buf), handshake,
-                                       user, account, request.path)
+                                       user, account, request.path, moved=call.moved)
             self.reader.buf.clear()
             self.server.run_websocket(session)
             return
@@ -6276,6 +6312,7 @@ class OCMHandler(BaseHTTPRequestHandler):
                     headers.append(("Content-Length", str(len(body))))
                 if tap is not None and body:
                     tap.feed(body)  # a copy, parsed when the answer is over
+                self.settle_before_the_end(request, tap)
                 self.finish_head(request, status, response.reason, headers, body)
                 return
             if response.length is not None:
@@ -6295,6 +6332,13 @@ class OCMHandler(BaseHTTPRequestHandler):
             exchange.finish(complete)
             if tap is not None:
                 tap.finish(complete)
+
+    def settle_before_the_end(self, request: ClientRequest, tap: Optional[UsageTap]) -> None:
+        """Book a whole answer before its last bytes go out: a client that asks
+        again at once (Codex does) finds its last request already counted."""
+        if tap is not None:
+            tap.finish(True)
+        self.server.settle(request.record)
 
     def finish_head(self, request: ClientRequest, status: int, reason: str,
                     headers: List[Tuple[str, str]], body: bytes = b"") -> None:
@@ -6337,11 +6381,14 @@ class OCMHandler(BaseHTTPRequestHandler):
                     # last bytes: the client may close or ask again at once.
                     watcher.unwatch(self.connection, context)
                     exchange.finish(True)
+                    if tap is not None and data:
+                        tap.feed(data)
+                    self.settle_before_the_end(request, tap)
                 if data:
                     try:
                         self.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
                     finally:  # after the write, so accounting never delays the client; and
-                        if tap is not None:  # even if the client just hung up: it was produced, and billed
+                        if tap is not None and not ended:  # even if the client just hung up: it was billed
                             tap.feed(data)
                 if ended:
                     if chunked:
