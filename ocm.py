@@ -4352,12 +4352,15 @@ class SSEScanner:
 
     Only the ``data:`` lines matter (Codex reads nothing else), and only events
     that mention "usage" are parsed as JSON: parsing every text delta would
-    cost the relay CPU for nothing.
+    cost the relay CPU for nothing. ``every_event=True`` parses them all, for
+    a stream that is translated for its client (section 14b).
     """
-    __slots__ = ("_on_event", "_tail", "_data", "_size", "_skip_lf", "_max", "broken")
+    __slots__ = ("_on_event", "_tail", "_data", "_size", "_skip_lf", "_max", "_every", "broken")
 
-    def __init__(self, on_event: Callable[[Any], None], max_event: int = 32 << 20):
+    def __init__(self, on_event: Callable[[Any], None], max_event: int = 32 << 20,
+                 every_event: bool = False):
         self._on_event = on_event
+        self._every = every_event
         self._tail = b""        # an unfinished line
         self._data = []         # type: List[bytes]  # data lines of the event being read
         self._size = 0
@@ -4413,7 +4416,7 @@ class SSEScanner:
         payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
         self._data = []
         self._size = 0
-        if b'"usage"' not in payload:
+        if not self._every and b'"usage"' not in payload:
             return
         try:
             event = parse_json(payload)
