@@ -4704,6 +4704,696 @@ def request_model_and_tier(body: bytes) -> Tuple[str, str]:
     return (model if isinstance(model, str) else "", tier if isinstance(tier, str) else "")
 
 
+# == 14b. Translation ========================================================
+#
+# Clients other than Codex on the ChatGPT backend (PROTOCOL.md sections 5, 9,
+# 11). The backend takes only streamed, unstored Responses requests, so OCM
+# rewrites a plain Responses, Chat Completions or Anthropic Messages request
+# into that shape, and turns the streamed answer into what the client expects.
+# Pure code: bodies and parsed events in, bodies and bytes out; ids and times
+# are parameters. Accounting keeps reading the ORIGINAL upstream events with
+# usage_record_from_event; the answers built here carry model, service_tier
+# and usage too, but nothing depends on that.
+
+# What the backend refuses, dropped before sending, each with the reason the
+# docs give. ChatMock, codex-lb, LiteLLM's chatgpt provider and CLIProxyAPI
+# each drop a subset of these.
+BACKEND_REFUSED_PARAMETERS = (
+    ("max_output_tokens", "the backend sets its own output limit: 'Unsupported parameter'"),
+    ("max_tokens", "an output limit (the Chat Completions name)"),
+    ("max_completion_tokens", "an output limit (the newer Chat Completions name)"),
+    ("metadata", "refused: an unstored response has nothing to attach it to"),
+    ("user", "refused by the backend"),
+    ("safety_identifier", "refused by the backend"),
+    ("temperature", "a sampling parameter, refused by reasoning models"),
+    ("top_p", "a sampling parameter, refused by reasoning models"),
+    ("truncation", "refused by the backend"),
+    ("prompt_cache_retention", "refused by the backend"),
+    ("context_management", "refused by the backend: 'Unsupported parameter'"),
+)
+# Chat Completions parameters with no Responses counterpart on the backend,
+# dropped by chat_to_responses() (besides the refused ones above).
+CHAT_DROPPED_PARAMETERS = (
+    ("store", "the backend stores nothing"),
+    ("frequency_penalty", "no Responses counterpart"),
+    ("presence_penalty", "no Responses counterpart"),
+    ("logit_bias", "no Responses counterpart"),
+    ("logprobs", "not returned by the backend"),
+    ("top_logprobs", "not returned by the backend"),
+    ("seed", "no Responses counterpart"),
+    ("modalities", "text only: audio output is not translated"),
+    ("audio", "text only: audio output is not translated"),
+    ("prediction", "no Responses counterpart"),
+    ("web_search_options", "not translated"),
+)
+# Anthropic Messages parameters dropped by messages_to_responses().
+ANTHROPIC_DROPPED_PARAMETERS = (
+    ("max_tokens", "refused by the backend (an output limit)"),
+    ("metadata", "refused by the backend; user_id only seeds prompt_cache_key"),
+    ("context_management", "refused by the backend"),
+    ("temperature", "a sampling parameter, refused by reasoning models"),
+    ("top_p", "a sampling parameter, refused by reasoning models"),
+    ("top_k", "no Responses counterpart"),
+    ("service_tier", "Anthropic's tiers do not map to the backend's"),
+    ("container", "Anthropic's code execution is not available"),
+    ("mcp_servers", "Anthropic's MCP connector is not available"),
+    ("cache_control", "the backend caches prompt prefixes by itself"),
+)
+BACKEND_SERVICE_TIERS = frozenset(("priority", "flex"))
+TOOL_NAME_LIMIT = 64                # the backend's limit on function names
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+ANTHROPIC_DEFAULT_MODEL = "gpt-5.3-codex"  # for claude-* names when no model_map says
+# Claude Code puts a line that changes every request in its system prompt; as
+# instructions it would defeat the backend's prompt cache.
+CLAUDE_BILLING_PREFIX = "x-anthropic-billing-header:"
+# Reasoning goes back to Claude clients as a thinking block's signature (or a
+# redacted_thinking block's data): this prefix, then the encrypted reasoning.
+# Clients send it back unchanged next turn; Anthropic's own signatures lack it.
+REASONING_SIGNATURE_PREFIX = "ocm-reasoning:"
+IMAGE_TOKEN_ESTIMATE = 1600         # Anthropic's cost of a 1.15-megapixel image
+STREAM_CUT_MESSAGE = "the upstream stream ended before the response was complete"
+
+
+def _refuse(path: str, problem: str) -> None:
+    raise HTTPError(400, "invalid_request_error", "%s: %s" % (path, problem))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def backend_service_tier(value: Any) -> str:
+    """The backend's name for a requested service tier, or "" to send none:
+    "fast" is Codex's word for priority; auto and default are the default."""
+    if not isinstance(value, str):
+        return ""
+    value = value.strip().lower()
+    if value == "fast":
+        return "priority"
+    return value if value in BACKEND_SERVICE_TIERS else ""
+
+
+def backend_tool_name(name: str) -> str:
+    """A function name the backend takes (``[A-Za-z0-9_-]{1,64}``). Longer or
+    odd names (MCP tools such as ``mcp__server__a_very_long_tool``) keep their
+    start and get a digest of the whole name: the same name always maps to the
+    same short one, so history and answers agree without any stored state."""
+    if _TOOL_NAME.match(name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:TOOL_NAME_LIMIT - 11] + "_" + digest
+
+
+def request_tool_names(request: Any) -> Dict[str, str]:
+    """{backend name: client name} for the client's tools whose names had to
+    change (Chat's nested tools or Anthropic's flat ones)."""
+    names = {}
+    tools = request.get("tools") if isinstance(request, dict) else None
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict):
+            continue
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else tool.get("name")
+        if isinstance(name, str) and name and backend_tool_name(name) != name:
+            names[backend_tool_name(name)] = name
+    return names
+
+
+def request_stop_sequences(request: Any) -> List[str]:
+    """Anthropic's ``stop_sequences`` or Chat's ``stop`` (a string or a list)."""
+    if not isinstance(request, dict):
+        return []
+    stop = request.get("stop_sequences", request.get("stop"))
+    if isinstance(stop, str):
+        stop = [stop]
+    return [s for s in stop if isinstance(s, str) and s] if isinstance(stop, list) else []
+
+
+def resolve_model(requested: Any, model_map: Any = (),
+                  default: str = ANTHROPIC_DEFAULT_MODEL) -> str:
+    """The backend model for a requested name. ``model_map`` is an ordered list
+    of (glob, target) pairs, e.g. ``[("claude-*haiku*", "gpt-5.1-codex-mini"),
+    ("claude-*", "gpt-5.3-codex")]``; the first glob that matches (fnmatch,
+    case-insensitive) wins. Otherwise an Anthropic name (claude-*, or one
+    naming opus, sonnet or haiku) and an empty name become ``default``, and
+    every other name (gpt-5.4, o3, ...) passes through unchanged."""
+    name = requested.strip() if isinstance(requested, str) else ""
+    lowered = name.lower()
+    for pattern, target in model_map or ():
+        if fnmatch.fnmatchcase(lowered, pattern.lower()):
+            return target
+    if not name or lowered.startswith(("claude", "anthropic")) or any(
+            family in lowered for family in ("opus", "sonnet", "haiku")):
+        return default
+    return name
+
+
+# -- Plain Responses clients --------------------------------------------------
+
+def backend_responses_request(body: Any) -> Tuple[Dict[str, Any], List[str]]:
+    """A copy of a Responses request that the ChatGPT backend takes, and the
+    names of the parameters dropped from it (BACKEND_REFUSED_PARAMETERS, and
+    ``service_tier`` unless priority or flex). ``stream`` and ``store`` are
+    forced to true and false: the client's own ``stream`` still decides how
+    OCM answers. A string ``input`` becomes one user message and ``system``
+    input messages become ``developer`` ones, as peers found the backend needs.
+    Raises HTTPError 400 unless the body is a JSON object."""
+    if not isinstance(body, dict):
+        _refuse("body", "must be a JSON object")
+    out = dict(body)
+    dropped = [name for name, _ in BACKEND_REFUSED_PARAMETERS if name in out]
+    for name in dropped:
+        del out[name]
+    if "service_tier" in out:
+        tier = backend_service_tier(out["service_tier"])
+        if tier:
+            out["service_tier"] = tier
+        else:
+            del out["service_tier"]
+            dropped.append("service_tier")
+    items = out.get("input")
+    if isinstance(items, str):
+        out["input"] = [_message_item("user", [{"type": "input_text", "text": items}])]
+    elif isinstance(items, list) and any(
+            isinstance(item, dict) and item.get("role") == "system" for item in items):
+        out["input"] = [dict(item, role="developer") if isinstance(item, dict)
+                        and item.get("role") == "system" else item for item in items]
+    out["stream"] = True
+    out["store"] = False
+    return out, dropped
+
+
+def _message_item(role: str, content: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {"type": "message", "role": role, "content": content}
+
+
+class StreamFailure(namedtuple("StreamFailure", "status error_type message code")):
+    """Why a streamed answer failed: the HTTP status and OpenAI error type to
+    show a client, the message, and the upstream's code (or "")."""
+    __slots__ = ()
+
+
+STREAM_CUT = StreamFailure(502, "api_error", STREAM_CUT_MESSAGE, "stream_incomplete")
+
+
+def _failure_kind(code: str) -> Tuple[int, str]:
+    lowered = code.lower()
+    if any(word in lowered for word in ("rate_limit", "usage_limit", "quota")):
+        return 429, "rate_limit_error"
+    if any(word in lowered for word in ("overloaded", "slow_down", "unavailable")):
+        return 503, "api_error"
+    if "auth" in lowered or ("token" in lowered and "expired" in lowered):
+        return 401, "authentication_error"
+    if lowered.startswith("invalid") or "context_length" in lowered or "not_found" in lowered:
+        return 400, "invalid_request_error"
+    return 502, "api_error"
+
+
+def stream_failure(event: Any) -> Optional[StreamFailure]:
+    """The failure a ``response.failed`` or ``error`` event reports (SSE's flat
+    error event, or the WebSocket one with ``status`` and ``error``); None
+    for any other event."""
+    if not isinstance(event, dict):
+        return None
+    kind = event.get("type")
+    if kind == "response.failed":
+        response = event.get("response")
+        error = response.get("error") if isinstance(response, dict) else None
+    elif kind == "error":
+        error = event.get("error") if isinstance(event.get("error"), dict) else event
+    else:
+        return None
+    error = error if isinstance(error, dict) else {}
+    code = error.get("code")
+    if not isinstance(code, str) or not code:
+        code = error.get("type") if error is not event else ""
+        code = code if isinstance(code, str) else ""
+    message = error.get("message")
+    if not isinstance(message, str) or not message:
+        message = "the upstream response failed" + (" (%s)" % code if code else "")
+    status, error_type = _failure_kind(code)
+    if _is_int(event.get("status")) and 400 <= event["status"] < 600:
+        status = event["status"]
+        error_type = {401: "authentication_error", 429: "rate_limit_error"}.get(
+            status, "invalid_request_error" if status < 500 else "api_error")
+    return StreamFailure(status, error_type, message, code)
+
+
+def openai_error_body(error_type: str, message: str, code: Optional[str] = None) -> Dict[str, Any]:
+    """OpenAI's error object, as Chat and Responses clients read it."""
+    return {"error": {"message": message, "type": error_type, "param": None, "code": code or None}}
+
+
+def _terminal_response(event: Dict[str, Any]) -> Dict[str, Any]:
+    response = event.get("response")
+    return response if isinstance(response, dict) else {}
+
+
+class ResponseAssembler:
+    """Builds the JSON object a non-streaming Responses client expects from the
+    events of the streamed upstream answer, fed one parsed event at a time.
+
+    The backend's ``response.completed`` carries an EMPTY ``output``, so the
+    items come from ``response.output_item.done`` events, in ``output_index``
+    order; id, model, status, service_tier and usage come from the terminal
+    event (``response.completed`` or ``response.incomplete``). A terminal event
+    that does carry output (the OpenAI API) keeps it.
+    """
+    __slots__ = ("_items", "_terminal", "failure")
+
+    def __init__(self):
+        self._items = []  # type: List[Tuple[int, int, Dict[str, Any]]]
+        self._terminal = None  # type: Optional[Dict[str, Any]]
+        self.failure = None  # type: Optional[StreamFailure]
+
+    @property
+    def done(self) -> bool:
+        return self._terminal is not None or self.failure is not None
+
+    def feed(self, event: Any) -> None:
+        if self.done or not isinstance(event, dict):
+            return
+        kind = event.get("type")
+        if kind == "response.output_item.done" and isinstance(event.get("item"), dict):
+            index = event.get("output_index")
+            self._items.append((index if _is_int(index) else 1 << 62, len(self._items),
+                                event["item"]))
+        elif kind in USAGE_EVENT_TYPES:
+            self._terminal = _terminal_response(event)
+        else:
+            self.failure = stream_failure(event)
+
+    def finish(self) -> Tuple[int, Dict[str, Any]]:
+        """End of the upstream stream: (200, the response object), or an error
+        status with ``{"error": {...}}`` after a failure or a stream that ended
+        without a terminal event."""
+        failure = self.failure or (None if self._terminal is not None else STREAM_CUT)
+        if failure is not None:
+            return failure.status, openai_error_body(failure.error_type, failure.message,
+                                                     failure.code)
+        response = dict(self._terminal)
+        if not response.get("output"):
+            response["output"] = [item for _, _, item in sorted(self._items, key=lambda t: t[:2])]
+        return 200, response
+
+
+def message_text(item: Dict[str, Any]) -> str:
+    """All the text of a ``message`` output item (its refusals count as text)."""
+    parts = item.get("content")
+    texts = []
+    for part in parts if isinstance(parts, list) else ():
+        if isinstance(part, dict):
+            text = part.get("text") if part.get("type") == "output_text" else part.get("refusal")
+            if isinstance(text, str):
+                texts.append(text)
+    return "".join(texts)
+
+
+def reasoning_text(item: Dict[str, Any]) -> str:
+    """The summary of a ``reasoning`` output item, its parts a blank line apart."""
+    parts = item.get("summary")
+    return "\n\n".join(part["text"] for part in (parts if isinstance(parts, list) else ())
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+
+
+class StopScanner:
+    """Cuts streamed text at the first of some stop sequences. The backend has
+    no ``stop`` parameter, so OCM stops the text itself: the model still writes
+    (and the account pays for) the rest of its answer, which is dropped.
+
+    ``feed()`` returns the text that is safe to send now: a tail that could be
+    the start of a stop sequence is held back until the next piece settles it,
+    and ``flush()`` returns it at the end of a text. After a match, ``matched``
+    is the sequence and nothing more comes out.
+    """
+    __slots__ = ("_sequences", "_held", "_longest", "matched")
+
+    def __init__(self, sequences: List[str]):
+        self._sequences = [s for s in sequences if s]
+        self._longest = max((len(s) for s in self._sequences), default=0)
+        self._held = ""
+        self.matched = None  # type: Optional[str]
+
+    def feed(self, text: str) -> str:
+        if self.matched is not None:
+            return ""
+        text = self._held + text
+        cut, matched = -1, None
+        for sequence in self._sequences:
+            at = text.find(sequence)
+            if at >= 0 and (cut < 0 or at < cut):
+                cut, matched = at, sequence
+        if matched is not None:
+            self._held, self.matched = "", matched
+            return text[:cut]
+        hold = 0
+        for size in range(min(len(text), self._longest - 1), 0, -1):
+            tail = text[-size:]
+            if any(s.startswith(tail) for s in self._sequences):
+                hold = size
+                break
+        self._held = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.matched is not None else held
+
+
+def end_reason(status: str, response: Dict[str, Any], stopped: bool, has_tool_calls: bool) -> str:
+    """Why an answer ended, in Chat's words: stop, tool_calls, length or
+    content_filter; "stop_sequence" when OCM cut it at a stop sequence."""
+    if stopped:
+        return "stop_sequence"
+    if status == "incomplete":
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        return "content_filter" if reason == "content_filter" else "length"
+    return "tool_calls" if has_tool_calls else "stop"
+
+
+def _usage_numbers(usage: Any) -> Tuple[int, int, int, int, int]:
+    """(input, output, total, cached, reasoning) tokens of a Responses usage."""
+    numbers = (_int_field(usage, "input_tokens"), _int_field(usage, "output_tokens"),
+               _int_field(usage, "total_tokens"),
+               _int_field(usage, "input_tokens_details", "cached_tokens"),
+               _int_field(usage, "output_tokens_details", "reasoning_tokens"))
+    return numbers[:2] + (numbers[2] or numbers[0] + numbers[1],) + numbers[3:]
+
+
+def chat_usage(usage: Any) -> Dict[str, Any]:
+    """A Responses usage object in Chat Completions' words."""
+    input_tokens, output_tokens, total, cached, reasoning = _usage_numbers(usage)
+    return {"prompt_tokens": input_tokens, "completion_tokens": output_tokens,
+            "total_tokens": total, "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+
+def anthropic_usage(usage: Any) -> Dict[str, int]:
+    """A Responses usage object in Anthropic's words: Anthropic's input_tokens
+    leave out the tokens read from the cache, which it counts apart."""
+    input_tokens, output_tokens, _, cached, _ = _usage_numbers(usage)
+    return {"input_tokens": max(input_tokens - cached, 0), "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached, "output_tokens": output_tokens}
+
+
+def sse_data(payload: Any) -> bytes:
+    """One ``data:`` event. json.dumps escapes everything from upstream
+    (ASCII only, so even a lone surrogate cannot break the encoding)."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode("ascii") + b"\n\n"
+
+
+def sse_event(name: str, payload: Any) -> bytes:
+    """One named event (``event:`` and ``data:``), as Anthropic streams them."""
+    return ("event: %s\n" % name).encode("ascii") + sse_data(payload)
+
+
+def _missing(full: Any, received: str) -> str:
+    """What a whole item has beyond what its deltas carried ("" if they
+    disagree: what was sent cannot be taken back)."""
+    if isinstance(full, str) and full.startswith(received):
+        return full[len(received):]
+    return ""
+
+
+class _Item:
+    """One output item of the upstream answer, as a stream writer follows it."""
+    __slots__ = ("kind", "received", "pending", "call_id", "name", "index", "part",
+                 "started", "closed", "muted", "keys")
+
+    def __init__(self, kind: str, keys: List[Tuple[str, Any]], muted: bool):
+        self.kind = kind            # "text", "tool" or "thinking"
+        self.received = ""          # text or arguments from upstream so far
+        self.pending = ""           # arguments that came before the call's name
+        self.call_id = ""
+        self.name = ""
+        self.index = -1             # the client-side block or tool call index
+        self.part = None            # type: Any  # summary_index of the last summary delta
+        self.started = False        # a tool call's head was written
+        self.closed = False
+        self.muted = muted          # begun after a stop sequence: never written
+        self.keys = keys
+
+
+class ResponseStreamWriter:
+    """Follows a Responses event stream for a client that speaks another API;
+    ChatStreamWriter and AnthropicStreamWriter say how to write each part.
+
+    Feed parsed events (dicts from SSEScanner(every_event=True)); each feed()
+    returns the bytes to send, maybe b"". Text, tool calls (name first, then
+    argument deltas) and reasoning summaries are written as they stream; an
+    item that arrives only whole (``response.output_item.done`` without
+    deltas) is written from that, and so is whatever its deltas missed. After
+    the terminal event, a failure, or finish() on a stream that ended without
+    one (an error for the client), ``done`` is true and events are ignored.
+    """
+
+    _HANDLERS = {
+        "response.output_item.added": "_item_added",
+        "response.output_item.done": "_item_done",
+        "response.output_text.delta": "_text_delta",
+        "response.refusal.delta": "_text_delta",
+        "response.function_call_arguments.delta": "_arguments_delta",
+        "response.reasoning_summary_text.delta": "_summary_delta",
+        "response.completed": "_end",
+        "response.incomplete": "_end",
+    }
+
+    def __init__(self, request: Any, model: str):
+        self.model = model            # until the upstream names its own
+        self.service_tier = ""
+        self.usage = None             # type: Optional[Dict[str, Any]]  # the terminal event's
+        self.failure = None           # type: Optional[StreamFailure]
+        self.done = False
+        self.has_tool_calls = False
+        self.stop_sequence = None     # type: Optional[str]  # the one that cut the text
+        stops = request_stop_sequences(request)
+        self._stop = StopScanner(stops) if stops else None
+        self._names = request_tool_names(request)
+        self._items = {}              # type: Dict[Tuple[str, Any], _Item]
+        self._order = []              # type: List[_Item]
+        self._started = False
+        self._out = []                # type: List[bytes]
+
+    def feed(self, event: Any) -> bytes:
+        if self.done or not isinstance(event, dict):
+            return b""
+        failure = stream_failure(event)
+        if failure is not None:
+            self._fail(failure)
+        else:
+            self._note_response(event.get("response"))
+            if not self._started:
+                self._started = True
+                self._on_start()
+            handler = self._HANDLERS.get(event.get("type"))
+            if handler is not None:
+                getattr(self, handler)(event)
+        return self._take()
+
+    def finish(self) -> bytes:
+        """End of the upstream stream; an error for the client unless the
+        answer was complete."""
+        if not self.done:
+            self._fail(STREAM_CUT)
+        return self._take()
+
+    def _take(self) -> bytes:
+        out, self._out = b"".join(self._out), []
+        return out
+
+    def _fail(self, failure: StreamFailure) -> None:
+        self.failure, self.done = failure, True
+        self._on_fail(failure)
+
+    def _note_response(self, response: Any) -> None:
+        if isinstance(response, dict):
+            if isinstance(response.get("model"), str) and response["model"]:
+                self.model = response["model"]
+            if isinstance(response.get("service_tier"), str) and response["service_tier"]:
+                self.service_tier = response["service_tier"]
+
+    def _item(self, event: Dict[str, Any], item: Any, kind: str) -> _Item:
+        """The item an event is about: by output_index, else by item id, else
+        (a backend that names nothing) the one open item of that kind."""
+        keys = []  # type: List[Tuple[str, Any]]
+        if _is_int(event.get("output_index")):
+            keys.append(("index", event["output_index"]))
+        ident = item.get("id") if isinstance(item, dict) else None
+        ident = ident if isinstance(ident, str) and ident else event.get("item_id")
+        if isinstance(ident, str) and ident:
+            keys.append(("id", ident))
+        keys = keys or [("current", kind)]
+        for key in keys:
+            state = self._items.get(key)
+            if state is not None and state.kind == kind:
+                for other in keys:
+                    self._items.setdefault(other, state)
+                return state
+        state = _Item(kind, keys, self.stop_sequence is not None)
+        for key in keys:
+            self._items[key] = state
+        self._order.append(state)
+        return state
+
+    def _item_added(self, event: Dict[str, Any]) -> None:
+        item = event.get("item")
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "function_call":
+            self._start_tool(self._item(event, item, "tool"), item)
+        elif kind == "message":
+            self._item(event, item, "text")
+        elif kind == "reasoning":
+            self._item(event, item, "thinking")
+
+    def _text_delta(self, event: Dict[str, Any]) -> None:
+        delta = event.get("delta")
+        if isinstance(delta, str) and delta:
+            state = self._item(event, None, "text")
+            if not state.closed:
+                state.received += delta
+                self._write_text(state, delta)
+
+    def _arguments_delta(self, event: Dict[str, Any]) -> None:
+        delta = event.get("delta")
+        if isinstance(delta, str) and delta:
+            state = self._item(event, None, "tool")
+            if state.closed:
+                return
+            state.received += delta
+            if state.started:
+                self._write_arguments(state, delta)
+            else:
+                state.pending += delta
+
+    def _summary_delta(self, event: Dict[str, Any]) -> None:
+        delta = event.get("delta")
+        if isinstance(delta, str) and delta:
+            state = self._item(event, None, "thinking")
+            if state.closed:
+                return
+            part = event.get("summary_index")
+            if state.received and part != state.part:
+                delta = "\n\n" + delta
+            state.part = part
+            state.received += delta
+            if not state.muted and self.stop_sequence is None:
+                self._on_thinking(state, delta)
+
+    def _item_done(self, event: Dict[str, Any]) -> None:
+        item = event.get("item")
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "message":
+            state = self._item(event, item, "text")
+            if not state.closed:
+                rest = _missing(message_text(item), state.received)
+                state.received += rest
+                self._write_text(state, rest)
+                self._close(state)
+        elif kind == "function_call":
+            state = self._item(event, item, "tool")
+            if not state.closed:
+                if not state.started:
+                    self._start_tool(state, item)
+                rest = _missing(item.get("arguments"), state.received)
+                state.received += rest
+                self._write_arguments(state, rest)
+                self._close(state)
+        elif kind == "reasoning":
+            state = self._item(event, item, "thinking")
+            if not state.closed:
+                rest = _missing(reasoning_text(item), state.received)
+                state.received += rest
+                state.muted = state.muted or self.stop_sequence is not None
+                if rest and not state.muted:
+                    self._on_thinking(state, rest)
+                secret = item.get("encrypted_content")
+                if isinstance(secret, str) and secret and not state.muted:
+                    self._on_signature(state, REASONING_SIGNATURE_PREFIX + secret)
+                self._close(state)
+
+    def _start_tool(self, state: _Item, item: Dict[str, Any]) -> None:
+        if state.started:
+            return
+        call_id = item.get("call_id") or item.get("id")
+        name = item.get("name")
+        state.call_id = call_id if isinstance(call_id, str) and call_id else (
+            "call_%d" % len(self._order))
+        name = name if isinstance(name, str) else ""
+        state.name = self._names.get(name, name)
+        state.started = True
+        state.muted = state.muted or self.stop_sequence is not None
+        if not state.muted:
+            self.has_tool_calls = True
+            self._on_tool_start(state)
+        if state.pending:
+            self._write_arguments(state, state.pending)
+            state.pending = ""
+
+    def _write_text(self, state: _Item, text: str) -> None:
+        if not text or state.muted or self.stop_sequence is not None:
+            return
+        if self._stop is not None:
+            text = self._stop.feed(text)
+            self.stop_sequence = self._stop.matched
+        if text:
+            self._on_text(state, text)
+
+    def _write_arguments(self, state: _Item, text: str) -> None:
+        if text and not state.muted:
+            self._on_arguments(state, text)
+
+    def _close(self, state: _Item) -> None:
+        if state.closed:
+            return
+        if state.kind == "text" and self._stop is not None and self.stop_sequence is None:
+            rest = self._stop.flush()
+            if rest and not state.muted:
+                self._on_text(state, rest)
+        state.closed = True
+        if self._items.get(("current", state.kind)) is state:
+            del self._items[("current", state.kind)]
+        self._on_close(state)
+
+    def _end(self, event: Dict[str, Any]) -> None:
+        for state in self._order:
+            self._close(state)
+        response = _terminal_response(event)
+        self.usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
+        self.done = True
+        status = "incomplete" if event.get("type") == "response.incomplete" else "completed"
+        self._on_end(end_reason(status, response, self.stop_sequence is not None,
+                                self.has_tool_calls))
+
+    # What the subclasses write.
+    def _on_start(self) -> None:
+        pass
+
+    def _on_text(self, state: _Item, text: str) -> None:
+        pass
+
+    def _on_tool_start(self, state: _Item) -> None:
+        pass
+
+    def _on_arguments(self, state: _Item, text: str) -> None:
+        pass
+
+    def _on_thinking(self, state: _Item, text: str) -> None:
+        pass
+
+    def _on_signature(self, state: _Item, signature: str) -> None:
+        pass
+
+    def _on_close(self, state: _Item) -> None:
+        pass
+
+    def _on_end(self, reason: str) -> None:
+        pass
+
+    def _on_fail(self, failure: StreamFailure) -> None:
+        pass
+
+
 # == 15. Handler =============================================================
 
 def json_error_body(error_type: str, message: str) -> bytes:
