@@ -5394,6 +5394,357 @@ class ResponseStreamWriter:
         pass
 
 
+# -- Chat Completions ---------------------------------------------------------
+
+def _chat_text(content: Any, path: str, kinds: Tuple[str, ...] = ("text",)) -> str:
+    """The text of a message whose content is a string or a list of text parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        _refuse(path, "must be a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        text = part.get(kind) if kind in kinds else None
+        if not isinstance(text, str):
+            _refuse("%s.%d" % (path, j), "must be a part of type %s" % " or ".join(kinds))
+        texts.append(text)
+    return "".join(texts)
+
+
+def _chat_user_parts(content: Any, path: str) -> List[Dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "input_text", "text": content}]
+    if not isinstance(content, list):
+        _refuse(path, "must be a string or a list of content parts")
+    parts = []
+    for j, part in enumerate(content):
+        where = "%s.%d" % (path, j)
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "input_text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                _refuse(where + ".image_url", "needs a url (https: or data:)")
+            detail = image.get("detail") if isinstance(image, dict) else None
+            parts.append({"type": "input_image", "image_url": url,
+                          "detail": detail if detail in ("low", "high", "auto") else "auto"})
+        elif kind == "file":
+            file = part.get("file") if isinstance(part.get("file"), dict) else {}
+            if not isinstance(file.get("file_data"), str) or not file["file_data"]:
+                _refuse(where + ".file", "needs file_data: file_id needs the Files API, "
+                        "which the ChatGPT backend does not offer")
+            item = {"type": "input_file", "file_data": file["file_data"]}
+            if isinstance(file.get("filename"), str):
+                item["filename"] = file["filename"]
+            parts.append(item)
+        else:
+            _refuse(where + ".type", "must be text, image_url or file (%s is not translated)"
+                    % json.dumps(kind))
+    return parts
+
+
+def _function_arguments(arguments: Any) -> str:
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps(arguments if arguments is not None else {}, ensure_ascii=False,
+                      separators=(",", ":"))
+
+
+def _chat_tool_calls(calls: Any, path: str) -> List[Dict[str, Any]]:
+    if not isinstance(calls, list):
+        _refuse(path, "must be a list")
+    items = []
+    for j, call in enumerate(calls):
+        where = "%s.%d" % (path, j)
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            _refuse(where, "needs function.name")
+        if not isinstance(call.get("id"), str) or not call["id"]:
+            _refuse(where + ".id", "must be the call's id (a string)")
+        items.append({"type": "function_call", "call_id": call["id"],
+                      "name": backend_tool_name(function["name"]),
+                      "arguments": _function_arguments(function.get("arguments"))})
+    return items
+
+
+def _chat_tools(tools: Any) -> List[Dict[str, Any]]:
+    if not isinstance(tools, list):
+        _refuse("tools", "must be a list")
+    out = []
+    for j, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type", "function") != "function":
+            _refuse("tools.%d" % j, 'must be {"type": "function", "function": {...}}')
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            _refuse("tools.%d.function.name" % j, "must be a non-empty string")
+        out.append(_function_tool(function["name"], function.get("description"),
+                                  function.get("parameters"), function.get("strict") is True))
+    return out
+
+
+def _function_tool(name: str, description: Any, parameters: Any, strict: bool) -> Dict[str, Any]:
+    """A Responses function tool. ``strict`` is always sent: the Responses API
+    defaults it to true, which refuses most hand-written schemas."""
+    tool = {"type": "function", "name": backend_tool_name(name)}  # type: Dict[str, Any]
+    if isinstance(description, str) and description:
+        tool["description"] = description
+    tool["parameters"] = backend_schema(parameters)
+    tool["strict"] = strict
+    return tool
+
+
+def backend_schema(schema: Any) -> Dict[str, Any]:
+    """A tool's JSON schema as the backend takes it: a top-level ``$schema``
+    (which Claude Code sends) dropped, an object with ``properties``."""
+    if not isinstance(schema, dict):
+        return {"type": "object", "properties": {}}
+    schema = {key: value for key, value in schema.items() if key not in ("$schema", "$id")}
+    schema.setdefault("type", "object")
+    if schema["type"] == "object":
+        schema.setdefault("properties", {})
+    return schema
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    if choice in ("none", "auto", "required"):
+        return choice
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return {"type": "function", "name": backend_tool_name(function["name"])}
+    _refuse("tool_choice", 'must be "none", "auto", "required" or '
+            '{"type": "function", "function": {"name": ...}}')
+
+
+def _chat_text_format(response_format: Any) -> Optional[Dict[str, Any]]:
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+        spec = response_format["json_schema"]
+        out = {"type": "json_schema",
+               "name": spec.get("name") if isinstance(spec.get("name"), str) else "response",
+               "schema": spec.get("schema") if isinstance(spec.get("schema"), dict) else {}}
+        if isinstance(spec.get("description"), str):
+            out["description"] = spec["description"]
+        if isinstance(spec.get("strict"), bool):
+            out["strict"] = spec["strict"]
+        return out
+    _refuse("response_format", 'must be {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {"name", "schema"}}')
+
+
+def _check_stop(stop: Any, name: str) -> None:
+    if stop is None or isinstance(stop, str):
+        return
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        _refuse(name, "must be a string or a list of strings")
+
+
+def chat_to_responses(body: Any, model: str) -> Dict[str, Any]:
+    """A Chat Completions request as a backend Responses request for ``model``
+    (streamed, unstored). Leading system and developer messages become
+    ``instructions``; later ones (or all of them with json_object output,
+    which needs the word JSON in the input) become developer messages. User
+    text, images and files, assistant text and tool_calls, tool results,
+    tools, tool_choice, parallel_tool_calls, response_format (text.format),
+    verbosity, reasoning_effort, service_tier and prompt_cache_key carry
+    over; ``stop`` is applied by the stream writer; the parameters in
+    BACKEND_REFUSED_PARAMETERS and CHAT_DROPPED_PARAMETERS are dropped.
+    Raises HTTPError 400 naming the field to fix for anything else."""
+    if not isinstance(body, dict):
+        _refuse("body", "must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        _refuse("messages", "must be a non-empty list")
+    if body.get("n") not in (None, 1):
+        _refuse("n", "must be 1: the backend gives one answer per request")
+    if "functions" in body or "function_call" in body:
+        _refuse("functions", "the legacy functions API is not translated; use tools")
+    _check_stop(body.get("stop"), "stop")
+    if "stream_options" in body and not isinstance(body["stream_options"], (dict, type(None))):
+        _refuse("stream_options", "must be an object")
+    text_format = _chat_text_format(body["response_format"]) if body.get(
+        "response_format") is not None else None
+    keep_system = text_format is not None and text_format["type"] == "json_object"
+    instructions, items = [], []  # type: List[str], List[Dict[str, Any]]
+    for i, message in enumerate(messages):
+        path = "messages.%d" % i
+        if not isinstance(message, dict):
+            _refuse(path, "must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role in ("system", "developer"):
+            text = _chat_text(content, path + ".content")
+            if not items and not keep_system:
+                instructions.append(text)
+            else:
+                items.append(_message_item("developer", [{"type": "input_text", "text": text}]))
+        elif role == "user":
+            items.append(_message_item("user", _chat_user_parts(content, path + ".content")))
+        elif role == "assistant":
+            text = _chat_text(content, path + ".content", ("text", "refusal"))
+            if text:
+                items.append(_message_item("assistant", [{"type": "output_text", "text": text}]))
+            if message.get("tool_calls") is not None:
+                items.extend(_chat_tool_calls(message["tool_calls"], path + ".tool_calls"))
+        elif role == "tool":
+            if not isinstance(message.get("tool_call_id"), str) or not message["tool_call_id"]:
+                _refuse(path + ".tool_call_id", "must be the id of the call it answers")
+            items.append({"type": "function_call_output", "call_id": message["tool_call_id"],
+                          "output": _chat_text(content, path + ".content")})
+        else:
+            _refuse(path + ".role", "must be system, developer, user, assistant or tool")
+    out = {"model": model}  # type: Dict[str, Any]
+    if instructions:
+        out["instructions"] = "\n\n".join(instructions)
+    out["input"] = items
+    if body.get("tools") is not None:
+        out["tools"] = _chat_tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        out["tool_choice"] = _chat_tool_choice(body["tool_choice"])
+    if isinstance(body.get("parallel_tool_calls"), bool):
+        out["parallel_tool_calls"] = body["parallel_tool_calls"]
+    effort = body.get("reasoning_effort")
+    if isinstance(body.get("reasoning"), dict):
+        out["reasoning"] = body["reasoning"]
+    elif isinstance(effort, str) and effort:
+        out["reasoning"] = {"effort": effort}
+    text = {}  # type: Dict[str, Any]
+    if text_format is not None:
+        text["format"] = text_format
+    if isinstance(body.get("verbosity"), str):
+        text["verbosity"] = body["verbosity"]
+    if text:
+        out["text"] = text
+    tier = backend_service_tier(body.get("service_tier"))
+    if tier:
+        out["service_tier"] = tier
+    if isinstance(body.get("prompt_cache_key"), str) and body["prompt_cache_key"]:
+        out["prompt_cache_key"] = body["prompt_cache_key"]
+    out["stream"] = True
+    out["store"] = False
+    return out
+
+
+def _chat_wants_usage(request: Any) -> bool:
+    options = request.get("stream_options") if isinstance(request, dict) else None
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+class ChatStreamWriter(ResponseStreamWriter):
+    """Writes a Responses stream as ``chat.completion.chunk`` events: the role
+    chunk, content deltas, tool calls (``index``, ``id`` and ``function.name``
+    first, then argument deltas), a chunk with ``finish_reason``, the usage
+    chunk when the request asked ``stream_options.include_usage``, and
+    ``data: [DONE]``. A failure is one ``data: {"error": {...}}`` event in
+    OpenAI's shape (which the OpenAI SDKs raise), without [DONE]."""
+
+    def __init__(self, request: Any, completion_id: str, created: int, model: str):
+        super().__init__(request, model)
+        self.completion_id = completion_id
+        self.created = created
+        self._include_usage = _chat_wants_usage(request)
+        self._tools = 0
+
+    def keepalive(self) -> bytes:
+        """A comment line, which clients skip, for long silences."""
+        return b": keep-alive\n\n"
+
+    def _chunk(self, delta: Optional[Dict[str, Any]],
+               finish_reason: Optional[str] = None) -> Dict[str, Any]:
+        chunk = {"id": self.completion_id, "object": "chat.completion.chunk",
+                 "created": self.created, "model": self.model}  # type: Dict[str, Any]
+        if self.service_tier:
+            chunk["service_tier"] = self.service_tier
+        chunk["choices"] = [] if delta is None else [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _on_start(self) -> None:
+        self._out.append(sse_data(self._chunk({"role": "assistant", "content": ""})))
+
+    def _on_text(self, state: _Item, text: str) -> None:
+        self._out.append(sse_data(self._chunk({"content": text})))
+
+    def _on_tool_start(self, state: _Item) -> None:
+        state.index, self._tools = self._tools, self._tools + 1
+        self._out.append(sse_data(self._chunk({"tool_calls": [
+            {"index": state.index, "id": state.call_id, "type": "function",
+             "function": {"name": state.name, "arguments": ""}}]})))
+
+    def _on_arguments(self, state: _Item, text: str) -> None:
+        self._out.append(sse_data(self._chunk({"tool_calls": [
+            {"index": state.index, "function": {"arguments": text}}]})))
+
+    def _on_end(self, reason: str) -> None:
+        finish = "stop" if reason == "stop_sequence" else reason
+        self._out.append(sse_data(self._chunk({}, finish)))
+        if self._include_usage:
+            chunk = self._chunk(None)
+            chunk["usage"] = chat_usage(self.usage)
+            self._out.append(sse_data(chunk))
+        self._out.append(b"data: [DONE]\n\n")
+
+    def _on_fail(self, failure: StreamFailure) -> None:
+        self._out.append(sse_data(openai_error_body(failure.error_type, failure.message,
+                                                    failure.code)))
+
+
+def chat_completion_from_response(request: Any, response: Dict[str, Any],
+                                  completion_id: str, created: int) -> Dict[str, Any]:
+    """The ``chat.completion`` object for a non-streaming Chat client, from
+    the response ResponseAssembler built (stop sequences applied)."""
+    text, calls, stopped = _answer_parts(request, response)
+    tool_calls = [{"id": call_id, "type": "function",
+                   "function": {"name": name, "arguments": arguments}}
+                  for call_id, name, arguments in calls]
+    message = {"role": "assistant", "content": text if text or not tool_calls else None,
+               "refusal": None}  # type: Dict[str, Any]
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    reason = end_reason(str(response.get("status") or "completed"), response, stopped,
+                        bool(tool_calls))
+    model = response.get("model")
+    completion = {"id": completion_id, "object": "chat.completion", "created": created,
+                  "model": model if isinstance(model, str) and model else str(
+                      request.get("model") or "")}  # type: Dict[str, Any]
+    if isinstance(response.get("service_tier"), str) and response["service_tier"]:
+        completion["service_tier"] = response["service_tier"]
+    completion["choices"] = [{"index": 0, "message": message, "logprobs": None,
+                              "finish_reason": "stop" if reason == "stop_sequence" else reason}]
+    completion["usage"] = chat_usage(response.get("usage"))
+    return completion
+
+
+def _answer_parts(request: Any, response: Dict[str, Any]
+                  ) -> Tuple[str, List[Tuple[str, str, str]], bool]:
+    """(text, [(call_id, client tool name, arguments)], cut at a stop sequence)
+    of a whole response; after a stop sequence nothing more counts."""
+    stops = request_stop_sequences(request)
+    scanner = StopScanner(stops) if stops else None
+    names = request_tool_names(request)
+    texts, calls = [], []  # type: List[str], List[Tuple[str, str, str]]
+    for item in response.get("output") or ():
+        if scanner is not None and scanner.matched is not None:
+            break
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "message":
+            text = message_text(item)
+            texts.append(scanner.feed(text) + scanner.flush() if scanner is not None else text)
+        elif kind == "function_call":
+            name = item.get("name") if isinstance(item.get("name"), str) else ""
+            call_id = item.get("call_id") or item.get("id") or "call_%d" % len(calls)
+            calls.append((str(call_id), names.get(name, name), _function_arguments(
+                item.get("arguments"))))
+    return "".join(texts), calls, scanner is not None and scanner.matched is not None
+
+
 # == 15. Handler =============================================================
 
 def json_error_body(error_type: str, message: str) -> bytes:
