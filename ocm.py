@@ -5745,6 +5745,496 @@ def _answer_parts(request: Any, response: Dict[str, Any]
     return "".join(texts), calls, scanner is not None and scanner.matched is not None
 
 
+# -- Anthropic Messages -------------------------------------------------------
+
+# Anthropic's error types by HTTP status (docs.anthropic.com/en/api/errors).
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+    500: "api_error", 503: "overloaded_error", 529: "overloaded_error",
+}
+_ANTHROPIC_FOR_OPENAI_TYPE = {
+    "invalid_request_error": "invalid_request_error", "authentication_error":
+    "authentication_error", "permission_error": "permission_error", "not_found_error":
+    "not_found_error", "rate_limit_error": "rate_limit_error", "usage_limit_reached":
+    "rate_limit_error", "insufficient_quota": "rate_limit_error", "server_error": "api_error",
+    "api_error": "api_error", "overloaded_error": "overloaded_error",
+}
+# Effort of an old-style thinking budget: (largest budget, effort), in order.
+THINKING_BUDGET_EFFORTS = ((1024, "low"), (8192, "medium"), (24576, "high"))
+ANTHROPIC_EFFORTS = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high",
+                     "xhigh": "xhigh", "max": "xhigh"}
+
+
+def anthropic_error_type(status: int, error_type: str = "") -> str:
+    """Anthropic's error type for an HTTP status (first) or an OpenAI error
+    type (for errors inside a 200 stream)."""
+    if status in ANTHROPIC_ERROR_TYPES:
+        return ANTHROPIC_ERROR_TYPES[status]
+    if error_type in _ANTHROPIC_FOR_OPENAI_TYPE:
+        return _ANTHROPIC_FOR_OPENAI_TYPE[error_type]
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
+
+
+def anthropic_error_body(status: int, error_type: str, message: str) -> Dict[str, Any]:
+    """An error answer in Anthropic's shape, from an HTTP status and an OpenAI
+    error type (an HTTPError's, an upstream's, or a StreamFailure's)."""
+    return {"type": "error", "error": {"type": anthropic_error_type(status, error_type),
+                                       "message": message}}
+
+
+def upstream_error_fields(body: bytes) -> Tuple[str, str]:
+    """(error type, message) of an upstream error answer: OpenAI's
+    ``{"error": {...}}``, the backend's ``{"detail": "..."}``, or plain text
+    (cut to 1,000 characters). Either may be "" when the body has none."""
+    try:
+        data = parse_json(body) if body else None
+    except ValueError:
+        return "", body[:1000].decode("utf-8", "replace").strip()
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        kind = error.get("type") or error.get("code")
+        message = error.get("message")
+        return (kind if isinstance(kind, str) else "",
+                message if isinstance(message, str) else "")
+    detail = error if isinstance(error, str) else (
+        data.get("detail") if isinstance(data, dict) else None)
+    if isinstance(detail, str):
+        return "", detail
+    return "", json.dumps(detail)[:1000] if detail is not None else ""
+
+
+def _anthropic_system(system: Any) -> str:
+    if system is None or isinstance(system, str):
+        texts = [system or ""]
+    elif isinstance(system, list):
+        texts = [block.get("text") for block in system
+                 if isinstance(block, dict) and block.get("type") == "text"]
+        if not all(isinstance(text, str) for text in texts):
+            _refuse("system", "text blocks need a text string")
+    else:
+        _refuse("system", "must be a string or a list of text blocks")
+    return "\n\n".join(text for text in texts
+                       if text and not text.lstrip().startswith(CLAUDE_BILLING_PREFIX))
+
+
+def _anthropic_source(block: Dict[str, Any], path: str) -> Tuple[str, str]:
+    """("url", url) or ("data", data: URL) of an image or document source."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    kind = source.get("type")
+    if kind == "base64" and isinstance(source.get("data"), str):
+        media = source.get("media_type") if isinstance(source.get("media_type"), str) else (
+            "application/octet-stream")
+        return "data", "data:%s;base64,%s" % (media, source["data"])
+    if kind == "url" and isinstance(source.get("url"), str) and source["url"]:
+        return "url", source["url"]
+    _refuse(path + ".source", "must be a base64 or url source (%s is not translated)"
+            % json.dumps(kind))
+    return "", ""
+
+
+def _anthropic_document(block: Dict[str, Any], path: str) -> Dict[str, Any]:
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        return {"type": "input_text", "text": source["data"]}
+    if source.get("type") == "content":
+        return {"type": "input_text", "text": _tool_result_text(source.get("content"))}
+    kind, value = _anthropic_source(block, path)
+    if kind == "url":
+        return {"type": "input_file", "file_url": value}
+    title = block.get("title")
+    return {"type": "input_file", "filename": title if isinstance(title, str) and title
+            else "document.pdf", "file_data": value}
+
+
+def _tool_result_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(block["text"] for block in content if isinstance(block, dict)
+                     and isinstance(block.get("text"), str)) if isinstance(content, list) else ""
+
+
+def _tool_result_output(block: Dict[str, Any], path: str) -> Any:
+    """A function_call_output's output: text, or input parts when images come
+    back. ``is_error`` has no Responses counterpart: it becomes "Error: " in
+    front of the text, unless the text already says so."""
+    content = block.get("content")
+    parts = []  # type: List[Dict[str, Any]]
+    if isinstance(content, list):
+        for j, inner in enumerate(content):
+            kind = inner.get("type") if isinstance(inner, dict) else None
+            if kind == "image":
+                parts.append({"type": "input_image", "detail": "auto", "image_url":
+                              _anthropic_source(inner, "%s.content.%d" % (path, j))[1]})
+            elif isinstance(inner, dict) and isinstance(inner.get("text"), str):
+                parts.append({"type": "input_text", "text": inner["text"]})
+    elif content is not None and not isinstance(content, str):
+        _refuse(path + ".content", "must be a string or a list of blocks")
+    text = "\n".join(p["text"] for p in parts if p["type"] == "input_text") if isinstance(
+        content, list) else (content or "")
+    if block.get("is_error") is True and not text.lstrip().lower().startswith("error"):
+        text = "Error: " + text
+        if parts:
+            parts.insert(0, {"type": "input_text", "text": "Error:"})
+    if any(p["type"] == "input_image" for p in parts):
+        return parts
+    return text
+
+
+def _reasoning_item(block: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """A reasoning item for a thinking block OCM wrote earlier (None for
+    Anthropic's own, which the backend could not read)."""
+    secret = block.get("signature") if block.get("type") == "thinking" else block.get("data")
+    if not isinstance(secret, str) or not secret.startswith(REASONING_SIGNATURE_PREFIX):
+        return None
+    thinking = block.get("thinking")
+    summary = [{"type": "summary_text", "text": thinking}] if isinstance(
+        thinking, str) and thinking else []
+    return {"type": "reasoning", "summary": summary,
+            "encrypted_content": secret[len(REASONING_SIGNATURE_PREFIX):]}
+
+
+def _anthropic_message_items(message: Any, path: str) -> List[Dict[str, Any]]:
+    if not isinstance(message, dict):
+        _refuse(path, "must be an object")
+    role, content = message.get("role"), message.get("content")
+    if role not in ("user", "assistant"):
+        _refuse(path + ".role", "must be user or assistant")
+    text_type = "input_text" if role == "user" else "output_text"
+    if isinstance(content, str):
+        return [_message_item(role, [{"type": text_type, "text": content}])]
+    if not isinstance(content, list):
+        _refuse(path + ".content", "must be a string or a list of blocks")
+    items, parts = [], []  # type: List[Dict[str, Any]], List[Dict[str, Any]]
+    for j, block in enumerate(content):
+        where = "%s.content.%d" % (path, j)
+        kind = block.get("type") if isinstance(block, dict) else None
+        item = None  # an item of its own, after the parts so far
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                _refuse(where + ".text", "must be a string")
+            if block["text"]:
+                parts.append({"type": text_type, "text": block["text"]})
+        elif kind == "image" and role == "user":
+            parts.append({"type": "input_image", "detail": "auto",
+                          "image_url": _anthropic_source(block, where)[1]})
+        elif kind == "document" and role == "user":
+            parts.append(_anthropic_document(block, where))
+        elif kind == "tool_use" and role == "assistant":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                _refuse(where, "tool_use needs an id and a name")
+            item = {"type": "function_call", "call_id": block["id"],
+                    "name": backend_tool_name(block["name"]),
+                    "arguments": _function_arguments(block.get("input"))}
+        elif kind == "tool_result" and role == "user":
+            if not isinstance(block.get("tool_use_id"), str) or not block["tool_use_id"]:
+                _refuse(where + ".tool_use_id", "must be the id of the tool_use it answers")
+            item = {"type": "function_call_output", "call_id": block["tool_use_id"],
+                    "output": _tool_result_output(block, where)}
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            item = _reasoning_item(block)
+        elif kind in ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result"):
+            pass  # the backend ran its own search; only the text that used it carries over
+        else:
+            _refuse(where + ".type", "%s is not translated in a %s message"
+                    % (json.dumps(kind), role))
+        if item is not None:
+            if parts:
+                items.append(_message_item(role, parts))
+                parts = []
+            items.append(item)
+    if parts:
+        items.append(_message_item(role, parts))
+    return items
+
+
+def _anthropic_tools(tools: Any) -> List[Dict[str, Any]]:
+    if not isinstance(tools, list):
+        _refuse("tools", "must be a list")
+    out = []
+    for j, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.startswith("web_search"):
+            out.append({"type": "web_search"})
+        elif kind in (None, "custom") and isinstance(tool, dict):
+            if not isinstance(tool.get("name"), str) or not tool["name"]:
+                _refuse("tools.%d.name" % j, "must be a non-empty string")
+            out.append(_function_tool(tool["name"], tool.get("description"),
+                                      tool.get("input_schema"), tool.get("strict") is True))
+        else:
+            _refuse("tools.%d.type" % j, "%s is a tool Anthropic's servers run; OCM cannot"
+                    % json.dumps(kind))
+    return out
+
+
+def _anthropic_tool_choice(choice: Any) -> Tuple[Any, Optional[bool]]:
+    """(Responses tool_choice, parallel_tool_calls or None)."""
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    parallel = None if not isinstance(choice, dict) or not isinstance(
+        choice.get("disable_parallel_tool_use"), bool) else not choice["disable_parallel_tool_use"]
+    if kind in ("auto", "none"):
+        return kind, parallel
+    if kind == "any":
+        return "required", parallel
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "name": backend_tool_name(choice["name"])}, parallel
+    _refuse("tool_choice", 'must be {"type": "auto"}, {"type": "any"}, {"type": "none"} '
+            'or {"type": "tool", "name": ...}')
+    return None, None
+
+
+def _anthropic_reasoning(body: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """``reasoning`` for Anthropic's thinking settings, or None for the
+    model's default. A budget maps to an effort (THINKING_BUDGET_EFFORTS);
+    adaptive thinking takes ``output_config.effort`` ("max" is xhigh). With
+    thinking on, summaries are asked for, to stream as thinking blocks."""
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    kind = thinking.get("type")
+    if kind == "disabled":
+        return None
+    config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+    effort = ANTHROPIC_EFFORTS.get(config.get("effort")) if isinstance(
+        config.get("effort"), str) else None
+    budget = thinking.get("budget_tokens")
+    if effort is None and kind == "enabled" and _is_int(budget):
+        effort = next((e for limit, e in THINKING_BUDGET_EFFORTS if budget <= limit), "xhigh")
+    reasoning = {}  # type: Dict[str, Any]
+    if effort:
+        reasoning["effort"] = effort
+    if kind in ("enabled", "adaptive"):
+        reasoning["summary"] = "auto"
+    return reasoning or None
+
+
+def messages_to_responses(body: Any, model: str) -> Dict[str, Any]:
+    """An Anthropic Messages request as a backend Responses request for
+    ``model`` (streamed, unstored). ``system`` becomes ``instructions`` (minus
+    Claude Code's per-request billing line); text, image (base64 or url) and
+    PDF blocks become input parts; ``tool_use`` → ``function_call`` (ids kept,
+    so answers match), ``tool_result`` → ``function_call_output``; thinking
+    blocks OCM wrote come back as reasoning items. Tools (``input_schema``
+    cleaned by backend_schema), tool_choice, thinking → reasoning effort;
+    ``metadata.user_id`` seeds ``prompt_cache_key`` (hashed), which keeps a
+    session on one account and its prompt cache warm.
+
+    Not honoured: ``stop_sequences`` are applied by OCM to the streamed text
+    only (not inside tool input or thinking, and the model still writes and
+    bills the rest); ``max_tokens``, ``temperature``, ``top_p``, ``top_k``
+    and the rest of ANTHROPIC_DROPPED_PARAMETERS are dropped; Anthropic's
+    server tools other than web search are refused; Anthropic's own thinking
+    signatures are dropped (the backend cannot read them).
+    Raises HTTPError 400 naming the field to fix."""
+    if not isinstance(body, dict):
+        _refuse("body", "must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        _refuse("messages", "must be a non-empty list")
+    _check_stop(body.get("stop_sequences"), "stop_sequences")
+    if isinstance(body.get("stop_sequences"), str):
+        _refuse("stop_sequences", "must be a list of strings")
+    items = []  # type: List[Dict[str, Any]]
+    for i, message in enumerate(messages):
+        items.extend(_anthropic_message_items(message, "messages.%d" % i))
+    out = {"model": model}  # type: Dict[str, Any]
+    instructions = _anthropic_system(body.get("system"))
+    if instructions:
+        out["instructions"] = instructions
+    out["input"] = items
+    if body.get("tools") is not None:
+        out["tools"] = _anthropic_tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        out["tool_choice"], parallel = _anthropic_tool_choice(body["tool_choice"])
+        if parallel is not None:
+            out["parallel_tool_calls"] = parallel
+    reasoning = _anthropic_reasoning(body)
+    if reasoning is not None:
+        out["reasoning"] = reasoning
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    if isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
+        out["prompt_cache_key"] = "claude-" + hashlib.sha256(
+            metadata["user_id"].encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    out["stream"] = True
+    out["store"] = False
+    if reasoning is not None and "summary" in reasoning:
+        out["include"] = ["reasoning.encrypted_content"]
+    return out
+
+
+class AnthropicStreamWriter(ResponseStreamWriter):
+    """Writes a Responses stream as Anthropic's events: ``message_start``
+    (usage.input_tokens is the ``input_tokens`` estimate given, the real count
+    comes at the end), per content block ``content_block_start``, deltas
+    (``text_delta``, ``input_json_delta``, ``thinking_delta`` and
+    ``signature_delta``) and ``content_block_stop``, then ``message_delta``
+    with ``stop_reason`` (end_turn, tool_use, max_tokens, stop_sequence,
+    refusal) and the usage, and ``message_stop``. A failure is an ``error``
+    event in Anthropic's shape. Reasoning with encrypted content and no
+    summary becomes a ``redacted_thinking`` block."""
+
+    _STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens",
+                     "content_filter": "refusal", "stop_sequence": "stop_sequence"}
+
+    def __init__(self, request: Any, message_id: str, model: str, input_tokens: int = 0):
+        super().__init__(request, model)
+        self.message_id = message_id
+        self._input_tokens = input_tokens
+        self._blocks = 0
+
+    def keepalive(self) -> bytes:
+        """Anthropic's ping event, for long silences."""
+        return sse_event("ping", {"type": "ping"})
+
+    def _emit(self, name: str, payload: Dict[str, Any]) -> None:
+        self._out.append(sse_event(name, payload))
+
+    def _open(self, state: _Item, block: Dict[str, Any]) -> None:
+        state.index, self._blocks = self._blocks, self._blocks + 1
+        self._emit("content_block_start", {"type": "content_block_start", "index": state.index,
+                                           "content_block": block})
+
+    def _delta(self, state: _Item, delta: Dict[str, Any]) -> None:
+        self._emit("content_block_delta", {"type": "content_block_delta", "index": state.index,
+                                           "delta": delta})
+
+    def _on_start(self) -> None:
+        usage = {"input_tokens": self._input_tokens, "cache_creation_input_tokens": 0,
+                 "cache_read_input_tokens": 0, "output_tokens": 0}
+        self._emit("message_start", {"type": "message_start", "message": {
+            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
+
+    def _on_text(self, state: _Item, text: str) -> None:
+        if state.index < 0:
+            self._open(state, {"type": "text", "text": ""})
+        self._delta(state, {"type": "text_delta", "text": text})
+
+    def _on_tool_start(self, state: _Item) -> None:
+        self._open(state, {"type": "tool_use", "id": state.call_id, "name": state.name,
+                           "input": {}})
+
+    def _on_arguments(self, state: _Item, text: str) -> None:
+        self._delta(state, {"type": "input_json_delta", "partial_json": text})
+
+    def _on_thinking(self, state: _Item, text: str) -> None:
+        if state.index < 0:
+            self._open(state, {"type": "thinking", "thinking": "", "signature": ""})
+        self._delta(state, {"type": "thinking_delta", "thinking": text})
+
+    def _on_signature(self, state: _Item, signature: str) -> None:
+        if state.index < 0:
+            self._open(state, {"type": "redacted_thinking", "data": signature})
+        else:
+            self._delta(state, {"type": "signature_delta", "signature": signature})
+
+    def _on_close(self, state: _Item) -> None:
+        if state.index >= 0:
+            self._emit("content_block_stop", {"type": "content_block_stop",
+                                              "index": state.index})
+
+    def _on_end(self, reason: str) -> None:
+        self._emit("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": self._STOP_REASONS[reason], "stop_sequence": self.stop_sequence},
+            "usage": anthropic_usage(self.usage)})
+        self._emit("message_stop", {"type": "message_stop"})
+
+    def _on_fail(self, failure: StreamFailure) -> None:
+        self._emit("error", anthropic_error_body(failure.status, failure.error_type,
+                                                 failure.message))
+
+
+def anthropic_message_from_response(request: Any, response: Dict[str, Any],
+                                    message_id: str) -> Dict[str, Any]:
+    """The ``message`` object for a non-streaming Anthropic client, from the
+    response ResponseAssembler built (stop sequences applied, tool names and
+    ids as the client knows them, reasoning as thinking blocks)."""
+    stops = request_stop_sequences(request)
+    scanner = StopScanner(stops) if stops else None
+    names = request_tool_names(request)
+    content = []  # type: List[Dict[str, Any]]
+    has_tool_calls = False
+    for item in response.get("output") or ():
+        if scanner is not None and scanner.matched is not None:
+            break
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "message":
+            text = message_text(item)
+            text = scanner.feed(text) + scanner.flush() if scanner is not None else text
+            if text:
+                content.append({"type": "text", "text": text})
+        elif kind == "function_call":
+            name = item.get("name") if isinstance(item.get("name"), str) else ""
+            try:
+                arguments = parse_json(item.get("arguments") or "{}")
+            except (TypeError, ValueError):
+                arguments = {}
+            content.append({"type": "tool_use", "id": str(item.get("call_id") or item.get("id")),
+                            "name": names.get(name, name),
+                            "input": arguments if isinstance(arguments, dict) else {}})
+            has_tool_calls = True
+        elif kind == "reasoning":
+            block = _thinking_block(item)
+            if block is not None:
+                content.append(block)
+    stopped = scanner is not None and scanner.matched is not None
+    reason = end_reason(str(response.get("status") or "completed"), response, stopped,
+                        has_tool_calls)
+    model = response.get("model")
+    return {"id": message_id, "type": "message", "role": "assistant",
+            "model": model if isinstance(model, str) and model else str(
+                request.get("model") or ""),
+            "content": content, "stop_reason": AnthropicStreamWriter._STOP_REASONS[reason],
+            "stop_sequence": scanner.matched if scanner is not None else None,
+            "usage": anthropic_usage(response.get("usage"))}
+
+
+def _thinking_block(item: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    text = reasoning_text(item)
+    secret = item.get("encrypted_content")
+    signature = REASONING_SIGNATURE_PREFIX + secret if isinstance(secret, str) and secret else ""
+    if text:
+        return {"type": "thinking", "thinking": text, "signature": signature}
+    if signature:
+        return {"type": "redacted_thinking", "data": signature}
+    return None
+
+
+def estimate_input_tokens(body: Dict[str, Any]) -> int:
+    """A rough count of the input tokens of a Responses request: UTF-8 bytes
+    of its text (instructions, message text, tool calls and results, tool
+    names, descriptions and schemas as JSON) over 4, plus IMAGE_TOKEN_ESTIMATE
+    per image or file. About right for English and code; low for scripts
+    with several bytes per token-sized character. Encrypted reasoning is not
+    counted."""
+    size, files = 0, 0
+    texts = [body.get("instructions")]
+    for item in body.get("input") or ():
+        if not isinstance(item, dict):
+            continue
+        texts.extend((item.get("name"), item.get("arguments")))
+        output = item.get("output")
+        parts = item.get("content") if item.get("type") == "message" else output
+        texts.append(output if isinstance(output, str) else None)
+        texts.extend(p.get("text") for p in item.get("summary") or () if isinstance(p, dict))
+        for part in parts if isinstance(parts, list) else ():
+            if isinstance(part, dict):
+                texts.append(part.get("text"))
+                files += part.get("type") in ("input_image", "input_file")
+    if body.get("tools"):
+        texts.append(json.dumps(body["tools"], ensure_ascii=False))
+    for text in texts:
+        if isinstance(text, str):
+            size += len(text.encode("utf-8", "surrogatepass"))
+    return (size + 3) // 4 + files * IMAGE_TOKEN_ESTIMATE
+
+
+def count_message_tokens(body: Any) -> Dict[str, int]:
+    """The answer to Anthropic's ``/v1/messages/count_tokens``:
+    ``{"input_tokens": N}``, an estimate (estimate_input_tokens of the
+    translated request: no tokenizer ships with the standard library).
+    Raises HTTPError 400 as messages_to_responses does."""
+    return {"input_tokens": estimate_input_tokens(messages_to_responses(body, ""))}
+
+
 # == 15. Handler =============================================================
 
 def json_error_body(error_type: str, message: str) -> bytes:
