@@ -5108,11 +5108,12 @@ def sse_event(name: str, payload: Any) -> bytes:
     return ("event: %s\n" % name).encode("ascii") + sse_data(payload)
 
 
-def _missing(full: Any, received: str) -> str:
+def _missing(full: Any, received: List[str]) -> str:
     """What a whole item has beyond what its deltas carried ("" if they
     disagree: what was sent cannot be taken back)."""
-    if isinstance(full, str) and full.startswith(received):
-        return full[len(received):]
+    so_far = "".join(received)
+    if isinstance(full, str) and full.startswith(so_far):
+        return full[len(so_far):]
     return ""
 
 
@@ -5123,8 +5124,11 @@ class _Item:
 
     def __init__(self, kind: str, keys: List[Tuple[str, Any]], muted: bool):
         self.kind = kind            # "text", "tool" or "thinking"
-        self.received = ""          # text or arguments from upstream so far
-        self.pending = ""           # arguments that came before the call's name
+        # Text or arguments from upstream so far, in pieces: += on an attribute
+        # copies the whole string each time, and 100 KB of tool arguments come
+        # in thousands of deltas.
+        self.received = []          # type: List[str]
+        self.pending = []           # type: List[str]  # arguments before the call's name
         self.call_id = ""
         self.name = ""
         self.index = -1             # the client-side block or tool call index
@@ -5251,7 +5255,7 @@ class ResponseStreamWriter:
         if isinstance(delta, str) and delta:
             state = self._item(event, None, "text")
             if not state.closed:
-                state.received += delta
+                state.received.append(delta)
                 self._write_text(state, delta)
 
     def _arguments_delta(self, event: Dict[str, Any]) -> None:
@@ -5260,11 +5264,11 @@ class ResponseStreamWriter:
             state = self._item(event, None, "tool")
             if state.closed:
                 return
-            state.received += delta
+            state.received.append(delta)
             if state.started:
                 self._write_arguments(state, delta)
             else:
-                state.pending += delta
+                state.pending.append(delta)
 
     def _summary_delta(self, event: Dict[str, Any]) -> None:
         delta = event.get("delta")
@@ -5276,7 +5280,7 @@ class ResponseStreamWriter:
             if state.received and part != state.part:
                 delta = "\n\n" + delta
             state.part = part
-            state.received += delta
+            state.received.append(delta)
             if not state.muted and self.stop_sequence is None:
                 self._on_thinking(state, delta)
 
@@ -5287,7 +5291,6 @@ class ResponseStreamWriter:
             state = self._item(event, item, "text")
             if not state.closed:
                 rest = _missing(message_text(item), state.received)
-                state.received += rest
                 self._write_text(state, rest)
                 self._close(state)
         elif kind == "function_call":
@@ -5296,14 +5299,12 @@ class ResponseStreamWriter:
                 if not state.started:
                     self._start_tool(state, item)
                 rest = _missing(item.get("arguments"), state.received)
-                state.received += rest
                 self._write_arguments(state, rest)
                 self._close(state)
         elif kind == "reasoning":
             state = self._item(event, item, "thinking")
             if not state.closed:
                 rest = _missing(reasoning_text(item), state.received)
-                state.received += rest
                 state.muted = state.muted or self.stop_sequence is not None
                 if rest and not state.muted:
                     self._on_thinking(state, rest)
@@ -5327,8 +5328,8 @@ class ResponseStreamWriter:
             self.has_tool_calls = True
             self._on_tool_start(state)
         if state.pending:
-            self._write_arguments(state, state.pending)
-            state.pending = ""
+            self._write_arguments(state, "".join(state.pending))
+            state.pending = []
 
     def _write_text(self, state: _Item, text: str) -> None:
         if not text or state.muted or self.stop_sequence is not None:
