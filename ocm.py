@@ -5120,9 +5120,9 @@ def _missing(full: Any, received: List[str]) -> str:
 class _Item:
     """One output item of the upstream answer, as a stream writer follows it."""
     __slots__ = ("kind", "received", "pending", "call_id", "name", "index", "part",
-                 "started", "closed", "muted", "keys")
+                 "started", "closed", "muted")
 
-    def __init__(self, kind: str, keys: List[Tuple[str, Any]], muted: bool):
+    def __init__(self, kind: str, muted: bool):
         self.kind = kind            # "text", "tool" or "thinking"
         # Text or arguments from upstream so far, in pieces: += on an attribute
         # copies the whole string each time, and 100 KB of tool arguments come
@@ -5136,7 +5136,6 @@ class _Item:
         self.started = False        # a tool call's head was written
         self.closed = False
         self.muted = muted          # begun after a stop sequence: never written
-        self.keys = keys
 
 
 class ResponseStreamWriter:
@@ -5234,7 +5233,7 @@ class ResponseStreamWriter:
                 for other in keys:
                     self._items.setdefault(other, state)
                 return state
-        state = _Item(kind, keys, self.stop_sequence is not None)
+        state = _Item(kind, self.stop_sequence is not None)
         for key in keys:
             self._items[key] = state
         self._order.append(state)
@@ -5761,6 +5760,9 @@ _ANTHROPIC_FOR_OPENAI_TYPE = {
     "rate_limit_error", "insufficient_quota": "rate_limit_error", "server_error": "api_error",
     "api_error": "api_error", "overloaded_error": "overloaded_error",
 }
+# Anthropic's stop_reason for each end_reason().
+ANTHROPIC_STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens",
+                          "content_filter": "refusal", "stop_sequence": "stop_sequence"}
 # Effort of an old-style thinking budget: (largest budget, effort), in order.
 THINKING_BUDGET_EFFORTS = ((1024, "low"), (8192, "medium"), (24576, "high"))
 ANTHROPIC_EFFORTS = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high",
@@ -6072,9 +6074,6 @@ class AnthropicStreamWriter(ResponseStreamWriter):
     event in Anthropic's shape. Reasoning with encrypted content and no
     summary becomes a ``redacted_thinking`` block."""
 
-    _STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens",
-                     "content_filter": "refusal", "stop_sequence": "stop_sequence"}
-
     def __init__(self, request: Any, message_id: str, model: str, input_tokens: int = 0):
         super().__init__(request, model)
         self.message_id = message_id
@@ -6134,7 +6133,7 @@ class AnthropicStreamWriter(ResponseStreamWriter):
 
     def _on_end(self, reason: str) -> None:
         self._emit("message_delta", {"type": "message_delta", "delta": {
-            "stop_reason": self._STOP_REASONS[reason], "stop_sequence": self.stop_sequence},
+            "stop_reason": ANTHROPIC_STOP_REASONS[reason], "stop_sequence": self.stop_sequence},
             "usage": anthropic_usage(self.usage)})
         self._emit("message_stop", {"type": "message_stop"})
 
@@ -6183,7 +6182,7 @@ def anthropic_message_from_response(request: Any, response: Dict[str, Any],
     return {"id": message_id, "type": "message", "role": "assistant",
             "model": model if isinstance(model, str) and model else str(
                 request.get("model") or ""),
-            "content": content, "stop_reason": AnthropicStreamWriter._STOP_REASONS[reason],
+            "content": content, "stop_reason": ANTHROPIC_STOP_REASONS[reason],
             "stop_sequence": scanner.matched if scanner is not None else None,
             "usage": anthropic_usage(response.get("usage"))}
 
