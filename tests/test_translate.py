@@ -713,6 +713,27 @@ class TestChatStream:
                 for r in records] == [(MODEL, "default", 12, 5, 4)]
         assert (writer.model, writer.service_tier, writer.usage) == (MODEL, "default", usage())
 
+    def test_upstream_text_cannot_inject_events(self):
+        hostile = 'x\n\ndata: [DONE]\n\nevent: error\r\n"\\ \ud800 \u2028'
+        stream = sse(*text_events([hostile[:7], hostile[7:]]),
+                     *call_events([json.dumps(hostile)], 1), completed())
+        for writer in (chat_writer(), claude_writer()):
+            out = run(writer, [stream])
+            out.decode("ascii")  # escaped: even the lone surrogate
+            assert out.count(b"\n\n") == len(events_of(out))
+        result = chat_accumulate(run(chat_writer(), [stream]))
+        assert result["content"] == hostile
+        assert json.loads(result["tool_calls"][0]["arguments"]) == hostile
+
+    def test_a_failure_before_anything_else_is_only_the_error(self):
+        out = run(chat_writer(), [sse(failed("invalid_prompt", "Bad prompt"))])
+        assert out == data_lines({"error": {"message": "Bad prompt",
+                                            "type": "invalid_request_error", "param": None,
+                                            "code": "invalid_prompt"}})
+        out = run(claude_writer(), [sse(failed("invalid_prompt", "Bad prompt"))])
+        assert out == claude_events({"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Bad prompt"}})
+
     def test_keepalive_is_a_comment(self):
         assert chat_writer().keepalive() == b": keep-alive\n\n"
 
