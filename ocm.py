@@ -4849,12 +4849,15 @@ class SSEScanner:
 
     Only the ``data:`` lines matter (Codex reads nothing else), and only events
     that mention "usage" are parsed as JSON: parsing every text delta would
-    cost the relay CPU for nothing.
+    cost the relay CPU for nothing. ``every_event=True`` parses them all, for
+    a stream that is translated for its client (section 14b).
     """
-    __slots__ = ("_on_event", "_tail", "_data", "_size", "_skip_lf", "_max", "broken")
+    __slots__ = ("_on_event", "_tail", "_data", "_size", "_skip_lf", "_max", "_every", "broken")
 
-    def __init__(self, on_event: Callable[[Any], None], max_event: int = 32 << 20):
+    def __init__(self, on_event: Callable[[Any], None], max_event: int = 32 << 20,
+                 every_event: bool = False):
         self._on_event = on_event
+        self._every = every_event
         self._tail = b""        # an unfinished line
         self._data = []         # type: List[bytes]  # data lines of the event being read
         self._size = 0
@@ -4910,7 +4913,7 @@ class SSEScanner:
         payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
         self._data = []
         self._size = 0
-        if b'"usage"' not in payload:
+        if not self._every and b'"usage"' not in payload:
             return
         try:
             event = parse_json(payload)
@@ -5154,6 +5157,1537 @@ class UsageTap:
             except ValueError:
                 return
             self._record.usage = usage_record_from(body, self._record.model, self._record.tier)
+
+
+# == 14b. Translation ========================================================
+#
+# Clients other than Codex on the ChatGPT backend (PROTOCOL.md sections 5, 9,
+# 11). The backend takes only streamed, unstored Responses requests, so OCM
+# rewrites a plain Responses, Chat Completions or Anthropic Messages request
+# into that shape, and turns the streamed answer into what the client expects.
+# Pure code: bodies and parsed events in, bodies and bytes out; ids and times
+# are parameters. Accounting keeps reading the ORIGINAL upstream events with
+# usage_record_from_event; the answers built here carry model, service_tier
+# and usage too, but nothing depends on that.
+
+# What the backend refuses, dropped before sending, each with the reason the
+# docs give. ChatMock, codex-lb, LiteLLM's chatgpt provider and CLIProxyAPI
+# each drop a subset of these.
+BACKEND_REFUSED_PARAMETERS = (
+    ("max_output_tokens", "the backend sets its own output limit: 'Unsupported parameter'"),
+    ("max_tokens", "an output limit (the Chat Completions name)"),
+    ("max_completion_tokens", "an output limit (the newer Chat Completions name)"),
+    ("metadata", "refused: an unstored response has nothing to attach it to"),
+    ("user", "refused by the backend"),
+    ("safety_identifier", "refused by the backend"),
+    ("temperature", "a sampling parameter, refused by reasoning models"),
+    ("top_p", "a sampling parameter, refused by reasoning models"),
+    ("truncation", "refused by the backend"),
+    ("prompt_cache_retention", "refused by the backend"),
+    ("context_management", "refused by the backend: 'Unsupported parameter'"),
+)
+# Chat Completions parameters with no Responses counterpart on the backend,
+# dropped by chat_to_responses() (besides the refused ones above).
+CHAT_DROPPED_PARAMETERS = (
+    ("store", "the backend stores nothing"),
+    ("frequency_penalty", "no Responses counterpart"),
+    ("presence_penalty", "no Responses counterpart"),
+    ("logit_bias", "no Responses counterpart"),
+    ("logprobs", "not returned by the backend"),
+    ("top_logprobs", "not returned by the backend"),
+    ("seed", "no Responses counterpart"),
+    ("modalities", "text only: audio output is not translated"),
+    ("audio", "text only: audio output is not translated"),
+    ("prediction", "no Responses counterpart"),
+    ("web_search_options", "not translated"),
+)
+# Anthropic Messages parameters dropped by messages_to_responses().
+ANTHROPIC_DROPPED_PARAMETERS = (
+    ("max_tokens", "refused by the backend (an output limit)"),
+    ("metadata", "refused by the backend; user_id only seeds prompt_cache_key"),
+    ("context_management", "refused by the backend"),
+    ("temperature", "a sampling parameter, refused by reasoning models"),
+    ("top_p", "a sampling parameter, refused by reasoning models"),
+    ("top_k", "no Responses counterpart"),
+    ("service_tier", "Anthropic's tiers do not map to the backend's"),
+    ("container", "Anthropic's code execution is not available"),
+    ("mcp_servers", "Anthropic's MCP connector is not available"),
+    ("cache_control", "the backend caches prompt prefixes by itself"),
+)
+BACKEND_SERVICE_TIERS = frozenset(("priority", "flex"))
+TOOL_NAME_LIMIT = 64                # the backend's limit on function names
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+ANTHROPIC_DEFAULT_MODEL = "gpt-5.3-codex"  # for claude-* names when no model_map says
+# Claude Code puts a line that changes every request in its system prompt; as
+# instructions it would defeat the backend's prompt cache.
+CLAUDE_BILLING_PREFIX = "x-anthropic-billing-header:"
+# Reasoning goes back to Claude clients as a thinking block's signature (or a
+# redacted_thinking block's data): this prefix, then the encrypted reasoning.
+# Clients send it back unchanged next turn; Anthropic's own signatures lack it.
+REASONING_SIGNATURE_PREFIX = "ocm-reasoning:"
+IMAGE_TOKEN_ESTIMATE = 1600         # Anthropic's cost of a 1.15-megapixel image
+STREAM_CUT_MESSAGE = "the upstream stream ended before the response was complete"
+
+
+def _refuse(path: str, problem: str) -> None:
+    raise HTTPError(400, "invalid_request_error", "%s: %s" % (path, problem))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def backend_service_tier(value: Any) -> str:
+    """The backend's name for a requested service tier, or "" to send none:
+    "fast" is Codex's word for priority; auto and default are the default."""
+    if not isinstance(value, str):
+        return ""
+    value = value.strip().lower()
+    if value == "fast":
+        return "priority"
+    return value if value in BACKEND_SERVICE_TIERS else ""
+
+
+def backend_tool_name(name: str) -> str:
+    """A function name the backend takes (``[A-Za-z0-9_-]{1,64}``). Longer or
+    odd names (MCP tools such as ``mcp__server__a_very_long_tool``) keep their
+    start and get a digest of the whole name: the same name always maps to the
+    same short one, so history and answers agree without any stored state."""
+    if _TOOL_NAME.match(name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:TOOL_NAME_LIMIT - 11] + "_" + digest
+
+
+def request_tool_names(request: Any) -> Dict[str, str]:
+    """{backend name: client name} for the client's tools whose names had to
+    change (Chat's nested tools or Anthropic's flat ones)."""
+    names = {}
+    tools = request.get("tools") if isinstance(request, dict) else None
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict):
+            continue
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else tool.get("name")
+        if isinstance(name, str) and name and backend_tool_name(name) != name:
+            names[backend_tool_name(name)] = name
+    return names
+
+
+def request_stop_sequences(request: Any) -> List[str]:
+    """Anthropic's ``stop_sequences`` or Chat's ``stop`` (a string or a list)."""
+    if not isinstance(request, dict):
+        return []
+    stop = request.get("stop_sequences", request.get("stop"))
+    if isinstance(stop, str):
+        stop = [stop]
+    return [s for s in stop if isinstance(s, str) and s] if isinstance(stop, list) else []
+
+
+def resolve_model(requested: Any, model_map: Any = (),
+                  default: str = ANTHROPIC_DEFAULT_MODEL) -> str:
+    """The backend model for a requested name. ``model_map`` is an ordered list
+    of (glob, target) pairs, e.g. ``[("claude-*haiku*", "gpt-5.1-codex-mini"),
+    ("claude-*", "gpt-5.3-codex")]``; the first glob that matches (fnmatch,
+    case-insensitive) wins. Otherwise an Anthropic name (claude-*, or one
+    naming opus, sonnet or haiku) and an empty name become ``default``, and
+    every other name (gpt-5.4, o3, ...) passes through unchanged."""
+    name = requested.strip() if isinstance(requested, str) else ""
+    lowered = name.lower()
+    for pattern, target in model_map or ():
+        if fnmatch.fnmatchcase(lowered, pattern.lower()):
+            return target
+    if not name or lowered.startswith(("claude", "anthropic")) or any(
+            family in lowered for family in ("opus", "sonnet", "haiku")):
+        return default
+    return name
+
+
+# -- Plain Responses clients --------------------------------------------------
+
+def backend_responses_request(body: Any) -> Tuple[Dict[str, Any], List[str]]:
+    """A copy of a Responses request that the ChatGPT backend takes, and the
+    names of the parameters dropped from it (BACKEND_REFUSED_PARAMETERS, and
+    ``service_tier`` unless priority or flex). ``stream`` and ``store`` are
+    forced to true and false: the client's own ``stream`` still decides how
+    OCM answers. A string ``input`` becomes one user message and ``system``
+    input messages become ``developer`` ones, as peers found the backend needs.
+    Raises HTTPError 400 unless the body is a JSON object."""
+    if not isinstance(body, dict):
+        _refuse("body", "must be a JSON object")
+    out = dict(body)
+    dropped = [name for name, _ in BACKEND_REFUSED_PARAMETERS if name in out]
+    for name in dropped:
+        del out[name]
+    if "service_tier" in out:
+        tier = backend_service_tier(out["service_tier"])
+        if tier:
+            out["service_tier"] = tier
+        else:
+            del out["service_tier"]
+            dropped.append("service_tier")
+    items = out.get("input")
+    if isinstance(items, str):
+        out["input"] = [_message_item("user", [{"type": "input_text", "text": items}])]
+    elif isinstance(items, list) and any(
+            isinstance(item, dict) and item.get("role") == "system" for item in items):
+        out["input"] = [dict(item, role="developer") if isinstance(item, dict)
+                        and item.get("role") == "system" else item for item in items]
+    out["stream"] = True
+    out["store"] = False
+    return out, dropped
+
+
+def _message_item(role: str, content: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {"type": "message", "role": role, "content": content}
+
+
+class StreamFailure(namedtuple("StreamFailure", "status error_type message code")):
+    """Why a streamed answer failed: the HTTP status and OpenAI error type to
+    show a client, the message, and the upstream's code (or "")."""
+    __slots__ = ()
+
+
+STREAM_CUT = StreamFailure(502, "api_error", STREAM_CUT_MESSAGE, "stream_incomplete")
+
+
+def _failure_kind(code: str) -> Tuple[int, str]:
+    lowered = code.lower()
+    if any(word in lowered for word in ("rate_limit", "usage_limit", "quota")):
+        return 429, "rate_limit_error"
+    if any(word in lowered for word in ("overloaded", "slow_down", "unavailable")):
+        return 503, "api_error"
+    if "auth" in lowered or ("token" in lowered and "expired" in lowered):
+        return 401, "authentication_error"
+    if lowered.startswith("invalid") or "context_length" in lowered or "not_found" in lowered:
+        return 400, "invalid_request_error"
+    return 502, "api_error"
+
+
+def stream_failure(event: Any) -> Optional[StreamFailure]:
+    """The failure a ``response.failed`` or ``error`` event reports (SSE's flat
+    error event, or the WebSocket one with ``status`` and ``error``); None
+    for any other event."""
+    if not isinstance(event, dict):
+        return None
+    kind = event.get("type")
+    if kind == "response.failed":
+        response = event.get("response")
+        error = response.get("error") if isinstance(response, dict) else None
+    elif kind == "error":
+        error = event.get("error") if isinstance(event.get("error"), dict) else event
+    else:
+        return None
+    error = error if isinstance(error, dict) else {}
+    code = error.get("code")
+    if not isinstance(code, str) or not code:
+        code = error.get("type") if error is not event else ""
+        code = code if isinstance(code, str) else ""
+    message = error.get("message")
+    if not isinstance(message, str) or not message:
+        message = "the upstream response failed" + (" (%s)" % code if code else "")
+    status, error_type = _failure_kind(code)
+    if _is_int(event.get("status")) and 400 <= event["status"] < 600:
+        status = event["status"]
+        error_type = {401: "authentication_error", 429: "rate_limit_error"}.get(
+            status, "invalid_request_error" if status < 500 else "api_error")
+    return StreamFailure(status, error_type, message, code)
+
+
+def openai_error_body(error_type: str, message: str, code: Optional[str] = None) -> Dict[str, Any]:
+    """OpenAI's error object, as Chat and Responses clients read it."""
+    return {"error": {"message": message, "type": error_type, "param": None, "code": code or None}}
+
+
+def _terminal_response(event: Dict[str, Any]) -> Dict[str, Any]:
+    response = event.get("response")
+    return response if isinstance(response, dict) else {}
+
+
+class ResponseAssembler:
+    """Builds the JSON object a non-streaming Responses client expects from the
+    events of the streamed upstream answer, fed one parsed event at a time.
+
+    The backend's ``response.completed`` carries an EMPTY ``output``, so the
+    items come from ``response.output_item.done`` events, in ``output_index``
+    order; id, model, status, service_tier and usage come from the terminal
+    event (``response.completed`` or ``response.incomplete``). A terminal event
+    that does carry output (the OpenAI API) keeps it.
+    """
+    __slots__ = ("_items", "_terminal", "failure")
+
+    def __init__(self):
+        self._items = []  # type: List[Tuple[int, int, Dict[str, Any]]]
+        self._terminal = None  # type: Optional[Dict[str, Any]]
+        self.failure = None  # type: Optional[StreamFailure]
+
+    @property
+    def done(self) -> bool:
+        return self._terminal is not None or self.failure is not None
+
+    def feed(self, event: Any) -> None:
+        if self.done or not isinstance(event, dict):
+            return
+        kind = event.get("type")
+        if kind == "response.output_item.done" and isinstance(event.get("item"), dict):
+            index = event.get("output_index")
+            self._items.append((index if _is_int(index) else 1 << 62, len(self._items),
+                                event["item"]))
+        elif kind in USAGE_EVENT_TYPES:
+            self._terminal = _terminal_response(event)
+        else:
+            self.failure = stream_failure(event)
+
+    def finish(self) -> Tuple[int, Dict[str, Any]]:
+        """End of the upstream stream: (200, the response object), or an error
+        status with ``{"error": {...}}`` after a failure or a stream that ended
+        without a terminal event."""
+        failure = self.failure or (None if self._terminal is not None else STREAM_CUT)
+        if failure is not None:
+            return failure.status, openai_error_body(failure.error_type, failure.message,
+                                                     failure.code)
+        response = dict(self._terminal)
+        if not response.get("output"):
+            response["output"] = [item for _, _, item in sorted(self._items, key=lambda t: t[:2])]
+        return 200, response
+
+
+def message_text(item: Dict[str, Any]) -> str:
+    """All the text of a ``message`` output item (its refusals count as text)."""
+    parts = item.get("content")
+    texts = []
+    for part in parts if isinstance(parts, list) else ():
+        if isinstance(part, dict):
+            text = part.get("text") if part.get("type") == "output_text" else part.get("refusal")
+            if isinstance(text, str):
+                texts.append(text)
+    return "".join(texts)
+
+
+def reasoning_text(item: Dict[str, Any]) -> str:
+    """The summary of a ``reasoning`` output item, its parts a blank line apart."""
+    parts = item.get("summary")
+    return "\n\n".join(part["text"] for part in (parts if isinstance(parts, list) else ())
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+
+
+class StopScanner:
+    """Cuts streamed text at the first of some stop sequences. The backend has
+    no ``stop`` parameter, so OCM stops the text itself: the model still writes
+    (and the account pays for) the rest of its answer, which is dropped.
+
+    ``feed()`` returns the text that is safe to send now: a tail that could be
+    the start of a stop sequence is held back until the next piece settles it,
+    and ``flush()`` returns it at the end of a text. After a match, ``matched``
+    is the sequence and nothing more comes out.
+    """
+    __slots__ = ("_sequences", "_held", "_longest", "matched")
+
+    def __init__(self, sequences: List[str]):
+        self._sequences = [s for s in sequences if s]
+        self._longest = max((len(s) for s in self._sequences), default=0)
+        self._held = ""
+        self.matched = None  # type: Optional[str]
+
+    def feed(self, text: str) -> str:
+        if self.matched is not None:
+            return ""
+        text = self._held + text
+        cut, matched = -1, None
+        for sequence in self._sequences:
+            at = text.find(sequence)
+            if at >= 0 and (cut < 0 or at < cut):
+                cut, matched = at, sequence
+        if matched is not None:
+            self._held, self.matched = "", matched
+            return text[:cut]
+        hold = 0
+        for size in range(min(len(text), self._longest - 1), 0, -1):
+            tail = text[-size:]
+            if any(s.startswith(tail) for s in self._sequences):
+                hold = size
+                break
+        self._held = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.matched is not None else held
+
+
+def end_reason(status: str, response: Dict[str, Any], stopped: bool, has_tool_calls: bool) -> str:
+    """Why an answer ended, in Chat's words: stop, tool_calls, length or
+    content_filter; "stop_sequence" when OCM cut it at a stop sequence."""
+    if stopped:
+        return "stop_sequence"
+    if status == "incomplete":
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        return "content_filter" if reason == "content_filter" else "length"
+    return "tool_calls" if has_tool_calls else "stop"
+
+
+def _usage_numbers(usage: Any) -> Tuple[int, int, int, int, int]:
+    """(input, output, total, cached, reasoning) tokens of a Responses usage."""
+    numbers = (_int_field(usage, "input_tokens"), _int_field(usage, "output_tokens"),
+               _int_field(usage, "total_tokens"),
+               _int_field(usage, "input_tokens_details", "cached_tokens"),
+               _int_field(usage, "output_tokens_details", "reasoning_tokens"))
+    return numbers[:2] + (numbers[2] or numbers[0] + numbers[1],) + numbers[3:]
+
+
+def chat_usage(usage: Any) -> Dict[str, Any]:
+    """A Responses usage object in Chat Completions' words."""
+    input_tokens, output_tokens, total, cached, reasoning = _usage_numbers(usage)
+    return {"prompt_tokens": input_tokens, "completion_tokens": output_tokens,
+            "total_tokens": total, "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+
+def anthropic_usage(usage: Any) -> Dict[str, int]:
+    """A Responses usage object in Anthropic's words: Anthropic's input_tokens
+    leave out the tokens read from the cache, which it counts apart."""
+    input_tokens, output_tokens, _, cached, _ = _usage_numbers(usage)
+    return {"input_tokens": max(input_tokens - cached, 0), "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached, "output_tokens": output_tokens}
+
+
+def sse_data(payload: Any) -> bytes:
+    """One ``data:`` event. json.dumps escapes everything from upstream
+    (ASCII only, so even a lone surrogate cannot break the encoding)."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode("ascii") + b"\n\n"
+
+
+def sse_event(name: str, payload: Any) -> bytes:
+    """One named event (``event:`` and ``data:``), as Anthropic streams them."""
+    return ("event: %s\n" % name).encode("ascii") + sse_data(payload)
+
+
+def _missing(full: Any, received: List[str]) -> str:
+    """What a whole item has beyond what its deltas carried ("" if they
+    disagree: what was sent cannot be taken back)."""
+    so_far = "".join(received)
+    if isinstance(full, str) and full.startswith(so_far):
+        return full[len(so_far):]
+    return ""
+
+
+class _Item:
+    """One output item of the upstream answer, as a stream writer follows it."""
+    __slots__ = ("kind", "received", "pending", "call_id", "name", "index", "part",
+                 "started", "closed", "muted")
+
+    def __init__(self, kind: str, muted: bool):
+        self.kind = kind            # "text", "tool" or "thinking"
+        # Text or arguments from upstream so far, in pieces: += on an attribute
+        # copies the whole string each time, and 100 KB of tool arguments come
+        # in thousands of deltas.
+        self.received = []          # type: List[str]
+        self.pending = []           # type: List[str]  # arguments before the call's name
+        self.call_id = ""
+        self.name = ""
+        self.index = -1             # the client-side block or tool call index
+        self.part = None            # type: Any  # summary_index of the last summary delta
+        self.started = False        # a tool call's head was written
+        self.closed = False
+        self.muted = muted          # begun after a stop sequence: never written
+
+
+class ResponseStreamWriter:
+    """Follows a Responses event stream for a client that speaks another API;
+    ChatStreamWriter and AnthropicStreamWriter say how to write each part.
+
+    Feed parsed events (dicts from SSEScanner(every_event=True)); each feed()
+    returns the bytes to send, maybe b"". Text, tool calls (name first, then
+    argument deltas) and reasoning summaries are written as they stream; an
+    item that arrives only whole (``response.output_item.done`` without
+    deltas) is written from that, and so is whatever its deltas missed. After
+    the terminal event, a failure, or finish() on a stream that ended without
+    one (an error for the client), ``done`` is true and events are ignored.
+    """
+
+    _HANDLERS = {
+        "response.output_item.added": "_item_added",
+        "response.output_item.done": "_item_done",
+        "response.output_text.delta": "_text_delta",
+        "response.refusal.delta": "_text_delta",
+        "response.function_call_arguments.delta": "_arguments_delta",
+        "response.reasoning_summary_text.delta": "_summary_delta",
+        "response.completed": "_end",
+        "response.incomplete": "_end",
+    }
+
+    def __init__(self, request: Any, model: str):
+        self.model = model            # until the upstream names its own
+        self.service_tier = ""
+        self.usage = None             # type: Optional[Dict[str, Any]]  # the terminal event's
+        self.failure = None           # type: Optional[StreamFailure]
+        self.done = False
+        self.has_tool_calls = False
+        self.stop_sequence = None     # type: Optional[str]  # the one that cut the text
+        stops = request_stop_sequences(request)
+        self._stop = StopScanner(stops) if stops else None
+        self._names = request_tool_names(request)
+        self._items = {}              # type: Dict[Tuple[str, Any], _Item]
+        self._order = []              # type: List[_Item]
+        self._started = False
+        self._out = []                # type: List[bytes]
+
+    def feed(self, event: Any) -> bytes:
+        if self.done or not isinstance(event, dict):
+            return b""
+        failure = stream_failure(event)
+        if failure is not None:
+            self._fail(failure)
+        else:
+            self._note_response(event.get("response"))
+            if not self._started:
+                self._started = True
+                self._on_start()
+            handler = self._HANDLERS.get(event.get("type"))
+            if handler is not None:
+                getattr(self, handler)(event)
+        return self._take()
+
+    def finish(self) -> bytes:
+        """End of the upstream stream; an error for the client unless the
+        answer was complete."""
+        if not self.done:
+            self._fail(STREAM_CUT)
+        return self._take()
+
+    def _take(self) -> bytes:
+        out, self._out = b"".join(self._out), []
+        return out
+
+    def _fail(self, failure: StreamFailure) -> None:
+        self.failure, self.done = failure, True
+        self._on_fail(failure)
+
+    def _note_response(self, response: Any) -> None:
+        if isinstance(response, dict):
+            if isinstance(response.get("model"), str) and response["model"]:
+                self.model = response["model"]
+            if isinstance(response.get("service_tier"), str) and response["service_tier"]:
+                self.service_tier = response["service_tier"]
+
+    def _item(self, event: Dict[str, Any], item: Any, kind: str) -> _Item:
+        """The item an event is about: by output_index, else by item id, else
+        (a backend that names nothing) the one open item of that kind."""
+        keys = []  # type: List[Tuple[str, Any]]
+        if _is_int(event.get("output_index")):
+            keys.append(("index", event["output_index"]))
+        ident = item.get("id") if isinstance(item, dict) else None
+        ident = ident if isinstance(ident, str) and ident else event.get("item_id")
+        if isinstance(ident, str) and ident:
+            keys.append(("id", ident))
+        keys = keys or [("current", kind)]
+        for key in keys:
+            state = self._items.get(key)
+            if state is not None and state.kind == kind:
+                for other in keys:
+                    self._items.setdefault(other, state)
+                return state
+        state = _Item(kind, self.stop_sequence is not None)
+        for key in keys:
+            self._items[key] = state
+        self._order.append(state)
+        return state
+
+    def _item_added(self, event: Dict[str, Any]) -> None:
+        item = event.get("item")
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "function_call":
+            self._start_tool(self._item(event, item, "tool"), item)
+        elif kind == "message":
+            self._item(event, item, "text")
+        elif kind == "reasoning":
+            self._item(event, item, "thinking")
+
+    def _text_delta(self, event: Dict[str, Any]) -> None:
+        delta = event.get("delta")
+        if isinstance(delta, str) and delta:
+            state = self._item(event, None, "text")
+            if not state.closed:
+                state.received.append(delta)
+                self._write_text(state, delta)
+
+    def _arguments_delta(self, event: Dict[str, Any]) -> None:
+        delta = event.get("delta")
+        if isinstance(delta, str) and delta:
+            state = self._item(event, None, "tool")
+            if state.closed:
+                return
+            state.received.append(delta)
+            if state.started:
+                self._write_arguments(state, delta)
+            else:
+                state.pending.append(delta)
+
+    def _summary_delta(self, event: Dict[str, Any]) -> None:
+        delta = event.get("delta")
+        if isinstance(delta, str) and delta:
+            state = self._item(event, None, "thinking")
+            if state.closed:
+                return
+            part = event.get("summary_index")
+            if state.received and part != state.part:
+                delta = "\n\n" + delta
+            state.part = part
+            state.received.append(delta)
+            if not state.muted and self.stop_sequence is None:
+                self._on_thinking(state, delta)
+
+    def _item_done(self, event: Dict[str, Any]) -> None:
+        item = event.get("item")
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "message":
+            state = self._item(event, item, "text")
+            if not state.closed:
+                rest = _missing(message_text(item), state.received)
+                self._write_text(state, rest)
+                self._close(state)
+        elif kind == "function_call":
+            state = self._item(event, item, "tool")
+            if not state.closed:
+                if not state.started:
+                    self._start_tool(state, item)
+                rest = _missing(item.get("arguments"), state.received)
+                self._write_arguments(state, rest)
+                self._close(state)
+        elif kind == "reasoning":
+            state = self._item(event, item, "thinking")
+            if not state.closed:
+                rest = _missing(reasoning_text(item), state.received)
+                state.muted = state.muted or self.stop_sequence is not None
+                if rest and not state.muted:
+                    self._on_thinking(state, rest)
+                secret = item.get("encrypted_content")
+                if isinstance(secret, str) and secret and not state.muted:
+                    self._on_signature(state, REASONING_SIGNATURE_PREFIX + secret)
+                self._close(state)
+
+    def _start_tool(self, state: _Item, item: Dict[str, Any]) -> None:
+        if state.started:
+            return
+        call_id = item.get("call_id") or item.get("id")
+        name = item.get("name")
+        state.call_id = call_id if isinstance(call_id, str) and call_id else (
+            "call_%d" % len(self._order))
+        name = name if isinstance(name, str) else ""
+        state.name = self._names.get(name, name)
+        state.started = True
+        state.muted = state.muted or self.stop_sequence is not None
+        if not state.muted:
+            self.has_tool_calls = True
+            self._on_tool_start(state)
+        if state.pending:
+            self._write_arguments(state, "".join(state.pending))
+            state.pending = []
+
+    def _write_text(self, state: _Item, text: str) -> None:
+        if not text or state.muted or self.stop_sequence is not None:
+            return
+        if self._stop is not None:
+            text = self._stop.feed(text)
+            self.stop_sequence = self._stop.matched
+        if text:
+            self._on_text(state, text)
+
+    def _write_arguments(self, state: _Item, text: str) -> None:
+        if text and not state.muted:
+            self._on_arguments(state, text)
+
+    def _close(self, state: _Item) -> None:
+        if state.closed:
+            return
+        if state.kind == "text" and self._stop is not None and self.stop_sequence is None:
+            rest = self._stop.flush()
+            if rest and not state.muted:
+                self._on_text(state, rest)
+        state.closed = True
+        if self._items.get(("current", state.kind)) is state:
+            del self._items[("current", state.kind)]
+        self._on_close(state)
+
+    def _end(self, event: Dict[str, Any]) -> None:
+        for state in self._order:
+            self._close(state)
+        response = _terminal_response(event)
+        self.usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
+        self.done = True
+        status = "incomplete" if event.get("type") == "response.incomplete" else "completed"
+        self._on_end(end_reason(status, response, self.stop_sequence is not None,
+                                self.has_tool_calls))
+
+    # What the subclasses write.
+    def _on_start(self) -> None:
+        pass
+
+    def _on_text(self, state: _Item, text: str) -> None:
+        pass
+
+    def _on_tool_start(self, state: _Item) -> None:
+        pass
+
+    def _on_arguments(self, state: _Item, text: str) -> None:
+        pass
+
+    def _on_thinking(self, state: _Item, text: str) -> None:
+        pass
+
+    def _on_signature(self, state: _Item, signature: str) -> None:
+        pass
+
+    def _on_close(self, state: _Item) -> None:
+        pass
+
+    def _on_end(self, reason: str) -> None:
+        pass
+
+    def _on_fail(self, failure: StreamFailure) -> None:
+        pass
+
+
+# -- Chat Completions ---------------------------------------------------------
+
+def _chat_text(content: Any, path: str, kinds: Tuple[str, ...] = ("text",)) -> str:
+    """The text of a message whose content is a string or a list of text parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        _refuse(path, "must be a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        text = part.get(kind) if kind in kinds else None
+        if not isinstance(text, str):
+            _refuse("%s.%d" % (path, j), "must be a part of type %s" % " or ".join(kinds))
+        texts.append(text)
+    return "".join(texts)
+
+
+def _chat_user_parts(content: Any, path: str) -> List[Dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "input_text", "text": content}]
+    if not isinstance(content, list):
+        _refuse(path, "must be a string or a list of content parts")
+    parts = []
+    for j, part in enumerate(content):
+        where = "%s.%d" % (path, j)
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "input_text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                _refuse(where + ".image_url", "needs a url (https: or data:)")
+            detail = image.get("detail") if isinstance(image, dict) else None
+            parts.append({"type": "input_image", "image_url": url,
+                          "detail": detail if detail in ("low", "high", "auto") else "auto"})
+        elif kind == "file":
+            file = part.get("file") if isinstance(part.get("file"), dict) else {}
+            if not isinstance(file.get("file_data"), str) or not file["file_data"]:
+                _refuse(where + ".file", "needs file_data: file_id needs the Files API, "
+                        "which the ChatGPT backend does not offer")
+            item = {"type": "input_file", "file_data": file["file_data"]}
+            if isinstance(file.get("filename"), str):
+                item["filename"] = file["filename"]
+            parts.append(item)
+        else:
+            _refuse(where + ".type", "must be text, image_url or file (%s is not translated)"
+                    % json.dumps(kind))
+    return parts
+
+
+def _function_arguments(arguments: Any) -> str:
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps(arguments if arguments is not None else {}, ensure_ascii=False,
+                      separators=(",", ":"))
+
+
+def _chat_tool_calls(calls: Any, path: str) -> List[Dict[str, Any]]:
+    if not isinstance(calls, list):
+        _refuse(path, "must be a list")
+    items = []
+    for j, call in enumerate(calls):
+        where = "%s.%d" % (path, j)
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            _refuse(where, "needs function.name")
+        if not isinstance(call.get("id"), str) or not call["id"]:
+            _refuse(where + ".id", "must be the call's id (a string)")
+        items.append({"type": "function_call", "call_id": call["id"],
+                      "name": backend_tool_name(function["name"]),
+                      "arguments": _function_arguments(function.get("arguments"))})
+    return items
+
+
+def _chat_tools(tools: Any) -> List[Dict[str, Any]]:
+    if not isinstance(tools, list):
+        _refuse("tools", "must be a list")
+    out = []
+    for j, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type", "function") != "function":
+            _refuse("tools.%d" % j, 'must be {"type": "function", "function": {...}}')
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            _refuse("tools.%d.function.name" % j, "must be a non-empty string")
+        out.append(_function_tool(function["name"], function.get("description"),
+                                  function.get("parameters"), function.get("strict") is True))
+    return out
+
+
+def _function_tool(name: str, description: Any, parameters: Any, strict: bool) -> Dict[str, Any]:
+    """A Responses function tool. ``strict`` is always sent: the Responses API
+    defaults it to true, which refuses most hand-written schemas."""
+    tool = {"type": "function", "name": backend_tool_name(name)}  # type: Dict[str, Any]
+    if isinstance(description, str) and description:
+        tool["description"] = description
+    tool["parameters"] = backend_schema(parameters)
+    tool["strict"] = strict
+    return tool
+
+
+def backend_schema(schema: Any) -> Dict[str, Any]:
+    """A tool's JSON schema as the backend takes it: a top-level ``$schema``
+    (which Claude Code sends) dropped, an object with ``properties``."""
+    if not isinstance(schema, dict):
+        return {"type": "object", "properties": {}}
+    schema = {key: value for key, value in schema.items() if key not in ("$schema", "$id")}
+    schema.setdefault("type", "object")
+    if schema["type"] == "object":
+        schema.setdefault("properties", {})
+    return schema
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    if choice in ("none", "auto", "required"):
+        return choice
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return {"type": "function", "name": backend_tool_name(function["name"])}
+    _refuse("tool_choice", 'must be "none", "auto", "required" or '
+            '{"type": "function", "function": {"name": ...}}')
+
+
+def _chat_text_format(response_format: Any) -> Optional[Dict[str, Any]]:
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+        spec = response_format["json_schema"]
+        out = {"type": "json_schema",
+               "name": spec.get("name") if isinstance(spec.get("name"), str) else "response",
+               "schema": spec.get("schema") if isinstance(spec.get("schema"), dict) else {}}
+        if isinstance(spec.get("description"), str):
+            out["description"] = spec["description"]
+        if isinstance(spec.get("strict"), bool):
+            out["strict"] = spec["strict"]
+        return out
+    _refuse("response_format", 'must be {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {"name", "schema"}}')
+
+
+def _check_stop(stop: Any, name: str) -> None:
+    if stop is None or isinstance(stop, str):
+        return
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        _refuse(name, "must be a string or a list of strings")
+
+
+def chat_to_responses(body: Any, model: str) -> Dict[str, Any]:
+    """A Chat Completions request as a backend Responses request for ``model``
+    (streamed, unstored). Leading system and developer messages become
+    ``instructions``; later ones (or all of them with json_object output,
+    which needs the word JSON in the input) become developer messages. User
+    text, images and files, assistant text and tool_calls, tool results,
+    tools, tool_choice, parallel_tool_calls, response_format (text.format),
+    verbosity, reasoning_effort, service_tier and prompt_cache_key carry
+    over; ``stop`` is applied by the stream writer; the parameters in
+    BACKEND_REFUSED_PARAMETERS and CHAT_DROPPED_PARAMETERS are dropped.
+    Raises HTTPError 400 naming the field to fix for anything else."""
+    if not isinstance(body, dict):
+        _refuse("body", "must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        _refuse("messages", "must be a non-empty list")
+    if body.get("n") not in (None, 1):
+        _refuse("n", "must be 1: the backend gives one answer per request")
+    if "functions" in body or "function_call" in body:
+        _refuse("functions", "the legacy functions API is not translated; use tools")
+    _check_stop(body.get("stop"), "stop")
+    if "stream_options" in body and not isinstance(body["stream_options"], (dict, type(None))):
+        _refuse("stream_options", "must be an object")
+    text_format = _chat_text_format(body["response_format"]) if body.get(
+        "response_format") is not None else None
+    keep_system = text_format is not None and text_format["type"] == "json_object"
+    instructions, items = [], []  # type: List[str], List[Dict[str, Any]]
+    for i, message in enumerate(messages):
+        path = "messages.%d" % i
+        if not isinstance(message, dict):
+            _refuse(path, "must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role in ("system", "developer"):
+            text = _chat_text(content, path + ".content")
+            if not items and not keep_system:
+                instructions.append(text)
+            else:
+                items.append(_message_item("developer", [{"type": "input_text", "text": text}]))
+        elif role == "user":
+            items.append(_message_item("user", _chat_user_parts(content, path + ".content")))
+        elif role == "assistant":
+            text = _chat_text(content, path + ".content", ("text", "refusal"))
+            if text:
+                items.append(_message_item("assistant", [{"type": "output_text", "text": text}]))
+            if message.get("tool_calls") is not None:
+                items.extend(_chat_tool_calls(message["tool_calls"], path + ".tool_calls"))
+        elif role == "tool":
+            if not isinstance(message.get("tool_call_id"), str) or not message["tool_call_id"]:
+                _refuse(path + ".tool_call_id", "must be the id of the call it answers")
+            items.append({"type": "function_call_output", "call_id": message["tool_call_id"],
+                          "output": _chat_text(content, path + ".content")})
+        else:
+            _refuse(path + ".role", "must be system, developer, user, assistant or tool")
+    out = {"model": model}  # type: Dict[str, Any]
+    if instructions:
+        out["instructions"] = "\n\n".join(instructions)
+    out["input"] = items
+    if body.get("tools") is not None:
+        out["tools"] = _chat_tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        out["tool_choice"] = _chat_tool_choice(body["tool_choice"])
+    if isinstance(body.get("parallel_tool_calls"), bool):
+        out["parallel_tool_calls"] = body["parallel_tool_calls"]
+    effort = body.get("reasoning_effort")
+    if isinstance(body.get("reasoning"), dict):
+        out["reasoning"] = body["reasoning"]
+    elif isinstance(effort, str) and effort:
+        out["reasoning"] = {"effort": effort}
+    text = {}  # type: Dict[str, Any]
+    if text_format is not None:
+        text["format"] = text_format
+    if isinstance(body.get("verbosity"), str):
+        text["verbosity"] = body["verbosity"]
+    if text:
+        out["text"] = text
+    tier = backend_service_tier(body.get("service_tier"))
+    if tier:
+        out["service_tier"] = tier
+    if isinstance(body.get("prompt_cache_key"), str) and body["prompt_cache_key"]:
+        out["prompt_cache_key"] = body["prompt_cache_key"]
+    out["stream"] = True
+    out["store"] = False
+    return out
+
+
+def _chat_wants_usage(request: Any) -> bool:
+    options = request.get("stream_options") if isinstance(request, dict) else None
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+class ChatStreamWriter(ResponseStreamWriter):
+    """Writes a Responses stream as ``chat.completion.chunk`` events: the role
+    chunk, content deltas, tool calls (``index``, ``id`` and ``function.name``
+    first, then argument deltas), a chunk with ``finish_reason``, the usage
+    chunk when the request asked ``stream_options.include_usage``, and
+    ``data: [DONE]``. A failure is one ``data: {"error": {...}}`` event in
+    OpenAI's shape (which the OpenAI SDKs raise), without [DONE]."""
+
+    def __init__(self, request: Any, completion_id: str, created: int, model: str):
+        super().__init__(request, model)
+        self.completion_id = completion_id
+        self.created = created
+        self._include_usage = _chat_wants_usage(request)
+        self._tools = 0
+
+    def keepalive(self) -> bytes:
+        """A comment line, which clients skip, for long silences."""
+        return b": keep-alive\n\n"
+
+    def _chunk(self, delta: Optional[Dict[str, Any]],
+               finish_reason: Optional[str] = None) -> Dict[str, Any]:
+        chunk = {"id": self.completion_id, "object": "chat.completion.chunk",
+                 "created": self.created, "model": self.model}  # type: Dict[str, Any]
+        if self.service_tier:
+            chunk["service_tier"] = self.service_tier
+        chunk["choices"] = [] if delta is None else [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _on_start(self) -> None:
+        self._out.append(sse_data(self._chunk({"role": "assistant", "content": ""})))
+
+    def _on_text(self, state: _Item, text: str) -> None:
+        self._out.append(sse_data(self._chunk({"content": text})))
+
+    def _on_tool_start(self, state: _Item) -> None:
+        state.index, self._tools = self._tools, self._tools + 1
+        self._out.append(sse_data(self._chunk({"tool_calls": [
+            {"index": state.index, "id": state.call_id, "type": "function",
+             "function": {"name": state.name, "arguments": ""}}]})))
+
+    def _on_arguments(self, state: _Item, text: str) -> None:
+        self._out.append(sse_data(self._chunk({"tool_calls": [
+            {"index": state.index, "function": {"arguments": text}}]})))
+
+    def _on_end(self, reason: str) -> None:
+        finish = "stop" if reason == "stop_sequence" else reason
+        self._out.append(sse_data(self._chunk({}, finish)))
+        if self._include_usage:
+            chunk = self._chunk(None)
+            chunk["usage"] = chat_usage(self.usage)
+            self._out.append(sse_data(chunk))
+        self._out.append(b"data: [DONE]\n\n")
+
+    def _on_fail(self, failure: StreamFailure) -> None:
+        self._out.append(sse_data(openai_error_body(failure.error_type, failure.message,
+                                                    failure.code)))
+
+
+def chat_completion_from_response(request: Any, response: Dict[str, Any],
+                                  completion_id: str, created: int) -> Dict[str, Any]:
+    """The ``chat.completion`` object for a non-streaming Chat client, from
+    the response ResponseAssembler built (stop sequences applied)."""
+    text, calls, stopped = _answer_parts(request, response)
+    tool_calls = [{"id": call_id, "type": "function",
+                   "function": {"name": name, "arguments": arguments}}
+                  for call_id, name, arguments in calls]
+    message = {"role": "assistant", "content": text if text or not tool_calls else None,
+               "refusal": None}  # type: Dict[str, Any]
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    reason = end_reason(str(response.get("status") or "completed"), response, stopped,
+                        bool(tool_calls))
+    model = response.get("model")
+    completion = {"id": completion_id, "object": "chat.completion", "created": created,
+                  "model": model if isinstance(model, str) and model else str(
+                      request.get("model") or "")}  # type: Dict[str, Any]
+    if isinstance(response.get("service_tier"), str) and response["service_tier"]:
+        completion["service_tier"] = response["service_tier"]
+    completion["choices"] = [{"index": 0, "message": message, "logprobs": None,
+                              "finish_reason": "stop" if reason == "stop_sequence" else reason}]
+    completion["usage"] = chat_usage(response.get("usage"))
+    return completion
+
+
+def _answer_parts(request: Any, response: Dict[str, Any]
+                  ) -> Tuple[str, List[Tuple[str, str, str]], bool]:
+    """(text, [(call_id, client tool name, arguments)], cut at a stop sequence)
+    of a whole response; after a stop sequence nothing more counts."""
+    stops = request_stop_sequences(request)
+    scanner = StopScanner(stops) if stops else None
+    names = request_tool_names(request)
+    texts, calls = [], []  # type: List[str], List[Tuple[str, str, str]]
+    for item in response.get("output") or ():
+        if scanner is not None and scanner.matched is not None:
+            break
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "message":
+            text = message_text(item)
+            texts.append(scanner.feed(text) + scanner.flush() if scanner is not None else text)
+        elif kind == "function_call":
+            name = item.get("name") if isinstance(item.get("name"), str) else ""
+            call_id = item.get("call_id") or item.get("id") or "call_%d" % len(calls)
+            calls.append((str(call_id), names.get(name, name), _function_arguments(
+                item.get("arguments"))))
+    return "".join(texts), calls, scanner is not None and scanner.matched is not None
+
+
+# -- Anthropic Messages -------------------------------------------------------
+
+# Anthropic's error types by HTTP status (docs.anthropic.com/en/api/errors).
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+    500: "api_error", 503: "overloaded_error", 529: "overloaded_error",
+}
+_ANTHROPIC_FOR_OPENAI_TYPE = {
+    "invalid_request_error": "invalid_request_error", "authentication_error":
+    "authentication_error", "permission_error": "permission_error", "not_found_error":
+    "not_found_error", "rate_limit_error": "rate_limit_error", "usage_limit_reached":
+    "rate_limit_error", "insufficient_quota": "rate_limit_error", "server_error": "api_error",
+    "api_error": "api_error", "overloaded_error": "overloaded_error",
+}
+# Anthropic's stop_reason for each end_reason().
+ANTHROPIC_STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens",
+                          "content_filter": "refusal", "stop_sequence": "stop_sequence"}
+# Effort of an old-style thinking budget: (largest budget, effort), in order.
+THINKING_BUDGET_EFFORTS = ((1024, "low"), (8192, "medium"), (24576, "high"))
+ANTHROPIC_EFFORTS = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high",
+                     "xhigh": "xhigh", "max": "xhigh"}
+
+
+def anthropic_error_type(status: int, error_type: str = "") -> str:
+    """Anthropic's error type for an HTTP status (first) or an OpenAI error
+    type (for errors inside a 200 stream)."""
+    if status in ANTHROPIC_ERROR_TYPES:
+        return ANTHROPIC_ERROR_TYPES[status]
+    if error_type in _ANTHROPIC_FOR_OPENAI_TYPE:
+        return _ANTHROPIC_FOR_OPENAI_TYPE[error_type]
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
+
+
+def anthropic_error_body(status: int, error_type: str, message: str) -> Dict[str, Any]:
+    """An error answer in Anthropic's shape, from an HTTP status and an OpenAI
+    error type (an HTTPError's, an upstream's, or a StreamFailure's)."""
+    return {"type": "error", "error": {"type": anthropic_error_type(status, error_type),
+                                       "message": message}}
+
+
+def upstream_error_fields(body: bytes) -> Tuple[str, str]:
+    """(error type, message) of an upstream error answer: OpenAI's
+    ``{"error": {...}}``, the backend's ``{"detail": "..."}``, or plain text
+    (cut to 1,000 characters). Either may be "" when the body has none."""
+    try:
+        data = parse_json(body) if body else None
+    except ValueError:
+        return "", body[:1000].decode("utf-8", "replace").strip()
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        kind = error.get("type") or error.get("code")
+        message = error.get("message")
+        return (kind if isinstance(kind, str) else "",
+                message if isinstance(message, str) else "")
+    detail = error if isinstance(error, str) else (
+        data.get("detail") if isinstance(data, dict) else None)
+    if isinstance(detail, str):
+        return "", detail
+    return "", json.dumps(detail)[:1000] if detail is not None else ""
+
+
+def _anthropic_system(system: Any) -> str:
+    if system is None or isinstance(system, str):
+        texts = [system or ""]
+    elif isinstance(system, list):
+        texts = [block.get("text") for block in system
+                 if isinstance(block, dict) and block.get("type") == "text"]
+        if not all(isinstance(text, str) for text in texts):
+            _refuse("system", "text blocks need a text string")
+    else:
+        _refuse("system", "must be a string or a list of text blocks")
+    return "\n\n".join(text for text in texts
+                       if text and not text.lstrip().startswith(CLAUDE_BILLING_PREFIX))
+
+
+def _anthropic_source(block: Dict[str, Any], path: str) -> Tuple[str, str]:
+    """("url", url) or ("data", data: URL) of an image or document source."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    kind = source.get("type")
+    if kind == "base64" and isinstance(source.get("data"), str):
+        media = source.get("media_type") if isinstance(source.get("media_type"), str) else (
+            "application/octet-stream")
+        return "data", "data:%s;base64,%s" % (media, source["data"])
+    if kind == "url" and isinstance(source.get("url"), str) and source["url"]:
+        return "url", source["url"]
+    _refuse(path + ".source", "must be a base64 or url source (%s is not translated)"
+            % json.dumps(kind))
+    return "", ""
+
+
+def _anthropic_document(block: Dict[str, Any], path: str) -> Dict[str, Any]:
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        return {"type": "input_text", "text": source["data"]}
+    if source.get("type") == "content":
+        return {"type": "input_text", "text": _tool_result_text(source.get("content"))}
+    kind, value = _anthropic_source(block, path)
+    if kind == "url":
+        return {"type": "input_file", "file_url": value}
+    title = block.get("title")
+    return {"type": "input_file", "filename": title if isinstance(title, str) and title
+            else "document.pdf", "file_data": value}
+
+
+def _tool_result_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(block["text"] for block in content if isinstance(block, dict)
+                     and isinstance(block.get("text"), str)) if isinstance(content, list) else ""
+
+
+def _tool_result_output(block: Dict[str, Any], path: str) -> Any:
+    """A function_call_output's output: text, or input parts when images come
+    back. ``is_error`` has no Responses counterpart: it becomes "Error: " in
+    front of the text, unless the text already says so."""
+    content = block.get("content")
+    parts = []  # type: List[Dict[str, Any]]
+    if isinstance(content, list):
+        for j, inner in enumerate(content):
+            kind = inner.get("type") if isinstance(inner, dict) else None
+            if kind == "image":
+                parts.append({"type": "input_image", "detail": "auto", "image_url":
+                              _anthropic_source(inner, "%s.content.%d" % (path, j))[1]})
+            elif isinstance(inner, dict) and isinstance(inner.get("text"), str):
+                parts.append({"type": "input_text", "text": inner["text"]})
+    elif content is not None and not isinstance(content, str):
+        _refuse(path + ".content", "must be a string or a list of blocks")
+    text = "\n".join(p["text"] for p in parts if p["type"] == "input_text") if isinstance(
+        content, list) else (content or "")
+    if block.get("is_error") is True and not text.lstrip().lower().startswith("error"):
+        text = "Error: " + text
+        if parts:
+            parts.insert(0, {"type": "input_text", "text": "Error:"})
+    if any(p["type"] == "input_image" for p in parts):
+        return parts
+    return text
+
+
+def _reasoning_item(block: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """A reasoning item for a thinking block OCM wrote earlier (None for
+    Anthropic's own, which the backend could not read)."""
+    secret = block.get("signature") if block.get("type") == "thinking" else block.get("data")
+    if not isinstance(secret, str) or not secret.startswith(REASONING_SIGNATURE_PREFIX):
+        return None
+    thinking = block.get("thinking")
+    summary = [{"type": "summary_text", "text": thinking}] if isinstance(
+        thinking, str) and thinking else []
+    return {"type": "reasoning", "summary": summary,
+            "encrypted_content": secret[len(REASONING_SIGNATURE_PREFIX):]}
+
+
+def _anthropic_message_items(message: Any, path: str) -> List[Dict[str, Any]]:
+    if not isinstance(message, dict):
+        _refuse(path, "must be an object")
+    role, content = message.get("role"), message.get("content")
+    if role not in ("user", "assistant"):
+        _refuse(path + ".role", "must be user or assistant")
+    text_type = "input_text" if role == "user" else "output_text"
+    if isinstance(content, str):
+        return [_message_item(role, [{"type": text_type, "text": content}])]
+    if not isinstance(content, list):
+        _refuse(path + ".content", "must be a string or a list of blocks")
+    items, parts = [], []  # type: List[Dict[str, Any]], List[Dict[str, Any]]
+    for j, block in enumerate(content):
+        where = "%s.content.%d" % (path, j)
+        kind = block.get("type") if isinstance(block, dict) else None
+        item = None  # an item of its own, after the parts so far
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                _refuse(where + ".text", "must be a string")
+            if block["text"]:
+                parts.append({"type": text_type, "text": block["text"]})
+        elif kind == "image" and role == "user":
+            parts.append({"type": "input_image", "detail": "auto",
+                          "image_url": _anthropic_source(block, where)[1]})
+        elif kind == "document" and role == "user":
+            parts.append(_anthropic_document(block, where))
+        elif kind == "tool_use" and role == "assistant":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                _refuse(where, "tool_use needs an id and a name")
+            item = {"type": "function_call", "call_id": block["id"],
+                    "name": backend_tool_name(block["name"]),
+                    "arguments": _function_arguments(block.get("input"))}
+        elif kind == "tool_result" and role == "user":
+            if not isinstance(block.get("tool_use_id"), str) or not block["tool_use_id"]:
+                _refuse(where + ".tool_use_id", "must be the id of the tool_use it answers")
+            item = {"type": "function_call_output", "call_id": block["tool_use_id"],
+                    "output": _tool_result_output(block, where)}
+        elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            item = _reasoning_item(block)
+        elif kind in ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result"):
+            pass  # the backend ran its own search; only the text that used it carries over
+        else:
+            _refuse(where + ".type", "%s is not translated in a %s message"
+                    % (json.dumps(kind), role))
+        if item is not None:
+            if parts:
+                items.append(_message_item(role, parts))
+                parts = []
+            items.append(item)
+    if parts:
+        items.append(_message_item(role, parts))
+    return items
+
+
+def _anthropic_tools(tools: Any) -> List[Dict[str, Any]]:
+    if not isinstance(tools, list):
+        _refuse("tools", "must be a list")
+    out = []
+    for j, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.startswith("web_search"):
+            out.append({"type": "web_search"})
+        elif kind in (None, "custom") and isinstance(tool, dict):
+            if not isinstance(tool.get("name"), str) or not tool["name"]:
+                _refuse("tools.%d.name" % j, "must be a non-empty string")
+            out.append(_function_tool(tool["name"], tool.get("description"),
+                                      tool.get("input_schema"), tool.get("strict") is True))
+        else:
+            _refuse("tools.%d.type" % j, "%s is a tool Anthropic's servers run; OCM cannot"
+                    % json.dumps(kind))
+    return out
+
+
+def _anthropic_tool_choice(choice: Any) -> Tuple[Any, Optional[bool]]:
+    """(Responses tool_choice, parallel_tool_calls or None)."""
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    parallel = None if not isinstance(choice, dict) or not isinstance(
+        choice.get("disable_parallel_tool_use"), bool) else not choice["disable_parallel_tool_use"]
+    if kind in ("auto", "none"):
+        return kind, parallel
+    if kind == "any":
+        return "required", parallel
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "name": backend_tool_name(choice["name"])}, parallel
+    _refuse("tool_choice", 'must be {"type": "auto"}, {"type": "any"}, {"type": "none"} '
+            'or {"type": "tool", "name": ...}')
+    return None, None
+
+
+def _anthropic_reasoning(body: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """``reasoning`` for Anthropic's thinking settings, or None for the
+    model's default. A budget maps to an effort (THINKING_BUDGET_EFFORTS);
+    adaptive thinking takes ``output_config.effort`` ("max" is xhigh). With
+    thinking on, summaries are asked for, to stream as thinking blocks."""
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    kind = thinking.get("type")
+    if kind == "disabled":
+        return None
+    config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+    effort = ANTHROPIC_EFFORTS.get(config.get("effort")) if isinstance(
+        config.get("effort"), str) else None
+    budget = thinking.get("budget_tokens")
+    if effort is None and kind == "enabled" and _is_int(budget):
+        effort = next((e for limit, e in THINKING_BUDGET_EFFORTS if budget <= limit), "xhigh")
+    reasoning = {}  # type: Dict[str, Any]
+    if effort:
+        reasoning["effort"] = effort
+    if kind in ("enabled", "adaptive"):
+        reasoning["summary"] = "auto"
+    return reasoning or None
+
+
+def messages_to_responses(body: Any, model: str) -> Dict[str, Any]:
+    """An Anthropic Messages request as a backend Responses request for
+    ``model`` (streamed, unstored). ``system`` becomes ``instructions`` (minus
+    Claude Code's per-request billing line); text, image (base64 or url) and
+    PDF blocks become input parts; ``tool_use`` → ``function_call`` (ids kept,
+    so answers match), ``tool_result`` → ``function_call_output``; thinking
+    blocks OCM wrote come back as reasoning items. Tools (``input_schema``
+    cleaned by backend_schema), tool_choice, thinking → reasoning effort;
+    ``metadata.user_id`` seeds ``prompt_cache_key`` (hashed), which keeps a
+    session on one account and its prompt cache warm.
+
+    Not honoured: ``stop_sequences`` are applied by OCM to the streamed text
+    only (not inside tool input or thinking, and the model still writes and
+    bills the rest); ``max_tokens``, ``temperature``, ``top_p``, ``top_k``
+    and the rest of ANTHROPIC_DROPPED_PARAMETERS are dropped; Anthropic's
+    server tools other than web search are refused; Anthropic's own thinking
+    signatures are dropped (the backend cannot read them).
+    Raises HTTPError 400 naming the field to fix."""
+    if not isinstance(body, dict):
+        _refuse("body", "must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        _refuse("messages", "must be a non-empty list")
+    _check_stop(body.get("stop_sequences"), "stop_sequences")
+    if isinstance(body.get("stop_sequences"), str):
+        _refuse("stop_sequences", "must be a list of strings")
+    items = []  # type: List[Dict[str, Any]]
+    for i, message in enumerate(messages):
+        items.extend(_anthropic_message_items(message, "messages.%d" % i))
+    out = {"model": model}  # type: Dict[str, Any]
+    instructions = _anthropic_system(body.get("system"))
+    if instructions:
+        out["instructions"] = instructions
+    out["input"] = items
+    if body.get("tools") is not None:
+        out["tools"] = _anthropic_tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        out["tool_choice"], parallel = _anthropic_tool_choice(body["tool_choice"])
+        if parallel is not None:
+            out["parallel_tool_calls"] = parallel
+    reasoning = _anthropic_reasoning(body)
+    if reasoning is not None:
+        out["reasoning"] = reasoning
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    if isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
+        out["prompt_cache_key"] = "claude-" + hashlib.sha256(
+            metadata["user_id"].encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    out["stream"] = True
+    out["store"] = False
+    if reasoning is not None and "summary" in reasoning:
+        out["include"] = ["reasoning.encrypted_content"]
+    return out
+
+
+class AnthropicStreamWriter(ResponseStreamWriter):
+    """Writes a Responses stream as Anthropic's events: ``message_start``
+    (usage.input_tokens is the ``input_tokens`` estimate given, the real count
+    comes at the end), per content block ``content_block_start``, deltas
+    (``text_delta``, ``input_json_delta``, ``thinking_delta`` and
+    ``signature_delta``) and ``content_block_stop``, then ``message_delta``
+    with ``stop_reason`` (end_turn, tool_use, max_tokens, stop_sequence,
+    refusal) and the usage, and ``message_stop``. A failure is an ``error``
+    event in Anthropic's shape. Reasoning with encrypted content and no
+    summary becomes a ``redacted_thinking`` block."""
+
+    def __init__(self, request: Any, message_id: str, model: str, input_tokens: int = 0):
+        super().__init__(request, model)
+        self.message_id = message_id
+        self._input_tokens = input_tokens
+        self._blocks = 0
+
+    def keepalive(self) -> bytes:
+        """Anthropic's ping event, for long silences."""
+        return sse_event("ping", {"type": "ping"})
+
+    def _emit(self, name: str, payload: Dict[str, Any]) -> None:
+        self._out.append(sse_event(name, payload))
+
+    def _open(self, state: _Item, block: Dict[str, Any]) -> None:
+        state.index, self._blocks = self._blocks, self._blocks + 1
+        self._emit("content_block_start", {"type": "content_block_start", "index": state.index,
+                                           "content_block": block})
+
+    def _delta(self, state: _Item, delta: Dict[str, Any]) -> None:
+        self._emit("content_block_delta", {"type": "content_block_delta", "index": state.index,
+                                           "delta": delta})
+
+    def _on_start(self) -> None:
+        usage = {"input_tokens": self._input_tokens, "cache_creation_input_tokens": 0,
+                 "cache_read_input_tokens": 0, "output_tokens": 0}
+        self._emit("message_start", {"type": "message_start", "message": {
+            "id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
+
+    def _on_text(self, state: _Item, text: str) -> None:
+        if state.index < 0:
+            self._open(state, {"type": "text", "text": ""})
+        self._delta(state, {"type": "text_delta", "text": text})
+
+    def _on_tool_start(self, state: _Item) -> None:
+        self._open(state, {"type": "tool_use", "id": state.call_id, "name": state.name,
+                           "input": {}})
+
+    def _on_arguments(self, state: _Item, text: str) -> None:
+        self._delta(state, {"type": "input_json_delta", "partial_json": text})
+
+    def _on_thinking(self, state: _Item, text: str) -> None:
+        if state.index < 0:
+            self._open(state, {"type": "thinking", "thinking": "", "signature": ""})
+        self._delta(state, {"type": "thinking_delta", "thinking": text})
+
+    def _on_signature(self, state: _Item, signature: str) -> None:
+        if state.index < 0:
+            self._open(state, {"type": "redacted_thinking", "data": signature})
+        else:
+            self._delta(state, {"type": "signature_delta", "signature": signature})
+
+    def _on_close(self, state: _Item) -> None:
+        if state.index >= 0:
+            self._emit("content_block_stop", {"type": "content_block_stop",
+                                              "index": state.index})
+
+    def _on_end(self, reason: str) -> None:
+        self._emit("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": ANTHROPIC_STOP_REASONS[reason], "stop_sequence": self.stop_sequence},
+            "usage": anthropic_usage(self.usage)})
+        self._emit("message_stop", {"type": "message_stop"})
+
+    def _on_fail(self, failure: StreamFailure) -> None:
+        self._emit("error", anthropic_error_body(failure.status, failure.error_type,
+                                                 failure.message))
+
+
+def anthropic_message_from_response(request: Any, response: Dict[str, Any],
+                                    message_id: str) -> Dict[str, Any]:
+    """The ``message`` object for a non-streaming Anthropic client, from the
+    response ResponseAssembler built (stop sequences applied, tool names and
+    ids as the client knows them, reasoning as thinking blocks)."""
+    stops = request_stop_sequences(request)
+    scanner = StopScanner(stops) if stops else None
+    names = request_tool_names(request)
+    content = []  # type: List[Dict[str, Any]]
+    has_tool_calls = False
+    for item in response.get("output") or ():
+        if scanner is not None and scanner.matched is not None:
+            break
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "message":
+            text = message_text(item)
+            text = scanner.feed(text) + scanner.flush() if scanner is not None else text
+            if text:
+                content.append({"type": "text", "text": text})
+        elif kind == "function_call":
+            name = item.get("name") if isinstance(item.get("name"), str) else ""
+            try:
+                arguments = parse_json(item.get("arguments") or "{}")
+            except (TypeError, ValueError):
+                arguments = {}
+            content.append({"type": "tool_use", "id": str(item.get("call_id") or item.get("id")),
+                            "name": names.get(name, name),
+                            "input": arguments if isinstance(arguments, dict) else {}})
+            has_tool_calls = True
+        elif kind == "reasoning":
+            block = _thinking_block(item)
+            if block is not None:
+                content.append(block)
+    stopped = scanner is not None and scanner.matched is not None
+    reason = end_reason(str(response.get("status") or "completed"), response, stopped,
+                        has_tool_calls)
+    model = response.get("model")
+    return {"id": message_id, "type": "message", "role": "assistant",
+            "model": model if isinstance(model, str) and model else str(
+                request.get("model") or ""),
+            "content": content, "stop_reason": ANTHROPIC_STOP_REASONS[reason],
+            "stop_sequence": scanner.matched if scanner is not None else None,
+            "usage": anthropic_usage(response.get("usage"))}
+
+
+def _thinking_block(item: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    text = reasoning_text(item)
+    secret = item.get("encrypted_content")
+    signature = REASONING_SIGNATURE_PREFIX + secret if isinstance(secret, str) and secret else ""
+    if text:
+        return {"type": "thinking", "thinking": text, "signature": signature}
+    if signature:
+        return {"type": "redacted_thinking", "data": signature}
+    return None
+
+
+def estimate_input_tokens(body: Dict[str, Any]) -> int:
+    """A rough count of the input tokens of a Responses request: UTF-8 bytes
+    of its text (instructions, message text, tool calls and results, tool
+    names, descriptions and schemas as JSON) over 4, plus IMAGE_TOKEN_ESTIMATE
+    per image or file. About right for English and code; low for scripts
+    with several bytes per token-sized character. Encrypted reasoning is not
+    counted."""
+    size, files = 0, 0
+    texts = [body.get("instructions")]
+    for item in body.get("input") or ():
+        if not isinstance(item, dict):
+            continue
+        texts.extend((item.get("name"), item.get("arguments")))
+        output = item.get("output")
+        parts = item.get("content") if item.get("type") == "message" else output
+        texts.append(output if isinstance(output, str) else None)
+        texts.extend(p.get("text") for p in item.get("summary") or () if isinstance(p, dict))
+        for part in parts if isinstance(parts, list) else ():
+            if isinstance(part, dict):
+                texts.append(part.get("text"))
+                files += part.get("type") in ("input_image", "input_file")
+    if body.get("tools"):
+        texts.append(json.dumps(body["tools"], ensure_ascii=False))
+    for text in texts:
+        if isinstance(text, str):
+            size += len(text.encode("utf-8", "surrogatepass"))
+    return (size + 3) // 4 + files * IMAGE_TOKEN_ESTIMATE
+
+
+def count_message_tokens(body: Any) -> Dict[str, int]:
+    """The answer to Anthropic's ``/v1/messages/count_tokens``:
+    ``{"input_tokens": N}``, an estimate (estimate_input_tokens of the
+    translated request: no tokenizer ships with the standard library).
+    Raises HTTPError 400 as messages_to_responses does."""
+    return {"input_tokens": estimate_input_tokens(messages_to_responses(body, ""))}
 
 
 # == 15. Pipeline ============================================================
