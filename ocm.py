@@ -478,6 +478,7 @@ class Config:
         self.timezone = "local"         # budgets' days, weeks and months
         self.budgets_path = ""          # where budget spending is kept across restarts
         self.metrics_token = ""         # /metrics for this bearer token (or "sha256:<hex>"); loopback always
+        self.model_map = []  # type: List[Tuple[str, str]]  # (glob, model) for other clients' model names
         self.log_format = "text"        # access log lines: text | json
         self.headers = {}  # type: Dict[str, List[str]]
         self.detour = None  # type: Optional[ProxyURL]
@@ -895,6 +896,21 @@ def _parse_headers(raw: Any, where: str) -> Dict[str, List[str]]:
     return headers
 
 
+def _parse_model_map(raw: Any, where: str) -> List[Tuple[str, str]]:
+    """{"claude-*haiku*": "gpt-5.1-codex-mini", "claude-*": "gpt-5.3-codex"}:
+    requested model names (globs, first match wins) to the model used."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        raise ConfigError("%s: expected an object of model name patterns, got %s" % (where, _json_type(raw)))
+    pairs = []
+    for pattern, model in raw.items():
+        if not pattern or not isinstance(model, str) or not model.strip():
+            raise ConfigError("%s.%s: expected a model name, like \"gpt-5.3-codex\"" % (where, pattern))
+        pairs.append((pattern, model.strip()))
+    return pairs
+
+
 def _parse_tls(raw: Any, where: str) -> TLSConfig:
     if raw is None:
         return TLSConfig()
@@ -996,6 +1012,7 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         timezone=_check_timezone(f.str("timezone", "local"), f.path("timezone")),
         budgets_path=os.path.expanduser(f.str("budgets_path")),
         metrics_token=f.str("metrics_token"),
+        model_map=_parse_model_map(f.raw("model_map"), f.path("model_map")),
         log_format=f.str("log_format", "text"),
         headers=_parse_headers(f.raw("headers"), f.path("headers")),
         detour=parse_detour(f.str("detour"), f.path("detour"), sing_box=bool(where)),
@@ -2635,6 +2652,8 @@ class UserTable:
         if self.is_open:
             return None
         value = headers.get("authorization")
+        if not value and headers.get("x-api-key"):  # Anthropic clients send their key here
+            value = "Bearer " + headers.get("x-api-key", "")
         if not value:
             raise HTTPError(401, "authentication_error", "missing api key")
         scheme, _, token = value.strip().partition(" ")
@@ -3413,9 +3432,10 @@ def _make_opener(connector: Connector):
 class UpstreamExchange:
     """One upstream request in flight. ``finish()`` hands its connection back
     to the account's pool (or closes it) exactly once."""
-    __slots__ = ("account", "conn", "response", "latency", "finished")
+    __slots__ = ("account", "conn", "response", "latency", "finished", "translation")
 
     def __init__(self, account: "Account", conn: UpstreamConnection, response, latency: float = 0.0):
+        self.translation = None  # type: Any  # how the request was rewritten for the ChatGPT backend
         self.account = account
         self.conn = conn
         self.response = response
@@ -4831,14 +4851,16 @@ def write_access_line(request: "RequestRecord", log_format: str) -> None:
         access_log.log(level, json.dumps({
             "time": format_rfc3339(time.time()), "user": request.user_name or None, "method": request.method,
             "path": request.path[:200], "status": request.status, "model": request.model or None,
+            "requested_model": request.asked_model or None,
             "account": account or None, "input_tokens": request.input_tokens,
             "cached_tokens": request.cached_tokens, "output_tokens": request.output_tokens,
             "cost_usd": round(request.cost, 6), "duration_s": round(duration, 3)}))
         return
-    access_log.log(level, "%s %s %s %d model=%s in=%d cached=%d out=%d cost=$%.4f %.3fs%s",
+    access_log.log(level, "%s %s %s %d model=%s in=%d cached=%d out=%d cost=$%.4f %.3fs%s%s",
                    request.user_name or "-", request.method, request.path[:200], request.status,
                    request.model or "-", request.input_tokens, request.cached_tokens, request.output_tokens,
-                   request.cost, duration, " account=" + account if account else "")
+                   request.cost, duration, " account=" + account if account else "",
+                   " asked=" + request.asked_model if request.asked_model else "")
 
 
 # == 14. Streams =============================================================
@@ -6740,13 +6762,16 @@ def canonical_path(raw: str) -> str:
     return "/" + "/".join(segments)
 
 
-# What OCM knows each model endpoint as; other /v1/ paths are relayed as they are.
+# What OCM knows each endpoint as; other /v1/ paths are relayed as they are.
 ENDPOINTS = {
     "/v1/responses": "responses",
     "/v1/responses/compact": "compact",
     "/v1/chat/completions": "chat",
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "count_tokens",
     "/v1/models": "models",
 }
+CODEX_CLIENT_VERSION = "0.171.0"  # what OCM says it is when it asks the backend for its models
 
 
 class RequestBody:
@@ -6897,11 +6922,107 @@ def error_event_for(exc: HTTPError) -> bytes:
     return error_event(exc.status, error, {} if exc.body is not None else None)
 
 
+class Translation:
+    """A request rewritten for the ChatGPT backend (section 14b), and how its
+    answer goes back. ``kind`` is the client's API: "responses" (a plain
+    Responses client), "chat", "anthropic", or "models" (the models list)."""
+    __slots__ = ("kind", "request", "body", "stream", "model", "answer_id", "created")
+
+    def __init__(self, kind: str, request: Dict[str, Any], body: Optional[Dict[str, Any]], stream: bool,
+                 model: str):
+        self.kind = kind
+        self.request = request      # what the client sent
+        self.body = body            # what goes upstream
+        self.stream = stream        # the client wants a stream
+        self.model = model          # the model used
+        prefix = {"chat": "chatcmpl-", "anthropic": "msg_"}.get(kind, "resp_")
+        self.answer_id = prefix + base64.b32encode(os.urandom(15)).decode("ascii").lower()
+        self.created = int(time.time())
+
+    def writer(self) -> Optional["ResponseStreamWriter"]:
+        """What turns the upstream events into the client's stream; None for a
+        Responses client, whose stream is upstream's own."""
+        if self.kind == "chat":
+            return ChatStreamWriter(self.request, self.answer_id, self.created, self.model)
+        if self.kind == "anthropic":
+            return AnthropicStreamWriter(self.request, self.answer_id, self.model,
+                                         estimate_input_tokens(self.body or {}))
+        return None
+
+    def answer(self, response: Dict[str, Any]) -> Dict[str, Any]:
+        """The client's whole answer from the assembled Responses object."""
+        if self.kind == "chat":
+            return chat_completion_from_response(self.request, response, self.answer_id, self.created)
+        if self.kind == "anthropic":
+            return anthropic_message_from_response(self.request, response, self.answer_id)
+        return response
+
+    def error_body(self, status: int, error_type: str, message: str, code: Optional[str] = None) -> bytes:
+        if self.kind == "anthropic":
+            body = anthropic_error_body(status, error_type, message)
+        else:
+            body = openai_error_body(error_type, message, code)
+        return json.dumps(body).encode("utf-8")
+
+
+def translate_for_backend(endpoint: str, query: str, body: Optional[RequestBody],
+                          model_map: List[Tuple[str, str]]) -> Optional[Translation]:
+    """How a request must change to be served by the ChatGPT backend; None
+    when it goes as it is (Codex's own requests, byte for byte). Raises
+    HTTPError 400 for a request that cannot be translated, saying why."""
+    if endpoint == "models":
+        if "client_version=" in query:
+            return None  # Codex: the backend's own list, ETag and all
+        return Translation("models", {}, None, False, "")
+    if endpoint not in ("responses", "chat", "messages") or body is None:
+        return None
+    data = body.data
+    if data is None or body.problem:
+        if endpoint == "responses":
+            return None  # unreadable or ambiguous here (zstd from Codex): byte for byte, upstream decides
+        raise HTTPError(400, "invalid_request_error", "OCM cannot read this request: %s" % body.problem)
+    model = resolve_model(data.get("model"), model_map)
+    stream = data.get("stream") is True
+    if endpoint == "chat":
+        return Translation("chat", data, chat_to_responses(data, model), stream, model)
+    if endpoint == "messages":
+        return Translation("anthropic", data, messages_to_responses(data, model), stream, model)
+    upstream, _ = backend_responses_request(data)
+    upstream["model"] = model
+    if upstream == data:
+        return None
+    return Translation("responses", data, upstream, stream, model)
+
+
+# Client headers that describe the client's own request, not the one OCM
+# writes in its place for the backend.
+TRANSLATED_DROPPED_HEADERS = frozenset(("content-encoding", "content-type", "accept"))
+
+
+def translated_headers(client: Headers) -> Headers:
+    """The client's headers for a request OCM rewrote: minus what described
+    the original (its encoding, type, Anthropic's own headers), plus JSON in
+    and a stream out."""
+    kept = [(n, v) for n, v in client.items() if n.lower() not in TRANSLATED_DROPPED_HEADERS
+            and not n.lower().startswith("anthropic-")]
+    return Headers(kept + [("Content-Type", "application/json"), ("Accept", "text/event-stream")])
+
+
+def models_list(answer: Any, model_map: List[Tuple[str, str]]) -> Dict[str, Any]:
+    """The backend's models in OpenAI's list format, plus the names model_map
+    gives other clients (its patterns without wildcards)."""
+    models = answer.get("models") if isinstance(answer, dict) else None
+    names = [m.get("slug") for m in models or () if isinstance(m, dict) and isinstance(m.get("slug"), str)]
+    names += [pattern for pattern, _ in model_map if not any(c in pattern for c in "*?[")]
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "openai"}
+                                       for name in dict.fromkeys(names)]}
+
+
 class RequestRecord:
     """What the access log, the metrics, the usage book and the budgets say of
     one HTTP request or one WebSocket turn. ``OCMServer.settle`` reads it
     exactly once, when the request or turn is over."""
-    __slots__ = ("method", "path", "user", "user_name", "status", "model", "tier", "account",
+    __slots__ = ("method", "path", "user", "user_name", "status", "model", "asked_model", "tier", "account",
                  "holds_account", "usage", "week_start", "reservation", "input_tokens",
                  "cached_tokens", "output_tokens", "cost", "started", "settled", "quiet")
 
@@ -6913,6 +7034,7 @@ class RequestRecord:
         self.user_name = ""
         self.status = 0
         self.model = ""                 # asked for; the usage's model replaces it
+        self.asked_model = ""           # a name the model_map translated, for the access log
         self.tier = ""
         self.account = None  # type: Optional[Account]
         self.holds_account = False      # settling ends its use of the account
@@ -7531,6 +7653,7 @@ class OCMHandler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = SocketReader(self.connection)
         self.head_sent = False
+        self.error_shape = ""  # "anthropic" for Anthropic's endpoints: errors in their shape
         self.busy = False  # serving a request (as opposed to waiting for one)
         self.server.track(self)
 
@@ -7579,6 +7702,9 @@ class OCMHandler(BaseHTTPRequestHandler):
 
     def send_error_json(self, error: HTTPError, close: bool) -> None:
         body = error.body if error.body is not None else json_error_body(error.error_type, error.message)
+        if self.error_shape == "anthropic":  # Anthropic's clients read only their own shape
+            error_type, message = upstream_error_fields(body)
+            body = json.dumps(anthropic_error_body(error.status, error_type, message)).encode("utf-8")
         self.send_json(error.status, body, close=close, extra=error.headers)
 
     # -- one request ----------------------------------------------------------
@@ -7587,6 +7713,7 @@ class OCMHandler(BaseHTTPRequestHandler):
         server = self.server
         limits = server.config.limits
         self.head_sent = False
+        self.error_shape = ""
         request = None
         if server.closing:
             return False
@@ -7645,6 +7772,7 @@ class OCMHandler(BaseHTTPRequestHandler):
         if not request.path.startswith("/"):
             raise bad_request("only origin-form request targets are accepted (\"/v1/...\")")
         request.path = request.record.path = canonical_path(request.path)
+        self.error_shape = "anthropic" if request.path.startswith("/v1/messages") else ""
         if request.path in OPERATIONS_PATHS:
             self.serve_operations(request)
             return
@@ -7678,22 +7806,54 @@ class OCMHandler(BaseHTTPRequestHandler):
     def serve_model_request(self, request: ClientRequest, state: State, user: Optional[User],
                             body: Optional[RequestBody]) -> None:
         """One HTTP request through the pipeline: admit, send, relay. The
-        record is settled by serve_one once the answer is out (or failed)."""
+        record is settled once the answer is out (or failed)."""
+        endpoint = ENDPOINTS.get(request.path, "")
+        if endpoint == "count_tokens" and request.method == "POST":
+            self.answer_count_tokens(request, body)
+            return
         call = ModelRequest(self.server, state, user, request.record, body)
+        translation = refusal = None
+        if request.method in ("GET", "POST"):
+            try:
+                translation = translate_for_backend(endpoint, request.query, body, state.config.model_map)
+            except HTTPError as exc:  # it matters only where the backend needs the translation
+                refusal = exc
+        if translation is not None and body is not None and translation.model:
+            if translation.model != body.model:
+                request.record.asked_model = body.model
+            body.model = request.record.model = translation.model  # the model allow-list checks what is used
         call.admit()
         pool = state.pool_for(user)
-        has_body = request.body_kind != "none" or request.method in ("POST", "PUT", "PATCH")
 
         def attempt(account: Account, login: Login) -> UpstreamExchange:
-            base, upstream_path = state.upstream_target(login.mode, request.path, request.query)
-            headers = build_upstream_headers(request.headers, state.config.headers, login,
-                                             len(request.body) if has_body else None)
-            exchange = account.send(base.origin, request.method, upstream_path, headers,
-                                    request.body if has_body else None)
+            if refusal is not None and login.mode == "chatgpt":
+                raise refusal
+            rewrite = translation if translation is not None and login.mode == "chatgpt" else None
+            path, query, payload, client_headers = request.path, request.query, request.body, request.headers
+            if request.body_kind == "none" and request.method not in ("POST", "PUT", "PATCH"):
+                payload = None
+            if rewrite is not None:
+                client_headers = translated_headers(request.headers)
+                if rewrite.kind == "models":
+                    path, query, payload = "/v1/models", "client_version=" + CODEX_CLIENT_VERSION, None
+                else:  # a Responses client keeps its query; others' queries mean nothing to the backend
+                    path, payload = "/v1/responses", json.dumps(rewrite.body).encode("utf-8")
+                    query = query if rewrite.kind == "responses" else ""
+            base, upstream_path = state.upstream_target(login.mode, path, query)
+            headers = build_upstream_headers(client_headers, state.config.headers, login,
+                                             len(payload) if payload is not None else None)
+            exchange = account.send(base.origin, "GET" if rewrite is not None and rewrite.kind == "models"
+                                    else request.method, upstream_path, headers, payload)
+            exchange.translation = rewrite
             self.server.metrics.observe_latency(exchange.latency)
             return exchange
 
         def strip_reasoning() -> bool:
+            if translation is not None and translation.body is not None:
+                stripped = without_reasoning(translation.body)
+                if stripped is not None:
+                    translation.body = stripped
+                return stripped is not None
             stripped = without_reasoning(body.data) if body is not None and body.data is not None else None
             if stripped is None or request.headers.get("content-encoding", "identity").lower() != "identity":
                 return False
@@ -7704,13 +7864,27 @@ class OCMHandler(BaseHTTPRequestHandler):
                                       strip_reasoning)
         request.body = b""  # no retry from here on: a thousand streams need not hold a thousand bodies
         request.record.status = exchange.status
+        if 200 <= exchange.status < 300:
+            request.record.week_start = week_start_from_headers(exchange.headers)
+        rewrite = exchange.translation
+        if rewrite is not None and (rewrite.kind != "responses" or not rewrite.stream):
+            self.relay_translated(request, exchange, rewrite, state)
+            return
         tap = None
         if body is not None and 200 <= exchange.status < 300:
-            request.record.week_start = week_start_from_headers(exchange.headers)
             content_type = (exchange.headers.get("content-type") or "").lower()
             tap = UsageTap(request.record, body.stream or content_type.startswith("text/event-stream"))
         body = call.body = None
         self.relay_response(request, exchange, tap, pool)
+
+    def answer_count_tokens(self, request: ClientRequest, body: Optional[RequestBody]) -> None:
+        """Anthropic's count_tokens, answered here: an estimate, never sent upstream."""
+        if body is None or body.data is None:
+            raise HTTPError(400, "invalid_request_error", "send the Messages request as a JSON object (%s)"
+                            % (body.problem if body is not None else "it has no body"))
+        self.send_json(200, json.dumps(count_message_tokens(body.data)).encode("utf-8"),
+                       close=not request.keep_alive)
+        request.status = 200
 
     def serve_operations(self, request: ClientRequest) -> None:
         """/healthz (open), /metrics (metrics token or loopback), the pool status (a user's token)."""
@@ -7887,6 +8061,28 @@ class OCMHandler(BaseHTTPRequestHandler):
                     tap: Optional[UsageTap]) -> bool:
         """Copy the body as it arrives. True if it ended cleanly; False if upstream
         broke off (the client then sees a truncated body: no final chunk)."""
+        for data, last in self.read_upstream(request, exchange):
+            if last:
+                if tap is not None and data:
+                    tap.feed(data)
+                self.settle_before_the_end(request, tap)
+            if data:
+                try:
+                    self.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                finally:  # after the write, so accounting never delays the client; and
+                    if tap is not None and not last:  # even if the client just hung up: it was billed
+                        tap.feed(data)
+            if last:
+                if chunked:
+                    self.write(b"0\r\n\r\n")
+                return True
+        return False
+
+    def read_upstream(self, request: ClientRequest, exchange: "UpstreamExchange"):
+        """The upstream body as it arrives, as (data, last) pairs. Before the
+        last one, the hang-up watcher is detached and the connection is back in
+        the pool: the client may close or ask again at once. Stops without a
+        last piece if upstream broke off; raises ClientGone if the client left."""
         response = exchange.response
         context = StreamContext(exchange.conn.sock)
         watcher = self.server.watcher
@@ -7902,35 +8098,129 @@ class OCMHandler(BaseHTTPRequestHandler):
                         raise ClientGone("hung up while waiting for upstream")
                     log.warning("%s %s: upstream stream broke off: %s", request.method,
                                 request.path[:200], describe_connect_error(exc))
-                    return False
-                ended = not data or response.length == 0
-                if ended:
+                    return
+                last = not data or response.length == 0
+                if last:
                     if context.client_gone:
                         raise ClientGone("hung up while waiting for upstream")
                     if not data and response.length:  # Content-Length promised more
                         log.warning("%s %s: upstream closed with %d bytes missing",
                                     request.method, request.path[:200], response.length)
-                        return False
-                    # Detach the watcher, then pool the connection, then send the
-                    # last bytes: the client may close or ask again at once.
+                        return
                     watcher.unwatch(self.connection, context)
                     exchange.finish(True)
-                    if tap is not None and data:
-                        tap.feed(data)
-                    self.settle_before_the_end(request, tap)
-                if data:
-                    try:
-                        self.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                    finally:  # after the write, so accounting never delays the client; and
-                        if tap is not None and not ended:  # even if the client just hung up: it was billed
-                            tap.feed(data)
-                if ended:
-                    if chunked:
-                        self.write(b"0\r\n\r\n")
-                    return True
+                yield data, last
+                if last:
+                    return
         finally:
             watcher.unwatch(self.connection, context)
 
+    # -- translated answers (section 14b) -------------------------------------------
+    def relay_translated(self, request: ClientRequest, exchange: "UpstreamExchange", translation: Translation,
+                         state: State) -> None:
+        """The answer to a request OCM rewrote for the ChatGPT backend, in the
+        client's own API: its stream as it comes, or the whole answer built
+        from the stream. Usage is read from upstream's own events."""
+        record = request.record
+        if not 200 <= exchange.status < 300 or translation.kind == "models":
+            body, complete = read_small_body(exchange.response)
+            exchange.finish(complete)
+            if translation.kind == "models" and exchange.status == 200:
+                try:
+                    answer = parse_json(body)
+                except ValueError:
+                    answer = None
+                body = json.dumps(models_list(answer, state.config.model_map)).encode("utf-8")
+            elif translation.kind in ("chat", "anthropic"):
+                body = translation.error_body(exchange.status, *upstream_error_fields(body))
+            extra = [(n, v) for n, v in exchange.headers.items() if n.lower() == "retry-after"]
+            self.send_json(exchange.status, body, close=not request.keep_alive, extra=extra)
+            return
+        content_type = (exchange.headers.get("content-type") or "").lower()
+        if "json" in content_type and translation.kind in ("responses", "chat", "anthropic"):
+            self.relay_whole_answer(request, exchange, translation)  # an upstream that would not stream
+            return
+        events = []  # type: List[Any]
+        scanner = SSEScanner(events.append, every_event=True)
+        writer = translation.writer() if translation.stream else None
+        assembler = None if writer is not None else ResponseAssembler()
+
+        def take() -> bytes:
+            out = []
+            for event in events:
+                if record.usage is None:
+                    record.usage = usage_record_from_event(event, record.model, record.tier)
+                if writer is not None:
+                    out.append(writer.feed(event))
+                else:
+                    assembler.feed(event)
+            del events[:]
+            return b"".join(out)
+
+        chunked = request.version == "HTTP/1.1"
+        if writer is not None:
+            request.keep_alive = request.keep_alive and chunked
+            self.finish_head(request, 200, "OK", [("Content-Type", "text/event-stream; charset=utf-8"),
+                                                   ("Cache-Control", "no-cache")]
+                             + ([("Transfer-Encoding", "chunked")] if chunked else []))
+        ended = False
+        for data, last in self.read_upstream(request, exchange):
+            scanner.feed(data)
+            if last:
+                scanner.finish()
+                ended = True
+            out = take()
+            if writer is not None and out and not last:
+                self.write(b"%x\r\n%s\r\n" % (len(out), out) if chunked else out)
+        exchange.finish(ended)
+        if writer is not None:
+            out += writer.finish()
+            self.settle_before_the_end(request, None)
+            self.write((b"%x\r\n%s\r\n0\r\n\r\n" % (len(out), out) if out else b"0\r\n\r\n") if chunked
+                       else out)
+            if not ended:
+                request.keep_alive = False
+            return
+        status, answer = assembler.finish()
+        self.send_answer(request, translation, status, answer)
+
+    def relay_whole_answer(self, request: ClientRequest, exchange: "UpstreamExchange",
+                           translation: Translation) -> None:
+        body, complete = read_small_body(exchange.response, UsageTap.JSON_LIMIT)
+        exchange.finish(complete)
+        try:
+            answer = parse_json(body) if complete else None
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            failure = STREAM_CUT
+            self.send_answer(request, translation, failure.status,
+                             openai_error_body(failure.error_type, failure.message, failure.code))
+            return
+        request.record.usage = usage_record_from(answer, request.record.model, request.record.tier)
+        if translation.stream:  # the client asked for a stream: one of a whole answer
+            writer = translation.writer()
+            events = [{"type": "response.output_item.done", "output_index": i, "item": item}
+                      for i, item in enumerate(answer.get("output") or ())]
+            out = b"".join(writer.feed(event) for event in events + [
+                {"type": "response.completed", "response": answer}]) + writer.finish()
+            self.settle_before_the_end(request, None)
+            self.finish_head(request, 200, "OK", [("Content-Type", "text/event-stream; charset=utf-8"),
+                                                   ("Content-Length", str(len(out)))], out)
+            return
+        self.send_answer(request, translation, 200, answer)
+
+    def send_answer(self, request: ClientRequest, translation: Translation, status: int,
+                    answer: Dict[str, Any]) -> None:
+        """A whole answer in the client's API: the response, or its error."""
+        request.record.status = status
+        if status != 200 and translation.kind == "anthropic":
+            error = answer.get("error") or {}
+            answer = anthropic_error_body(status, str(error.get("type") or ""), str(error.get("message") or ""))
+        elif status == 200:
+            answer = translation.answer(answer)
+        self.settle_before_the_end(request, None)
+        self.send_json(status, json.dumps(answer).encode("utf-8"), close=not request.keep_alive)
 
 
 class HangupWatcher:

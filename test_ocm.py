@@ -103,6 +103,13 @@ def wait_for(predicate, timeout=5.0):
     return True
 
 
+# What Codex sends, in short: a streamed, unstored Responses request (PROTOCOL.md
+# section 4). Anything else a plain Responses client sends is rewritten for the
+# ChatGPT backend and answered as JSON (issue 18); Codex's pass byte for byte.
+CODEX = {"model": "gpt-5.3-codex", "stream": True, "store": False}
+CODEX_BODY = json.dumps(CODEX).encode()
+
+
 def sse(*events) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
 
@@ -738,7 +745,7 @@ class TestCredentials:
             ex.stream(sse(completed_event()))
 
         fake.on("POST", "/backend-api/codex/responses", route)
-        status, _, body = proxy.request("POST", "/v1/responses", {"model": "m"})
+        status, _, body = proxy.request("POST", "/v1/responses", dict(CODEX, model="m"))
         assert status == 200 and b"response.completed" in body
         assert len(fake.token_calls) == 1
         assert len(fake.api_requests()) == 2
@@ -885,13 +892,6 @@ class TestRelay:
         assert paths == ["/backend-api/codex/responses?stream=true&a=b",
                          "/backend-api/codex/models?client_version=0.169.0"]
 
-    def test_chat_completions_refused_in_oauth_mode(self, proxy, fake):
-        status, _, body = proxy.request("POST", "/v1/chat/completions", {"model": "gpt-4o"})
-        assert status == 400
-        assert error_of(body) == ("invalid_request_error",
-                                  "chat completions endpoint is only available in API key mode")
-        assert fake.requests == []
-
     @pytest.mark.parametrize("path", ["/", "/v2/responses", "/backend-api/codex/responses", "/v1"])
     def test_paths_outside_v1_get_404_and_never_reach_upstream(self, proxy, fake, path):
         status, _, body = proxy.request("POST", path, {})
@@ -932,7 +932,7 @@ class TestRelay:
         fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.send(
             429, body, {"x-codex-primary-used-percent": "100", "Retry-After": "3600",
                         "Set-Cookie": "a=1", "X-Dup": "one"}))
-        status, headers, got = proxy.request("POST", "/v1/responses", {})
+        status, headers, got = proxy.request("POST", "/v1/responses", CODEX)
         assert status == 429 and got == body
         assert headers["x-codex-primary-used-percent"] == "100" and headers["retry-after"] == "3600"
         assert len(fake.api_requests()) == 1  # 429 is never retried
@@ -983,7 +983,7 @@ class TestRelay:
 
         fake.on("POST", "/backend-api/codex/responses", route)
         conn = proxy.conn()
-        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        conn.request("POST", "/v1/responses", body=CODEX_BODY, headers={"Authorization": "Bearer tok-alice"})
         resp = conn.getresponse()
         assert resp.getheader("Transfer-Encoding") == "chunked"
         assert resp.getheader("Content-Type") == "text/event-stream"
@@ -1045,7 +1045,7 @@ class TestRelay:
 
         fake.on("POST", "/backend-api/codex/responses", route)
         conn = proxy.conn()
-        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        conn.request("POST", "/v1/responses", body=CODEX_BODY, headers={"Authorization": "Bearer tok-alice"})
         resp = conn.getresponse()
         assert resp.status == 200
         with pytest.raises(http.client.IncompleteRead) as info:
@@ -1061,7 +1061,7 @@ class TestRelay:
         fake.on("POST", "/backend-api/codex/responses", route)
         proxy = make_proxy(limits={"upstream_read_timeout": 0.5})
         conn = proxy.conn()
-        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        conn.request("POST", "/v1/responses", body=CODEX_BODY, headers={"Authorization": "Bearer tok-alice"})
         resp = conn.getresponse()
         with pytest.raises(http.client.IncompleteRead):
             resp.read()
@@ -1078,7 +1078,7 @@ class TestRelay:
 
         fake.on("POST", "/backend-api/codex/responses", route)
         conn = proxy.conn()
-        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        conn.request("POST", "/v1/responses", body=CODEX_BODY, headers={"Authorization": "Bearer tok-alice"})
         resp = conn.getresponse()
         assert b"response.created" in resp.read1(65536)
         conn.sock.shutdown(socket.SHUT_RDWR)
@@ -1098,7 +1098,7 @@ class TestRelay:
 
     def test_http10_client_gets_close_delimited_stream(self, proxy, fake):
         raw = raw_exchange(proxy.port, b"POST /v1/responses HTTP/1.0\r\nAuthorization: Bearer tok-alice\r\n"
-                                       b"Content-Length: 2\r\n\r\n{}")
+                                       b"Content-Length: %d\r\n\r\n%s" % (len(CODEX_BODY), CODEX_BODY))
         head, _, body = raw.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
         assert b"response.completed" in body
@@ -1231,7 +1231,7 @@ class TestProcess:
         try:
             assert "ChatGPT OAuth" in line and "2 users" in line
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-bob"})
+            conn.request("POST", "/v1/responses", body=CODEX_BODY, headers={"Authorization": "Bearer tok-bob"})
             resp = conn.getresponse()
             assert resp.status == 200 and b"response.completed" in resp.read()
             conn.close()
@@ -1745,7 +1745,7 @@ class TestAccounting:
         proxy, path = tracked
         stream = sse(message_event(), completed_event("r1", "gpt-5.4", 3000, 1000, 50, service_tier="priority"))
         fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(stream, RATE_HEADERS))
-        status, _, body = proxy.request("POST", "/v1/responses", {"model": "gpt-5.4"}, token="tok-bob")
+        status, _, body = proxy.request("POST", "/v1/responses", dict(CODEX, model="gpt-5.4"), token="tok-bob")
         assert status == 200 and body == stream  # relayed byte for byte
         combo = combos_of(proxy.server.usage)[("gpt-5.4", "priority", WEEK)]
         assert combo["by_user"]["bob"] == {"request_count": 1, "input_tokens": 3000, "output_tokens": 50,
@@ -1763,7 +1763,7 @@ class TestAccounting:
             ex.end_chunked()
 
         fake.on("POST", "/backend-api/codex/responses", route)
-        assert proxy.request("POST", "/v1/responses", {})[2] == stream
+        assert proxy.request("POST", "/v1/responses", CODEX)[2] == stream
         combos = combos_of(proxy.server.usage)
         assert combos[("gpt-5.4", "default", None)]["total"]["request_count"] == 1
 
@@ -1916,7 +1916,7 @@ class TestShutdown:
 
         fake.on("POST", "/backend-api/codex/responses", route)
         result = []
-        t = threading.Thread(target=lambda: result.append(proxy.request("POST", "/v1/responses", {})))
+        t = threading.Thread(target=lambda: result.append(proxy.request("POST", "/v1/responses", CODEX)))
         t.start()
         assert first_sent.wait(5)
         proxy.close()

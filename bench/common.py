@@ -27,10 +27,12 @@ CLIENT_HEADERS = (
     ("OpenAI-Beta", "responses=experimental"),
 )
 
-# A small Responses API body, about the size of a short non-streaming call.
+# A small Responses API body, about the size of a short call, shaped as Codex
+# sends it (streamed, unstored), so OCM relays it byte for byte as it does
+# Codex's; the fake upstream answers it with JSON, or SSE when the query asks.
 SMALL_BODY = (b'{"model":"gpt-5.3-codex","instructions":"You are a benchmark.",'
               b'"input":[{"type":"message","role":"user","content":[{"type":"input_text",'
-              b'"text":"Say hello in one short sentence, please."}]}],"stream":false,'
+              b'"text":"Say hello in one short sentence, please."}]}],"stream":true,'
               b'"store":false}')
 
 

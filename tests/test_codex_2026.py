@@ -446,7 +446,7 @@ class TestModelsList:
 class TestCompressedBodies:
     @pytest.mark.parametrize("encoding, body", [
         ("zstd", b"\x28\xb5\x2f\xfd\x04\x00\x41\x00\x00" + b"a zstd frame"),
-        ("gzip", gzip.compress(b'{"model":"gpt-5.4","stream":true}')),
+        ("gzip", gzip.compress(b'{"model":"gpt-5.4","stream":true,"store":false}')),
         ("br", b"\x0b\x02\x80brotli"),
     ])
     def test_relayed_byte_for_byte_with_the_header(self, proxy, fake, encoding, body):

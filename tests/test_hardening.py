@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ocm
-from test_ocm import (OCM_PY, USERS, completed_event, error_of, make_jwt, message_event, raw_exchange, read_json, sse,
+from test_ocm import (CODEX, CODEX_BODY, OCM_PY, USERS, completed_event, error_of, make_jwt, message_event, raw_exchange, read_json, sse,
                       wait_for, write_auth)
 from test_websocket import WSClient, WSUpstream, close_body
 
@@ -218,12 +218,12 @@ class TestSmuggling:
         assert works(proxy)
 
     def test_identical_repeated_content_length_is_fine(self, proxy, fake):
-        answer = raw_exchange(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+        answer = raw_exchange(proxy.port, b"POST /v1/files HTTP/1.1\r\n" + AUTH +
                      b"Content-Length: 2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
         assert status_of(answer) == 200 and fake.requests[0].body == b"{}"
 
     def test_chunk_extensions_and_trailers_are_accepted(self, proxy, fake):
-        answer = raw_exchange(proxy.port, b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+        answer = raw_exchange(proxy.port, b"POST /v1/files HTTP/1.1\r\n" + AUTH +
                      b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                      b"2;name=value\r\n{}\r\n0\r\nX-Trailer: t\r\n\r\n")
         assert status_of(answer) == 200 and fake.requests[0].body == b"{}"
@@ -274,7 +274,7 @@ class TestUpstreamFaults:
 
         fake.on("POST", "/backend-api/codex/responses", route)
         conn = proxy.conn()
-        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        conn.request("POST", "/v1/responses", body=CODEX_BODY, headers={"Authorization": "Bearer tok-alice"})
         resp = conn.getresponse()
         assert resp.status == 200
         with pytest.raises(Exception):
@@ -289,7 +289,7 @@ class TestUpstreamFaults:
 
         fake.on("POST", "/backend-api/codex/responses", route)
         conn = proxy.conn()
-        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        conn.request("POST", "/v1/responses", body=CODEX_BODY, headers={"Authorization": "Bearer tok-alice"})
         resp = conn.getresponse()
         with pytest.raises(Exception):
             resp.read()
@@ -334,7 +334,7 @@ class TestUpstreamFaults:
 
         fake.on("POST", "/backend-api/codex/responses", route)
         conn = proxy.conn()
-        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        conn.request("POST", "/v1/responses", body=CODEX_BODY, headers={"Authorization": "Bearer tok-alice"})
         conn.getresponse().read1(100)
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()

@@ -17,7 +17,7 @@ import zlib
 import pytest
 
 import ocm
-from test_ocm import completed_event, error_of, message_event, read_json, sse, wait_for, write_auth
+from test_ocm import CODEX, CODEX_BODY, completed_event, error_of, message_event, read_json, sse, wait_for, write_auth
 from test_policy import priced_stream, user
 from test_websocket import WSClient, WSUpstream, close_body
 
@@ -145,14 +145,14 @@ class TestBodyParsing:
 
 class TestModelAllowList:
     @pytest.mark.parametrize("body, headers", [
-        (gzip.compress(b'{"model": "gpt-5.4"}'), b"Content-Encoding: gzip\r\n"),
+        (gzip.compress(b'{"model": "gpt-5.4", "stream": true, "store": false}'), b"Content-Encoding: gzip\r\n"),
         (b'\x28\xb5\x2f\xfd' + b"zstd frame", b"Content-Encoding: zstd\r\n"),
         (b'{"model": "gpt-5-mini", "model": "gpt-5.4"}', b""),
         (b'{"model": "gpt-5.4", "model": "gpt-5-mini"}', b""),
         (b'{"x":' * 20000 + b'{"model": "gpt-5.4"}' + b'}' * 20000, b""),
         (b'{"model": "gpt-5.4", "input": [' + b'[' * 5000 + b']' * 5000 + b']}', b""),
-        (b'{"\\u006dodel": "gpt-5.4"}', b""),
-        (b'{"model": "gpt\\u002d5.4"}', b""),
+        (b'{"\\u006dodel": "gpt-5.4", "stream": true, "store": false}', b""),
+        (b'{"model": "gpt\\u002d5.4", "stream": true, "store": false}', b""),
         (b'{"input": "no model"}', b""),
         (b'not json, "model": "gpt-5-mini"', b""),
     ])
@@ -168,7 +168,7 @@ class TestModelAllowList:
     def test_an_allowed_model_passes_plain_or_gzipped(self, make_proxy, fake):
         proxy = make_proxy(users=allowed_only())
         assert raw_post(proxy.port, b"/v1/responses", b'{"model": "gpt-5-mini"}')[0] == 200
-        compressed = gzip.compress(b'{"model": "gpt-5-mini"}')
+        compressed = gzip.compress(b'{"model": "gpt-5-mini", "stream": true, "store": false}')
         assert raw_post(proxy.port, b"/v1/responses", compressed, b"Content-Encoding: gzip\r\n")[0] == 200
         sent = fake.api_requests()[1]
         assert sent.body == compressed and sent.header("Content-Encoding") == "gzip"
@@ -518,8 +518,7 @@ class TestOneWriterPerFile:
         try:
             old = proxy.server.accounts["default"]
             conn = proxy.conn()
-            conn.request("POST", "/v1/responses", body=b'{"model": "gpt-5.4"}',
-                         headers={"Authorization": "Bearer tok-alice"})
+            conn.request("POST", "/v1/responses", body=CODEX_BODY, headers={"Authorization": "Bearer tok-alice"})
             response = conn.getresponse()
             proxy.server.reload(self.config(fake, auth_path, tmp_path, detour="socks5://127.0.0.1:1"))
             assert not old._closed  # its request is still running

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import ocm
-from test_ocm import (USERS, completed_event, error_of, message_event, new_access_token, read_json, sse,
+from test_ocm import (CODEX, USERS, completed_event, error_of, message_event, new_access_token, read_json, sse,
                       wait_for, write_auth)
 from test_websocket import WSClient, close_body
 
@@ -124,7 +124,7 @@ def make_pool(make_proxy, auth_files, tmp_path):
 
 def ask(proxy, session=None, token="tok-alice", body=None):
     headers = {"session-id": session} if session else {}
-    return proxy.request("POST", "/v1/responses", body or {"model": "gpt-5.4"}, headers=headers, token=token)
+    return proxy.request("POST", "/v1/responses", body or dict(CODEX, model="gpt-5.4"), headers=headers, token=token)
 
 
 # == Config ====================================================================
@@ -349,7 +349,7 @@ class TestFailover:
     def test_429_is_replayed_on_the_next_account_with_the_same_body(self, make_pool, accounts):
         proxy = make_pool(kind="fallback", members=TAGS)
         accounts.limited["a"] = int(time.time()) + 900
-        body = {"model": "gpt-5.4", "input": [{"role": "user", "content": "hello " * 1000}]}
+        body = dict(CODEX, model="gpt-5.4", input=[{"role": "user", "content": "hello " * 1000}])
         status, headers, answer = ask(proxy, body=body)
         assert status == 200 and b"from b" in answer
         assert json.loads(accounts.refused[0][1]) == body == json.loads(accounts.served[0][2])
@@ -504,7 +504,7 @@ class TestStatus:
     def test_a_single_account_headers_pass_unchanged(self, proxy, fake):
         fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(
             sse(completed_event()), {"x-codex-primary-used-percent": "12.5"}))
-        assert proxy.request("POST", "/v1/responses", {})[1]["x-codex-primary-used-percent"] == "12.5"
+        assert proxy.request("POST", "/v1/responses", CODEX)[1]["x-codex-primary-used-percent"] == "12.5"
 
 
 # == Files and accounting ======================================================

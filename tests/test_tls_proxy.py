@@ -21,7 +21,7 @@ import time
 import pytest
 
 import ocm
-from test_ocm import (OCM_PY, USERS, FakeUpstream, Proxy, completed_event, error_of, free_port,
+from test_ocm import (CODEX, CODEX_BODY, OCM_PY, USERS, FakeUpstream, Proxy, completed_event, error_of, free_port,
                       message_event, needs_codex, read_json, run_codex, sse, write_auth)
 from test_websocket import WSClient, WSUpstream
 
@@ -227,7 +227,7 @@ class TestDetour:
     def test_relay_goes_through_each_proxy_kind(self, make_proxy, named_fake, proxies, kind):
         proxy = proxies(kind)
         ocm_proxy = make_proxy(detour=detour_url(proxy), upstream=upstream_config(named_fake))
-        status, _, body = ocm_proxy.request("POST", "/v1/responses", {"model": "m"})
+        status, _, body = ocm_proxy.request("POST", "/v1/responses", dict(CODEX, model="m"))
         assert status == 200 and b"response.completed" in body
         asked = proxy.requests[0]
         if kind == "http":
@@ -371,7 +371,7 @@ class TestUpstreamTLS:
     def test_https_upstream_trusted_through_ssl_cert_file(self, make_proxy, https_fake, monkeypatch):
         monkeypatch.setenv("SSL_CERT_FILE", CA)
         ocm_proxy = make_proxy(upstream=upstream_config(https_fake))
-        status, _, body = ocm_proxy.request("POST", "/v1/responses", {})
+        status, _, body = ocm_proxy.request("POST", "/v1/responses", CODEX)
         assert status == 200 and b"response.completed" in body
 
     def test_ssl_cert_file_adds_to_the_system_store(self, monkeypatch):
@@ -414,7 +414,7 @@ class TestUpstreamTLS:
         monkeypatch.setenv("SSL_CERT_FILE", CA)
         proxy = proxies(kind)
         ocm_proxy = make_proxy(detour=detour_url(proxy), upstream=upstream_config(https_fake))
-        status, _, body = ocm_proxy.request("POST", "/v1/responses", {})
+        status, _, body = ocm_proxy.request("POST", "/v1/responses", CODEX)
         assert status == 200 and b"response.completed" in body
         assert len(proxy.requests) == 1
 
