@@ -501,6 +501,9 @@ SING_BOX_IGNORED_KEYS = frozenset((
     "udp_disable_domain_unmapping", "bind_interface", "routing_mark", "reuse_addr",
     "netns", "disable_tcp_keep_alive", "tcp_keep_alive", "tcp_keep_alive_interval",
 ))
+# The top level of a sing-box config besides services: a file of only these has no ocm service.
+SING_BOX_SECTIONS = frozenset(("log", "dns", "ntp", "certificate", "endpoints", "inbounds",
+                               "outbounds", "route", "experimental"))
 # sing-box TLS options OCM cannot honour; refused, as ignoring them would
 # quietly weaken what the owner configured.
 TLS_UNSUPPORTED = ("acme", "ech", "reality", "client_authentication", "client_certificate",
@@ -668,6 +671,13 @@ class _Fields:
             raise ConfigError("%s: expected a list, got %s" % (self.path(key), _json_type(value)))
         return value
 
+    def missing(self, key: str) -> ConfigError:
+        """"missing token"; or, when a key nobody asked for looks like a typo of it, that key."""
+        for other in self.obj:
+            if other not in self.seen and did_you_mean(other, [key]):
+                return ConfigError("%s: unknown key; did you mean %s?" % (self.path(other), key))
+        return ConfigError("%s: missing %s" % (self.where, key))
+
     def finish(self, ignored: frozenset = frozenset()) -> None:
         """Refuse keys nobody asked for: a typo must not pass silently."""
         for key in self.obj:
@@ -676,7 +686,14 @@ class _Fields:
             if key in ignored:
                 log.warning("config: %s is a sing-box option OCM does not use; ignored", self.path(key))
                 continue
-            raise ConfigError("%s: unknown key" % self.path(key))
+            raise ConfigError("%s: unknown key%s" % (self.path(key), did_you_mean(key, self.seen)))
+
+
+def did_you_mean(word: Any, choices: Any) -> str:
+    """"; did you mean listen_port?" for a typo of one of ``choices``, else ""."""
+    import difflib  # only ever needed on the way to an error
+    close = difflib.get_close_matches(str(word), sorted(choices), n=1, cutoff=0.6)
+    return "; did you mean %s?" % close[0] if close else ""
 
 
 def _check_url(value: str, where: str, schemes: Tuple[str, ...] = ("http", "https")) -> str:
@@ -716,9 +733,9 @@ def _parse_users(raw: list, where: str) -> List[User]:
             if f.has(key):
                 raise ConfigError("%s: external credentials are not supported by OCM" % f.path(key))
         if not f.has("name"):
-            raise ConfigError("%s: missing name" % f.where)
+            raise f.missing("name")
         if not f.has("token"):
-            raise ConfigError("%s: missing token" % f.where)
+            raise f.missing("token")
         if token != token.strip() or any(c.isspace() for c in token):
             raise ConfigError("%s: must not contain spaces" % f.path("token"))
         if token.startswith(EXAMPLE_TOKEN_PREFIX):
@@ -794,7 +811,7 @@ def _parse_credentials(raw: list, where: str, sing_box: bool = False) -> List[Cr
         f = _Fields(entry, "%s[%d]" % (where, i))
         tag = f.str("tag", allow_empty=False)
         if not tag:
-            raise ConfigError("%s: missing tag" % f.where)
+            raise f.missing("tag")
         if tag in entries:
             raise ConfigError("%s: duplicate tag %r" % (f.path("tag"), tag))
         kind = f.str("type") or "default"
@@ -807,7 +824,7 @@ def _parse_credentials(raw: list, where: str, sing_box: bool = False) -> List[Cr
         if kind == "default":
             item.credential_path = os.path.expanduser(f.str("credential_path", allow_empty=False))
             if not item.credential_path:
-                raise ConfigError("%s: missing credential_path" % f.where)
+                raise f.missing("credential_path")
             if item.credential_path in paths:
                 raise ConfigError("%s: %s is also the file of %r; each account needs its own"
                                   % (f.path("credential_path"), item.credential_path, paths[item.credential_path]))
@@ -965,6 +982,9 @@ def _parse_limits(raw: Any, where: str) -> Limits:
 def config_from_dict(data: Any, source: str = "") -> Config:
     """Build a Config from parsed JSON: an OCM object or a whole sing-box file."""
     where = ""
+    if isinstance(data, dict) and data and set(data) <= SING_BOX_SECTIONS:
+        raise ConfigError("services: no service of type \"ocm\" in this sing-box config "
+                          "(it has no services list)")
     if isinstance(data, dict) and "services" in data:
         services = data["services"]
         if not isinstance(services, list):
@@ -1059,12 +1079,28 @@ def load_config(path: str) -> Config:
     except OSError as exc:
         raise ConfigError("cannot read config %s: %s" % (path, exc.strerror or exc))
     try:
-        data = parse_json(text.decode("utf-8-sig"))
+        text = text.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError("%s: not UTF-8 text" % path)
+    try:
+        data = parse_json(text)
     except ValueError as exc:
-        raise ConfigError("%s: not valid JSON: %s" % (path, exc))
+        raise ConfigError("%s: %s" % (path, describe_json_error(text, exc)))
     return config_from_dict(data, source=path)
+
+
+def describe_json_error(text: str, exc: ValueError) -> str:
+    """Where the JSON breaks, and why when it is one of the two things people
+    carry over from other config formats: comments and trailing commas."""
+    if not isinstance(exc, json.JSONDecodeError):
+        return "not valid JSON: %s" % exc
+    message = "not valid JSON at line %d, column %d: %s" % (exc.lineno, exc.colno, exc.msg)
+    rest = text[exc.pos:]
+    if rest.startswith(("//", "/*", "#")):
+        return message + " (JSON allows no comments; remove it)"
+    if text[:exc.pos].rstrip().endswith(",") and rest.lstrip()[:1] in ("}", "]"):
+        return message + " (JSON allows no comma after the last item; remove it)"
+    return message
 
 
 # == 4. Files ================================================================

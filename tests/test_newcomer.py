@@ -1,0 +1,145 @@
+"""A newcomer's first hour (issue 16): the demo and its fake backend, the
+README's commands as written, messages that say what to fix, live usage
+figures, and documentation whose every link resolves."""
+
+import glob
+import http.client
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import ocm
+from test_ocm import (CODEX_BIN, OCM_PY, USERS, error_of, free_port, needs_codex, new_access_token,
+                      wait_for, write_auth)
+from test_login import FakeIssuer, Keyboard, Session  # tests/ is on the path, as for conftest
+
+ROOT = os.path.dirname(OCM_PY)
+README = os.path.join(ROOT, "README.md")
+TOOL_ANSWER = "the tool printed demo-tool-says-42"
+
+
+def post_json(url, token, body, path="/responses"):
+    """POST body to url + path: (status, text)."""
+    parts = url.split("://", 1)[1].split("/", 1)
+    host, port = parts[0].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("POST", "/" + parts[1] + path if len(parts) > 1 else path,
+                     body=json.dumps(body).encode(),
+                     headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def events_of(text):
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+CODEX_LIKE = {"model": "gpt-5.3-codex", "stream": True, "store": False,
+              "input": [{"type": "message", "role": "user",
+                         "content": [{"type": "input_text", "text": "hi"}]}]}
+
+
+def port_is_closed(port):
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def codex_path_env(tmp_path, **extra):
+    """An environment whose PATH finds the real Codex as `codex`, as a user's shell would."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "codex").exists():
+        os.symlink(CODEX_BIN, str(bin_dir / "codex"))
+    return dict(os.environ, PATH=str(bin_dir) + os.pathsep + os.environ.get("PATH", ""), **extra)
+
+
+def run_in_shell(script, env, cwd):
+    return subprocess.run(["sh", "-c", script], env=env, cwd=str(cwd), capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+# == The fake backend behaves like ChatGPT's =================================
+
+# == make demo ===============================================================
+
+# == The README's commands, as written =======================================
+
+# == Messages that say what to fix ==========================================
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, OCM_PY] + list(args), capture_output=True, text=True, timeout=30,
+                          cwd=cwd, env=env, stdin=subprocess.DEVNULL)
+
+
+class TestMessages:
+    @pytest.mark.parametrize("data, message", [
+        ({"listen_prot": 8080}, "listen_prot: unknown key; did you mean listen_port?"),
+        ({"limits": {"max_conections": 3}},
+         "limits.max_conections: unknown key; did you mean max_connections?"),
+        ({"tls": {"enabeld": True}}, "tls.enabeld: unknown key; did you mean enabled?"),
+        ({"users": [{"name": "a", "tokn": "a-long-enough-token"}]},
+         "users[0].tokn: unknown key; did you mean token?"),
+        ({"credentials": [{"tag": "a", "credential_pth": "/x"}]},
+         "credentials[0].credential_pth: unknown key; did you mean credential_path?"),
+    ])
+    def test_an_unknown_key_suggests_the_nearest_known_one(self, data, message):
+        with pytest.raises(ocm.ConfigError) as caught:
+            ocm.config_from_dict(data)
+        assert str(caught.value) == message
+
+    def test_an_unknown_key_like_no_known_one_gets_no_guess(self):
+        with pytest.raises(ocm.ConfigError) as caught:
+            ocm.config_from_dict({"frobnicate": 1})
+        assert str(caught.value) == "frobnicate: unknown key"
+
+    @pytest.mark.parametrize("text, where, cause", [
+        ('{\n  "listen_port": 8080,\n}\n', "line 3, column 1", "JSON allows no comma after the last item"),
+        ('{"users": [{"name": "a", "token": "t"},]}', "line 1, column 40",
+         "JSON allows no comma after the last item"),
+        ('{\n  // the port\n  "listen_port": 8080\n}', "line 2, column 3", "JSON allows no comments"),
+        ('{"listen_port": 8080 /* LAN */}', "line 1, column 22", "JSON allows no comments"),
+        ('# OCM\n{}', "line 1, column 1", "JSON allows no comments"),
+        ('{"listen_port" 8080}', "line 1, column 16", None),
+    ])
+    def test_invalid_json_gives_line_column_and_the_cause(self, tmp_path, text, where, cause):
+        path = tmp_path / "config.json"
+        path.write_text(text)
+        with pytest.raises(ocm.ConfigError) as caught:
+            ocm.load_config(str(path))
+        message = str(caught.value)
+        assert message.startswith("%s: not valid JSON at %s: " % (path, where)), message
+        assert (cause in message) if cause else ("allows no" not in message)
+
+    def test_invalid_json_on_the_command_line(self, tmp_path):
+        (tmp_path / "config.json").write_text('{"listen_port": 8080,}')
+        out = run_cli("--check", "config.json", cwd=str(tmp_path))
+        assert out.returncode == 2
+        assert out.stderr.startswith("ocm: config error: config.json: not valid JSON at line 1, column 22")
+        assert "(JSON allows no comma after the last item; remove it)" in out.stderr
+
+    def test_a_sing_box_file_without_services_says_so(self, tmp_path):
+        sing_box = {"log": {"level": "info"}, "inbounds": [{"type": "mixed", "listen_port": 2080}],
+                    "outbounds": [{"type": "direct"}], "route": {"final": "direct"}}
+        with pytest.raises(ocm.ConfigError) as caught:
+            ocm.config_from_dict(sing_box)
+        assert str(caught.value) == ('services: no service of type "ocm" in this sing-box config '
+                                     "(it has no services list)")
+        with pytest.raises(ocm.ConfigError, match="log: unknown key"):  # OCM's own keys beside it: a typo
+            ocm.config_from_dict({"log": {}, "listen_port": 8080})
+
+# == ocm.py usage tells the truth about time ================================
+
+# == The documentation =======================================================
