@@ -6954,8 +6954,8 @@ def run_hash_token(argv: List[str], stdin=None, out=None) -> int:
     return 0
 
 
-SUBCOMMANDS = {"usage": run_usage, "login": run_login, "logout": run_logout, "status": run_status,
-               "hash-token": run_hash_token, "init": run_init}
+SUBCOMMANDS = {"init": run_init, "login": run_login, "logout": run_logout, "status": run_status,
+               "usage": run_usage, "hash-token": run_hash_token}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -6969,6 +6969,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         except BrokenPipeError:  # `ocm.py usage ... | head`: the reader has seen enough
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return 1
+    if argv and re.match(r"^[a-z][a-z-]*$", argv[0]) and not os.path.exists(argv[0]):
+        # `ocm.py lgoin`: a typo of a command, not a config file to look for
+        hint = did_you_mean(argv[0], SUBCOMMANDS) or " (commands: %s)" % ", ".join(SUBCOMMANDS)
+        print("ocm: %s: no such command or config file%s" % (argv[0], hint), file=sys.stderr)
+        return 2
     import argparse
     parser = argparse.ArgumentParser(
         prog="ocm.py",

@@ -130,6 +130,19 @@ class TestMessages:
         assert out.stderr.startswith("ocm: config error: config.json: not valid JSON at line 1, column 22")
         assert "(JSON allows no comma after the last item; remove it)" in out.stderr
 
+    def test_an_unknown_command_suggests_the_nearest(self, tmp_path, monkeypatch, capsys):
+        monkeypatch.chdir(tmp_path)
+        assert ocm.main(["lgoin"]) == 2
+        assert capsys.readouterr().err == "ocm: lgoin: no such command or config file; did you mean login?\n"
+        assert ocm.main(["frobnicate"]) == 2
+        assert "commands: init, login, logout, status, usage, hash-token" in capsys.readouterr().err
+
+    def test_a_file_named_like_a_command_is_still_a_config(self, tmp_path, auth_path):
+        (tmp_path / "lgoin").write_text(json.dumps({"credential_path": str(auth_path)}))
+        out = run_cli("--check", "lgoin", cwd=str(tmp_path))
+        assert out.returncode == 0, out.stderr
+        assert "config:      lgoin" in out.stdout and "did you mean" not in out.stderr
+
     def test_a_sing_box_file_without_services_says_so(self, tmp_path):
         sing_box = {"log": {"level": "info"}, "inbounds": [{"type": "mixed", "listen_port": 2080}],
                     "outbounds": [{"type": "direct"}], "route": {"final": "direct"}}
