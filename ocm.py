@@ -6310,20 +6310,23 @@ def run_check(config: Config) -> int:
     usages = {c.tag: c.usages_path for c in config.credentials} if config.credentials else {
         "default": config.usages_path}
     for tag, path, _ in account_files(config):
-        credential = Credential(path, config.upstream.token_url, open_url=None, tag=tag)
-        login, problem = credential.peek()
+        with logging_disabled():  # said once, below, not also as a log line
+            credential = Credential(path, config.upstream.token_url, open_url=None, tag=tag)
+            login, problem = credential.peek()
         label = "credential:" if not config.credentials else "account %s:" % tag
         print("%-12s %s" % (label, path))
-        print("             %s" % describe_credential(credential, time.time()))
         if login is None:
-            print("problem:     %s: credential unavailable: %s" % (tag, problem), file=sys.stderr)
+            print("ocm: %scredential unavailable: %s" % ("account %s: " % tag if config.credentials
+                                                        else "", problem), file=sys.stderr)
             problems += 1
+        else:
+            print("             %s" % describe_credential(credential, time.time()))
         if usages.get(tag):
             print("usage file:  %s" % usages[tag])
             try:
                 check_writable_location(usages[tag])
             except ConfigError as exc:
-                print("problem:     %s" % exc, file=sys.stderr)
+                print("ocm: %s" % exc, file=sys.stderr)
                 problems += 1
     for c in config.credentials:
         if c.is_pool:
@@ -6342,9 +6345,19 @@ def run_check(config: Config) -> int:
             check()
             print("%-12s %s" % (label, summary))
         except ConfigError as exc:
-            print("problem:     %s" % exc, file=sys.stderr)
+            print("ocm: %s" % exc, file=sys.stderr)
             problems += 1
     return 2 if problems else 0
+
+
+@contextlib.contextmanager
+def logging_disabled():
+    """For commands that report a problem themselves: no second copy as a log line."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def return_freed_memory() -> None:
@@ -6912,10 +6925,17 @@ def run_init(argv: List[str], out=None) -> int:
         print("ocm: cannot write %s: %s" % (args.out, exc.strerror or exc), file=sys.stderr)
         return 1
     print("Wrote %s for %s (tokens are stored as sha256 digests)." % (args.out, ", ".join(names)), file=out)
-    credential = Credential(default_credential_path(), DEFAULT_TOKEN_URL, open_url=None)
-    login, problem = credential.peek()
-    print("Login: %s" % ("%s: %s" % (credential.path, describe_credential(credential, time.time())) if login else
-                         "%s\n       sign in first: python3 ocm.py login %s" % (problem, args.out)), file=out)
+    with logging_disabled():  # said once, below, not also as a log line
+        credential = Credential(default_credential_path(), DEFAULT_TOKEN_URL, open_url=None)
+        login, problem = credential.peek()
+    if login:
+        print("Login: %s: %s" % (credential.path, describe_credential(credential, time.time())),
+              file=out)
+    elif not os.path.exists(credential.path):
+        print("ocm: no login yet in %s; sign in first: python3 ocm.py login %s"
+              % (credential.path, args.out), file=sys.stderr)
+    else:
+        print("ocm: the login is not usable: %s" % problem, file=sys.stderr)
     base_url = "http://%s:%d/v1" % (args.host or guess_host(), args.port)
     print("\nStart OCM:  python3 ocm.py %s\n" % args.out, file=out)
     print("Give each person their block below. The tokens are shown this once; OCM keeps only digests.\n",

@@ -153,6 +153,23 @@ class TestMessages:
         with pytest.raises(ocm.ConfigError, match="log: unknown key"):  # OCM's own keys beside it: a typo
             ocm.config_from_dict({"log": {}, "listen_port": 8080})
 
+    def test_init_without_a_login_says_so_once(self, tmp_path):
+        out = run_cli("init", "--users", "a", "--out", "c.json", "--host", "box", cwd=str(tmp_path),
+                      env=dict(os.environ, CODEX_HOME=str(tmp_path / "codex")))
+        assert out.returncode == 0
+        assert out.stderr == ("ocm: no login yet in %s; sign in first: python3 ocm.py login c.json\n"
+                              % (tmp_path / "codex" / "auth.json"))
+        assert "auth.json" not in out.stdout and "sign in" not in out.stdout
+
+    def test_check_without_a_login_says_so_once(self, tmp_path):
+        (tmp_path / "c.json").write_text(json.dumps({"credential_path": str(tmp_path / "none.json")}))
+        out = run_cli("--check", "c.json", cwd=str(tmp_path))
+        assert out.returncode == 2
+        lines = [line for line in (out.stdout + out.stderr).splitlines() if "not found" in line]
+        assert lines == ["ocm: credential unavailable: %s not found; sign in with `codex login` or "
+                         "`python3 ocm.py login`" % (tmp_path / "none.json")]
+        assert all(line.startswith("ocm: ") for line in out.stderr.splitlines())
+
 # == ocm.py usage tells the truth about time ================================
 
 # == The documentation =======================================================
