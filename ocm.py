@@ -6417,6 +6417,15 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
+def root_warning(euid: Optional[int]) -> str:
+    """What to say when started as root, once at start (not at each reload)."""
+    if euid != 0:
+        return ""
+    return ("running as root, which OCM does not need: a flaw in it would reach the whole box. "
+            "Run it as a user of its own, as contrib/ocm.service does (User=ocm; see "
+            "docs/services.md)")
+
+
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; 0 on a clean stop."""
     if config.limits.thread_stack_size:
@@ -6462,6 +6471,9 @@ def serve(config: Config) -> int:
     if not users and config.listen not in ("127.0.0.1", "::1", "localhost"):
         log.warning("no users configured and listening on %s: anyone who can reach this port "
                     "uses the owner's subscription", config.listen)
+    warning = root_warning(os.geteuid() if hasattr(os, "geteuid") else None)
+    if warning:
+        log.warning("%s", warning)
     # the accept loop sees a shutdown only when its select times out: 0.1 s keeps a
     # stop (SIGTERM, a service restart) prompt for the price of ten cheap wake-ups a second
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},

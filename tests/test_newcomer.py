@@ -153,6 +153,31 @@ class TestMessages:
         with pytest.raises(ocm.ConfigError, match="log: unknown key"):  # OCM's own keys beside it: a typo
             ocm.config_from_dict({"log": {}, "listen_port": 8080})
 
+    def test_running_as_root_is_worth_a_warning_that_says_what_to_do(self):
+        assert ocm.root_warning(1000) == "" and ocm.root_warning(None) == ""
+        warning = ocm.root_warning(0)
+        assert warning.startswith("running as root, which OCM does not need")
+        assert "contrib/ocm.service" in warning and "User=ocm" in warning
+
+    @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs to run as root")
+    def test_running_as_root_warns_once_not_at_each_reload(self, tmp_path, auth_path):
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"listen_port": 0, "credential_path": str(auth_path)}))
+        proc = subprocess.Popen([sys.executable, OCM_PY, str(config)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        seen = []
+        try:
+            assert "listening on" in proc.stdout.readline()
+            proc.send_signal(signal.SIGHUP)
+            while not any("config reloaded" in line for line in seen):
+                seen.append(proc.stderr.readline())
+                assert seen[-1], "".join(seen)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0
+        assert ("".join(seen) + err).count("running as root") == 1
+
     def test_init_without_a_login_says_so_once(self, tmp_path):
         out = run_cli("init", "--users", "a", "--out", "c.json", "--host", "box", cwd=str(tmp_path),
                       env=dict(os.environ, CODEX_HOME=str(tmp_path / "codex")))
