@@ -6745,10 +6745,12 @@ def run_status(argv: List[str], out=None, now: Callable[[], float] = time.time) 
     return 0 if all_usable else 2
 
 
-def ask_to_replace(path: str, stdin, out) -> bool:
+def ask_to_replace(path: str, stdin, out,
+                   force_command: str = "python3 ocm.py login --force") -> bool:
     """True when ``path`` holds no login, or the user agrees to replace it.
 
-    Without a terminal to ask on, refuse: a script must say --force.
+    Without a terminal to ask on, refuse: a script must say --force (the
+    ``force_command`` printed names the same config, so it signs in to the same file).
     """
     try:
         data = read_auth_object(path)
@@ -6762,8 +6764,8 @@ def ask_to_replace(path: str, stdin, out) -> bool:
     except CredentialProblem:
         who = "tokens"
     if stdin is None or not getattr(stdin, "isatty", lambda: False)():
-        print("ocm: %s already holds a login (%s); run `ocm.py login --force` to replace it"
-              % (path, who), file=sys.stderr)
+        print("ocm: %s already holds a login (%s); run `%s` to replace it"
+              % (path, who, force_command), file=sys.stderr)
         return False
     out.write("%s already holds a login (%s).\n"
               "Replacing it revokes that login's refresh token: a computer that copied this\n"
@@ -6799,7 +6801,12 @@ def run_login(argv: List[str], stdin=None, out=None, sleep: Callable[[float], No
         print("ocm: config error: %s" % exc, file=sys.stderr)
         return 2
     issuer = config.upstream.issuer_url
-    if not args.force and not ask_to_replace(path, stdin, out):
+    import shlex
+    same_file = (["--account", args.account] if args.account else []) + (
+        [args.config] if args.config else [])
+    force_command = " ".join(["python3 ocm.py login --force"]
+                             + [shlex.quote(arg) for arg in same_file])
+    if not args.force and not ask_to_replace(path, stdin, out, force_command):
         return 1
     open_url = issuer_opener(config, detour)
     try:

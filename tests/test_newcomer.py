@@ -178,6 +178,24 @@ class TestMessages:
         assert proc.returncode == 0
         assert ("".join(seen) + err).count("running as root") == 1
 
+    def test_login_refusing_to_replace_names_the_same_config(self, tmp_path, fake, auth_path, capsys):
+        session = Session(tmp_path, fake, auth_path)
+        assert session.login(stdin=Keyboard(tty=False)) == 1  # no terminal to ask on
+        err = capsys.readouterr().err
+        assert "run `python3 ocm.py login --force %s` to replace it" % session.config in err
+
+    def test_login_force_hint_keeps_the_account_and_quotes_the_path(self, tmp_path, fake, capsys):
+        (tmp_path / "anna").mkdir()
+        write_auth(tmp_path / "anna" / "auth.json")
+        config = tmp_path / "my config.json"
+        config.write_text(json.dumps({
+            "credentials": [{"tag": "anna", "credential_path": str(tmp_path / "anna" / "auth.json")},
+                            {"tag": "ben", "credential_path": str(tmp_path / "ben.json")}],
+            "users": [{"name": "u", "token": "a-long-enough-token", "credential": "anna"}]}))
+        assert ocm.run_login([str(config), "--account", "anna"], stdin=None) == 1
+        assert ("run `python3 ocm.py login --force --account anna '%s'` to replace it" % config
+                in capsys.readouterr().err)
+
     def test_init_without_a_login_says_so_once(self, tmp_path):
         out = run_cli("init", "--users", "a", "--out", "c.json", "--host", "box", cwd=str(tmp_path),
                       env=dict(os.environ, CODEX_HOME=str(tmp_path / "codex")))
