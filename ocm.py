@@ -178,6 +178,12 @@ OCM_SET_HEADERS = frozenset(("accept-encoding", "content-length", "chatgpt-accou
 PERMANENT_REFRESH_CODES = frozenset((
     "refresh_token_expired", "refresh_token_reused", "refresh_token_invalidated",
 ))
+# An OpenAI error code that leaves people guessing, in plain words; it can come
+# from the sign-in server (a callback, the device-code poll, the code exchange)
+# and from the token endpoint at a refresh.
+NO_CODEX_ENTITLEMENT = "missing_codex_entitlement"
+NO_CODEX_ENTITLEMENT_TEXT = ("Codex is not enabled for this workspace. Ask its admin to enable "
+                             "Codex, or sign in to another workspace or account.")
 
 REASONS = {
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -1619,6 +1625,9 @@ class Credential:
                 raise RefreshFailed("token endpoint answered %d without tokens" % status, permanent=False)
             return answer
         code = refresh_error_code(answer)
+        if code == NO_CODEX_ENTITLEMENT:  # not a dead login: it works once the admin enables Codex
+            raise RefreshFailed("token endpoint answered %d: %s"
+                                % (status, NO_CODEX_ENTITLEMENT_TEXT), permanent=False)
         text = "token endpoint answered %d%s%s" % (
             status, " " + code if code else "",
             ": " + refresh_error_message(answer) if refresh_error_message(answer) else "")
@@ -1652,8 +1661,7 @@ class DeviceCode(namedtuple("DeviceCode", "device_auth_id user_code interval ver
 
 # Callback errors in plain words; anything else is shown as the issuer sent it.
 CALLBACK_ERRORS = {
-    "missing_codex_entitlement": "Codex is not enabled for this workspace. Ask its admin to "
-                                 "enable Codex, or sign in to another workspace or account.",
+    NO_CODEX_ENTITLEMENT: NO_CODEX_ENTITLEMENT_TEXT,
     "access_denied": "the sign-in was cancelled, or access was denied, in the browser.",
 }
 
@@ -1673,6 +1681,8 @@ def call_issuer(open_url: Callable, url: str, body: bytes,
 
 def issuer_error_text(answer: Any, raw: bytes) -> str:
     """error_description, else error.message, else error (a string or error.code), else the body."""
+    if refresh_error_code(answer) == NO_CODEX_ENTITLEMENT:
+        return NO_CODEX_ENTITLEMENT_TEXT
     if isinstance(answer, dict):
         error = answer.get("error")
         candidates = [answer.get("error_description")]
@@ -1736,7 +1746,7 @@ def wait_for_device_code(issuer: str, open_url: Callable, device: DeviceCode, ti
             if not (isinstance(code, str) and code and isinstance(verifier, str) and verifier):
                 raise LoginFailed("the issuer confirmed the code without authorization_code or code_verifier")
             return code, verifier
-        if status not in (0, 403, 404):
+        if status not in (0, 403, 404) or refresh_error_code(answer) == NO_CODEX_ENTITLEMENT:
             raise LoginFailed("device-code sign-in failed: %d %s" % (status, issuer_error_text(answer, raw)))
         if now() + device.interval > deadline:
             raise LoginFailed("the code was not entered within %g minutes; run login again" % (timeout / 60))

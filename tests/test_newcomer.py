@@ -196,6 +196,37 @@ class TestMessages:
         assert ("run `python3 ocm.py login --force --account anna '%s'` to replace it" % config
                 in capsys.readouterr().err)
 
+    def test_no_codex_entitlement_at_the_device_code_is_said_in_plain_words(self, tmp_path, fake, capsys):
+        issuer = FakeIssuer(fake)
+        issuer.poll_answer = (403, {"error": {"code": "missing_codex_entitlement", "message": "no"}})
+        session = Session(tmp_path, fake, tmp_path / "new" / "auth.json")
+        assert session.login() == 1
+        assert len(issuer.polls) == 1  # not taken for "not entered yet" until the code expires
+        assert ("ocm: sign-in failed: device-code sign-in failed: 403 Codex is not enabled for this "
+                "workspace. Ask its admin to enable Codex, or sign in to another workspace or account."
+                in capsys.readouterr().err)
+
+    def test_no_codex_entitlement_at_the_code_exchange_is_said_in_plain_words(self, tmp_path, fake, capsys):
+        issuer = FakeIssuer(fake)
+        issuer.pending = []
+        issuer.token_answer = (403, {"error": "missing_codex_entitlement"})
+        session = Session(tmp_path, fake, tmp_path / "new" / "auth.json")
+        assert session.login() == 1
+        assert ("ocm: sign-in failed: the token exchange failed: 403 Codex is not enabled for this "
+                "workspace." in capsys.readouterr().err)
+
+    def test_no_codex_entitlement_at_a_refresh_is_said_in_plain_words(self, make_proxy, fake, auth_path):
+        write_auth(auth_path, expires_in=-60)
+        fake.on("POST", "/oauth/token", lambda ex: ex.json(403, {"error": {
+            "code": "missing_codex_entitlement", "message": "Workspace has no Codex"}}))
+        status, _, body = make_proxy().request("POST", "/v1/responses", body=b"{}")
+        kind, message = error_of(body)
+        assert status == 503 and kind == "api_error"
+        assert message.startswith("credential unavailable: token refresh failed (token endpoint answered "
+                                  "403: Codex is not enabled for this workspace. Ask its admin to enable "
+                                  "Codex, or sign in to another workspace or account.); retrying in ")
+        assert "missing_codex_entitlement" not in message  # the words, not the code
+
     def test_init_without_a_login_says_so_once(self, tmp_path):
         out = run_cli("init", "--users", "a", "--out", "c.json", "--host", "box", cwd=str(tmp_path),
                       env=dict(os.environ, CODEX_HOME=str(tmp_path / "codex")))
