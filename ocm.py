@@ -24,7 +24,7 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
   10. Upstream           the Connector (proxies, TLS), keep-alive pool, urllib
   11. Accounts           rate-limit state, shares, pools (balancer, fallback)
   12. Policy             budgets with reservations, concurrency, models, expiry
-  13. Operations         metrics, the access log
+  13. Operations         metrics, the live usage document, the access log
   14. Streams            the SSE usage scanner, WebSocket framing
   15. Handler            route, authenticate, relay HTTP, SSE and WebSocket
   16. Server             TLS for clients, the ThreadingHTTPServer owning all state
@@ -4304,6 +4304,49 @@ def render_metrics(server: "OCMServer") -> str:
     return "\n".join(lines) + "\n"
 
 
+def budget_rows(users: List[User], ledger: Optional[BudgetLedger]) -> List[Dict[str, Any]]:
+    """Each user's budgets against this period's spending (`ocm.py usage`)."""
+    rows = []
+    for user in users:
+        for budget in user.budgets:
+            usd, tokens = ledger.spent(user.name, budget.period) if ledger else (0.0, 0.0)
+            if budget.usd is not None:
+                rows.append({"user": user.name, "period": budget.period, "spent": "$%.2f" % usd,
+                             "limit": "$%.2f" % budget.usd, "spent_usd": round(usd, 6),
+                             "limit_usd": budget.usd})
+            else:
+                rows.append({"user": user.name, "period": budget.period,
+                             "spent": "{:,.0f} tokens".format(tokens),
+                             "limit": "{:,} tokens".format(budget.tokens),
+                             "spent_tokens": int(tokens), "limit_tokens": budget.tokens})
+    return rows
+
+
+def is_loopback(address: str) -> bool:
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(address)
+        mapped = ip.ipv4_mapped if ip.version == 6 else None  # ::ffff:127.0.0.1
+        return ip.is_loopback or bool(mapped and mapped.is_loopback)
+    return False
+
+
+def usage_document(server: "OCMServer", client_ip: str, now: float) -> Dict[str, Any]:
+    """GET /ocm/v1/usage: what `ocm.py usage` shows, live. The usage files are
+    saved once a minute; this is the books as they are in memory, and the
+    budgets' spending. Loopback only, like /metrics without its token: it names
+    every user and file, and only the box itself asks."""
+    if not is_loopback(client_ip):
+        raise HTTPError(403, "permission_error", "usage is served to loopback clients only")
+    books = [(a.tag, a.usage) for a in server.accounts.values() if a.usage is not None]
+    return {"time": format_rfc3339(now),
+            "accounts": [{"account": tag, "usages_path": os.path.abspath(book.path),
+                          "usage": book.to_json()} for tag, book in books],
+            "budgets": budget_rows(server.users.users, server.ledger)}
+
+
+HEALTH_PATH = "/healthz"
+USAGE_PATH = "/ocm/v1/usage"
+
 access_log = logging.getLogger("ocm.access")
 ACCESS_LOG_DELAY = 0.5  # seconds an access line may wait to be written with others
 
@@ -4781,7 +4824,6 @@ def build_upstream_headers(client: Headers, config_headers: Dict[str, List[str]]
 
 
 STATUS_PATH = "/ocm/v1/status"
-HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
 _PROMPT_CACHE_KEY = re.compile(rb'"prompt_cache_key"\s*:\s*"([^"\\]{1,200})"')
 
@@ -5243,7 +5285,7 @@ class OCMHandler(BaseHTTPRequestHandler):
         server = self.server
         if not request.path.startswith("/"):
             raise bad_request("only origin-form request targets are accepted (\"/v1/...\")")
-        if request.path in (HEALTH_PATH, METRICS_PATH, STATUS_PATH):
+        if request.path in (HEALTH_PATH, METRICS_PATH, STATUS_PATH, USAGE_PATH):
             self.serve_operations(request)
             return
         if not request.path.startswith("/v1/"):
@@ -5283,6 +5325,8 @@ class OCMHandler(BaseHTTPRequestHandler):
         elif request.path == METRICS_PATH:
             server.check_metrics_access(request, self.client_address[0])
             body, content_type = render_metrics(server).encode("utf-8"), "text/plain; version=0.0.4"
+        elif request.path == USAGE_PATH:
+            body = json.dumps(usage_document(server, self.client_address[0], time.time())).encode()
         else:
             user = server.users.authenticate(request.headers)
             request.user_name = user.name if user else ""
@@ -6505,18 +6549,21 @@ def serve(config: Config) -> int:
     return 0
 
 
-def _usage_sources(path: str) -> List[Tuple[str, str]]:
+def _usage_sources(path: str) -> Tuple[List[Tuple[str, str]], Optional[Config]]:
     """[(account, usage file)]: a usage file as given, or the usages_path of a
-    config file (of each account, with a credentials list)."""
+    config file (of each account, with a credentials list); and the config."""
     try:
         with open(path, "rb") as fh:
-            data = parse_json(fh.read().decode("utf-8-sig"))
+            text = fh.read().decode("utf-8-sig")
+        data = parse_json(text)
     except OSError as exc:
         raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError("%s is not valid JSON: %s" % (path, exc))
+    except UnicodeDecodeError:
+        raise ConfigError("%s: not UTF-8 text" % path)
+    except ValueError as exc:
+        raise ConfigError("%s: %s" % (path, describe_json_error(text, exc)))
     if isinstance(data, dict) and ("combinations" in data or "costs" in data):
-        return [("", path)]
+        return [("", path)], None
     config = config_from_dict(data, source=path)
     if config.credentials:
         sources = [(c.tag, c.usages_path) for c in config.credentials if not c.is_pool and c.usages_path]
@@ -6524,7 +6571,58 @@ def _usage_sources(path: str) -> List[Tuple[str, str]]:
         sources = [("", config.usages_path)] if config.usages_path else []
     if not sources:
         raise ConfigError("%s has no usages_path; give the usage file itself" % path)
-    return sources
+    return sources, config
+
+
+def fetch_live_usage(config: Config, timeout: float = 2.0) -> Optional[Dict[str, Any]]:
+    """The running OCM's own figures (GET /ocm/v1/usage on loopback), or None when
+    none answers there: not running, listening on another address, or older."""
+    if not config.listen_port:
+        return None
+    host = "::1" if ":" in config.listen else "127.0.0.1"
+    if not config.tls.enabled:
+        conn = http.client.HTTPConnection(host, config.listen_port, timeout=timeout)
+    elif ssl is None:
+        return None
+    else:  # the certificate names the box, not 127.0.0.1; nothing secret goes either way
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(host, config.listen_port, timeout=timeout,
+                                           context=context)
+    try:
+        conn.request("GET", USAGE_PATH)
+        response = conn.getresponse()
+        document = parse_json(response.read().decode("utf-8")) if response.status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()
+    if not isinstance(document, dict) or not isinstance(document.get("accounts"), list):
+        return None
+    return document
+
+
+def live_books(document: Optional[Dict[str, Any]], paths: List[str]) -> Optional[List[Any]]:
+    """The running OCM's book for each of ``paths``, or None if it keeps other files
+    (another OCM on that port, or one whose config has changed since)."""
+    if document is None:
+        return None
+    accounts = [a for a in document["accounts"] if isinstance(a, dict)]
+    books = {a.get("usages_path"): a.get("usage") for a in accounts}
+    found = [books.get(os.path.abspath(path)) for path in paths]
+    if all(isinstance(book, dict) and isinstance(book.get("combinations"), list)
+           for book in found):
+        return found
+    return None
+
+
+def describe_as_of(when: Optional[float], now: float) -> str:
+    """"as of 12:03:04, 41s ago", in local time; with the date when not today."""
+    if when is None:
+        return "time of the figures unknown"
+    day = time.localtime(when)[:3] == time.localtime(now)[:3]
+    return "as of %s, %s ago" % (time.strftime("%H:%M:%S" if day else "%Y-%m-%d %H:%M:%S",
+                                               time.localtime(when)), format_age(now - when))
 
 
 def summarize_usage(data: Dict[str, Any]) -> Dict[str, Any]:
@@ -6555,9 +6653,9 @@ def summarize_usage(data: Dict[str, Any]) -> Dict[str, Any]:
                                                        "cost_usd": 0.0})}
 
 
-def format_usage_report(path: str, summary: Dict[str, Any]) -> str:
+def format_usage_report(path: str, summary: Dict[str, Any], when: str) -> str:
     columns = ("request_count", "input_tokens", "cached_tokens", "output_tokens")
-    lines = ["OCM usage from %s (last updated %s)" % (path, summary["last_updated"]), ""]
+    lines = ["OCM usage from %s (%s)" % (path, when), ""]
 
     def table(title: str, rows: Dict[str, Dict[str, Any]], order: List[str]) -> None:
         width = max([len(title)] + [len(k) for k in order])
@@ -6580,44 +6678,56 @@ def format_usage_report(path: str, summary: Dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def run_usage(argv: List[str]) -> int:
+def run_usage(argv: List[str], now: Callable[[], float] = time.time) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="ocm.py usage",
                                      description="Print who used what: cost and tokens per user, "
                                                  "model and week, and the total.")
     parser.add_argument("source", metavar="USAGES_PATH|CONFIG",
-                        help="the usage file, or an OCM config naming it in usages_path")
+                        help="the usage file, or an OCM config naming it in usages_path (then "
+                             "the figures of a running OCM are live; the file's lag up to 60 s)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
-        sources = _usage_sources(args.source)
+        sources, config = _usage_sources(args.source)
     except ConfigError as exc:
         print("ocm: %s" % exc, file=sys.stderr)
         return 2
+    # A running OCM saves its files once a minute: ask it for the figures of now.
+    live = fetch_live_usage(config) if config is not None else None
+    books = live_books(live, [path for _, path in sources])
     reports = []
-    for account, path in sources:
-        try:
-            book = UsageBook(path)
-            book.load(repair=False)
-        except FileNotFoundError:
-            print("ocm: no usage recorded yet: %s does not exist" % path, file=sys.stderr)
-            return 2
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            print("ocm: cannot read usage file %s: %s" % (path, exc), file=sys.stderr)
-            return 2
-        reports.append((account, path, summarize_usage(book.to_json())))
-    budgets = budget_report(args.source)
+    for i, (account, path) in enumerate(sources):
+        if books is not None:
+            data = books[i]
+            when = "live, from the running OCM at %s" % time.strftime("%H:%M:%S",
+                                                                      time.localtime(now()))
+        else:
+            try:
+                book = UsageBook(path)
+                book.load(repair=False)
+            except FileNotFoundError:
+                print("ocm: no usage recorded yet: %s does not exist" % path, file=sys.stderr)
+                return 2
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                print("ocm: cannot read usage file %s: %s" % (path, exc), file=sys.stderr)
+                return 2
+            data = book.to_json()
+            when = describe_as_of(parse_rfc3339(data.get("last_updated")), now())
+        reports.append((account, path, summarize_usage(data), when))
+    budgets = live.get("budgets") if books is not None and live else budget_report(args.source)
     if args.json:
         if len(reports) == 1 and not reports[0][0]:
             out = dict(reports[0][2], source=reports[0][1])
         else:
-            out = {"accounts": {a: dict(s, source=p) for a, p, s in reports}}
+            out = {"accounts": {a: dict(s, source=p) for a, p, s, _ in reports}}
+        out["live"] = books is not None
         if budgets:
             out["budgets"] = budgets
         print(json.dumps(out, indent=2))
     else:
-        sys.stdout.write("\n".join(("Account %s: " % a if a else "") + format_usage_report(p, s)
-                                    for a, p, s in reports))
+        sys.stdout.write("\n".join(("Account %s: " % a if a else "") + format_usage_report(p, s, w)
+                                    for a, p, s, w in reports))
         if budgets:
             sys.stdout.write("\nBudgets (this period)\n" + "".join(
                 "%-12s %-6s %14s of %s\n" % (b["user"], b["period"], b["spent"], b["limit"]) for b in budgets))
@@ -6634,18 +6744,7 @@ def budget_report(source: str) -> List[Dict[str, Any]]:
         return []
     ledger = BudgetLedger(config.budgets_path, PeriodClock(config.timezone))
     ledger.load()
-    rows = []
-    for user in config.users:
-        for budget in user.budgets:
-            usd, tokens = ledger.spent(user.name, budget.period)
-            if budget.usd is not None:
-                rows.append({"user": user.name, "period": budget.period, "spent": "$%.2f" % usd,
-                             "limit": "$%.2f" % budget.usd, "spent_usd": round(usd, 6), "limit_usd": budget.usd})
-            else:
-                rows.append({"user": user.name, "period": budget.period, "spent": "{:,.0f} tokens".format(tokens),
-                             "limit": "{:,} tokens".format(budget.tokens), "spent_tokens": int(tokens),
-                             "limit_tokens": budget.tokens})
-    return rows
+    return budget_rows(config.users, ledger)
 
 
 def issuer_opener(config: Config, detour: Optional[ProxyURL]) -> Callable:

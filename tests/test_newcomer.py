@@ -246,4 +246,63 @@ class TestMessages:
 
 # == ocm.py usage tells the truth about time ================================
 
+def book_json(last_updated):
+    counts = {"request_count": 2, "input_tokens": 100, "output_tokens": 20, "cached_tokens": 0,
+              "cost_usd": 0.01}
+    return {"last_updated": last_updated, "costs": {"total_usd": 0.01},
+            "combinations": [{"model": "gpt-5.3-codex", "service_tier": "default",
+                              "context_window": 272000, "total": counts, "by_user": {"alice": counts}}]}
+
+
+class TestUsage:
+    def test_the_usage_document_has_the_books_and_budgets(self, make_proxy, fake, tmp_path):
+        users = [dict(USERS[0], budgets=[{"period": "day", "usd": 2}]), USERS[1]]
+        proxy = make_proxy(usages_path=str(tmp_path / "usage.json"), users=users,
+                           budgets_path=str(tmp_path / "budgets.json"))
+        assert proxy.request("POST", "/v1/responses", body=b"{}")[0] == 200
+        status, headers, body = proxy.request("GET", "/ocm/v1/usage", token=None)
+        document = json.loads(body)
+        assert status == 200 and headers["content-type"] == "application/json"
+        assert set(document) == {"time", "accounts", "budgets"}
+        [account] = document["accounts"]
+        assert account["account"] == "default" and account["usages_path"] == str(tmp_path / "usage.json")
+        assert account["usage"]["combinations"][0]["by_user"]["alice"]["request_count"] == 1
+        assert document["budgets"][0]["user"] == "alice" and document["budgets"][0]["limit"] == "$2.00"
+        assert not (tmp_path / "usage.json").exists()  # live: the saver has not written the file yet
+
+    def test_the_usage_document_is_for_loopback_only(self, proxy):
+        with pytest.raises(ocm.HTTPError) as caught:
+            ocm.usage_document(proxy.server, "192.0.2.7", time.time())
+        assert caught.value.status == 403 and "loopback" in caught.value.message
+        assert ocm.is_loopback("::ffff:127.0.0.1") and ocm.is_loopback("::1")
+        assert not ocm.is_loopback("::ffff:192.0.2.7") and not ocm.is_loopback("nonsense")
+
+    def test_a_file_says_how_old_its_figures_are(self, tmp_path, capsys):
+        now = time.mktime((2026, 12, 4, 12, 3, 45, 0, 0, -1))
+        (tmp_path / "usage.json").write_text(json.dumps(book_json(ocm.format_rfc3339(now - 41))))
+        assert ocm.run_usage([str(tmp_path / "usage.json")], now=lambda: now) == 0
+        heading = "OCM usage from %s (as of 12:03:04, 41s ago)" % (tmp_path / "usage.json")
+        assert heading in capsys.readouterr().out
+        (tmp_path / "usage.json").write_text(json.dumps(book_json(ocm.format_rfc3339(now - 86400 - 300))))
+        assert ocm.run_usage([str(tmp_path / "usage.json")], now=lambda: now) == 0
+        assert "(as of 2026-12-03 11:58:45, 1d 0h ago)" in capsys.readouterr().out
+
+    def test_a_config_whose_ocm_is_not_running_reads_the_file(self, tmp_path, capsys):
+        now = time.time()
+        (tmp_path / "usage.json").write_text(json.dumps(book_json(ocm.format_rfc3339(now - 5))))
+        (tmp_path / "c.json").write_text(json.dumps({"listen_port": free_port(),
+                                                      "usages_path": str(tmp_path / "usage.json")}))
+        assert ocm.run_usage(["--json", str(tmp_path / "c.json")], now=lambda: now) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["live"] is False and report["users"]["alice"]["request_count"] == 2
+
+    def test_another_ocm_on_that_port_is_not_taken_for_this_one(self, make_proxy, tmp_path, capsys):
+        proxy = make_proxy(usages_path=str(tmp_path / "its-own.json"))
+        (tmp_path / "usage.json").write_text(json.dumps(book_json(ocm.format_rfc3339(time.time()))))
+        (tmp_path / "c.json").write_text(json.dumps({"listen_port": proxy.port,
+                                                      "usages_path": str(tmp_path / "usage.json")}))
+        assert ocm.run_usage(["--json", str(tmp_path / "c.json")]) == 0
+        assert json.loads(capsys.readouterr().out)["live"] is False
+
+
 # == The documentation =======================================================
