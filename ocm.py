@@ -4415,8 +4415,9 @@ def flush_access_log(only_if_due: bool = False) -> None:
 
 def write_access_line(request: "ClientRequest", log_format: str) -> None:
     """One line per request: time, user, method, path, status, model, tokens,
-    cost, duration. Never a token or a header value."""
-    if not access_log.isEnabledFor(logging.INFO):
+    cost, duration. Never a token or a header value. A health checker probes
+    every few seconds: its lines show only at debug level, not to bury the requests."""
+    if not access_log.isEnabledFor(logging.DEBUG if request.path == HEALTH_PATH else logging.INFO):
         return
     duration = time.monotonic() - request.started
     if log_format == "json":

@@ -244,6 +244,18 @@ class TestMessages:
                          "`python3 ocm.py login`" % (tmp_path / "none.json")]
         assert all(line.startswith("ocm: ") for line in out.stderr.splitlines())
 
+    def test_health_probes_are_logged_only_at_debug_level(self, proxy, caplog):
+        import logging
+        with caplog.at_level(logging.INFO, logger="ocm.access"):
+            assert proxy.request("GET", "/healthz", token=None)[0] == 200
+            assert proxy.request("GET", "/v1/models")[0] == 200
+            assert wait_for(lambda: any("/v1/models" in r.getMessage() for r in caplog.records))
+        assert not any("/healthz" in r.getMessage() for r in caplog.records)
+        with caplog.at_level(logging.DEBUG, logger="ocm.access"):
+            assert proxy.request("GET", "/healthz", token=None)[0] == 200
+            assert wait_for(lambda: any("/healthz" in r.getMessage() for r in caplog.records))
+
+
 # == ocm.py usage tells the truth about time ================================
 
 def book_json(last_updated):
