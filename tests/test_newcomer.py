@@ -25,6 +25,9 @@ from test_login import FakeIssuer, Keyboard, Session  # tests/ is on the path, a
 
 ROOT = os.path.dirname(OCM_PY)
 README = os.path.join(ROOT, "README.md")
+sys.path.insert(0, os.path.join(ROOT, "contrib"))
+import demo_backend  # noqa: E402
+
 TOOL_ANSWER = "the tool printed demo-tool-says-42"
 
 
@@ -52,6 +55,14 @@ CODEX_LIKE = {"model": "gpt-5.3-codex", "stream": True, "store": False,
                          "content": [{"type": "input_text", "text": "hi"}]}]}
 
 
+@pytest.fixture(scope="module")
+def backend():
+    """One fake backend for the module: it keeps no state a test could trip over."""
+    server = demo_backend.DemoBackend()
+    yield server
+    server.close()
+
+
 def port_is_closed(port):
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) != 0
@@ -73,7 +84,184 @@ def run_in_shell(script, env, cwd):
 
 # == The fake backend behaves like ChatGPT's =================================
 
+class TestDemoBackend:
+    @pytest.mark.parametrize("change, detail", [
+        ({"stream": False}, "Stream must be set to true"),
+        ({"stream": None}, "Stream must be set to true"),
+        ({"store": True}, "Store must be set to false"),
+        ({"store": None}, "Store must be set to false"),
+        ({"max_output_tokens": 100}, "Unsupported parameter: max_output_tokens"),
+        ({"metadata": {"a": "b"}}, "Unsupported parameter: metadata"),
+        ({"user": "alice"}, "Unsupported parameter: user"),
+        ({"temperature": 0.2}, "Unsupported parameter: temperature"),
+        ({"top_p": 0.9}, "Unsupported parameter: top_p"),
+    ])
+    def test_it_refuses_what_the_real_backend_refuses(self, backend, change, detail):
+        body = {k: v for k, v in dict(CODEX_LIKE, **change).items() if v is not None}
+        status, text = post_json(backend.chatgpt_url, new_access_token(), body)
+        assert (status, json.loads(text)) == (400, {"detail": detail})
+
+    def test_items_come_in_done_events_and_completed_has_an_empty_output(self, backend):
+        status, text = post_json(backend.chatgpt_url, new_access_token(), CODEX_LIKE)
+        events = events_of(text)
+        assert status == 200 and [e["type"] for e in events][:2] == ["response.created",
+                                                                      "response.in_progress"]
+        done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+        assert done[0]["type"] == "message" and "came through OCM" in done[0]["content"][0]["text"]
+        completed = events[-1]["response"]
+        assert events[-1]["type"] == "response.completed" and completed["output"] == []
+        assert completed["usage"]["input_tokens"] > 0 and completed["usage"]["output_tokens"] > 0
+
+    def test_canned_model_asks_for_a_tool_call_then_answers_with_its_output(self):
+        offered = dict(CODEX_LIKE, tools=[{"type": "function", "name": "exec_command"}])
+        call = demo_backend.canned_model(offered)[0]
+        assert call["type"] == "function_call" and call["name"] == "exec_command"
+        assert json.loads(call["arguments"]) == {"cmd": demo_backend.TOOL_COMMAND}
+        code_mode = dict(CODEX_LIKE, input=[{"type": "additional_tools", "tools": []}])
+        assert demo_backend.canned_model(code_mode)[0]["type"] == "function_call"
+        after = dict(offered, input=offered["input"] + [
+            call, {"type": "function_call_output", "call_id": call["call_id"],
+                   "output": "Process exited with code 0\nOutput:\ndemo-tool-says-42\n"}])
+        assert TOOL_ANSWER in demo_backend.canned_model(after)[0]["content"][0]["text"]
+
+    def test_a_scripted_model_can_answer_with_an_error(self):
+        backend = demo_backend.DemoBackend(model=lambda body: (429, {"error": {
+            "type": "usage_limit_reached", "message": "limit"}}))
+        try:
+            status, text = post_json(backend.chatgpt_url, new_access_token(), CODEX_LIKE)
+            assert status == 429 and json.loads(text)["error"]["type"] == "usage_limit_reached"
+        finally:
+            backend.close()
+
+    def test_it_wants_an_unexpired_access_token(self, backend):
+        for token in ("", "not-a-jwt", new_access_token(expires_in=-60)):
+            assert post_json(backend.chatgpt_url, token, CODEX_LIKE)[0] == 401
+
+    def test_refresh_tokens_rotate_and_usage_has_both_windows(self, backend, tmp_path):
+        refresh = demo_backend.write_fake_auth(str(tmp_path / "auth.json"))
+        backend.valid_refresh.add(refresh)
+        grant = {"client_id": ocm.OAUTH_CLIENT_ID, "grant_type": "refresh_token", "refresh_token": refresh}
+        status, text = post_json(backend.url, "", grant, path="/oauth/token")
+        assert status == 200 and set(json.loads(text)) == {"id_token", "access_token", "refresh_token"}
+        status, text = post_json(backend.url, "", grant, path="/oauth/token")
+        assert status == 401 and json.loads(text)["error"]["code"] == "refresh_token_reused"
+        conn = http.client.HTTPConnection("127.0.0.1", backend.port, timeout=10)
+        conn.request("GET", "/backend-api/wham/usage",
+                     headers={"Authorization": "Bearer " + new_access_token()})
+        usage = json.loads(conn.getresponse().read())
+        conn.close()
+        assert usage["rate_limit"]["primary_window"]["limit_window_seconds"] == 5 * 3600
+        assert usage["rate_limit"]["secondary_window"]["limit_window_seconds"] == 7 * 86400
+
+    def test_ocm_runs_against_it_refreshing_the_fake_login(self, backend, tmp_path):
+        """What the demo does, in process: a login about to expire is refreshed at the
+        fake token endpoint, and the backend's refusals reach the client unchanged."""
+        auth = str(tmp_path / "box" / "auth.json")
+        backend.valid_refresh.add(demo_backend.write_fake_auth(auth, expires_in=120))
+        before = json.load(open(auth))["tokens"]["refresh_token"]
+        config = demo_backend.demo_config(backend, auth, "tok-alice", str(tmp_path))
+        config["users"] = USERS
+        server = ocm.OCMServer(ocm.config_from_dict(config))
+        from test_ocm import Proxy
+        proxy = Proxy(server)
+        try:
+            status, _, body = proxy.request("POST", "/v1/responses", body=CODEX_LIKE)
+            assert status == 200 and b"came through OCM" in body
+            assert json.load(open(auth))["tokens"]["refresh_token"] != before  # refreshed, saved
+            status, _, body = proxy.request("POST", "/v1/responses", body=dict(CODEX_LIKE, store=True))
+            assert (status, json.loads(body)) == (400, {"detail": "Store must be set to false"})
+        finally:
+            proxy.close()
+
+
 # == make demo ===============================================================
+
+def read_until(proc, marker, timeout=20.0):
+    """stdout of proc up to and including the line with marker."""
+    out, deadline = b"", time.monotonic() + timeout
+    while marker.encode() not in out:
+        left = deadline - time.monotonic()
+        assert left > 0 and proc.poll() is None, out.decode()
+        ready, _, _ = select.select([proc.stdout], [], [], min(left, 0.1))
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, out.decode()
+            out += chunk
+    return out.decode()
+
+
+@pytest.fixture
+def demo(tmp_path):
+    """`make demo` as a person runs it: its own process group, so Ctrl-C reaches all of it."""
+    command = (["make", "-s", "--no-print-directory", "demo", "PYTHON=" + sys.executable]
+               if shutil.which("make") else [sys.executable, "contrib/demo_backend.py", "--demo"])
+    errors = open(str(tmp_path / "demo.err"), "wb")
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=errors,
+                            stdin=subprocess.DEVNULL, start_new_session=True, bufsize=0)
+    try:
+        text = read_until(proc, "Ctrl-C stops the demo.")
+        yield proc, text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        proc.stdout.close()
+        errors.close()
+
+
+def demo_parts(text):
+    return {"base_url": re.search(r'^base_url = "(.+)"$', text, re.M).group(1),
+            "token": re.search(r"OCM_TOKEN=(\S+)", text).group(1),
+            "codex": next(line.strip() for line in text.splitlines() if " codex exec " in line),
+            "config": re.search(r"python3 ocm.py usage (\S+)", text).group(1)}
+
+
+class TestDemo:
+    def test_the_makefile_runs_the_demo_backend(self):
+        makefile = open(os.path.join(ROOT, "Makefile")).read()
+        assert re.search(r"^demo:\n\t@\$\(PYTHON\) contrib/demo_backend.py --demo$", makefile, re.M)
+
+    def test_make_demo_serves_a_request_counts_it_and_ctrl_c_stops_everything(self, demo):
+        proc, text = demo
+        parts = demo_parts(text)
+        assert parts["codex"].endswith('codex exec --skip-git-repo-check -c model_provider=ocm '
+                                       '"say hi" < /dev/null')
+        status, body = post_json(parts["base_url"], parts["token"], CODEX_LIKE)
+        assert status == 200 and "came through OCM" in body
+        report = subprocess.run([sys.executable, OCM_PY, "usage", "--json", parts["config"]],
+                                capture_output=True, text=True, timeout=20)
+        assert report.returncode == 0, report.stderr
+        assert json.loads(report.stdout)["live"] is True  # the file is not saved yet: live figures
+        assert json.loads(report.stdout)["users"]["demo"]["request_count"] == 1
+        port = int(parts["base_url"].rsplit(":", 1)[1].split("/")[0])
+        directory = os.path.dirname(parts["config"])
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        proc.wait(10)
+        assert "Demo stopped; its files are gone." in read_rest(proc)
+        assert not os.path.exists(directory) and port_is_closed(port)
+
+    @needs_codex
+    def test_the_printed_codex_command_gets_an_answer_through_ocm(self, demo, tmp_path):
+        parts = demo_parts(demo[1])
+        work = tmp_path / "not-a-git-repository"
+        work.mkdir()
+        out = run_in_shell(parts["codex"], codex_path_env(tmp_path), work)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert TOOL_ANSWER in out.stdout
+
+
+def read_rest(proc):
+    chunks = []
+    while True:
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            return b"".join(chunks).decode()
+        chunks.append(chunk)
+
 
 # == The README's commands, as written =======================================
 
@@ -288,6 +476,30 @@ class TestUsage:
         assert caught.value.status == 403 and "loopback" in caught.value.message
         assert ocm.is_loopback("::ffff:127.0.0.1") and ocm.is_loopback("::1")
         assert not ocm.is_loopback("::ffff:192.0.2.7") and not ocm.is_loopback("nonsense")
+
+    def test_usage_asks_the_running_ocm_for_live_figures(self, tmp_path, backend):
+        auth = str(tmp_path / "auth.json")
+        backend.valid_refresh.add(demo_backend.write_fake_auth(auth))
+        config = demo_backend.demo_config(backend, auth, USERS[0]["token"], str(tmp_path), free_port())
+        config["users"] = USERS
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        proc = subprocess.Popen([sys.executable, OCM_PY, str(tmp_path / "config.json")],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert "listening on" in proc.stdout.readline()
+            url = "http://127.0.0.1:%d/v1" % config["listen_port"]
+            assert post_json(url, "tok-alice", CODEX_LIKE)[0] == 200
+            out = run_cli("usage", str(tmp_path / "config.json"))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+        assert out.returncode == 0, out.stderr
+        assert re.search(r"^OCM usage from %s \(live, from the running OCM at \d\d:\d\d:\d\d\)$"
+                         % re.escape(str(tmp_path / "usage.json")), out.stdout, re.M), out.stdout
+        assert re.search(r"^alice +1 ", out.stdout, re.M)
+        # stopped: the file it saved, and how old its figures are
+        out = run_cli("usage", str(tmp_path / "config.json"))
+        assert re.search(r"\(as of \d\d:\d\d:\d\d, \d+s ago\)", out.stdout) and "live" not in out.stdout
 
     def test_a_file_says_how_old_its_figures_are(self, tmp_path, capsys):
         now = time.mktime((2026, 12, 4, 12, 3, 45, 0, 0, -1))
