@@ -7133,7 +7133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                "config with a token per person, `ocm.py login [CONFIG]` signs the box in, "
                "`ocm.py logout [CONFIG]`, `ocm.py status [CONFIG]`, `ocm.py usage FILE` reports "
                "usage, `ocm.py hash-token` hashes a token for the config. "
-               "See README.md for the config keys.")
+               "See README.md, and docs/config.md for the config keys.")
     parser.add_argument("config", nargs="?", help="config file (OCM JSON, or a sing-box config with an ocm service)")
     parser.add_argument("--check", action="store_true",
                         help="validate the config and the credential, print a summary, exit 0 (or 2)")

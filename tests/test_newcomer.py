@@ -265,6 +265,82 @@ def read_rest(proc):
 
 # == The README's commands, as written =======================================
 
+def readme_section(title):
+    text = open(README).read()
+    start = text.index("\n## %s\n" % title)
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else len(text)]
+
+
+def shell_commands(section):
+    """The command lines of each ```sh block of a README section, comments dropped."""
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return [[re.sub(r"\s+#\s.*$", "", line).strip() for line in block.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")] for block in blocks]
+
+
+@pytest.fixture
+def quick_start(tmp_path, backend):
+    """The Quick start on a box: init, (login), run; with OpenAI replaced by the demo backend."""
+    box_commands, client_commands = shell_commands(readme_section("Quick start"))
+    init, login, run = box_commands
+    box = tmp_path / "box"
+    box.mkdir()
+    shutil.copy(OCM_PY, str(box / "ocm.py"))  # Install: copy ocm.py onto the box
+    env = dict(os.environ, CODEX_HOME=str(tmp_path / "box-codex"))
+    backend.valid_refresh.add(demo_backend.write_fake_auth(str(tmp_path / "box-codex" / "auth.json")))
+    out = subprocess.run([sys.executable] + shlex.split(init)[1:], cwd=str(box), env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert init.startswith("python3 ocm.py init ") and out.returncode == 0, out.stderr
+    config = json.loads((box / "config.json").read_text())
+    # needs OpenAI: the fake login above stands in for it
+    assert shlex.split(login) == ["python3", "ocm.py", "login", "config.json"]
+    port = free_port()
+    config.update(listen="127.0.0.1", listen_port=port,  # loopback for the test; the rest as init wrote it
+                  upstream={"chatgpt_url": backend.chatgpt_url, "token_url": backend.token_url})
+    (box / "config.json").write_text(json.dumps(config))
+    proc = subprocess.Popen([sys.executable] + shlex.split(run)[1:], cwd=str(box), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:%d/v1" % port in line, proc.stderr.read()
+        user = re.search(r"--users (\w+)", init).group(1)
+        block = out.stdout.split("# %s: add to ~/.codex/config.toml\n" % user, 1)[1].split("# then", 1)[0]
+        block = re.sub(r'base_url = "http://[^/]+/v1"', 'base_url = "http://127.0.0.1:%d/v1"' % port, block)
+        token = re.search(r"^# then, in the shell: export OCM_TOKEN=(\S+)$", out.stdout, re.M).group(1)
+        yield {"port": port, "token": token, "block": block, "client": client_commands}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+class TestReadmeCommands:
+    def test_the_quick_start_as_written_serves_a_request(self, quick_start):
+        status, body = post_json("http://127.0.0.1:%d/v1" % quick_start["port"], quick_start["token"],
+                                 CODEX_LIKE)
+        assert status == 200 and "came through OCM" in body
+
+    def test_the_client_commands_agree_everywhere_and_work_outside_a_git_repository(self):
+        quick = shell_commands(readme_section("Quick start"))[1]
+        client = shell_commands(readme_section("Setting up a Codex client"))[0]
+        command = 'codex exec --skip-git-repo-check -c model_provider=ocm "say hi" < /dev/null'
+        assert quick[-1] == command and client[-1] == command
+        assert quick[0] == "export OCM_TOKEN=ocm-..."
+
+    @needs_codex
+    def test_the_quick_start_client_command_with_a_real_codex(self, quick_start, tmp_path):
+        home = tmp_path / "client-codex-home"
+        home.mkdir()
+        (home / "config.toml").write_text(quick_start["block"])  # "paste the block init printed"
+        export, codex = quick_start["client"]
+        work = tmp_path / "somewhere"  # not a git repository, as a home directory is not
+        work.mkdir()
+        script = export.replace("ocm-...", quick_start["token"]) + "\n" + codex
+        out = run_in_shell(script, codex_path_env(tmp_path, CODEX_HOME=str(home)), work)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert TOOL_ANSWER in out.stdout
+
+
 # == Messages that say what to fix ==========================================
 
 def run_cli(*args, cwd=None, env=None):
@@ -530,3 +606,81 @@ class TestUsage:
 
 
 # == The documentation =======================================================
+
+DOCS = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))) + [
+    os.path.join(ROOT, "contrib", "README.md"), os.path.join(ROOT, "bench", "README.md")]
+
+
+def without_code(text):
+    """The text outside fenced code blocks and inline code spans."""
+    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.M | re.S)
+    return re.sub(r"(`+)(?:(?!\1).)+?\1", "", text)
+
+
+def github_anchors(path):
+    """The #fragments GitHub makes for a Markdown file's headings."""
+    anchors, seen = set(), {}
+    for line in without_code(open(path, encoding="utf-8").read().replace("`", "")).splitlines():
+        match = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if match:
+            slug = re.sub(r"[^\w\- ]", "", match.group(1).lower()).replace(" ", "-")
+            anchors.add(slug if slug not in seen else "%s-%d" % (slug, seen[slug]))
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def links(path):
+    text = without_code(open(path, encoding="utf-8").read())
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+class TestDocs:
+    def test_the_slugs_are_github_s(self):
+        docs = os.path.join(ROOT, "docs")
+        assert "a-proxy-to-reach-openai-detour" in github_anchors(os.path.join(docs, "proxies.md"))
+        assert "hash-token-and-usage" in github_anchors(os.path.join(docs, "troubleshooting.md"))
+
+    @pytest.mark.parametrize("path", DOCS, ids=lambda p: os.path.relpath(p, ROOT))
+    def test_every_link_and_anchor_resolves(self, path):
+        broken = []
+        for target in links(path):
+            if re.match(r"^[a-z]+:", target):
+                continue  # https:, mailto:
+            file_part, _, anchor = target.partition("#")
+            resolved = (os.path.normpath(os.path.join(os.path.dirname(path), file_part))
+                        if file_part else path)
+            if not os.path.exists(resolved):
+                broken.append(target)
+            elif anchor and (not resolved.endswith(".md") or anchor not in github_anchors(resolved)):
+                broken.append(target)
+        assert broken == []
+
+    def test_the_readme_is_read_in_ten_minutes_and_leads_to_every_doc(self):
+        text = open(README).read()
+        assert len(text.splitlines()) < 300
+        for doc in glob.glob(os.path.join(ROOT, "docs", "*.md")):
+            assert "(docs/%s" % os.path.basename(doc) in text, doc
+
+    def test_the_first_screen_says_how_to_try_it_and_test_it(self):
+        first_screen = "\n".join(open(README).read().splitlines()[:30])
+        assert "make demo" in first_screen and "make test" in first_screen
+        assert ".venv" in first_screen and "pytest" in first_screen and "hypothesis" in first_screen
+        assert "python3 ocm.py config.json" in first_screen
+
+    def test_the_codex_end_to_end_tests_say_how_to_run_them(self):
+        development = open(os.path.join(ROOT, "docs", "development.md")).read()
+        assert "OCM_CODEX_BIN" in open(README).read() and "export OCM_CODEX_BIN=" in development
+
+    def test_the_top_level_holds_only_what_design_allows(self):
+        allowed = {"ocm.py", "test_ocm.py", "config.example.json", "Makefile", "README.md", "docs",
+                   "tests", "bench", "contrib", ".ci", ".gitignore"}
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout
+        if not tracked:
+            pytest.skip("not a git checkout")
+        assert {line.split("/")[0] for line in tracked.splitlines()} <= allowed
+
+    def test_the_performance_figures_carry_no_paths_of_the_machine(self):
+        text = open(os.path.join(ROOT, "docs", "performance.md")).read()
+        table = text.split("```\n", 2)[1]
+        assert "OCM bench:" in table
+        assert not re.search(r"(^|[\s(])/(work|home|root|tmp|usr|opt)/", table)
