@@ -1104,7 +1104,9 @@ def describe_json_error(text: str, exc: ValueError) -> str:
     rest = text[exc.pos:]
     if rest.startswith(("//", "/*", "#")):
         return message + " (JSON allows no comments; remove it)"
-    if text[:exc.pos].rstrip().endswith(",") and rest.lstrip()[:1] in ("}", "]"):
+    closing = ("}", "]")
+    if ((text[:exc.pos].rstrip().endswith(",") and rest.lstrip()[:1] in closing)
+            or (rest.startswith(",") and rest[1:].lstrip()[:1] in closing)):  # 3.13: at the comma
         return message + " (JSON allows no comma after the last item; remove it)"
     return message
 
