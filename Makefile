@@ -1,6 +1,8 @@
-# OCM: `make test` runs the suite (installing pytest and hypothesis into .venv
-# if this Python lacks them); `make test-all` runs it on every Python 3.8 to 3.13
-# found here (a .venv-3.X each); `make fuzz` runs the fuzz tests much longer;
+# OCM: `make demo` runs OCM in front of a fake ChatGPT backend (no account
+# needed) and prints the Codex command to try it; `make test` runs the suite
+# (installing pytest and hypothesis into .venv if this Python lacks them);
+# `make test-all` runs it on every Python 3.8 to 3.13 found here (a .venv-3.X
+# each); `make fuzz` runs the fuzz tests much longer;
 # `make bench` measures OCM against direct and nginx (BENCH_ARGS=--quick for a short run).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +10,12 @@ TESTS  ?= test_ocm.py tests
 TEST_DEPS = pytest hypothesis
 BENCH_ARGS ?=
 
-.PHONY: test test-all fuzz bench clean
+.PHONY: demo test test-all fuzz bench clean
+
+# A fake ChatGPT backend with canned answers, OCM in front of it, and the Codex
+# command to run against them; Ctrl-C stops everything and removes its files.
+demo:
+	@$(PYTHON) contrib/demo_backend.py --demo
 
 # Use the interpreter's own pytest when it has one; otherwise a private venv.
 test:

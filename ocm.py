@@ -24,7 +24,7 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
   10. Upstream           the Connector (proxies, TLS), keep-alive pool, urllib
   11. Accounts           rate-limit state, shares, pools (balancer, fallback)
   12. Policy             budgets with reservations, concurrency, models, expiry
-  13. Operations         metrics, the access log
+  13. Operations         metrics, the live usage document, the access log
   14. Streams            the SSE usage scanner, WebSocket framing
   15. Handler            route, authenticate, relay HTTP, SSE and WebSocket
   16. Server             TLS for clients, the ThreadingHTTPServer owning all state
@@ -178,6 +178,12 @@ OCM_SET_HEADERS = frozenset(("accept-encoding", "content-length", "chatgpt-accou
 PERMANENT_REFRESH_CODES = frozenset((
     "refresh_token_expired", "refresh_token_reused", "refresh_token_invalidated",
 ))
+# An OpenAI error code that leaves people guessing, in plain words; it can come
+# from the sign-in server (a callback, the device-code poll, the code exchange)
+# and from the token endpoint at a refresh.
+NO_CODEX_ENTITLEMENT = "missing_codex_entitlement"
+NO_CODEX_ENTITLEMENT_TEXT = ("Codex is not enabled for this workspace. Ask its admin to enable "
+                             "Codex, or sign in to another workspace or account.")
 
 REASONS = {
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -502,6 +508,9 @@ SING_BOX_IGNORED_KEYS = frozenset((
     "udp_disable_domain_unmapping", "bind_interface", "routing_mark", "reuse_addr",
     "netns", "disable_tcp_keep_alive", "tcp_keep_alive", "tcp_keep_alive_interval",
 ))
+# The top level of a sing-box config besides services: a file of only these has no ocm service.
+SING_BOX_SECTIONS = frozenset(("log", "dns", "ntp", "certificate", "endpoints", "inbounds",
+                               "outbounds", "route", "experimental"))
 # sing-box TLS options OCM cannot honour; refused, as ignoring them would
 # quietly weaken what the owner configured.
 TLS_UNSUPPORTED = ("acme", "ech", "reality", "client_authentication", "client_certificate",
@@ -669,6 +678,13 @@ class _Fields:
             raise ConfigError("%s: expected a list, got %s" % (self.path(key), _json_type(value)))
         return value
 
+    def missing(self, key: str) -> ConfigError:
+        """"missing token"; or, when a key nobody asked for looks like a typo of it, that key."""
+        for other in self.obj:
+            if other not in self.seen and did_you_mean(other, [key]):
+                return ConfigError("%s: unknown key; did you mean %s?" % (self.path(other), key))
+        return ConfigError("%s: missing %s" % (self.where, key))
+
     def finish(self, ignored: frozenset = frozenset()) -> None:
         """Refuse keys nobody asked for: a typo must not pass silently."""
         for key in self.obj:
@@ -677,7 +693,14 @@ class _Fields:
             if key in ignored:
                 log.warning("config: %s is a sing-box option OCM does not use; ignored", self.path(key))
                 continue
-            raise ConfigError("%s: unknown key" % self.path(key))
+            raise ConfigError("%s: unknown key%s" % (self.path(key), did_you_mean(key, self.seen)))
+
+
+def did_you_mean(word: Any, choices: Any) -> str:
+    """"; did you mean listen_port?" for a typo of one of ``choices``, else ""."""
+    import difflib  # only ever needed on the way to an error
+    close = difflib.get_close_matches(str(word), sorted(choices), n=1, cutoff=0.6)
+    return "; did you mean %s?" % close[0] if close else ""
 
 
 def _check_url(value: str, where: str, schemes: Tuple[str, ...] = ("http", "https")) -> str:
@@ -717,9 +740,9 @@ def _parse_users(raw: list, where: str) -> List[User]:
             if f.has(key):
                 raise ConfigError("%s: external credentials are not supported by OCM" % f.path(key))
         if not f.has("name"):
-            raise ConfigError("%s: missing name" % f.where)
+            raise f.missing("name")
         if not f.has("token"):
-            raise ConfigError("%s: missing token" % f.where)
+            raise f.missing("token")
         if token != token.strip() or any(c.isspace() for c in token):
             raise ConfigError("%s: must not contain spaces" % f.path("token"))
         if token.startswith(EXAMPLE_TOKEN_PREFIX):
@@ -796,7 +819,7 @@ def _parse_credentials(raw: list, where: str, sing_box: bool = False) -> List[Cr
         f = _Fields(entry, "%s[%d]" % (where, i))
         tag = f.str("tag", allow_empty=False)
         if not tag:
-            raise ConfigError("%s: missing tag" % f.where)
+            raise f.missing("tag")
         if tag in entries:
             raise ConfigError("%s: duplicate tag %r" % (f.path("tag"), tag))
         kind = f.str("type") or "default"
@@ -809,7 +832,7 @@ def _parse_credentials(raw: list, where: str, sing_box: bool = False) -> List[Cr
         if kind == "default":
             item.credential_path = os.path.expanduser(f.str("credential_path", allow_empty=False))
             if not item.credential_path:
-                raise ConfigError("%s: missing credential_path" % f.where)
+                raise f.missing("credential_path")
             if item.credential_path in paths:
                 raise ConfigError("%s: %s is also the file of %r; each account needs its own"
                                   % (f.path("credential_path"), item.credential_path, paths[item.credential_path]))
@@ -988,6 +1011,9 @@ def _parse_limits(raw: Any, where: str) -> Limits:
 def config_from_dict(data: Any, source: str = "") -> Config:
     """Build a Config from parsed JSON: an OCM object or a whole sing-box file."""
     where = ""
+    if isinstance(data, dict) and data and set(data) <= SING_BOX_SECTIONS:
+        raise ConfigError("services: no service of type \"ocm\" in this sing-box config "
+                          "(it has no services list)")
     if isinstance(data, dict) and "services" in data:
         services = data["services"]
         if not isinstance(services, list):
@@ -1093,12 +1119,30 @@ def load_config(path: str) -> Config:
     except OSError as exc:
         raise ConfigError("cannot read config %s: %s" % (path, exc.strerror or exc))
     try:
-        data = parse_json(text.decode("utf-8-sig"))
+        text = text.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError("%s: not UTF-8 text" % path)
+    try:
+        data = parse_json(text)
     except ValueError as exc:
-        raise ConfigError("%s: not valid JSON: %s" % (path, exc))
+        raise ConfigError("%s: %s" % (path, describe_json_error(text, exc)))
     return config_from_dict(data, source=path)
+
+
+def describe_json_error(text: str, exc: ValueError) -> str:
+    """Where the JSON breaks, and why when it is one of the two things people
+    carry over from other config formats: comments and trailing commas."""
+    if not isinstance(exc, json.JSONDecodeError):
+        return "not valid JSON: %s" % exc
+    message = "not valid JSON at line %d, column %d: %s" % (exc.lineno, exc.colno, exc.msg)
+    rest = text[exc.pos:]
+    if rest.startswith(("//", "/*", "#")):
+        return message + " (JSON allows no comments; remove it)"
+    closing = ("}", "]")
+    if ((text[:exc.pos].rstrip().endswith(",") and rest.lstrip()[:1] in closing)
+            or (rest.startswith(",") and rest[1:].lstrip()[:1] in closing)):  # 3.13: at the comma
+        return message + " (JSON allows no comma after the last item; remove it)"
+    return message
 
 
 # == 4. Files ================================================================
@@ -1631,6 +1675,9 @@ class Credential:
                 raise RefreshFailed("token endpoint answered %d without tokens" % status, permanent=False)
             return answer
         code = refresh_error_code(answer)
+        if code == NO_CODEX_ENTITLEMENT:  # not a dead login: it works once the admin enables Codex
+            raise RefreshFailed("token endpoint answered %d: %s"
+                                % (status, NO_CODEX_ENTITLEMENT_TEXT), permanent=False)
         text = "token endpoint answered %d%s%s" % (
             status, " " + code if code else "",
             ": " + refresh_error_message(answer) if refresh_error_message(answer) else "")
@@ -1664,8 +1711,7 @@ class DeviceCode(namedtuple("DeviceCode", "device_auth_id user_code interval ver
 
 # Callback errors in plain words; anything else is shown as the issuer sent it.
 CALLBACK_ERRORS = {
-    "missing_codex_entitlement": "Codex is not enabled for this workspace. Ask its admin to "
-                                 "enable Codex, or sign in to another workspace or account.",
+    NO_CODEX_ENTITLEMENT: NO_CODEX_ENTITLEMENT_TEXT,
     "access_denied": "the sign-in was cancelled, or access was denied, in the browser.",
 }
 
@@ -1685,6 +1731,8 @@ def call_issuer(open_url: Callable, url: str, body: bytes,
 
 def issuer_error_text(answer: Any, raw: bytes) -> str:
     """error_description, else error.message, else error (a string or error.code), else the body."""
+    if refresh_error_code(answer) == NO_CODEX_ENTITLEMENT:
+        return NO_CODEX_ENTITLEMENT_TEXT
     if isinstance(answer, dict):
         error = answer.get("error")
         candidates = [answer.get("error_description")]
@@ -1748,7 +1796,7 @@ def wait_for_device_code(issuer: str, open_url: Callable, device: DeviceCode, ti
             if not (isinstance(code, str) and code and isinstance(verifier, str) and verifier):
                 raise LoginFailed("the issuer confirmed the code without authorization_code or code_verifier")
             return code, verifier
-        if status not in (0, 403, 404):
+        if status not in (0, 403, 404) or refresh_error_code(answer) == NO_CODEX_ENTITLEMENT:
             raise LoginFailed("device-code sign-in failed: %d %s" % (status, issuer_error_text(answer, raw)))
         if now() + device.interval > deadline:
             raise LoginFailed("the code was not entered within %g minutes; run login again" % (timeout / 60))
@@ -4772,6 +4820,52 @@ def render_metrics(server: "OCMServer") -> str:
     return "\n".join(lines) + "\n"
 
 
+def budget_rows(users: List[User], ledger: Optional[BudgetLedger]) -> List[Dict[str, Any]]:
+    """Each user's budgets against this period's spending (`ocm.py usage`)."""
+    rows = []
+    for user in users:
+        for budget in user.budgets:
+            usd, tokens = ledger.spent(user.name, budget.period) if ledger else (0.0, 0.0)
+            if budget.usd is not None:
+                rows.append({"user": user.name, "period": budget.period, "spent": "$%.2f" % usd,
+                             "limit": "$%.2f" % budget.usd, "spent_usd": round(usd, 6),
+                             "limit_usd": budget.usd})
+            else:
+                rows.append({"user": user.name, "period": budget.period,
+                             "spent": "{:,.0f} tokens".format(tokens),
+                             "limit": "{:,} tokens".format(budget.tokens),
+                             "spent_tokens": int(tokens), "limit_tokens": budget.tokens})
+    return rows
+
+
+def is_loopback(address: str) -> bool:
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(address)
+        mapped = ip.ipv4_mapped if ip.version == 6 else None  # ::ffff:127.0.0.1
+        return ip.is_loopback or bool(mapped and mapped.is_loopback)
+    return False
+
+
+def usage_document(server: "OCMServer", client_ip: str, now: float) -> Dict[str, Any]:
+    """GET /ocm/v1/usage: what `ocm.py usage` shows, live. The usage files are
+    saved once a minute; this is the books as they are in memory, and the
+    budgets' spending. Loopback only, like /metrics without its token: it names
+    every user and file, and only the box itself asks."""
+    if not is_loopback(client_ip):
+        raise HTTPError(403, "permission_error", "usage is served to loopback clients only")
+    books = [(a.tag, a.usage) for a in server.accounts.values() if a.usage is not None]
+    return {"time": format_rfc3339(now),
+            "accounts": [{"account": tag, "usages_path": os.path.abspath(book.path),
+                          "usage": book.to_json()} for tag, book in books],
+            "budgets": budget_rows(server.users.users, server.ledger)}
+
+
+HEALTH_PATH = "/healthz"
+USAGE_PATH = "/ocm/v1/usage"
+STATUS_PATH = "/ocm/v1/status"
+METRICS_PATH = "/metrics"
+OPERATIONS_PATHS = frozenset((STATUS_PATH, HEALTH_PATH, METRICS_PATH, USAGE_PATH))
+
 access_log = logging.getLogger("ocm.access")
 ACCESS_LOG_DELAY = 0.5  # seconds an access line may wait to be written with others
 
@@ -6720,10 +6814,6 @@ def count_message_tokens(body: Any) -> Dict[str, int]:
 #   -> send (one failover loop, one 401 retry) -> relay -> settle
 # Transports differ only in how bytes are read and written (section 16).
 
-STATUS_PATH = "/ocm/v1/status"
-HEALTH_PATH = "/healthz"
-METRICS_PATH = "/metrics"
-OPERATIONS_PATHS = frozenset((STATUS_PATH, HEALTH_PATH, METRICS_PATH))
 # Methods the API's endpoints use. Anything else (TRACE would echo the owner's
 # token back from some servers) is answered 405 and never relayed.
 RELAYED_METHODS = ("GET", "HEAD", "POST", "DELETE")
@@ -7902,6 +7992,8 @@ class OCMHandler(BaseHTTPRequestHandler):
         elif request.path == METRICS_PATH:
             server.check_metrics_access(request, self.client_address[0])
             body, content_type = render_metrics(server).encode("utf-8"), "text/plain; version=0.0.4"
+        elif request.path == USAGE_PATH:
+            body = json.dumps(usage_document(server, self.client_address[0], time.time())).encode()
         else:
             user = state.users.authenticate(request.headers)
             request.record.user_name = user.name if user else ""
@@ -8779,20 +8871,23 @@ def run_check(config: Config) -> int:
     usages = {c.tag: c.usages_path for c in config.credentials} if config.credentials else {
         "default": config.usages_path}
     for tag, path, _ in account_files(config):
-        credential = Credential(path, config.upstream.token_url, open_url=None, tag=tag)
-        login, problem = credential.peek()
+        with logging_disabled():  # said once, below, not also as a log line
+            credential = Credential(path, config.upstream.token_url, open_url=None, tag=tag)
+            login, problem = credential.peek()
         label = "credential:" if not config.credentials else "account %s:" % tag
         print("%-12s %s" % (label, path))
-        print("             %s" % describe_credential(credential, time.time()))
         if login is None:
-            print("problem:     %s: credential unavailable: %s" % (tag, problem), file=sys.stderr)
+            print("ocm: %scredential unavailable: %s" % ("account %s: " % tag if config.credentials
+                                                        else "", problem), file=sys.stderr)
             problems += 1
+        else:
+            print("             %s" % describe_credential(credential, time.time()))
         if usages.get(tag):
             print("usage file:  %s" % usages[tag])
             try:
                 check_writable_location(usages[tag])
             except ConfigError as exc:
-                print("problem:     %s" % exc, file=sys.stderr)
+                print("ocm: %s" % exc, file=sys.stderr)
                 problems += 1
     for c in config.credentials:
         if c.is_pool:
@@ -8811,9 +8906,19 @@ def run_check(config: Config) -> int:
             check()
             print("%-12s %s" % (label, summary))
         except ConfigError as exc:
-            print("problem:     %s" % exc, file=sys.stderr)
+            print("ocm: %s" % exc, file=sys.stderr)
             problems += 1
     return 2 if problems else 0
+
+
+@contextlib.contextmanager
+def logging_disabled():
+    """For commands that report a problem themselves: no second copy as a log line."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def return_freed_memory() -> None:
@@ -8873,6 +8978,15 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
+def root_warning(euid: Optional[int]) -> str:
+    """What to say when started as root, once at start (not at each reload)."""
+    if euid != 0:
+        return ""
+    return ("running as root, which OCM does not need: a flaw in it would reach the whole box. "
+            "Run it as a user of its own, as contrib/ocm.service does (User=ocm; see "
+            "docs/services.md)")
+
+
 def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; 0 on a clean stop."""
     if config.limits.thread_stack_size:
@@ -8918,6 +9032,9 @@ def serve(config: Config) -> int:
     if not users and config.listen not in ("127.0.0.1", "::1", "localhost"):
         log.warning("no users configured and listening on %s: anyone who can reach this port "
                     "uses the owner's subscription", config.listen)
+    warning = root_warning(os.geteuid() if hasattr(os, "geteuid") else None)
+    if warning:
+        log.warning("%s", warning)
     # the accept loop sees a shutdown only when its select times out: 0.1 s keeps a
     # stop (SIGTERM, a service restart) prompt for the price of ten cheap wake-ups a second
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -8939,18 +9056,21 @@ def serve(config: Config) -> int:
     return 0
 
 
-def _usage_sources(path: str) -> List[Tuple[str, str]]:
+def _usage_sources(path: str) -> Tuple[List[Tuple[str, str]], Optional[Config]]:
     """[(account, usage file)]: a usage file as given, or the usages_path of a
-    config file (of each account, with a credentials list)."""
+    config file (of each account, with a credentials list); and the config."""
     try:
         with open(path, "rb") as fh:
-            data = parse_json(fh.read().decode("utf-8-sig"))
+            text = fh.read().decode("utf-8-sig")
+        data = parse_json(text)
     except OSError as exc:
         raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError("%s is not valid JSON: %s" % (path, exc))
+    except UnicodeDecodeError:
+        raise ConfigError("%s: not UTF-8 text" % path)
+    except ValueError as exc:
+        raise ConfigError("%s: %s" % (path, describe_json_error(text, exc)))
     if isinstance(data, dict) and ("combinations" in data or "costs" in data):
-        return [("", path)]
+        return [("", path)], None
     config = config_from_dict(data, source=path)
     if config.credentials:
         sources = [(c.tag, c.usages_path) for c in config.credentials if not c.is_pool and c.usages_path]
@@ -8958,7 +9078,58 @@ def _usage_sources(path: str) -> List[Tuple[str, str]]:
         sources = [("", config.usages_path)] if config.usages_path else []
     if not sources:
         raise ConfigError("%s has no usages_path; give the usage file itself" % path)
-    return sources
+    return sources, config
+
+
+def fetch_live_usage(config: Config, timeout: float = 2.0) -> Optional[Dict[str, Any]]:
+    """The running OCM's own figures (GET /ocm/v1/usage on loopback), or None when
+    none answers there: not running, listening on another address, or older."""
+    if not config.listen_port:
+        return None
+    host = "::1" if ":" in config.listen else "127.0.0.1"
+    if not config.tls.enabled:
+        conn = http.client.HTTPConnection(host, config.listen_port, timeout=timeout)
+    elif ssl is None:
+        return None
+    else:  # the certificate names the box, not 127.0.0.1; nothing secret goes either way
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(host, config.listen_port, timeout=timeout,
+                                           context=context)
+    try:
+        conn.request("GET", USAGE_PATH)
+        response = conn.getresponse()
+        document = parse_json(response.read().decode("utf-8")) if response.status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()
+    if not isinstance(document, dict) or not isinstance(document.get("accounts"), list):
+        return None
+    return document
+
+
+def live_books(document: Optional[Dict[str, Any]], paths: List[str]) -> Optional[List[Any]]:
+    """The running OCM's book for each of ``paths``, or None if it keeps other files
+    (another OCM on that port, or one whose config has changed since)."""
+    if document is None:
+        return None
+    accounts = [a for a in document["accounts"] if isinstance(a, dict)]
+    books = {a.get("usages_path"): a.get("usage") for a in accounts}
+    found = [books.get(os.path.abspath(path)) for path in paths]
+    if all(isinstance(book, dict) and isinstance(book.get("combinations"), list)
+           for book in found):
+        return found
+    return None
+
+
+def describe_as_of(when: Optional[float], now: float) -> str:
+    """"as of 12:03:04, 41s ago", in local time; with the date when not today."""
+    if when is None:
+        return "time of the figures unknown"
+    day = time.localtime(when)[:3] == time.localtime(now)[:3]
+    return "as of %s, %s ago" % (time.strftime("%H:%M:%S" if day else "%Y-%m-%d %H:%M:%S",
+                                               time.localtime(when)), format_age(now - when))
 
 
 def summarize_usage(data: Dict[str, Any]) -> Dict[str, Any]:
@@ -8989,9 +9160,9 @@ def summarize_usage(data: Dict[str, Any]) -> Dict[str, Any]:
                                                        "cost_usd": 0.0})}
 
 
-def format_usage_report(path: str, summary: Dict[str, Any]) -> str:
+def format_usage_report(path: str, summary: Dict[str, Any], when: str) -> str:
     columns = ("request_count", "input_tokens", "cached_tokens", "output_tokens")
-    lines = ["OCM usage from %s (last updated %s)" % (path, summary["last_updated"]), ""]
+    lines = ["OCM usage from %s (%s)" % (path, when), ""]
 
     def table(title: str, rows: Dict[str, Dict[str, Any]], order: List[str]) -> None:
         width = max([len(title)] + [len(k) for k in order])
@@ -9014,44 +9185,56 @@ def format_usage_report(path: str, summary: Dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def run_usage(argv: List[str]) -> int:
+def run_usage(argv: List[str], now: Callable[[], float] = time.time) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="ocm.py usage",
                                      description="Print who used what: cost and tokens per user, "
                                                  "model and week, and the total.")
     parser.add_argument("source", metavar="USAGES_PATH|CONFIG",
-                        help="the usage file, or an OCM config naming it in usages_path")
+                        help="the usage file, or an OCM config naming it in usages_path (then "
+                             "the figures of a running OCM are live; the file's lag up to 60 s)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
-        sources = _usage_sources(args.source)
+        sources, config = _usage_sources(args.source)
     except ConfigError as exc:
         print("ocm: %s" % exc, file=sys.stderr)
         return 2
+    # A running OCM saves its files once a minute: ask it for the figures of now.
+    live = fetch_live_usage(config) if config is not None else None
+    books = live_books(live, [path for _, path in sources])
     reports = []
-    for account, path in sources:
-        try:
-            book = UsageBook(path)
-            book.load(repair=False)
-        except FileNotFoundError:
-            print("ocm: no usage recorded yet: %s does not exist" % path, file=sys.stderr)
-            return 2
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            print("ocm: cannot read usage file %s: %s" % (path, exc), file=sys.stderr)
-            return 2
-        reports.append((account, path, summarize_usage(book.to_json())))
-    budgets = budget_report(args.source)
+    for i, (account, path) in enumerate(sources):
+        if books is not None:
+            data = books[i]
+            when = "live, from the running OCM at %s" % time.strftime("%H:%M:%S",
+                                                                      time.localtime(now()))
+        else:
+            try:
+                book = UsageBook(path)
+                book.load(repair=False)
+            except FileNotFoundError:
+                print("ocm: no usage recorded yet: %s does not exist" % path, file=sys.stderr)
+                return 2
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                print("ocm: cannot read usage file %s: %s" % (path, exc), file=sys.stderr)
+                return 2
+            data = book.to_json()
+            when = describe_as_of(parse_rfc3339(data.get("last_updated")), now())
+        reports.append((account, path, summarize_usage(data), when))
+    budgets = live.get("budgets") if books is not None and live else budget_report(args.source)
     if args.json:
         if len(reports) == 1 and not reports[0][0]:
             out = dict(reports[0][2], source=reports[0][1])
         else:
-            out = {"accounts": {a: dict(s, source=p) for a, p, s in reports}}
+            out = {"accounts": {a: dict(s, source=p) for a, p, s, _ in reports}}
+        out["live"] = books is not None
         if budgets:
             out["budgets"] = budgets
         print(json.dumps(out, indent=2))
     else:
-        sys.stdout.write("\n".join(("Account %s: " % a if a else "") + format_usage_report(p, s)
-                                    for a, p, s in reports))
+        sys.stdout.write("\n".join(("Account %s: " % a if a else "") + format_usage_report(p, s, w)
+                                    for a, p, s, w in reports))
         if budgets:
             sys.stdout.write("\nBudgets (this period)\n" + "".join(
                 "%-12s %-6s %14s of %s\n" % (b["user"], b["period"], b["spent"], b["limit"]) for b in budgets))
@@ -9068,18 +9251,7 @@ def budget_report(source: str) -> List[Dict[str, Any]]:
         return []
     ledger = BudgetLedger(config.budgets_path, PeriodClock(config.timezone))
     ledger.load()
-    rows = []
-    for user in config.users:
-        for budget in user.budgets:
-            usd, tokens = ledger.spent(user.name, budget.period)
-            if budget.usd is not None:
-                rows.append({"user": user.name, "period": budget.period, "spent": "$%.2f" % usd,
-                             "limit": "$%.2f" % budget.usd, "spent_usd": round(usd, 6), "limit_usd": budget.usd})
-            else:
-                rows.append({"user": user.name, "period": budget.period, "spent": "{:,.0f} tokens".format(tokens),
-                             "limit": "{:,} tokens".format(budget.tokens), "spent_tokens": int(tokens),
-                             "limit_tokens": budget.tokens})
-    return rows
+    return budget_rows(config.users, ledger)
 
 
 def issuer_opener(config: Config, detour: Optional[ProxyURL]) -> Callable:
@@ -9189,10 +9361,12 @@ def run_status(argv: List[str], out=None, now: Callable[[], float] = time.time) 
     return 0 if all_usable else 2
 
 
-def ask_to_replace(path: str, stdin, out) -> bool:
+def ask_to_replace(path: str, stdin, out,
+                   force_command: str = "python3 ocm.py login --force") -> bool:
     """True when ``path`` holds no login, or the user agrees to replace it.
 
-    Without a terminal to ask on, refuse: a script must say --force.
+    Without a terminal to ask on, refuse: a script must say --force (the
+    ``force_command`` printed names the same config, so it signs in to the same file).
     """
     try:
         data = read_auth_object(path)
@@ -9206,8 +9380,8 @@ def ask_to_replace(path: str, stdin, out) -> bool:
     except CredentialProblem:
         who = "tokens"
     if stdin is None or not getattr(stdin, "isatty", lambda: False)():
-        print("ocm: %s already holds a login (%s); run `ocm.py login --force` to replace it"
-              % (path, who), file=sys.stderr)
+        print("ocm: %s already holds a login (%s); run `%s` to replace it"
+              % (path, who, force_command), file=sys.stderr)
         return False
     out.write("%s already holds a login (%s).\n"
               "Replacing it revokes that login's refresh token: a computer that copied this\n"
@@ -9243,7 +9417,12 @@ def run_login(argv: List[str], stdin=None, out=None, sleep: Callable[[float], No
         print("ocm: config error: %s" % exc, file=sys.stderr)
         return 2
     issuer = config.upstream.issuer_url
-    if not args.force and not ask_to_replace(path, stdin, out):
+    import shlex
+    same_file = (["--account", args.account] if args.account else []) + (
+        [args.config] if args.config else [])
+    force_command = " ".join(["python3 ocm.py login --force"]
+                             + [shlex.quote(arg) for arg in same_file])
+    if not args.force and not ask_to_replace(path, stdin, out, force_command):
         return 1
     open_url = issuer_opener(config, detour)
     try:
@@ -9381,10 +9560,17 @@ def run_init(argv: List[str], out=None) -> int:
         print("ocm: cannot write %s: %s" % (args.out, exc.strerror or exc), file=sys.stderr)
         return 1
     print("Wrote %s for %s (tokens are stored as sha256 digests)." % (args.out, ", ".join(names)), file=out)
-    credential = Credential(default_credential_path(), DEFAULT_TOKEN_URL, open_url=None)
-    login, problem = credential.peek()
-    print("Login: %s" % ("%s: %s" % (credential.path, describe_credential(credential, time.time())) if login else
-                         "%s\n       sign in first: python3 ocm.py login %s" % (problem, args.out)), file=out)
+    with logging_disabled():  # said once, below, not also as a log line
+        credential = Credential(default_credential_path(), DEFAULT_TOKEN_URL, open_url=None)
+        login, problem = credential.peek()
+    if login:
+        print("Login: %s: %s" % (credential.path, describe_credential(credential, time.time())),
+              file=out)
+    elif not os.path.exists(credential.path):
+        print("ocm: no login yet in %s; sign in first: python3 ocm.py login %s"
+              % (credential.path, args.out), file=sys.stderr)
+    else:
+        print("ocm: the login is not usable: %s" % problem, file=sys.stderr)
     base_url = "http://%s:%d/v1" % (args.host or guess_host(), args.port)
     print("\nStart OCM:  python3 ocm.py %s\n" % args.out, file=out)
     print("Give each person their block below. The tokens are shown this once; OCM keeps only digests.\n",
@@ -9423,8 +9609,8 @@ def run_hash_token(argv: List[str], stdin=None, out=None) -> int:
     return 0
 
 
-SUBCOMMANDS = {"usage": run_usage, "login": run_login, "logout": run_logout, "status": run_status,
-               "hash-token": run_hash_token, "init": run_init}
+SUBCOMMANDS = {"init": run_init, "login": run_login, "logout": run_logout, "status": run_status,
+               "usage": run_usage, "hash-token": run_hash_token}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -9438,6 +9624,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         except BrokenPipeError:  # `ocm.py usage ... | head`: the reader has seen enough
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return 1
+    if argv and re.match(r"^[a-z][a-z-]*$", argv[0]) and not os.path.exists(argv[0]):
+        # `ocm.py lgoin`: a typo of a command, not a config file to look for
+        hint = did_you_mean(argv[0], SUBCOMMANDS) or " (commands: %s)" % ", ".join(SUBCOMMANDS)
+        print("ocm: %s: no such command or config file%s" % (argv[0], hint), file=sys.stderr)
+        return 2
     import argparse
     parser = argparse.ArgumentParser(
         prog="ocm.py",
@@ -9448,7 +9639,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                "config with a token per person, `ocm.py login [CONFIG]` signs the box in, "
                "`ocm.py logout [CONFIG]`, `ocm.py status [CONFIG]`, `ocm.py usage FILE` reports "
                "usage, `ocm.py hash-token` hashes a token for the config. "
-               "See README.md for the config keys.")
+               "See README.md, and docs/config.md for the config keys.")
     parser.add_argument("config", nargs="?", help="config file (OCM JSON, or a sing-box config with an ocm service)")
     parser.add_argument("--check", action="store_true",
                         help="validate the config and the credential, print a summary, exit 0 (or 2)")

@@ -683,8 +683,10 @@ def render(results, settings, nginx):
     if "conns" in results:
         table.row("upstream connections per %d requests" % settings.sequential,
                   results["conns"], 0, ("=", 1))
-    title = "OCM bench: %d CPUs, Python %s (%s), %s %s%s" % (
-        os.cpu_count() or 0, platform.python_version(), sys.executable, platform.system(),
+    # no paths of this machine: the table is pasted into docs/performance.md
+    title = "OCM bench: %d CPUs, %s %s, %s %s%s" % (
+        os.cpu_count() or 0, platform.python_implementation(), platform.python_version(),
+        platform.system(),
         platform.release(), ", nginx " + nginx_version(nginx) if nginx else ", nginx: not installed/skipped")
     accounting = ("on (--usages), %s requests recorded" % format(results.get("recorded", 0), ",")
                   if results.get("usages") else "off")

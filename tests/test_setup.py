@@ -89,7 +89,7 @@ class TestInit:
         config_path = tmp_path / "config.json"
         out = run("init", "--out", str(config_path), env=dict(os.environ, CODEX_HOME=str(tmp_path / "none")))
         assert out.returncode == 0
-        assert "sign in first: python3 ocm.py login %s" % config_path in out.stdout
+        assert "sign in first: python3 ocm.py login %s" % config_path in out.stderr
         assert ocm.load_config(str(config_path)).users  # a valid config all the same
 
     @pytest.mark.parametrize("args, needle", [(["--users", "a,a"], "distinct names"),

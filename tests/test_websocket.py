@@ -736,11 +736,12 @@ class TestRealCodexWebSocket:
         assert ws.connections == 1  # one try, then HTTP at once
 
 
-# == The README's nginx front end, with a real Codex ==========================
+# == The documented nginx front end, with a real Codex =======================
 
 def readme_nginx_blocks():
-    """The `map` line and the `location /v1/` block of the README's nginx example."""
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+    """The `map` line and the `location /v1/` block of docs/tls-and-exposure.md's nginx example."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "tls-and-exposure.md")) as f:
         example = f.read().split("```nginx\n", 1)[1].split("```", 1)[0]
     mapping = next(line for line in example.splitlines() if line.startswith("map "))
     rest = example.split("location /v1/", 1)[1]
@@ -750,7 +751,7 @@ def readme_nginx_blocks():
 
 @pytest.fixture
 def nginx_front(proxy, tmp_path):
-    """nginx on loopback, configured with the README's example, in front of OCM."""
+    """nginx on loopback, configured with the documented example, in front of OCM."""
     import shutil
     import subprocess
     binary = next((p for p in (shutil.which("nginx"), "/usr/sbin/nginx") if p and os.access(p, os.X_OK)), None)
