@@ -6472,8 +6472,11 @@ def _anthropic_message_items(message: Any, path: str) -> List[Dict[str, Any]]:
     if not isinstance(message, dict):
         _refuse(path, "must be an object")
     role, content = message.get("role"), message.get("content")
+    if role == "system":  # Claude Code 2.1 puts reminders between turns as system messages
+        text = _anthropic_system(content)
+        return [_message_item("developer", [{"type": "input_text", "text": text}])] if text else []
     if role not in ("user", "assistant"):
-        _refuse(path + ".role", "must be user or assistant")
+        _refuse(path + ".role", "must be user, assistant or system")
     text_type = "input_text" if role == "user" else "output_text"
     if isinstance(content, str):
         return [_message_item(role, [{"type": text_type, "text": content}])]

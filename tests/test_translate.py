@@ -845,6 +845,20 @@ class TestAnthropicRequest:
              "content": [{"type": "output_text", "text": "yo"}]}],
             "stream": True, "store": False}
 
+    def test_system_messages_between_turns_become_developer_messages(self):
+        """Claude Code 2.1.197 sends its agent list as a system message after the first user one."""
+        out = ocm.messages_to_responses({"messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": [{"type": "text", "text": "Agents: claude, Explore"}]},
+            {"role": "system", "content": ""}, {"role": "assistant", "content": "yo"}]}, MODEL)
+        assert out["input"] == [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+            {"type": "message", "role": "developer",
+             "content": [{"type": "input_text", "text": "Agents: claude, Explore"}]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "yo"}]}]
+        with pytest.raises(ocm.HTTPError, match="messages.0.role: must be user, assistant or system"):
+            ocm.messages_to_responses({"messages": [{"role": "tool", "content": "x"}]}, MODEL)
+
     def test_images_and_documents(self):
         out = ocm.messages_to_responses({"messages": [{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png",
@@ -954,7 +968,7 @@ class TestAnthropicRequest:
 
     @pytest.mark.parametrize("body, where", [
         ({"messages": "hi"}, "messages"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": [{"type": "tool_use"}]}]},
          "messages.0.content.0.type"),
         ({"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]},
