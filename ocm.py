@@ -3109,6 +3109,12 @@ class Connector:
 
 
 MAX_UPSTREAM_HEADERS = 256
+MAX_INTERIM_RESPONSES = 16  # 1xx answers skipped before a final one; past this, a broken upstream
+
+
+def is_interim_status(status: int) -> bool:
+    """1xx answers that precede the final one (RFC 9110 15.2); 101 ends the exchange."""
+    return 100 <= status < 200 and status != http.client.SWITCHING_PROTOCOLS
 
 
 def read_response_headers(fp) -> Headers:
@@ -3145,11 +3151,16 @@ class FastResponse(http.client.HTTPResponse):
     def begin(self) -> None:
         if self.headers is not None:
             return
-        while True:
+        # Interim answers (100 Continue, 102 Processing, 103 Early Hints) come
+        # before the real one; taken as final, the real answer would stay
+        # unread on a pooled connection for the next request, anyone's, to read.
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
             version, status, reason = self._read_status()
-            if status != http.client.CONTINUE:
+            if not is_interim_status(status):
                 break
-            read_response_headers(self.fp)  # the 100 response's own headers
+            read_response_headers(self.fp)  # the interim answer's own headers
+        else:
+            raise http.client.HTTPException("more than %d interim answers" % MAX_INTERIM_RESPONSES)
         self.code = self.status = status
         self.reason = reason.strip()
         if version in ("HTTP/1.0", "HTTP/0.9"):
@@ -3177,6 +3188,8 @@ class FastResponse(http.client.HTTPResponse):
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
+        if status == http.client.SWITCHING_PROTOCOLS:
+            self.will_close = True  # a 101 we never asked for: the connection speaks something else now
 
 
 class UpstreamConnection(http.client.HTTPConnection):
@@ -3217,8 +3230,12 @@ class UpstreamConnection(http.client.HTTPConnection):
 
 
 def is_socket_stale(sock) -> bool:
-    """True if an idle pooled socket has data or EOF waiting: the server gave up on it."""
+    """True if an idle pooled socket has data or EOF waiting: the server gave up
+    on it, or sent more than its last answer held. Under TLS, bytes already
+    decrypted wait inside the TLS object, where poll cannot see them."""
     try:
+        if getattr(sock, "pending", None) is not None and sock.pending():
+            return True
         if hasattr(select, "poll"):  # select() fails above 1024 descriptors
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
@@ -3254,9 +3271,10 @@ class UpstreamPool:
                 conn = idle.pop() if idle else None
             if conn is None:
                 break
-            idle = now - conn.idle_since
-            # A connection idle under a second is trusted (a stale one is retried).
-            if idle < self.idle_seconds and conn.sock is not None and (idle < 1.0 or not is_socket_stale(conn.sock)):
+            # Checked however briefly it idled (one poll, about a microsecond):
+            # bytes waiting on it belong to an earlier answer, never to this request.
+            if now - conn.idle_since < self.idle_seconds and conn.sock is not None \
+                    and not is_socket_stale(conn.sock):
                 return conn, True
             conn.close()
         conn = UpstreamConnection(origin, self.connector)
@@ -3266,6 +3284,11 @@ class UpstreamPool:
         return conn, False
 
     def release(self, conn: UpstreamConnection) -> None:
+        """Keep ``conn`` for reuse, unless bytes are already waiting on it (more
+        than the answer said it had, or EOF): the next request would read them."""
+        if conn.sock is None or is_socket_stale(conn.sock):
+            conn.close()
+            return
         conn.idle_since = time.monotonic()
         with self._lock:
             idle = self._idle.setdefault(conn.origin, [])

@@ -653,6 +653,64 @@ class TestSecrets:
         assert fake.requests[0].header("Host") == "127.0.0.1:%d" % fake.port
 
 
+# == TestPooledConnections =====================================================
+
+def answer_for_whom(ex, status=200):
+    """The fake's answer names the person whose request it answers."""
+    ex.json(status, {"for": ex.request.json()["who"]})
+
+
+class TestPooledConnections:
+    """An upstream connection goes back to the pool only when nothing more is
+    waiting on it: the next request on it may be anyone's."""
+
+    def test_a_102_before_the_answer_never_reaches_another_user(self, proxy, fake):
+        def route(ex):
+            if ex.request.json()["who"] == "alice":
+                ex.raw(b"HTTP/1.1 102 Processing\r\n\r\n")
+                ex.raw(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+                time.sleep(0.15)  # thinking: the real answer comes later
+            answer_for_whom(ex)
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        alice = proxy.request("POST", "/v1/responses", {"who": "alice"})
+        bob = proxy.request("POST", "/v1/responses", {"who": "bob"}, token="tok-bob")
+        assert b"alice" not in bob[2]
+        assert (bob[0], json.loads(bob[2])) == (200, {"for": "bob"})
+        assert (alice[0], json.loads(alice[2])) == (200, {"for": "alice"})
+        assert fake.connections == 1  # the same pooled connection served both
+
+    def test_more_bytes_than_the_answer_held_close_the_connection_at_once(self, proxy, fake):
+        closed = []
+
+        def route(ex):
+            ex.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}" + b"HTTP/1.1 200 OK\r\n"
+                   b"Content-Length: 70000\r\n\r\n" + b"x" * 70000)
+            closed.append(ex.wait_closed_by_peer(3))
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        assert proxy.request("POST", "/v1/responses", {"who": "alice"})[0] == 200
+        assert wait_for(lambda: closed) and closed == [True]  # not parked in the pool
+
+    def test_bytes_arriving_on_an_idle_connection_keep_it_from_the_next_request(self, proxy, fake):
+        sent = threading.Event()
+
+        def route(ex):
+            who = ex.request.json()["who"]
+            answer_for_whom(ex)
+            if who == "alice":  # after the answer, while the connection idles in the pool
+                time.sleep(0.05)
+                ex.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"for\": \"alice\"}")
+                sent.set()
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        assert proxy.request("POST", "/v1/responses", {"who": "alice"})[0] == 200
+        assert sent.wait(3)
+        status, _, body = proxy.request("POST", "/v1/responses", {"who": "bob"}, token="tok-bob")
+        assert (status, json.loads(body)) == (200, {"for": "bob"})
+        assert fake.connections == 2
+
+
 # == Fuzzing ===================================================================
 
 json_values = st.recursive(
