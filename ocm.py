@@ -174,6 +174,17 @@ HOP_BY_HOP = frozenset((
 CLIENT_CREDENTIAL_HEADERS = frozenset(("authorization", "x-api-key", "api-key"))
 # Headers OCM sets itself on every upstream request.
 OCM_SET_HEADERS = frozenset(("accept-encoding", "content-length", "chatgpt-account-id"))
+# Client headers that are the owner's to choose, never a user's: cookies (the
+# owner's session with OpenAI), where a request comes from (upstream would
+# believe any address a user wrote), and which organisation or project the
+# owner's API key bills. Dropped unless the owner sets them in config `headers`.
+CLIENT_PRIVATE_HEADERS = frozenset((
+    "cookie", "forwarded", "via", "x-real-ip", "true-client-ip", "cf-connecting-ip", "x-client-ip",
+    "x-cluster-client-ip", "openai-organization", "openai-project",
+))
+CLIENT_PRIVATE_PREFIX = "x-forwarded-"  # X-Forwarded-For, -Host, -Proto, ...
+# Upstream headers that never reach users: cookies belong to the owner's session.
+UPSTREAM_PRIVATE_HEADERS = frozenset(("set-cookie", "set-cookie2"))
 
 PERMANENT_REFRESH_CODES = frozenset((
     "refresh_token_expired", "refresh_token_reused", "refresh_token_invalidated",
@@ -4740,11 +4751,16 @@ def connection_listed(headers) -> set:
 
 def build_upstream_headers(client: Headers, config_headers: Dict[str, List[str]],
                            login: Login, body_length: Optional[int]) -> List[Tuple[str, str]]:
-    """Client headers minus hop-by-hop and credentials, config headers on top,
-    then the owner's Authorization and account id (PROTOCOL.md section 1)."""
-    dropped = HOP_BY_HOP | CLIENT_CREDENTIAL_HEADERS | OCM_SET_HEADERS | connection_listed(
-        client.get_all("connection")) | {name.lower() for name in config_headers}
-    out = [(name, value) for name, value in client.items() if name.lower() not in dropped]
+    """Client headers minus hop-by-hop, credentials and the owner's own (cookies,
+    forwarding, organisation), config headers on top, then the owner's
+    Authorization and account id (PROTOCOL.md section 1)."""
+    dropped = HOP_BY_HOP | CLIENT_CREDENTIAL_HEADERS | CLIENT_PRIVATE_HEADERS | OCM_SET_HEADERS | \
+        connection_listed(client.get_all("connection")) | {name.lower() for name in config_headers}
+    out = []
+    for name, value in client.items():
+        key = name.lower()
+        if key not in dropped and not key.startswith(CLIENT_PRIVATE_PREFIX):
+            out.append((name, value))
     for name, values in config_headers.items():
         if name.lower() not in HOP_BY_HOP | OCM_SET_HEADERS | {"authorization"}:
             out.extend((name, value) for value in values)
@@ -4805,10 +4821,12 @@ def is_websocket_key(key: str) -> bool:
 
 
 def response_headers_to_forward(message) -> List[Tuple[str, str]]:
+    """Upstream answer headers for the client: minus hop-by-hop, the length
+    (OCM frames the body itself) and the owner's cookies."""
     listed = connection_listed(message.get_all("connection") or [])
     return [(name, value) for name, value in message.items()
             if name.lower() not in HOP_BY_HOP and name.lower() not in listed
-            and name.lower() != "content-length"]
+            and name.lower() != "content-length" and name.lower() not in UPSTREAM_PRIVATE_HEADERS]
 
 
 def encode_head(status: int, reason: str, headers: List[Tuple[str, str]]) -> bytes:
@@ -4842,14 +4860,16 @@ def is_rate_limit_header(name: str) -> bool:
 
 
 class WebSocketHandshake:
-    """What upstream answered to our upgrade request."""
+    """What upstream answered to our upgrade request, minus its cookies: they
+    are the owner's, and a refusal's headers are relayed to the client."""
 
     def __init__(self, sock: Any, status: int, reason: str, headers: Headers, leftover: bytes = b"",
                  body: bytes = b""):
         self.sock = sock
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.headers = Headers([(name, value) for name, value in headers.items()
+                                if name.lower() not in UPSTREAM_PRIVATE_HEADERS])
         self.leftover = leftover    # frame bytes that came with the 101
         self.body = body            # the body of a refusal
 

@@ -711,6 +711,54 @@ class TestPooledConnections:
         assert fake.connections == 2
 
 
+# == TestPrivateHeaders ========================================================
+
+PRIVATE_CLIENT_HEADERS = {"Cookie": "session=user", "Forwarded": "for=203.0.113.9", "X-Forwarded-For": "203.0.113.9",
+                          "X-Forwarded-Host": "evil.example", "X-Real-IP": "203.0.113.9",
+                          "OpenAI-Organization": "org-user", "OpenAI-Project": "proj-user"}
+
+
+def private_headers_sent(recorded):
+    return {name: value for name, value in recorded.headers if name.lower() in
+            {n.lower() for n in PRIVATE_CLIENT_HEADERS}}
+
+
+class TestPrivateHeaders:
+    """Cookies, forwarding headers and the organisation or project to bill are
+    the owner's: a user's never reach OpenAI, OpenAI's cookies never reach users."""
+
+    def test_a_users_cookies_forwarding_and_billing_headers_never_reach_upstream(self, make_proxy, fake):
+        proxy = make_proxy()
+        assert proxy.request("POST", "/v1/responses", {}, headers=PRIVATE_CLIENT_HEADERS)[0] == 200
+        sent = fake.api_requests()[-1]
+        assert private_headers_sent(sent) == {}
+        owner = make_proxy(headers={"OpenAI-Organization": "org-owner", "Cookie": "owner=1"})
+        assert owner.request("POST", "/v1/responses", {}, headers=PRIVATE_CLIENT_HEADERS)[0] == 200
+        assert private_headers_sent(fake.api_requests()[-1]) == {"OpenAI-Organization": "org-owner",
+                                                                 "Cookie": "owner=1"}
+
+    def test_upstream_cookies_never_reach_users(self, proxy, fake):
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.send(
+            200, b"{}", {"Set-Cookie": "__cf_bm=owner", "X-Kept": "yes"}))
+        status, headers, _ = proxy.request("POST", "/v1/responses", {})
+        assert status == 200 and headers["x-kept"] == "yes" and "set-cookie" not in headers
+
+    def test_over_websocket_neither_way_either(self, proxy, fake):
+        ws = WSUpstream(fake)
+        client = WSClient(proxy.port, headers=PRIVATE_CLIENT_HEADERS)
+        try:
+            assert client.status == 101 and "set-cookie" not in client.headers
+        finally:
+            client.close()
+        assert private_headers_sent(ws.handshakes[0]) == {}
+        ws.status, ws.refusal_body, ws.refusal_headers = 403, b'{"error": {}}', {"Set-Cookie": "cf=owner"}
+        refused = WSClient(proxy.port)
+        try:
+            assert refused.status == 403 and "set-cookie" not in refused.headers
+        finally:
+            refused.close()
+
+
 # == Fuzzing ===================================================================
 
 json_values = st.recursive(
