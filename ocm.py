@@ -281,6 +281,30 @@ def parse_json(data: Any) -> Any:
         raise ValueError("JSON nested too deeply")
 
 
+LOG_VALUE_LIMIT = 200  # characters of a client's or upstream's string that logs and metrics keep
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match) -> str:
+    char = match.group()
+    code = ord(char)
+    return _ESCAPES.get(char) or ("\\x%02x" % code if code < 0x100 else "\\u%04x" % code)
+
+
+def log_safe(value: str, limit: int = LOG_VALUE_LIMIT) -> str:
+    """A string from a client or from upstream, fit to be written: to a log
+    line, a metric label, a usage key. Control characters are escaped (a
+    newline cannot forge a log line, an ANSI sequence cannot repaint the
+    owner's terminal, nor a bidi override reorder it), and it is at most
+    ``limit`` characters. Free for ordinary text; log_safe(log_safe(x)) is
+    log_safe(x)."""
+    if len(value) <= limit and _UNSAFE_TEXT.search(value) is None:
+        return value
+    text = _UNSAFE_TEXT.sub(_escape_char, value[:limit + 1])
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def describe_connect_error(exc: BaseException) -> str:
     if isinstance(exc, ProxyError):
         return str(exc)
@@ -1593,10 +1617,9 @@ class Credential:
                     for k in ("access_token", "refresh_token", "id_token")):
                 raise RefreshFailed("token endpoint answered %d without tokens" % status, permanent=False)
             return answer
-        code = refresh_error_code(answer)
-        text = "token endpoint answered %d%s%s" % (
-            status, " " + code if code else "",
-            ": " + refresh_error_message(answer) if refresh_error_message(answer) else "")
+        code, message = log_safe(refresh_error_code(answer)), log_safe(refresh_error_message(answer))
+        text = "token endpoint answered %d%s%s" % (status, " " + code if code else "",
+                                                   ": " + message if message else "")
         raise RefreshFailed(text, permanent=status == 401 or code in PERMANENT_REFRESH_CODES)
 
 
@@ -2297,8 +2320,10 @@ def usage_record_from(obj: Any, fallback_model: str = "", fallback_tier: str = "
                   _int_field(usage, "prompt_tokens_details", "cached_tokens"))
     model = obj.get("model")
     tier = obj.get("service_tier")
-    return UsageRecord(model if isinstance(model, str) and model else fallback_model or "unknown",
-                       tier if isinstance(tier, str) and tier else fallback_tier, *tokens)
+    # Either may be the client's own words (upstream left them out): made safe
+    # here, once, for every book, metric and log line the record reaches.
+    return UsageRecord(log_safe(model if isinstance(model, str) and model else fallback_model or "unknown"),
+                       log_safe(tier if isinstance(tier, str) and tier else fallback_tier), *tokens)
 
 
 # Terminal Responses events whose response carries billable usage.
@@ -2408,9 +2433,10 @@ class UsageBook:
         """Count one response for ``user`` ("" when access is open). Returns its
         cost in USD (unrounded), for budgets and metrics."""
         tier = normalize_service_tier(usage.service_tier)
-        window = context_window_for(usage.model, tier, usage.input_tokens)
+        model, user = log_safe(usage.model), log_safe(user)
+        window = context_window_for(model, tier, usage.input_tokens)
         with self._lock:
-            combo = self._combination(usage.model, tier, window, week_start)
+            combo = self._combination(model, tier, window, week_start)
             combo.total.add(1, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
             if user:
                 counts = combo.by_user.get(user)
@@ -2420,7 +2446,7 @@ class UsageBook:
             self._last_updated = self._now()
             self._dirty = True
         return raw_cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens,
-                        usage.model, tier, window)
+                        model, tier, window)
 
     # -- the file -------------------------------------------------------------
     def to_json(self) -> Dict[str, Any]:
@@ -2615,7 +2641,7 @@ class Headers:
 
 _TOKEN_BYTES = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f]")
+_BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f-\xff]")  # a URI is ASCII (RFC 3986); the rest %-encoded
 _HEX_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
 
 
@@ -2689,7 +2715,7 @@ def parse_request_head(head: bytes, limits: Limits) -> ClientRequest:
                               % version.decode("ascii"), 505)
         raise bad_request("malformed HTTP version")
     if _BAD_TARGET_BYTES.search(target):
-        raise bad_request("request target has spaces or control characters")
+        raise bad_request("request target has spaces, control characters or bytes that are not ASCII")
     if len(lines) - 1 > limits.max_header_count:
         raise bad_request("more than %d header fields" % limits.max_header_count, 431)
     pairs = []
@@ -4204,7 +4230,7 @@ class Metrics:
         self._latency_sum = 0.0
 
     def add(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(sorted((label, log_safe(text)) for label, text in labels.items())))
         with self._lock:
             self._counters[key] = self._counters.get(key, 0.0) + value
 
@@ -4237,7 +4263,7 @@ def render_metrics(server: "OCMServer") -> str:
     lines = []  # type: List[str]
 
     def sample(name: str, labels: Dict[str, str], value: float) -> None:
-        text = ",".join('%s="%s"' % (k, prometheus_escape(str(v))) for k, v in sorted(labels.items()))
+        text = ",".join('%s="%s"' % (k, prometheus_escape(log_safe(str(v)))) for k, v in sorted(labels.items()))
         lines.append("%s%s %s" % (name, "{%s}" % text if text else "", repr(float(value))))
 
     counters = server.metrics.counters()
@@ -4364,18 +4390,20 @@ def write_access_line(request: "ClientRequest", log_format: str) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
     duration = time.monotonic() - request.started
+    user, path = log_safe(request.user_name), log_safe(request.path)
+    model, account = log_safe(request.model), log_safe(request.account_tag)
     if log_format == "json":
         access_log.info(json.dumps({
-            "time": format_rfc3339(time.time()), "user": request.user_name or None, "method": request.method,
-            "path": request.path[:200], "status": request.status, "model": request.model or None,
-            "account": request.account_tag or None, "input_tokens": request.input_tokens,
+            "time": format_rfc3339(time.time()), "user": user or None, "method": request.method,
+            "path": path, "status": request.status, "model": model or None,
+            "account": account or None, "input_tokens": request.input_tokens,
             "cached_tokens": request.cached_tokens, "output_tokens": request.output_tokens,
             "cost_usd": round(request.cost, 6), "duration_s": round(duration, 3)}))
         return
-    access_log.info("%s %s %s %d model=%s in=%d cached=%d out=%d cost=$%.4f %.3fs%s", request.user_name or "-",
-                    request.method, request.path[:200], request.status, request.model or "-",
+    access_log.info("%s %s %s %d model=%s in=%d cached=%d out=%d cost=$%.4f %.3fs%s", user or "-",
+                    request.method, path, request.status, model or "-",
                     request.input_tokens, request.cached_tokens, request.output_tokens, request.cost, duration,
-                    " account=" + request.account_tag if request.account_tag else "")
+                    " account=" + account if account else "")
 
 
 # == 14. Streams =============================================================
@@ -5544,7 +5572,7 @@ class OCMHandler(BaseHTTPRequestHandler):
                     if context.client_gone:
                         raise ClientGone("hung up while waiting for upstream")
                     log.warning("%s %s: upstream stream broke off: %s", request.method,
-                                request.path[:200], describe_connect_error(exc))
+                                log_safe(request.path), describe_connect_error(exc))
                     return False
                 ended = not data or response.length == 0
                 if ended:
@@ -5552,7 +5580,7 @@ class OCMHandler(BaseHTTPRequestHandler):
                         raise ClientGone("hung up while waiting for upstream")
                     if not data and response.length:  # Content-Length promised more
                         log.warning("%s %s: upstream closed with %d bytes missing",
-                                    request.method, request.path[:200], response.length)
+                                    request.method, log_safe(request.path), response.length)
                         return False
                     # Detach the watcher, then pool the connection, then send the
                     # last bytes: the client may close or ask again at once.

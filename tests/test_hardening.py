@@ -198,6 +198,7 @@ SMUGGLING = [
     ("a folded header line", b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"X-A: a\r\n b\r\n\r\n"),
     ("chunked in HTTP/1.0", b"POST /v1/responses HTTP/1.0\r\n" + AUTH +
      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("a byte that is not ASCII in the target", b"GET /v1/x\x9b2J HTTP/1.1\r\n" + AUTH + b"\r\n"),
     ("an absolute-form target", b"GET http://evil.example/v1/models HTTP/1.1\r\n" + AUTH + b"\r\n"),
     ("a request line with extra spaces", b"GET  /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n"),
     ("an unknown HTTP version", b"GET /v1/models HTTP/1.2\r\n" + AUTH + b"\r\n"),
@@ -757,6 +758,76 @@ class TestPrivateHeaders:
             assert refused.status == 403 and "set-cookie" not in refused.headers
         finally:
             refused.close()
+
+
+# == TestLogInjection ==========================================================
+
+def evil_model(length):
+    return ("gpt-5.4\nbob POST /v1/responses 200 model=free in=0\r\x1b[2J\x1b[31m\u202e" + "x" * length)
+
+
+UNSAFE = ("\n", "\r", "\x1b", "\x9b", "\u202e")
+
+
+def is_tame(text, limit=1000):
+    """Fit for a log or an exposition: no control characters, bounded."""
+    return not any(c in text for c in UNSAFE) and len(text) < limit
+
+
+class TestLogInjection:
+    """A model name or a path is the client's own text (when upstream leaves the
+    model out of its usage, OCM names the one the client asked for): escaped and
+    capped wherever OCM writes it, so it cannot forge a line or flood a file."""
+
+    def check_everywhere(self, proxy, caplog, log_format, lines):
+        assert wait_for(lambda: len([r for r in caplog.records if r.name == "ocm.access"]) >= lines)
+        access = [r.getMessage() for r in caplog.records if r.name == "ocm.access"]
+        assert all(is_tame(line) for line in access), access
+        if log_format == "json":  # lines land in the order their handlers finish
+            assert [json.loads(line)["model"][:9] for line in access if "gpt" in line] == ["gpt-5.4\\n"]
+        else:
+            assert len([line for line in access if "model=gpt-5.4\\nbob POST" in line]) == 1
+        status, _, metrics = proxy.request("GET", "/metrics")
+        assert status == 200 and b"gpt-5.4" in metrics
+        assert all(is_tame(line) for line in metrics.decode().splitlines())
+        assert not [line for line in metrics.decode().splitlines() if line.startswith("bob ")]
+        assert proxy.server.usage.save()
+        saved = read_json(proxy.server.usage.path)["combinations"]
+        assert [c["model"][:7] for c in saved] == ["gpt-5.4"] and all(is_tame(c["model"]) for c in saved)
+        assert all(is_tame(r.getMessage()) for r in caplog.records)
+
+    @pytest.mark.parametrize("log_format", ["text", "json"])
+    def test_a_model_name_from_a_request_body_cannot_forge_a_log_line(self, make_proxy, fake, caplog, tmp_path,
+                                                                     log_format):
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(
+            {"type": "response.completed", "response": {"usage": {"input_tokens": 5, "output_tokens": 1}}})))
+        proxy = make_proxy(log_format=log_format, usages_path=str(tmp_path / "usage.json"))
+        with caplog.at_level(logging.DEBUG, logger="ocm"):
+            # 7 KB: past 8 KB a body is no longer kept whole for this (release_body), and reads "unknown"
+            assert proxy.request("POST", "/v1/responses", {"model": evil_model(7000)})[0] == 200
+            raw_exchange(proxy.port, b"GET /v1/x" + b"y" * 10000 + b" HTTP/1.1\r\n" + AUTH +
+                         b"Connection: close\r\n\r\n")
+            self.check_everywhere(proxy, caplog, log_format, 2)
+
+    def test_a_model_name_from_a_websocket_turn_cannot_either(self, make_proxy, fake, caplog, tmp_path):
+        WSUpstream(fake).completed_without_model = True
+        proxy = make_proxy(usages_path=str(tmp_path / "usage.json"))
+        with caplog.at_level(logging.DEBUG, logger="ocm"):
+            client = WSClient(proxy.port)
+            try:
+                client.send_json({"type": "response.create", "model": evil_model(10240)})
+                client.events_until_completed()
+                client.send(0x8, close_body(1000))
+                client.frame()
+            finally:
+                client.close()
+            self.check_everywhere(proxy, caplog, "text", 1)
+
+    def test_log_safe_escapes_caps_and_leaves_plain_text_alone(self):
+        assert ocm.log_safe("gpt-5.3-codex") == "gpt-5.3-codex"
+        assert ocm.log_safe("a\nb\x1b[0m\x9b\u2028") == "a\\nb\\x1b[0m\\x9b\\u2028"
+        capped = ocm.log_safe("\n" * 5000)
+        assert len(capped) == ocm.LOG_VALUE_LIMIT and capped.endswith("...") and ocm.log_safe(capped) == capped
 
 
 # == Fuzzing ===================================================================
