@@ -1310,9 +1310,13 @@ def post_for_json(open_url: Callable, url: str, body: bytes,
 
 
 class RefreshFailed(OCMError):
-    def __init__(self, message: str, permanent: bool):
+    """``str()`` is for the owner's log; ``public`` for users, without the
+    owner's file paths."""
+
+    def __init__(self, message: str, permanent: bool, public: str = ""):
         super().__init__(message)
         self.permanent = permanent
+        self.public = public or message
 
 
 def refresh_error_code(body: Any) -> str:
@@ -1376,10 +1380,11 @@ class Credential:
         self._refresh_lock = threading.Lock()   # one refresh at a time
         self._login = None                      # type: Optional[Login]
         self._file_id = None                    # what _login was read from
-        self._problem = "not loaded"            # why there is no login
+        self._problem = "not loaded"            # why there is no login, for the owner's log
+        self._public_problem = "not loaded"     # ...and for users: no file paths
         self._dead = ""                         # permanent refresh failure, until the file changes
         self._retry_at = 0.0                    # no refresh before this after a transient failure
-        self._last_refresh_error = ""
+        self._last_refresh_error = ""           # for users too: no file paths
         self._unsaved = None                    # type: Optional[bytes]
         self._checked_at = -1e9                 # monotonic time of the last stat
         self.check_interval = check_interval    # stat the file at most this often
@@ -1410,10 +1415,13 @@ class Credential:
         except FileNotFoundError:
             if self._file_id is not None or self._login is None:
                 self._set_problem_locked("%s not found; sign in with `codex login` "
-                                         "or `python3 ocm.py login`" % self.path, None)
+                                         "or `python3 ocm.py login`" % self.path, None,
+                                         "the owner's login file is missing; the owner must sign in")
             return
         except OSError as exc:
-            self._set_problem_locked("cannot read %s: %s" % (self.path, exc.strerror or exc), None)
+            self._set_problem_locked("cannot read %s: %s" % (self.path, exc.strerror or exc), None,
+                                     "the owner's login file cannot be read; the owner must fix "
+                                     "its permissions")
             return
         try:
             login = parse_auth(parse_json(raw.decode("utf-8")))
@@ -1425,35 +1433,45 @@ class Credential:
                 log.warning("credential %s: %s; keeping the previous login", self.tag, problem)
                 self._file_id = file_id
                 return
-            self._set_problem_locked(problem, file_id)
+            self._set_problem_locked(problem, file_id, "the owner's login file is damaged (not valid "
+                                                       "JSON); the owner must sign in again")
             return
-        except CredentialProblem as exc:
-            self._set_problem_locked(str(exc), file_id)
+        except CredentialProblem as exc:  # names no path
+            self._set_problem_locked(str(exc), file_id, str(exc))
             return
         if self._login is not None and self._file_id is not None:
             log.info("credential %s: %s changed on disk; using the new login", self.tag, self.path)
         self._login = login
         self._file_id = file_id
-        self._problem = ""
+        self._problem = self._public_problem = ""
         self._dead = ""
         self._retry_at = 0.0
         self._unsaved = None
 
-    def _set_problem_locked(self, problem: str, file_id) -> None:
+    def _set_problem_locked(self, problem: str, file_id, public: str) -> None:
         if problem != self._problem:
             log.warning("credential %s unavailable: %s", self.tag, problem)
         self._login = None
         self._problem = problem
+        self._public_problem = public
         self._file_id = file_id
         self._dead = ""
         self._unsaved = None
 
     # -- state --------------------------------------------------------------
     def peek(self) -> Tuple[Optional[Login], str]:
-        """(login or None, problem) without refreshing: for status lines."""
+        """(login or None, problem) without refreshing: for the owner's status
+        lines (the problem may name the file)."""
         self.reload_if_changed()
         with self._lock:
             return self._login, (self._dead or self._problem)
+
+    def public_problem(self) -> str:
+        """Why this login cannot be used, in words for users: the owner's
+        file paths stay in the owner's log. "" when it can be used."""
+        self.reload_if_changed()
+        with self._lock:
+            return self._dead or self._public_problem
 
     def current(self) -> Login:
         """The login to use now, refreshed first if it is about to expire.
@@ -1471,7 +1489,7 @@ class Credential:
 
     def _check_usable(self) -> Login:
         with self._lock:
-            login, problem, dead = self._login, self._problem, self._dead
+            login, problem, dead = self._login, self._public_problem, self._dead
         if dead:
             raise HTTPError(401, "authentication_error", dead)
         if login is None:
@@ -1499,11 +1517,11 @@ class Credential:
                     login = self._refresh_under_file_lock(stale_access_token)
             except RefreshFailed as exc:
                 self.refresh_failures += 1
-                self._last_refresh_error = str(exc)
+                self._last_refresh_error = exc.public
                 if exc.permanent:
                     message = ("the owner's ChatGPT login has expired or was revoked (%s); "
                                "the owner must sign in again (`codex login` or "
-                               "`python3 ocm.py login`)" % exc)
+                               "`python3 ocm.py login`)" % exc.public)
                     log.error("credential %s: refresh failed permanently: %s", self.tag, exc)
                     with self._lock:
                         self._dead = message
@@ -1512,9 +1530,9 @@ class Credential:
                             self.tag, exc, REFRESH_RETRY)
                 self._retry_at = now + REFRESH_RETRY
                 return self._after_failure(self._check_usable(), now)
-            except TimeoutError as exc:
+            except TimeoutError as exc:  # names the lock file
                 self._retry_at = now + REFRESH_RETRY
-                self._last_refresh_error = str(exc)
+                self._last_refresh_error = "the owner's login file is locked by another program"
                 log.warning("credential %s: %s", self.tag, exc)
                 return self._after_failure(self._check_usable(), now)
             return login
@@ -1535,7 +1553,8 @@ class Credential:
             on_disk = parse_auth(data)
         except (OSError, ValueError, UnicodeDecodeError, CredentialProblem) as exc:
             if self._unsaved is None:
-                raise RefreshFailed("cannot re-read %s: %s" % (self.path, exc), permanent=False)
+                raise RefreshFailed("cannot re-read %s: %s" % (self.path, exc), permanent=False,
+                                    public="cannot re-read the owner's login file")
             data, on_disk, file_id = parse_json(self._unsaved.decode("utf-8")), self._login, None
         with self._lock:
             current = self._login
@@ -1547,6 +1566,7 @@ class Credential:
                 current.access_token, current.refresh_token):
             with self._lock:  # someone else wrote new tokens: adopt them
                 self._login, self._file_id, self._problem, self._dead = on_disk, file_id, "", ""
+                self._public_problem = ""
                 self._unsaved = None
             log.info("credential %s: %s was refreshed by another process; using it", self.tag, self.path)
             if on_disk.access_token != stale_access_token and not needs_refresh(on_disk, self._now()):
@@ -1566,7 +1586,7 @@ class Credential:
         self.refreshes += 1
         self._retry_at = 0.0
         with self._lock:
-            self._login, self._problem, self._dead = new_login, "", ""
+            self._login, self._problem, self._public_problem, self._dead = new_login, "", "", ""
         log.info("credential %s: access token refreshed", self.tag)
         self._save(encoded)
         return new_login
@@ -3663,7 +3683,7 @@ class Account:
         """The account as the status endpoint shows it: never a token or an id."""
         now = self._now()
         state = self.state()
-        _, problem = self.credential.peek()
+        problem = self.credential.public_problem()
         with self._lock:
             out = {"tag": self.tag, "plan": self.plan or self._login_plan() or None, "state": state,
                    "five_hour": self.primary.to_json(now), "weekly": self.secondary.to_json(now),

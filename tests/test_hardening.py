@@ -830,6 +830,43 @@ class TestLogInjection:
         assert len(capped) == ocm.LOG_VALUE_LIMIT and capped.endswith("...") and ocm.log_safe(capped) == capped
 
 
+# == TestOwnersPaths ===========================================================
+
+class TestOwnersPaths:
+    """Users learn why the owner's login cannot be used, in plain words; the
+    path of the owner's file stays in the owner's log."""
+
+    @pytest.mark.parametrize("damage, words", [("missing", "the owner's login file is missing; the owner must "
+                                                "sign in"), ("garbled", "the owner's login file is damaged")])
+    def test_a_broken_login_file_is_explained_without_its_path(self, make_proxy, auth_path, caplog, damage,
+                                                               words):
+        if damage == "missing":
+            os.unlink(str(auth_path))
+        else:
+            auth_path.write_text("{not json")
+        with caplog.at_level(logging.WARNING, logger="ocm"):
+            proxy = make_proxy()
+            status, _, body = proxy.request("POST", "/v1/responses", {})
+            assert status == 503 and words in error_of(body)[1]
+            status, _, page = proxy.request("GET", "/ocm/v1/status")
+            assert status == 200 and words in json.loads(page)["accounts"][0]["problem"]
+        for answer in (body, page):
+            assert str(auth_path.parent).encode() not in answer and b"auth.json" not in answer
+        assert str(auth_path) in caplog.text  # the owner still learns which file
+
+    def test_a_refresh_that_cannot_reread_the_file_is_explained_without_its_path(self, make_proxy, auth_path,
+                                                                                 monkeypatch):
+        write_auth(auth_path, expires_in=-10)  # expired: a refresh is needed, and it cannot happen
+        proxy = make_proxy()
+        real = ocm._read_file_with_id
+        monkeypatch.setattr(ocm, "_read_file_with_id", lambda path: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied", path)) if proxy.server.credential._refresh_lock.locked()
+            else real(path))
+        status, _, body = proxy.request("POST", "/v1/responses", {})
+        assert status == 503 and "cannot re-read the owner's login file" in error_of(body)[1]
+        assert str(auth_path.parent).encode() not in body
+
+
 # == Fuzzing ===================================================================
 
 json_values = st.recursive(
