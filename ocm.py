@@ -1109,8 +1109,12 @@ def write_file_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
 
     Temp file in the same directory, fsync, rename, fsync the directory. On any
     error (disk full, read-only) the temp file is removed and the old file stays.
+    A symbolic link stays one: its target gets the new content (auth.json
+    linked to the Codex CLI's own must keep sharing it, or the rotated refresh
+    token lands in a copy and the CLI's file holds a dead one).
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
     try:
@@ -1135,6 +1139,12 @@ def write_file_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def auth_lock_path(auth_path: str) -> str:
+    """The auth.lock the Codex CLI takes: beside the real auth.json, wherever
+    a link to it lives."""
+    return os.path.join(os.path.dirname(os.path.realpath(auth_path)), "auth.lock")
 
 
 @contextlib.contextmanager
@@ -1371,7 +1381,6 @@ class Credential:
     def __init__(self, path: str, token_url: str, open_url: Callable, tag: str = "default",
                  now: Callable[[], float] = time.time, check_interval: float = 1.0):
         self.path = path
-        self.lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock")
         self.token_url = token_url
         self.tag = tag
         self._open_url = open_url
@@ -1513,7 +1522,7 @@ class Credential:
             if now < self._retry_at:
                 return self._after_failure(login, now)
             try:
-                with file_lock(self.lock_path):
+                with file_lock(auth_lock_path(self.path)):
                     login = self._refresh_under_file_lock(stale_access_token)
             except RefreshFailed as exc:
                 self.refresh_failures += 1
@@ -1617,7 +1626,7 @@ class Credential:
             encoded = self._unsaved
         if encoded is not None and self._refresh_lock.acquire(blocking=False):
             try:
-                with file_lock(self.lock_path, timeout=1.0):
+                with file_lock(auth_lock_path(self.path), timeout=1.0):
                     self._save(encoded)
             except TimeoutError:
                 pass
@@ -1976,10 +1985,6 @@ def _wait_for_code(results: "queue.Queue", state: str, listening: bool, timeout:
                   % exc, file=out, flush=True)
 
 
-def _lock_path(path: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock")
-
-
 def read_auth_object(path: str) -> Optional[Dict[str, Any]]:
     """auth.json as a dict; None when missing. Raises LoginFailed when unreadable."""
     try:
@@ -2037,7 +2042,7 @@ def save_login(path: str, tokens: Dict[str, str], now: float) -> Tuple[Login, st
     the one really replaced even if a running OCM rotated it meanwhile.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-    with file_lock(_lock_path(path)):
+    with file_lock(auth_lock_path(path)):
         try:
             old = read_auth_object(path)
         except LoginFailed:
@@ -2054,7 +2059,7 @@ def remove_login(path: str) -> Optional[str]:
     when there were no tokens to remove."""
     if not os.path.exists(path):
         return None  # and no auth.lock to create in a directory that may not exist
-    with file_lock(_lock_path(path)):
+    with file_lock(auth_lock_path(path)):
         data = read_auth_object(path)
         if data is None or "tokens" not in data:
             return None
@@ -2587,6 +2592,9 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
 class UserTable:
     """Bearer tokens to users. Lookup is by SHA-256 digest, then compare_digest,
     so timing says nothing about how close a guess was. A config may hold
@@ -2605,6 +2613,8 @@ class UserTable:
         Raises HTTPError 401 with sing-box's messages."""
         if self.is_open:
             return None
+        if any(_CONTROL_CHARS.search(v) for name in CLIENT_CREDENTIAL_HEADERS for v in headers.get_all(name)):
+            raise HTTPError(401, "authentication_error", "invalid api key")
         value = headers.get("authorization")
         if not value:
             raise HTTPError(401, "authentication_error", "missing api key")
@@ -2746,7 +2756,9 @@ def parse_request_head(head: bytes, limits: Limits) -> ClientRequest:
         if not sep or not _TOKEN_BYTES.match(name):
             raise bad_request("invalid header name %r" % name[:40].decode("latin-1"))
         value = value.strip(b" \t")
-        if _BAD_VALUE_BYTES.search(value):
+        if _BAD_VALUE_BYTES.search(value) and name.lower().decode("ascii") not in CLIENT_CREDENTIAL_HEADERS:
+            # A credential with control characters is a wrong credential (401,
+            # which SDKs report as such); it is never forwarded nor logged.
             raise bad_request("header %s has control characters" % name.decode("ascii"))
         pairs.append((name.decode("ascii"), value.decode("latin-1")))
     headers = Headers(pairs)

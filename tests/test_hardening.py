@@ -867,6 +867,39 @@ class TestOwnersPaths:
         assert str(auth_path.parent).encode() not in body
 
 
+# == TestCredentialsAtTheEdges =================================================
+
+class TestCredentialsAtTheEdges:
+    @pytest.mark.parametrize("header", [b"Authorization: Bearer tok-al\x01ice", b"Authorization: Bearer tok-alice\x0b",
+                                        b"Authorization: Bearer tok-alice\x7f",
+                                        b"Authorization: Bearer tok-alice\r\nX-Api-Key: k\x00"])
+    def test_a_token_with_control_characters_is_a_wrong_token_401(self, proxy, fake, header):
+        answer = raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + header + b"\r\nConnection: close\r\n\r\n")
+        assert status_of(answer) == 401 and error_of(body_of(answer)) == ("authentication_error", "invalid api key")
+        assert fake.requests == []
+
+    def test_other_headers_with_control_characters_are_still_malformed_400(self, proxy, fake):
+        answer = raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"X-Other: a\x01b\r\n\r\n")
+        assert status_of(answer) == 400 and b"X-Other has control characters" in answer
+
+    def test_a_linked_auth_json_stays_a_link_and_its_target_gets_the_new_tokens(self, make_proxy, fake, auth_path,
+                                                                                tmp_path):
+        shared = tmp_path / "codex-cli"  # the Codex CLI's own folder, which OCM's file links to
+        shared.mkdir()
+        os.replace(str(auth_path), str(shared / "auth.json"))
+        write_auth(shared / "auth.json", expires_in=-10)  # expired: the first request refreshes it
+        os.symlink(str(shared / "auth.json"), str(auth_path))
+        proxy = make_proxy()
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200
+        assert os.path.islink(str(auth_path)) and os.readlink(str(auth_path)) == str(shared / "auth.json")
+        assert read_json(shared / "auth.json")["tokens"]["refresh_token"] == "rt_2"
+        assert (shared / "auth.lock").exists() and not (auth_path.parent / "auth.lock").exists()
+        assert no_temp_files(shared) and no_temp_files(auth_path.parent)
+        proxy.server.credential._login = proxy.server.credential._login._replace(expires_at=time.time() + 10)
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200  # the next refresh reads the rotated token
+        assert [c["refresh_token"] for c in fake.token_calls] == ["rt_initial", "rt_2"]
+
+
 # == Fuzzing ===================================================================
 
 json_values = st.recursive(
