@@ -3217,6 +3217,13 @@ class FastResponse(http.client.HTTPResponse):
     CPU. Everything else (status line, chunked bodies, read1) is http.client's;
     begin() is its own logic, unchanged from 3.8 to 3.13."""
 
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        # The socket itself: with Connection: close, http.client hands it to
+        # the response and forgets it on the connection (conn.sock is None),
+        # yet the hang-up watcher must still be able to cut it.
+        self.raw_sock = sock
+
     def begin(self) -> None:
         if self.headers is not None:
             return
@@ -5172,8 +5179,9 @@ class StreamContext:
             if not self.active:
                 return
             self.client_gone = True
-            with contextlib.suppress(OSError):
-                self.upstream_sock.shutdown(socket.SHUT_RDWR)
+            if self.upstream_sock is not None:
+                with contextlib.suppress(OSError):
+                    self.upstream_sock.shutdown(socket.SHUT_RDWR)
 
 
 class OCMHandler(BaseHTTPRequestHandler):
@@ -5591,7 +5599,8 @@ class OCMHandler(BaseHTTPRequestHandler):
         """Copy the body as it arrives. True if it ended cleanly; False if upstream
         broke off (the client then sees a truncated body: no final chunk)."""
         response = exchange.response
-        context = StreamContext(exchange.conn.sock)
+        # The response's own socket: with Connection: close, conn.sock is None.
+        context = StreamContext(getattr(response, "raw_sock", None) or exchange.conn.sock)
         watcher = self.server.watcher
         watcher.watch(self.connection, context)
         try:
@@ -5701,64 +5710,95 @@ def is_unsafe_path(path: str) -> bool:
     return any(segment in (".", "..") for segment in segments)
 
 
+# What the watcher waits for: on Linux the client's FIN itself (POLLRDHUP),
+# whatever bytes it sent before; elsewhere anything readable.
+HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0)
+WATCH_EVENTS = HANGUP_EVENTS or getattr(select, "POLLIN", 1)
+
+
 class HangupWatcher:
     """One thread that notices clients hanging up while their stream waits on
-    upstream, and cuts that upstream connection at once."""
+    upstream, and cuts that upstream connection at once (it is billed while it
+    generates).
+
+    On Linux it waits for the client's FIN, so a client that sends bytes during
+    its stream (a pipelined request) is still watched. Elsewhere it waits for
+    readable bytes, and a client that sends some is watched no longer: its
+    hang-up is then noticed at the next write. The thread serves every stream,
+    so nothing that happens to one of them may end it."""
 
     def __init__(self):
-        self._selector = selectors.DefaultSelector()
+        self._poll = select.poll() if hasattr(select, "poll") else None  # else select() (Windows)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._wake_fd = self._wake_r.fileno()
+        if self._poll is not None:
+            self._poll.register(self._wake_fd, select.POLLIN)
+        self._watched = {}  # type: Dict[int, Tuple[socket.socket, StreamContext]]
         self._lock = threading.Lock()
         self._thread = None
         self._closed = False
 
     def watch(self, sock: socket.socket, context: StreamContext) -> None:
         with self._lock:
-            if self._closed:
+            fd = sock.fileno()
+            if self._closed or fd < 0:
                 return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ocm-hangup", daemon=True)
                 self._thread.start()
-            try:
-                self._selector.register(sock, selectors.EVENT_READ, context)
-            except (KeyError, ValueError, OSError):
-                return
+            self._watched[fd] = (sock, context)
+            if self._poll is not None:
+                self._poll.register(fd, WATCH_EVENTS)
         with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
+            self._wake_w.send(b"x")  # a poll in progress sees only the descriptors it started with
 
     def unwatch(self, sock: socket.socket, context: StreamContext) -> None:
         with context.lock:
             context.active = False
+        self._forget(sock.fileno(), context)
+
+    def _forget(self, fd: int, context: StreamContext) -> None:
         with self._lock:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(sock)
+            entry = self._watched.get(fd)
+            if entry is not None and entry[1] is context:
+                del self._watched[fd]
+                if self._poll is not None:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self._poll.unregister(fd)
+
+    def _wait(self, timeout: float) -> List[Tuple[int, int]]:
+        if self._poll is not None:
+            return self._poll.poll(timeout * 1000)
+        with self._lock:
+            fds = [self._wake_fd] + list(self._watched)
+        readable, _, _ = select.select(fds, [], [], timeout)
+        return [(fd, WATCH_EVENTS) for fd in readable]
 
     def _run(self) -> None:
         while not self._closed:
             try:
-                events = self._selector.select(timeout=1.0)
-            except (OSError, ValueError):
+                for fd, _ in self._wait(1.0):
+                    if fd == self._wake_fd:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    else:
+                        self._check(fd)
+            except Exception:  # one stream's trouble must not end the watch over all the others
+                log.exception("hang-up watcher: unexpected error; still watching")
                 time.sleep(0.05)
-                continue
-            for key, _ in events:
-                if key.data is None:
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
-                    continue
-                self._check(key.fileobj, key.data)
 
-    def _check(self, sock: socket.socket, context: StreamContext) -> None:
-        with context.lock:
-            if not context.active:
-                return
-            gone = peek_is_closed(sock)
+    def _check(self, fd: int) -> None:
+        with self._lock:
+            entry = self._watched.get(fd)
+        if entry is None:
+            return
+        sock, context = entry
+        with context.lock:  # while active, the handler has not let go of this socket
+            gone = client_has_left(sock) if context.active else False  # else: only forget it
         if gone is None:
             return
-        with self._lock:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(sock)
+        self._forget(fd, context)
         if gone:
             context.hang_up()
 
@@ -5769,10 +5809,21 @@ class HangupWatcher:
             self._wake_w.send(b"x")
         if self._thread is not None:
             self._thread.join(timeout=2)
-        with contextlib.suppress(OSError):
-            self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+def client_has_left(sock: socket.socket) -> Optional[bool]:
+    """True: the client closed or reset. False: it sent bytes, and this
+    platform cannot see a FIN behind them. None: nothing after all."""
+    if HANGUP_EVENTS:
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), HANGUP_EVENTS)
+            return True if poller.poll(0) else None
+        except (OSError, ValueError):
+            return True
+    return peek_is_closed(sock)
 
 
 def peek_is_closed(sock: socket.socket) -> Optional[bool]:

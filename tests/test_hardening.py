@@ -900,6 +900,69 @@ class TestCredentialsAtTheEdges:
         assert [c["refresh_token"] for c in fake.token_calls] == ["rt_initial", "rt_2"]
 
 
+# == TestHangupWatcher =========================================================
+
+class TestHangupWatcher:
+    """A client that leaves mid-stream has its upstream cut at once (generation
+    is billed), whatever came before: an upstream answer with Connection: close,
+    bytes from the client, trouble with another stream."""
+
+    def abandoned_stream(self, proxy, fake, headers=None, client_sends=b"", patience=3.0):
+        """A stream the client leaves; seconds until upstream saw its connection
+        cut, or None if that took longer than ``patience``."""
+        cut = []
+
+        def route(ex):
+            ex.start_chunked(headers=headers)
+            ex.chunk(sse({"type": "response.created"}))
+            started = time.monotonic()
+            if ex.wait_closed_by_peer(timeout=patience):
+                cut.append(time.monotonic() - started)
+            else:
+                ex.close()  # ends the stream OCM still relays
+            cut.append(None)
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        conn = proxy.conn()
+        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        assert b"response.created" in conn.getresponse().read1(65536)
+        if client_sends:
+            conn.sock.sendall(client_sends)
+            time.sleep(0.05)  # the watcher sees those bytes first
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        assert wait_for(lambda: cut and cut[-1] is None, patience + 2)
+        return cut[0]
+
+    def test_a_stream_with_connection_close_is_cut_and_the_watch_goes_on(self, proxy, fake):
+        first = self.abandoned_stream(proxy, fake, headers={"Connection": "close"})
+        second = self.abandoned_stream(proxy, fake)
+        assert first is not None and first < 2.0
+        assert second is not None and second < 2.0
+
+    def test_a_client_that_sent_bytes_mid_stream_is_still_watched(self, proxy, fake):
+        if not ocm.HANGUP_EVENTS:
+            pytest.skip("needs POLLRDHUP (Linux)")
+        seconds = self.abandoned_stream(proxy, fake, client_sends=b"GET /v1/models HTTP/1.1\r\n")
+        assert seconds is not None and seconds < 2.0
+
+    def test_trouble_with_one_stream_does_not_end_the_watch(self, proxy, fake, monkeypatch, caplog):
+        real, calls = ocm.StreamContext.hang_up, []
+
+        def broken_once(context):
+            calls.append(context)
+            if len(calls) == 1:
+                raise RuntimeError("trouble")
+            real(context)
+
+        monkeypatch.setattr(ocm.StreamContext, "hang_up", broken_once)
+        with caplog.at_level(logging.ERROR, logger="ocm"):
+            self.abandoned_stream(proxy, fake, patience=0.3)
+        second = self.abandoned_stream(proxy, fake)
+        assert len(calls) == 2 and second is not None and second < 2.0
+        assert "hang-up watcher: unexpected error" in caplog.text
+
+
 # == Fuzzing ===================================================================
 
 json_values = st.recursive(
