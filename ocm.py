@@ -152,6 +152,7 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_HEADER_TIMEOUT = 10.0           # whole request head, so slowloris cannot stall us
 DEFAULT_IDLE_TIMEOUT = 120.0            # between requests on a keep-alive connection
 DEFAULT_BODY_TIMEOUT = 60.0             # between two reads of a request body
+DEFAULT_SEND_TIMEOUT = 60.0             # a client (or WebSocket peer) that takes no bytes is cut
 DEFAULT_MAX_REQUEST_LINE = 16 * 1024
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 DEFAULT_MAX_HEADER_COUNT = 100
@@ -370,6 +371,7 @@ class Limits:
     header_timeout = DEFAULT_HEADER_TIMEOUT
     idle_timeout = DEFAULT_IDLE_TIMEOUT
     body_timeout = DEFAULT_BODY_TIMEOUT
+    send_timeout = DEFAULT_SEND_TIMEOUT
     max_request_line = DEFAULT_MAX_REQUEST_LINE
     max_header_size = DEFAULT_MAX_HEADER_SIZE
     max_header_count = DEFAULT_MAX_HEADER_COUNT
@@ -983,6 +985,7 @@ def _parse_limits(raw: Any, where: str) -> Limits:
         header_timeout=f.seconds("header_timeout", DEFAULT_HEADER_TIMEOUT),
         idle_timeout=f.seconds("idle_timeout", DEFAULT_IDLE_TIMEOUT),
         body_timeout=f.seconds("body_timeout", DEFAULT_BODY_TIMEOUT),
+        send_timeout=f.seconds("send_timeout", DEFAULT_SEND_TIMEOUT),
         max_request_line=f.int("max_request_line", DEFAULT_MAX_REQUEST_LINE, 256, 1 << 20),
         max_header_size=f.int("max_header_size", DEFAULT_MAX_HEADER_SIZE, 1024, 16 << 20),
         max_header_count=f.int("max_header_count", DEFAULT_MAX_HEADER_COUNT, 8, 10000),
@@ -4530,6 +4533,11 @@ WS_CLOSE, WS_PING, WS_PONG = 0x8, 0x9, 0xA
 WS_DATA_OPCODES = frozenset((WS_CONTINUATION, WS_TEXT, WS_BINARY))
 WS_CONTROL_OPCODES = frozenset((WS_CLOSE, WS_PING, WS_PONG))
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# A message may come in fragments, and each costs a few dozen bytes to follow
+# even when empty: without these, zero-length continuation frames grew memory
+# by about 1 MB a second per client, for ever.
+WS_MAX_FRAMES_PER_MESSAGE = 4096   # past it: close 1008 (policy violation)
+WS_FRAME_OVERHEAD = 64             # bytes each frame counts toward max_websocket_message (1009)
 
 
 class WebSocketError(OCMError):
@@ -4674,17 +4682,21 @@ class FrameParser:
 
 class MessageTracker:
     """Follows the message structure of one direction: fragments in order,
-    control frames allowed between them, size limit, UTF-8 of text. Keeps a
-    copy of a text message only while it may matter to accounting."""
-    __slots__ = ("_opcode", "_size", "_max", "_utf8", "_parts", "_keep")
+    control frames allowed between them, size and fragment limits (each frame
+    counts WS_FRAME_OVERHEAD bytes on top of its payload), UTF-8 of text.
+    Keeps a copy of a text message only while it may matter to accounting,
+    and the time of the last data frame (how long this peer has been idle)."""
+    __slots__ = ("_opcode", "_size", "_frames", "_max", "_utf8", "_parts", "_keep", "last_data_at")
 
     def __init__(self, max_message: int):
         self._opcode = None  # type: Optional[int]  # the data message in progress
         self._size = 0
+        self._frames = 0
         self._max = max_message
         self._utf8 = None
         self._parts = []  # type: List[bytes]
         self._keep = False
+        self.last_data_at = time.monotonic()
 
     def add(self, frame: Frame) -> Optional[bytes]:
         """Check one frame; returns a completed text message, else None."""
@@ -4697,10 +4709,14 @@ class MessageTracker:
         else:
             if self._opcode is not None:
                 raise WebSocketError(1002, "new data frame in the middle of a fragmented message")
-            self._opcode, self._size, self._parts = opcode, 0, []
+            self._opcode, self._size, self._frames, self._parts = opcode, 0, 0, []
             self._keep = opcode == WS_TEXT
             self._utf8 = codecs.getincrementaldecoder("utf-8")() if opcode == WS_TEXT else None
-        self._size += len(frame.payload)
+        self.last_data_at = time.monotonic()
+        self._frames += 1
+        if self._frames > WS_MAX_FRAMES_PER_MESSAGE:
+            raise WebSocketError(1008, "message in more than %d frames" % WS_MAX_FRAMES_PER_MESSAGE)
+        self._size += len(frame.payload) + WS_FRAME_OVERHEAD
         if self._size > self._max:
             raise WebSocketError(1009, "message over the limit of %d bytes" % self._max)
         if self._utf8 is not None:
@@ -4908,6 +4924,8 @@ def encode_head(status: int, reason: str, headers: List[Tuple[str, str]]) -> byt
 WS_CLOSE_WAIT = 5.0  # after one side's close, how long the other gets to answer it
 WS_FIRST_MESSAGE_WAIT = 10.0  # a refused session's error frame waits this long for the request
 WS_SHUTDOWN_WAIT = 2.0  # at shutdown, how long live sessions get to finish their close
+WS_IDLE_LIMIT = 30 * 60.0  # a session whose client sent no message this long may be closed
+                           # (the backend ends every session after 60 minutes; Codex reconnects)
 
 
 def is_websocket_upgrade(request: ClientRequest) -> bool:
@@ -4958,8 +4976,15 @@ def usage_limit_frame(handshake: WebSocketHandshake) -> bytes:
 
 
 class WebSocketEnd:
-    """One side of a relayed WebSocket: its socket, parser and close state."""
-    __slots__ = ("name", "sock", "parser", "messages", "write_lock", "close_sent", "is_upstream", "done")
+    """One side of a relayed WebSocket: its socket, parser and close state.
+
+    Sends have their own time limit, ``limits.send_timeout``: a peer that
+    takes no bytes for that long is stalled (is_stalled), and the server cuts
+    the session. The socket itself keeps no timeout, for the reads of the
+    other direction wait for as long as the user thinks (a socket timeout
+    would apply to both)."""
+    __slots__ = ("name", "sock", "parser", "messages", "write_lock", "close_sent", "is_upstream", "done",
+                 "send_timeout", "sending_since")
 
     def __init__(self, name: str, sock, is_upstream: bool, limits: Limits):
         self.name = name
@@ -4970,13 +4995,33 @@ class WebSocketEnd:
         self.write_lock = threading.Lock()
         self.close_sent = False
         self.done = threading.Event()
+        self.send_timeout = limits.send_timeout
+        self.sending_since = 0.0  # monotonic start of the send in progress, 0 when none
 
     def send(self, opcode: int, payload: bytes, fin: bool = True) -> None:
         data = encode_frame(opcode, payload, fin, masked=self.is_upstream)
         with self.write_lock:
             if not self.close_sent:  # nothing may follow a close frame
                 self.close_sent = opcode == WS_CLOSE
-                self.sock.sendall(data)
+                self.sending_since = time.monotonic()
+                try:
+                    self.sock.sendall(data)
+                finally:
+                    self.sending_since = 0.0
+
+    def is_stalled(self, now: float) -> bool:
+        """A send has waited longer than send_timeout for the peer to take it."""
+        since = self.sending_since
+        return since != 0.0 and now - since > self.send_timeout
+
+    @property
+    def last_active(self) -> float:
+        """Monotonic time of this peer's last data frame (or of the session's start)."""
+        return self.messages.last_data_at
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since this peer's last data frame: compare with WS_IDLE_LIMIT."""
+        return now - self.messages.last_data_at
 
     def send_close(self, code: Optional[int], reason: str = "") -> None:
         with contextlib.suppress(OSError):
@@ -6039,6 +6084,7 @@ class OCMServer(ThreadingHTTPServer):
                                                           ACCESS_LOG_DELAY))):
                 return
             flush_access_log(only_if_due=True)
+            self.cut_stalled_websockets(time.monotonic())
             now = time.time()
             for account in list(self.accounts.values()):
                 if account.poll_interval and account.next_poll_at <= now and not self._stop_housekeeping.is_set():
@@ -6296,6 +6342,20 @@ class OCMServer(ThreadingHTTPServer):
         finally:
             with self._handlers_changed:
                 self._websockets.discard(session)
+
+    def cut_stalled_websockets(self, now: float) -> None:
+        """Cut every session with a peer that took no bytes for send_timeout: a
+        client that stops reading would otherwise hold the upstream pump (and
+        its billed generation) for ever. The housekeeping thread calls this."""
+        with self._handlers_changed:
+            sessions = list(self._websockets)
+        for session in sessions:
+            for end in (session.client, session.upstream):
+                if end.is_stalled(now):
+                    log.info("websocket: %s took nothing for %g s; closing the session",
+                             end.name, end.send_timeout)
+                    session.cut()
+                    break
 
     # -- the connection cap -----------------------------------------------------
     def process_request(self, request, client_address) -> None:

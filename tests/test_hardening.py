@@ -1,6 +1,7 @@
 """Hardening: OCM keeps serving under hostile input, faults and load, and
 loses nothing. Every test here fails if its protection is removed."""
 
+import contextlib
 import errno
 import io
 import json
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +23,7 @@ from hypothesis import strategies as st
 import ocm
 from test_ocm import (OCM_PY, USERS, completed_event, error_of, make_jwt, message_event, raw_exchange, read_json, sse,
                       wait_for, write_auth)
-from test_websocket import WSClient, WSUpstream, close_body
+from test_websocket import WSClient, WSUpstream, close_body, response_creates, ws_frame
 
 FUZZ_EXAMPLES = int(os.environ.get("OCM_FUZZ_EXAMPLES", "25"))  # `make fuzz` runs 2000
 fuzz_settings = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
@@ -961,6 +963,113 @@ class TestHangupWatcher:
         second = self.abandoned_stream(proxy, fake)
         assert len(calls) == 2 and second is not None and second < 2.0
         assert "hang-up watcher: unexpected error" in caplog.text
+
+
+# == TestWebSocketFloods =======================================================
+
+def frames_sent_upstream(sock, reader):
+    """(opcode, payload) of each frame OCM sends upstream, parsed in place:
+    the test codec copies its buffer per read, too slow for a flood."""
+    buf, pos = bytearray(reader.buf), 0
+    while True:
+        while len(buf) - pos >= 2:
+            n = buf[pos + 1] & 0x7F
+            head = 2 + (2 if n == 126 else 8 if n == 127 else 0)
+            if len(buf) - pos < head:
+                break
+            if n >= 126:
+                n = int.from_bytes(buf[pos + 2:pos + head], "big")
+            end = pos + head + 4 + n  # OCM masks every frame it sends upstream
+            if len(buf) < end:
+                break
+            mask = buf[pos + head:pos + head + 4]
+            yield buf[pos] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(buf[pos + head + 4:end]))
+            pos = end
+        data = sock.recv(65536)
+        if not data:
+            return
+        del buf[:pos]
+        buf, pos = buf + data, 0
+
+
+def ocm_memory():
+    """Bytes ocm.py itself holds now (allocations made by its own lines)."""
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, ocm.__file__)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+class TestWebSocketFloods:
+    def test_empty_fragments_cannot_grow_memory_without_bound(self, proxy, fake):
+        """Zero-length continuation frames cost nothing against the size limit:
+        without a bound on frames per message, each one was kept for ever."""
+        fragments = 20000
+        forwarded = []
+        everything = threading.Event()
+
+        def swallow(sock, reader):
+            for opcode, payload in frames_sent_upstream(sock, reader):
+                if opcode == 0x8:
+                    sock.sendall(ws_frame(0x8, payload))
+                    return
+                forwarded.append(None)
+                if len(forwarded) == 1 + fragments:
+                    everything.set()
+
+        WSUpstream(fake).on_connect = swallow
+        client = WSClient(proxy.port)
+        tracemalloc.start()
+        try:
+            assert wait_for(lambda: proxy.server._websockets)
+            before = ocm_memory()
+            flood = ws_frame(0x1, b"{", fin=False, mask=b"abcd") + ws_frame(0x0, b"", fin=False,
+                                                                              mask=b"efgh") * fragments
+            with contextlib.suppress(OSError):
+                client.sock.sendall(flood)
+            assert wait_for(lambda: everything.is_set() or not proxy.server._websockets, 20)
+            grown = ocm_memory() - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 64 * 1024, "OCM kept %d bytes for a message of empty frames" % grown
+        frame = client.frame()
+        while frame[1] != 0x8:
+            frame = client.frame()
+        assert int.from_bytes(frame[2][:2], "big") == 1008
+        client.close()
+
+    def test_a_client_that_stops_reading_is_cut_within_the_send_timeout(self, make_proxy, fake):
+        upstream_done = threading.Event()
+
+        def stream_for_ever(sock, reader):
+            sock.settimeout(10)
+            for _ in response_creates(sock, reader, lambda frame: None):
+                with contextlib.suppress(OSError):
+                    while True:
+                        sock.sendall(ws_frame(0x2, b"x" * 65536))
+                upstream_done.set()
+                return
+
+        WSUpstream(fake).on_connect = stream_for_ever
+        proxy = make_proxy(limits={"send_timeout": 0.3})
+        client = WSClient(proxy.port)
+        try:
+            client.send_json({"type": "response.create", "model": "gpt-5.4"})  # and never reads again
+            assert wait_for(lambda: upstream_done.is_set() and not proxy.server._websockets, 8)
+        finally:
+            client.close()
+
+    def test_a_websocket_end_says_how_long_its_peer_was_idle(self, proxy, fake):
+        WSUpstream(fake)
+        client = WSClient(proxy.port)
+        try:
+            assert wait_for(lambda: proxy.server._websockets)
+            session = next(iter(proxy.server._websockets))
+            started = session.client.last_active
+            assert 0 <= session.client.idle_for(time.monotonic()) < ocm.WS_IDLE_LIMIT
+            client.send_json({"type": "response.create", "model": "gpt-5.4"})
+            client.events_until_completed()
+            assert session.client.last_active > started
+        finally:
+            client.close()
 
 
 # == Fuzzing ===================================================================
