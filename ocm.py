@@ -1426,9 +1426,10 @@ class Credential:
             raw, file_id = _read_file_with_id(self.path)
         except FileNotFoundError:
             if self._file_id is not None or self._login is None:
-                self._set_problem_locked("%s not found; sign in with `codex login` "
-                                         "or `python3 ocm.py login`" % self.path, None,
-                                         "the owner's login file is missing; the owner must sign in")
+                self._set_problem_locked(
+                    "%s not found; sign in with `codex login` or `python3 ocm.py login`"
+                    % self.path,
+                    None, "the owner's login file is missing; the owner must sign in")
             return
         except OSError as exc:
             self._set_problem_locked("cannot read %s: %s" % (self.path, exc.strerror or exc), None,
@@ -1445,8 +1446,8 @@ class Credential:
                 log.warning("credential %s: %s; keeping the previous login", self.tag, problem)
                 self._file_id = file_id
                 return
-            self._set_problem_locked(problem, file_id, "the owner's login file is damaged (not valid "
-                                                       "JSON); the owner must sign in again")
+            self._set_problem_locked(problem, file_id, "the owner's login file is damaged "
+                                     "(not valid JSON); the owner must sign in again")
             return
         except CredentialProblem as exc:  # names no path
             self._set_problem_locked(str(exc), file_id, str(exc))
@@ -1649,7 +1650,8 @@ class Credential:
                     for k in ("access_token", "refresh_token", "id_token")):
                 raise RefreshFailed("token endpoint answered %d without tokens" % status, permanent=False)
             return answer
-        code, message = log_safe(refresh_error_code(answer)), log_safe(refresh_error_message(answer))
+        code = log_safe(refresh_error_code(answer))
+        message = log_safe(refresh_error_message(answer))
         text = "token endpoint answered %d%s%s" % (status, " " + code if code else "",
                                                    ": " + message if message else "")
         raise RefreshFailed(text, permanent=status == 401 or code in PERMANENT_REFRESH_CODES)
@@ -2350,8 +2352,9 @@ def usage_record_from(obj: Any, fallback_model: str = "", fallback_tier: str = "
     tier = obj.get("service_tier")
     # Either may be the client's own words (upstream left them out): made safe
     # here, once, for every book, metric and log line the record reaches.
-    return UsageRecord(log_safe(model if isinstance(model, str) and model else fallback_model or "unknown"),
-                       log_safe(tier if isinstance(tier, str) and tier else fallback_tier), *tokens)
+    model = model if isinstance(model, str) and model else fallback_model or "unknown"
+    tier = tier if isinstance(tier, str) and tier else fallback_tier
+    return UsageRecord(log_safe(model), log_safe(tier), *tokens)
 
 
 # Terminal Responses events whose response carries billable usage.
@@ -2616,7 +2619,8 @@ class UserTable:
         Raises HTTPError 401 with sing-box's messages."""
         if self.is_open:
             return None
-        if any(_CONTROL_CHARS.search(v) for name in CLIENT_CREDENTIAL_HEADERS for v in headers.get_all(name)):
+        if any(_CONTROL_CHARS.search(value) for name in CLIENT_CREDENTIAL_HEADERS
+               for value in headers.get_all(name)):
             raise HTTPError(401, "authentication_error", "invalid api key")
         value = headers.get("authorization")
         if not value:
@@ -2674,7 +2678,7 @@ class Headers:
 
 _TOKEN_BYTES = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f-\xff]")  # a URI is ASCII (RFC 3986); the rest %-encoded
+_BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f-\xff]")  # URIs are ASCII (RFC 3986), the rest %XX
 _HEX_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
 
 
@@ -2748,7 +2752,7 @@ def parse_request_head(head: bytes, limits: Limits) -> ClientRequest:
                               % version.decode("ascii"), 505)
         raise bad_request("malformed HTTP version")
     if _BAD_TARGET_BYTES.search(target):
-        raise bad_request("request target has spaces, control characters or bytes that are not ASCII")
+        raise bad_request("request target has spaces, control characters or bytes beyond ASCII")
     if len(lines) - 1 > limits.max_header_count:
         raise bad_request("more than %d header fields" % limits.max_header_count, 431)
     pairs = []
@@ -2759,7 +2763,8 @@ def parse_request_head(head: bytes, limits: Limits) -> ClientRequest:
         if not sep or not _TOKEN_BYTES.match(name):
             raise bad_request("invalid header name %r" % name[:40].decode("latin-1"))
         value = value.strip(b" \t")
-        if _BAD_VALUE_BYTES.search(value) and name.lower().decode("ascii") not in CLIENT_CREDENTIAL_HEADERS:
+        if _BAD_VALUE_BYTES.search(value) and \
+                name.lower().decode("ascii") not in CLIENT_CREDENTIAL_HEADERS:
             # A credential with control characters is a wrong credential (401,
             # which SDKs report as such); it is never forwarded nor logged.
             raise bad_request("header %s has control characters" % name.decode("ascii"))
@@ -3268,7 +3273,7 @@ class FastResponse(http.client.HTTPResponse):
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
         if status == http.client.SWITCHING_PROTOCOLS:
-            self.will_close = True  # a 101 we never asked for: the connection speaks something else now
+            self.will_close = True  # a 101 we never asked for: the connection is another protocol
 
 
 class UpstreamConnection(http.client.HTTPConnection):
@@ -4305,7 +4310,8 @@ def render_metrics(server: "OCMServer") -> str:
     lines = []  # type: List[str]
 
     def sample(name: str, labels: Dict[str, str], value: float) -> None:
-        text = ",".join('%s="%s"' % (k, prometheus_escape(log_safe(str(v)))) for k, v in sorted(labels.items()))
+        text = ",".join('%s="%s"' % (k, prometheus_escape(log_safe(str(v))))
+                        for k, v in sorted(labels.items()))
         lines.append("%s%s %s" % (name, "{%s}" % text if text else "", repr(float(value))))
 
     counters = server.metrics.counters()
@@ -4715,7 +4721,7 @@ class MessageTracker:
         self.last_data_at = time.monotonic()
         self._frames += 1
         if self._frames > WS_MAX_FRAMES_PER_MESSAGE:
-            raise WebSocketError(1008, "message in more than %d frames" % WS_MAX_FRAMES_PER_MESSAGE)
+            raise WebSocketError(1008, "a message in over %d frames" % WS_MAX_FRAMES_PER_MESSAGE)
         self._size += len(frame.payload) + WS_FRAME_OVERHEAD
         if self._size > self._max:
             raise WebSocketError(1009, "message over the limit of %d bytes" % self._max)
@@ -4983,8 +4989,8 @@ class WebSocketEnd:
     the session. The socket itself keeps no timeout, for the reads of the
     other direction wait for as long as the user thinks (a socket timeout
     would apply to both)."""
-    __slots__ = ("name", "sock", "parser", "messages", "write_lock", "close_sent", "is_upstream", "done",
-                 "send_timeout", "sending_since")
+    __slots__ = ("name", "sock", "parser", "messages", "write_lock", "close_sent", "is_upstream",
+                 "done", "send_timeout", "sending_since")
 
     def __init__(self, name: str, sock, is_upstream: bool, limits: Limits):
         self.name = name

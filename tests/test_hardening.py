@@ -716,8 +716,9 @@ class TestPooledConnections:
 
 # == TestPrivateHeaders ========================================================
 
-PRIVATE_CLIENT_HEADERS = {"Cookie": "session=user", "Forwarded": "for=203.0.113.9", "X-Forwarded-For": "203.0.113.9",
-                          "X-Forwarded-Host": "evil.example", "X-Real-IP": "203.0.113.9",
+PRIVATE_CLIENT_HEADERS = {"Cookie": "session=user", "Forwarded": "for=203.0.113.9",
+                          "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Host": "evil.example",
+                          "X-Real-IP": "203.0.113.9",
                           "OpenAI-Organization": "org-user", "OpenAI-Project": "proj-user"}
 
 
@@ -730,15 +731,16 @@ class TestPrivateHeaders:
     """Cookies, forwarding headers and the organisation or project to bill are
     the owner's: a user's never reach OpenAI, OpenAI's cookies never reach users."""
 
-    def test_a_users_cookies_forwarding_and_billing_headers_never_reach_upstream(self, make_proxy, fake):
+    def test_a_users_cookies_forwarding_and_billing_headers_never_reach_upstream(self, make_proxy,
+                                                                                  fake):
         proxy = make_proxy()
         assert proxy.request("POST", "/v1/responses", {}, headers=PRIVATE_CLIENT_HEADERS)[0] == 200
         sent = fake.api_requests()[-1]
         assert private_headers_sent(sent) == {}
         owner = make_proxy(headers={"OpenAI-Organization": "org-owner", "Cookie": "owner=1"})
         assert owner.request("POST", "/v1/responses", {}, headers=PRIVATE_CLIENT_HEADERS)[0] == 200
-        assert private_headers_sent(fake.api_requests()[-1]) == {"OpenAI-Organization": "org-owner",
-                                                                 "Cookie": "owner=1"}
+        sent = private_headers_sent(fake.api_requests()[-1])
+        assert sent == {"OpenAI-Organization": "org-owner", "Cookie": "owner=1"}
 
     def test_upstream_cookies_never_reach_users(self, proxy, fake):
         fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.send(
@@ -754,7 +756,8 @@ class TestPrivateHeaders:
         finally:
             client.close()
         assert private_headers_sent(ws.handshakes[0]) == {}
-        ws.status, ws.refusal_body, ws.refusal_headers = 403, b'{"error": {}}', {"Set-Cookie": "cf=owner"}
+        ws.status, ws.refusal_body = 403, b'{"error": {}}'
+        ws.refusal_headers = {"Set-Cookie": "cf=owner"}
         refused = WSClient(proxy.port)
         try:
             assert refused.status == 403 and "set-cookie" not in refused.headers
@@ -765,7 +768,8 @@ class TestPrivateHeaders:
 # == TestLogInjection ==========================================================
 
 def evil_model(length):
-    return ("gpt-5.4\nbob POST /v1/responses 200 model=free in=0\r\x1b[2J\x1b[31m\u202e" + "x" * length)
+    return ("gpt-5.4\nbob POST /v1/responses 200 model=free in=0\r\x1b[2J\x1b[31m\u202e"
+            + "x" * length)
 
 
 UNSAFE = ("\n", "\r", "\x1b", "\x9b", "\u202e")
@@ -782,11 +786,15 @@ class TestLogInjection:
     capped wherever OCM writes it, so it cannot forge a line or flood a file."""
 
     def check_everywhere(self, proxy, caplog, log_format, lines):
-        assert wait_for(lambda: len([r for r in caplog.records if r.name == "ocm.access"]) >= lines)
-        access = [r.getMessage() for r in caplog.records if r.name == "ocm.access"]
+        def access_lines():
+            return [r.getMessage() for r in caplog.records if r.name == "ocm.access"]
+
+        assert wait_for(lambda: len(access_lines()) >= lines)
+        access = access_lines()
         assert all(is_tame(line) for line in access), access
         if log_format == "json":  # lines land in the order their handlers finish
-            assert [json.loads(line)["model"][:9] for line in access if "gpt" in line] == ["gpt-5.4\\n"]
+            models = [json.loads(line)["model"][:9] for line in access if "gpt" in line]
+            assert models == ["gpt-5.4\\n"]
         else:
             assert len([line for line in access if "model=gpt-5.4\\nbob POST" in line]) == 1
         status, _, metrics = proxy.request("GET", "/metrics")
@@ -795,23 +803,26 @@ class TestLogInjection:
         assert not [line for line in metrics.decode().splitlines() if line.startswith("bob ")]
         assert proxy.server.usage.save()
         saved = read_json(proxy.server.usage.path)["combinations"]
-        assert [c["model"][:7] for c in saved] == ["gpt-5.4"] and all(is_tame(c["model"]) for c in saved)
+        assert [c["model"][:7] for c in saved] == ["gpt-5.4"]
+        assert all(is_tame(c["model"]) for c in saved)
         assert all(is_tame(r.getMessage()) for r in caplog.records)
 
     @pytest.mark.parametrize("log_format", ["text", "json"])
-    def test_a_model_name_from_a_request_body_cannot_forge_a_log_line(self, make_proxy, fake, caplog, tmp_path,
-                                                                     log_format):
+    def test_a_model_name_from_a_request_body_cannot_forge_a_log_line(self, make_proxy, fake,
+                                                                     caplog, tmp_path, log_format):
+        usage = {"input_tokens": 5, "output_tokens": 1}  # and no model
         fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(
-            {"type": "response.completed", "response": {"usage": {"input_tokens": 5, "output_tokens": 1}}})))
+            {"type": "response.completed", "response": {"usage": usage}})))
         proxy = make_proxy(log_format=log_format, usages_path=str(tmp_path / "usage.json"))
         with caplog.at_level(logging.DEBUG, logger="ocm"):
-            # 7 KB: past 8 KB a body is no longer kept whole for this (release_body), and reads "unknown"
+            # 7 KB: past 8 KB a body is no longer kept whole for this (release_body): "unknown"
             assert proxy.request("POST", "/v1/responses", {"model": evil_model(7000)})[0] == 200
             raw_exchange(proxy.port, b"GET /v1/x" + b"y" * 10000 + b" HTTP/1.1\r\n" + AUTH +
                          b"Connection: close\r\n\r\n")
             self.check_everywhere(proxy, caplog, log_format, 2)
 
-    def test_a_model_name_from_a_websocket_turn_cannot_either(self, make_proxy, fake, caplog, tmp_path):
+    def test_a_model_name_from_a_websocket_turn_cannot_either(self, make_proxy, fake, caplog,
+                                                              tmp_path):
         WSUpstream(fake).completed_without_model = True
         proxy = make_proxy(usages_path=str(tmp_path / "usage.json"))
         with caplog.at_level(logging.DEBUG, logger="ocm"):
@@ -829,7 +840,8 @@ class TestLogInjection:
         assert ocm.log_safe("gpt-5.3-codex") == "gpt-5.3-codex"
         assert ocm.log_safe("a\nb\x1b[0m\x9b\u2028") == "a\\nb\\x1b[0m\\x9b\\u2028"
         capped = ocm.log_safe("\n" * 5000)
-        assert len(capped) == ocm.LOG_VALUE_LIMIT and capped.endswith("...") and ocm.log_safe(capped) == capped
+        assert len(capped) == ocm.LOG_VALUE_LIMIT and capped.endswith("...")
+        assert ocm.log_safe(capped) == capped
 
 
 # == TestOwnersPaths ===========================================================
@@ -838,10 +850,11 @@ class TestOwnersPaths:
     """Users learn why the owner's login cannot be used, in plain words; the
     path of the owner's file stays in the owner's log."""
 
-    @pytest.mark.parametrize("damage, words", [("missing", "the owner's login file is missing; the owner must "
-                                                "sign in"), ("garbled", "the owner's login file is damaged")])
-    def test_a_broken_login_file_is_explained_without_its_path(self, make_proxy, auth_path, caplog, damage,
-                                                               words):
+    @pytest.mark.parametrize("damage, words", [
+        ("missing", "the owner's login file is missing; the owner must sign in"),
+        ("garbled", "the owner's login file is damaged")])
+    def test_a_broken_login_file_is_explained_without_its_path(self, make_proxy, auth_path, caplog,
+                                                               damage, words):
         if damage == "missing":
             os.unlink(str(auth_path))
         else:
@@ -856,14 +869,18 @@ class TestOwnersPaths:
             assert str(auth_path.parent).encode() not in answer and b"auth.json" not in answer
         assert str(auth_path) in caplog.text  # the owner still learns which file
 
-    def test_a_refresh_that_cannot_reread_the_file_is_explained_without_its_path(self, make_proxy, auth_path,
-                                                                                 monkeypatch):
+    def test_a_refresh_that_cannot_reread_the_file_is_explained_without_its_path(
+            self, make_proxy, auth_path, monkeypatch):
         write_auth(auth_path, expires_in=-10)  # expired: a refresh is needed, and it cannot happen
         proxy = make_proxy()
         real = ocm._read_file_with_id
-        monkeypatch.setattr(ocm, "_read_file_with_id", lambda path: (_ for _ in ()).throw(
-            PermissionError(13, "Permission denied", path)) if proxy.server.credential._refresh_lock.locked()
-            else real(path))
+
+        def unreadable_while_refreshing(path):
+            if proxy.server.credential._refresh_lock.locked():
+                raise PermissionError(13, "Permission denied", path)
+            return real(path)
+
+        monkeypatch.setattr(ocm, "_read_file_with_id", unreadable_while_refreshing)
         status, _, body = proxy.request("POST", "/v1/responses", {})
         assert status == 503 and "cannot re-read the owner's login file" in error_of(body)[1]
         assert str(auth_path.parent).encode() not in body
@@ -872,20 +889,24 @@ class TestOwnersPaths:
 # == TestCredentialsAtTheEdges =================================================
 
 class TestCredentialsAtTheEdges:
-    @pytest.mark.parametrize("header", [b"Authorization: Bearer tok-al\x01ice", b"Authorization: Bearer tok-alice\x0b",
+    @pytest.mark.parametrize("header", [b"Authorization: Bearer tok-al\x01ice",
+                                        b"Authorization: Bearer tok-alice\x0b",
                                         b"Authorization: Bearer tok-alice\x7f",
                                         b"Authorization: Bearer tok-alice\r\nX-Api-Key: k\x00"])
     def test_a_token_with_control_characters_is_a_wrong_token_401(self, proxy, fake, header):
-        answer = raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + header + b"\r\nConnection: close\r\n\r\n")
-        assert status_of(answer) == 401 and error_of(body_of(answer)) == ("authentication_error", "invalid api key")
+        answer = raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + header +
+                              b"\r\nConnection: close\r\n\r\n")
+        assert status_of(answer) == 401
+        assert error_of(body_of(answer)) == ("authentication_error", "invalid api key")
         assert fake.requests == []
 
     def test_other_headers_with_control_characters_are_still_malformed_400(self, proxy, fake):
-        answer = raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"X-Other: a\x01b\r\n\r\n")
+        answer = raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + AUTH +
+                              b"X-Other: a\x01b\r\n\r\n")
         assert status_of(answer) == 400 and b"X-Other has control characters" in answer
 
-    def test_a_linked_auth_json_stays_a_link_and_its_target_gets_the_new_tokens(self, make_proxy, fake, auth_path,
-                                                                                tmp_path):
+    def test_a_linked_auth_json_stays_a_link_and_its_target_gets_the_new_tokens(
+            self, make_proxy, fake, auth_path, tmp_path):
         shared = tmp_path / "codex-cli"  # the Codex CLI's own folder, which OCM's file links to
         shared.mkdir()
         os.replace(str(auth_path), str(shared / "auth.json"))
@@ -893,12 +914,14 @@ class TestCredentialsAtTheEdges:
         os.symlink(str(shared / "auth.json"), str(auth_path))
         proxy = make_proxy()
         assert proxy.request("POST", "/v1/responses", {})[0] == 200
-        assert os.path.islink(str(auth_path)) and os.readlink(str(auth_path)) == str(shared / "auth.json")
+        assert os.path.islink(str(auth_path))
+        assert os.readlink(str(auth_path)) == str(shared / "auth.json")
         assert read_json(shared / "auth.json")["tokens"]["refresh_token"] == "rt_2"
         assert (shared / "auth.lock").exists() and not (auth_path.parent / "auth.lock").exists()
         assert no_temp_files(shared) and no_temp_files(auth_path.parent)
         proxy.server.credential._login = proxy.server.credential._login._replace(expires_at=time.time() + 10)
-        assert proxy.request("POST", "/v1/responses", {})[0] == 200  # the next refresh reads the rotated token
+        # the next refresh reads the rotated token
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200
         assert [c["refresh_token"] for c in fake.token_calls] == ["rt_initial", "rt_2"]
 
 
@@ -948,7 +971,8 @@ class TestHangupWatcher:
         seconds = self.abandoned_stream(proxy, fake, client_sends=b"GET /v1/models HTTP/1.1\r\n")
         assert seconds is not None and seconds < 2.0
 
-    def test_trouble_with_one_stream_does_not_end_the_watch(self, proxy, fake, monkeypatch, caplog):
+    def test_trouble_with_one_stream_does_not_end_the_watch(self, proxy, fake, monkeypatch,
+                                                            caplog):
         real, calls = ocm.StreamContext.hang_up, []
 
         def broken_once(context):
@@ -983,7 +1007,8 @@ def frames_sent_upstream(sock, reader):
             if len(buf) < end:
                 break
             mask = buf[pos + head:pos + head + 4]
-            yield buf[pos] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(buf[pos + head + 4:end]))
+            masked = buf[pos + head + 4:end]
+            yield buf[pos] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(masked))
             pos = end
         data = sock.recv(65536)
         if not data:
@@ -1021,8 +1046,8 @@ class TestWebSocketFloods:
         try:
             assert wait_for(lambda: proxy.server._websockets)
             before = ocm_memory()
-            flood = ws_frame(0x1, b"{", fin=False, mask=b"abcd") + ws_frame(0x0, b"", fin=False,
-                                                                              mask=b"efgh") * fragments
+            empty = ws_frame(0x0, b"", fin=False, mask=b"efgh")
+            flood = ws_frame(0x1, b"{", fin=False, mask=b"abcd") + empty * fragments
             with contextlib.suppress(OSError):
                 client.sock.sendall(flood)
             assert wait_for(lambda: everything.is_set() or not proxy.server._websockets, 20)
@@ -1052,7 +1077,8 @@ class TestWebSocketFloods:
         proxy = make_proxy(limits={"send_timeout": 0.3})
         client = WSClient(proxy.port)
         try:
-            client.send_json({"type": "response.create", "model": "gpt-5.4"})  # and never reads again
+            # and never reads again
+            client.send_json({"type": "response.create", "model": "gpt-5.4"})
             assert wait_for(lambda: upstream_done.is_set() and not proxy.server._websockets, 8)
         finally:
             client.close()
