@@ -151,12 +151,19 @@ DEFAULT_UPSTREAM_READ_TIMEOUT = 600.0   # Codex gives up after 300 s idle; be lo
 DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_HEADER_TIMEOUT = 10.0           # whole request head, so slowloris cannot stall us
 DEFAULT_IDLE_TIMEOUT = 120.0            # between requests on a keep-alive connection
-DEFAULT_BODY_TIMEOUT = 60.0             # between two reads of a request body
+DEFAULT_BODY_TIMEOUT = 60.0             # for a whole request body (plus BODY_MIN_RATE's allowance)
+BODY_MIN_RATE = 16 * 1024               # bytes/s: a body's deadline grows by its size at this rate
 DEFAULT_SEND_TIMEOUT = 60.0             # a client (or WebSocket peer) that takes no bytes is cut
 DEFAULT_MAX_REQUEST_LINE = 16 * 1024
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 DEFAULT_MAX_HEADER_COUNT = 100
 DEFAULT_MAX_CONNECTIONS = 1024
+# Shares of max_connections (when the limits leave them at 0): one client
+# address may hold a quarter, connections that have not authenticated half.
+PER_ADDRESS_SHARE = 4
+UNAUTHENTICATED_SHARE = 2
+IPV6_ADDRESS_PREFIX = 64                # an IPv6 client holds a whole /64: one address
+LINGER_SECONDS = 2.0                    # after a refusal: how long to drop what still comes
 DEFAULT_THREAD_STACK_SIZE = 512 * 1024  # hundreds of streams fit a 32-bit address space
 
 POOL_IDLE_SECONDS = 50.0            # servers drop idle keep-alive connections; don't race them
@@ -377,6 +384,8 @@ class Limits:
     max_header_count = DEFAULT_MAX_HEADER_COUNT
     max_websocket_message = DEFAULT_MAX_BODY_SIZE
     max_connections = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_address = 0        # 0: max_connections / PER_ADDRESS_SHARE
+    max_unauthenticated_connections = 0    # 0: max_connections / UNAUTHENTICATED_SHARE
     thread_stack_size = DEFAULT_THREAD_STACK_SIZE
 
     def __init__(self, **values: Any):
@@ -384,6 +393,16 @@ class Limits:
             if not hasattr(Limits, name):
                 raise TypeError("no limit %r" % name)
             setattr(self, name, value)
+
+    @property
+    def per_address(self) -> int:
+        share = max(1, self.max_connections // PER_ADDRESS_SHARE)
+        return self.max_connections_per_address or share
+
+    @property
+    def unauthenticated(self) -> int:
+        share = max(1, self.max_connections // UNAUTHENTICATED_SHARE)
+        return self.max_unauthenticated_connections or share
 
 
 class ProxyURL(namedtuple("ProxyURL", "scheme host port username password", defaults=("", ""))):
@@ -991,6 +1010,8 @@ def _parse_limits(raw: Any, where: str) -> Limits:
         max_header_count=f.int("max_header_count", DEFAULT_MAX_HEADER_COUNT, 8, 10000),
         max_websocket_message=f.int("max_websocket_message", DEFAULT_MAX_BODY_SIZE, 1024, 1 << 40),
         max_connections=f.int("max_connections", DEFAULT_MAX_CONNECTIONS, 1, 1 << 20),
+        max_connections_per_address=f.int("max_connections_per_address", 0, 0, 1 << 20),
+        max_unauthenticated_connections=f.int("max_unauthenticated_connections", 0, 0, 1 << 20),
         thread_stack_size=f.int("thread_stack_size", DEFAULT_THREAD_STACK_SIZE, 0, 1 << 30),
     )
     if limits.thread_stack_size and not 128 * 1024 <= limits.thread_stack_size <= 64 << 20:  # see MAX_JSON_DEPTH
@@ -2845,15 +2866,19 @@ class SocketReader:
             raise ClientGone(str(exc))
 
     def read_head(self, idle_timeout: float, head_timeout: float, max_line: int,
-                  max_size: int, silence_is_idle: bool = True) -> Optional[bytes]:
+                  max_size: int, silence_is_idle: bool = True,
+                  deadline: Optional[float] = None) -> Optional[bytes]:
         """One message head through its blank line; None if the peer closed, or
         stayed silent for ``idle_timeout`` before its first byte (a keep-alive
         client; for an upstream answer, ``silence_is_idle=False`` makes that a
         socket.timeout). The whole head must arrive within ``head_timeout`` of
-        the first byte, however slowly it drips."""
+        the first byte, however slowly it drips; with a ``deadline`` (monotonic),
+        silence and head together must end by then instead (a connection that
+        has not authenticated)."""
         if not self.buf:
             try:
-                data = self._recv(time.monotonic() + idle_timeout)
+                wait_until = time.monotonic() + idle_timeout if deadline is None else deadline
+                data = self._recv(wait_until)
             except socket.timeout:
                 if not silence_is_idle:
                     raise
@@ -2861,7 +2886,8 @@ class SocketReader:
             if not data:
                 return None
             self.buf += data
-        deadline = time.monotonic() + head_timeout
+        if deadline is None:
+            deadline = time.monotonic() + head_timeout
         start = 0
         while True:
             end = self.buf.find(b"\r\n\r\n", start)
@@ -2884,12 +2910,14 @@ class SocketReader:
                 raise ClientGone("closed in the middle of a message head")
             self.buf += data
 
-    def read_exact(self, size: int, timeout: float) -> bytes:
+    def read_exact(self, size: int, deadline: float) -> bytes:
+        """``size`` bytes, all by ``deadline`` (monotonic): dripping bytes
+        one at a time cannot stretch it."""
         while len(self.buf) < size:
             try:
-                data = self._recv(time.monotonic() + timeout)
+                data = self._recv(deadline)
             except socket.timeout:
-                raise bad_request("request body stalled for %g s" % timeout, 408)
+                raise bad_request("request body not received in time", 408)
             if not data:
                 raise ClientGone("closed in the middle of a request body")
             self.buf += data
@@ -2913,6 +2941,17 @@ class SocketReader:
                 if not data:
                     return
 
+    def discard_until_close(self, limit: int, deadline: float) -> None:
+        """Read and drop what arrives until the peer closes, ``limit`` bytes
+        or ``deadline`` (monotonic)."""
+        self.buf.clear()
+        with contextlib.suppress(OSError, ClientGone):
+            while limit > 0:
+                data = self._recv(deadline)
+                if not data:
+                    return
+                limit -= len(data)
+
     def read_until_close(self, limit: int, timeout: float) -> bytes:
         """Whatever arrives until the peer closes, ``limit`` bytes or ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -2926,7 +2965,7 @@ class SocketReader:
         self.buf.clear()
         return out
 
-    def read_line(self, max_length: int, timeout: float) -> bytes:
+    def read_line(self, max_length: int, deadline: float) -> bytes:
         start = 0
         while True:
             end = self.buf.find(b"\r\n", start)
@@ -2938,19 +2977,23 @@ class SocketReader:
                 raise bad_request("chunk framing line too long")
             start = max(0, len(self.buf) - 1)
             try:
-                data = self._recv(time.monotonic() + timeout)
+                data = self._recv(deadline)
             except socket.timeout:
-                raise bad_request("request body stalled for %g s" % timeout, 408)
+                raise bad_request("request body not received in time", 408)
             if not data:
                 raise ClientGone("closed in the middle of a request body")
             self.buf += data
 
 
-def read_chunked_body(reader: SocketReader, max_size: int, timeout: float) -> bytes:
-    """A chunked request body, strictly framed (RFC 9112 section 7.1)."""
+def read_chunked_body(reader: SocketReader, max_size: int, timeout: float,
+                      min_rate: float = 0.0) -> bytes:
+    """A chunked request body, strictly framed (RFC 9112 section 7.1), all of
+    it within ``timeout`` seconds plus, with a ``min_rate``, the time each
+    announced chunk takes at that many bytes a second."""
     body = bytearray()
+    deadline = time.monotonic() + timeout
     while True:
-        line = reader.read_line(4096, timeout)
+        line = reader.read_line(4096, deadline)
         size_text = line.split(b";", 1)[0]
         if not _HEX_SIZE.match(size_text):
             raise bad_request("invalid chunk size line")
@@ -2960,11 +3003,13 @@ def read_chunked_body(reader: SocketReader, max_size: int, timeout: float) -> by
         if len(body) + size > max_size:
             raise HTTPError(413, "invalid_request_error",
                             "request body larger than %d bytes" % max_size, close=True)
-        body += reader.read_exact(size, timeout)
-        if reader.read_exact(2, timeout) != b"\r\n":
+        if min_rate:
+            deadline += size / min_rate
+        body += reader.read_exact(size, deadline)
+        if reader.read_exact(2, deadline) != b"\r\n":
             raise bad_request("chunk data not followed by CRLF")
     for _ in range(64):  # trailer fields: read and drop
-        if not reader.read_line(8192, timeout):
+        if not reader.read_line(8192, deadline):
             return bytes(body)
     raise bad_request("too many trailer fields")
 
@@ -4826,6 +4871,15 @@ def request_model_and_tier(body: bytes) -> Tuple[str, str]:
 
 # == 15. Handler =============================================================
 
+def has_unread_body(request: ClientRequest) -> bool:
+    return not request.body_read and (request.body_kind == "chunked" or request.body_length > 0)
+
+
+def body_too_large(length: int, max_size: int) -> HTTPError:
+    return HTTPError(413, "invalid_request_error", "request body of %d bytes is larger than the "
+                     "limit of %d" % (length, max_size), close=True)
+
+
 def json_error_body(error_type: str, message: str) -> bytes:
     return json.dumps({"error": {"type": error_type, "message": message}}).encode("utf-8")
 
@@ -5248,6 +5302,9 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.reader = SocketReader(self.connection)
         self.head_sent = False
         self.busy = False  # serving a request (as opposed to waiting for one)
+        self.authenticated = False  # until a valid token (or open access): see note_authenticated
+        # TLS handshake and first request head, together, within header_timeout
+        self.first_deadline = time.monotonic() + self.server.config.limits.header_timeout
         self.server.track(self)
 
     def finish(self) -> None:
@@ -5264,7 +5321,8 @@ class OCMHandler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         if self.server.tls is not None:
             try:
-                self.connection = self.server.tls.wrap(self.connection, self.server.config.limits.header_timeout)
+                remaining = max(0.001, self.first_deadline - time.monotonic())
+                self.connection = self.server.tls.wrap(self.connection, remaining)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 log.debug("TLS handshake with %s failed: %s", self.client_address[0], exc)
                 return
@@ -5299,60 +5357,84 @@ class OCMHandler(BaseHTTPRequestHandler):
 
     # -- one request ----------------------------------------------------------
     def serve_one(self) -> bool:
-        """Serve one request; True to keep the connection for another."""
+        """Serve one request; True to keep the connection for another.
+
+        Until the connection has authenticated, each request head (with the
+        silence before it) must come within header_timeout; a refusal goes out
+        at once and closes the connection, without waiting for any body."""
         server = self.server
         limits = server.config.limits
         self.head_sent = False
         request = None
         if server.closing:
             return False
+        keep = linger = False
         try:
             head = self.reader.read_head(limits.idle_timeout, limits.header_timeout,
-                                         limits.max_request_line, limits.max_header_size)
+                                         limits.max_request_line, limits.max_header_size,
+                                         deadline=self.head_deadline(limits))
             if head is None:
                 return False
             server.set_busy(self, True)
+            with contextlib.suppress(OSError):  # the answer's: a client that takes nothing is cut
+                self.connection.settimeout(limits.send_timeout)
             request = parse_request_head(head, limits)
             request.started = time.monotonic()
+            if request.body_kind == "length" and request.body_length > limits.max_body_size:
+                # refused from its head, before any 100 Continue
+                raise body_too_large(request.body_length, limits.max_body_size)
             self.dispatch(request)
-            return request.keep_alive and request.body_read and not server.closing
+            keep = request.keep_alive and not has_unread_body(request) and not server.closing
+            linger = not keep and has_unread_body(request)
         except HTTPError as exc:
             if self.head_sent:
                 return False
-            close = exc.close or request is None or not request.keep_alive or not self.drain_body(request)
+            close = (exc.close or request is None or not request.keep_alive
+                     or has_unread_body(request))
             if request is not None:
                 request.status = exc.status
             self.send_error_json(exc, close)
-            return not close and not server.closing
+            keep, linger = not close and not server.closing, close
         finally:
             server.set_busy(self, False)
             if request is not None and request.status:
                 server.request_done(request)
+        if linger:
+            self.linger()
+        return keep
 
-    def drain_body(self, request: ClientRequest) -> bool:
-        """Read and drop the unread body of a refused request so the connection
-        can carry on; False when it is too big or broken (then we close)."""
-        if request.body_read:
-            return True
-        if request.body_kind == "length" and request.body_length > DISCARD_BODY_LIMIT:
-            return False
-        try:
-            self.read_body(request, DISCARD_BODY_LIMIT)
-        except (HTTPError, ClientGone):
-            return False
-        return True
+    def head_deadline(self, limits: Limits) -> Optional[float]:
+        """When the next request head must be in, or None for an authenticated
+        connection (idle_timeout, then header_timeout from its first byte)."""
+        if self.authenticated:
+            return None
+        deadline, self.first_deadline = self.first_deadline, 0.0
+        return deadline or time.monotonic() + limits.header_timeout
+
+    def linger(self) -> None:
+        """Closing while the client may still be sending (a refused body): send
+        our FIN, then drop what arrives for a moment. Closing on unread bytes
+        resets the connection, and the client could lose the answer."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+        self.reader.discard_until_close(DISCARD_BODY_LIMIT, time.monotonic() + LINGER_SECONDS)
 
     def read_body(self, request: ClientRequest, max_size: int) -> bytes:
-        timeout = self.server.config.limits.body_timeout
+        """The whole body, within body_timeout plus a second per BODY_MIN_RATE
+        bytes it announced: a client dripping bytes cannot stretch that."""
+        limits = self.server.config.limits
         if request.body_kind == "length":
             if request.body_length > max_size:
-                raise HTTPError(413, "invalid_request_error",
-                                "request body of %d bytes is larger than the limit of %d"
-                                % (request.body_length, max_size), close=True)
-            request.body = self.reader.read_exact(request.body_length, timeout)
+                raise body_too_large(request.body_length, max_size)
+            deadline = time.monotonic() + limits.body_timeout + request.body_length / BODY_MIN_RATE
+            request.body = self.reader.read_exact(request.body_length, deadline)
         elif request.body_kind == "chunked":
-            request.body = read_chunked_body(self.reader, max_size, timeout)
+            request.body = read_chunked_body(self.reader, max_size, limits.body_timeout,
+                                             BODY_MIN_RATE)
         request.body_read = True
+        if request.body_kind != "none":
+            with contextlib.suppress(OSError):  # reads left their own deadline on the socket
+                self.connection.settimeout(limits.send_timeout)
         return request.body
 
     def dispatch(self, request: ClientRequest) -> None:
@@ -5368,6 +5450,7 @@ class OCMHandler(BaseHTTPRequestHandler):
         if is_unsafe_path(request.path):
             raise HTTPError(400, "invalid_request_error", "path has dot segments or encoded slashes")
         user = server.users.authenticate(request.headers)
+        server.note_authenticated(self)  # HARDENING HOOK (issue 15.2): right after authenticate
         request.user_name = user.name if user else ""
         check_access(user, time.time())
         if is_websocket_upgrade(request):
@@ -5387,9 +5470,11 @@ class OCMHandler(BaseHTTPRequestHandler):
                 server.release(request)
 
     def serve_operations(self, request: ClientRequest) -> None:
-        """/healthz (open), /metrics (metrics token or loopback), the pool status (a user's token)."""
+        """/healthz (open), /metrics (metrics token or loopback), the pool status (a user's token).
+        They take no body: one is left unread, and the connection closes after the answer."""
         server = self.server
-        self.read_body(request, DISCARD_BODY_LIMIT)
+        if has_unread_body(request):
+            request.keep_alive = False
         if request.method not in ("GET", "HEAD"):
             raise HTTPError(405, "invalid_request_error", "use GET for %s" % request.path)
         content_type = "application/json"
@@ -5401,6 +5486,7 @@ class OCMHandler(BaseHTTPRequestHandler):
             body, content_type = render_metrics(server).encode("utf-8"), "text/plain; version=0.0.4"
         else:
             user = server.users.authenticate(request.headers)
+            server.note_authenticated(self)
             request.user_name = user.name if user else ""
             body = json.dumps(dict(server.pool_for(user).to_json(), user=request.user_name or None),
                               indent=2).encode("utf-8")
@@ -5737,7 +5823,7 @@ def read_refusal_body(reader: SocketReader, headers: Headers, timeout: float,
         return read_chunked_body(reader, limit, timeout)
     length = headers.get("content-length")
     if length is not None and length.strip().isdigit():
-        return reader.read_exact(min(int(length), limit), timeout)
+        return reader.read_exact(min(int(length), limit), time.monotonic() + timeout)
     return reader.read_until_close(limit, min(timeout, 10.0))
 
 
@@ -5994,6 +6080,65 @@ def listen_address(host: str, port: int) -> Tuple[int, str]:
     return family, sockaddr[0]
 
 
+def address_group(host: str) -> str:
+    """What counts as one client address for the connection shares: an IPv4
+    address, or an IPv6 /64 (one host commonly holds a whole one)."""
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network((ip, IPV6_ADDRESS_PREFIX), strict=False))
+
+
+class ConnectionGate:
+    """Who holds the connection slots: how many each client address, and how
+    many have not authenticated yet. The accept loop asks before it starts a
+    thread, so a stranger's silent or dripping connections hold at most their
+    address's share, and together at most the unauthenticated share: a person
+    with a token, from another address, still gets in."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._per_address = {}  # type: Dict[str, int]
+        self._unauthenticated = set()  # type: set  # accepted sockets, until they authenticate
+
+    def admit(self, sock: socket.socket, host: str, limits: Limits) -> str:
+        """"" when ``sock`` may have a thread; else what is full."""
+        group = address_group(host)
+        with self._lock:
+            held = self._per_address.get(group, 0)
+            if held >= limits.per_address:
+                return "%d connections from one address" % limits.per_address
+            if len(self._unauthenticated) >= limits.unauthenticated:
+                return "%d connections that have not authenticated" % limits.unauthenticated
+            self._per_address[group] = held + 1
+            self._unauthenticated.add(sock)
+        return ""
+
+    def authenticated(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._unauthenticated.discard(sock)
+
+    def leave(self, sock: socket.socket, host: str) -> None:
+        group = address_group(host)
+        with self._lock:
+            self._unauthenticated.discard(sock)
+            held = self._per_address.get(group, 0) - 1
+            if held > 0:
+                self._per_address[group] = held
+            else:
+                self._per_address.pop(group, None)
+
+    def counts(self) -> Tuple[Dict[str, int], int]:
+        """(connections per address, connections not authenticated yet)."""
+        with self._lock:
+            return dict(self._per_address), len(self._unauthenticated)
+
+
 class OCMServer(ThreadingHTTPServer):
     """The listening server. It owns the config, the users, the accounts and
     their pools, the hang-up watcher and the poller; ``close()`` releases them."""
@@ -6001,6 +6146,7 @@ class OCMServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
+    _gate = None  # type: Optional[ConnectionGate]
 
     def __init__(self, config: Config, bind_and_activate: bool = True,
                  usage_save_interval: float = 60.0, file_check_interval: float = 1.0):
@@ -6364,35 +6510,57 @@ class OCMServer(ThreadingHTTPServer):
                     break
 
     # -- the connection cap -----------------------------------------------------
+    @property
+    def gate(self) -> ConnectionGate:
+        if self._gate is None:  # first used by the accept loop, before any handler thread
+            self._gate = ConnectionGate()
+        return self._gate
+
     def process_request(self, request, client_address) -> None:
-        """A thread per connection, up to limits.max_connections; past that a
-        fast 503 from the accept loop itself, without a thread."""
+        """A thread per connection, up to limits.max_connections, and up to the
+        shares of one address and of connections not authenticated yet; past
+        that a fast 503 from the accept loop itself, without a thread."""
+        limits = self.config.limits
         with self._connections_lock:
-            full = self._connections >= self.config.limits.max_connections
+            full = self._connections >= limits.max_connections
             if not full:
                 self._connections += 1
-        if not full:
+        refusal = "%d connections" % limits.max_connections if full else \
+            self.gate.admit(request, client_address[0], limits)
+        if not refusal:
             try:
                 super().process_request(request, client_address)
                 return
             except RuntimeError:  # the OS would not give us another thread
-                with self._connections_lock:
-                    self._connections -= 1
-        self.refuse_busy(request)
+                self.gate.leave(request, client_address[0])
+                refusal = "%d connections" % limits.max_connections
+        if not full:
+            with self._connections_lock:
+                self._connections -= 1
+        self.refuse_busy(request, refusal)
         self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.gate.leave(request, client_address[0])
             with self._connections_lock:
                 self._connections -= 1
 
-    def refuse_busy(self, sock: socket.socket) -> None:
+    def note_authenticated(self, handler: OCMHandler) -> None:
+        """``handler``'s client showed a valid token (or access is open): its
+        connection leaves the unauthenticated share and may idle between
+        requests for idle_timeout. Called right after authentication."""
+        if not handler.authenticated:
+            handler.authenticated = True
+            self.gate.authenticated(handler.request)
+
+    def refuse_busy(self, sock: socket.socket, what: str = "") -> None:
         if self.tls is not None:
             return  # a plain answer means nothing to a TLS client; closing says enough
-        body = json_error_body("api_error", "OCM is serving its limit of %d connections; try again shortly"
-                               % self.config.limits.max_connections)
+        body = json_error_body("api_error", "OCM is serving its limit of %s; try again shortly"
+                               % (what or "%d connections" % self.config.limits.max_connections))
         head = encode_head(503, REASONS[503], [("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(body))), ("Retry-After", "1"),
                                                 ("Connection", "close")])

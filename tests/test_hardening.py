@@ -103,7 +103,9 @@ class TestLimits:
         assert status_of(answer) == 408 and fake.requests == []
 
     def test_connection_cap_answers_a_fast_503(self, make_proxy, fake):
-        proxy = make_proxy(limits={"max_connections": 10})
+        # one address may hold them all here: this is about the cap itself
+        proxy = make_proxy(limits={"max_connections": 10, "max_connections_per_address": 10,
+                                   "max_unauthenticated_connections": 10})
         held = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(10)]
         assert wait_for(lambda: proxy.server._connections == 10)
         started = time.monotonic()
@@ -119,7 +121,9 @@ class TestLimits:
             s.close()
 
     def test_1100_connections_against_the_default_cap(self, make_proxy, fake):
-        proxy = make_proxy()
+        # silent connections from one address: its share and the unauthenticated one made whole
+        proxy = make_proxy(limits={"max_connections_per_address": 1024,
+                                   "max_unauthenticated_connections": 1024})
         assert proxy.server.config.limits.max_connections == 1024
         threads_before = threading.active_count()
         held = []
@@ -654,6 +658,147 @@ class TestSecrets:
         raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\nHost: attacker.example:9999\r\n" + AUTH +
             b"X-Forwarded-Host: attacker.example\r\nConnection: close\r\n\r\n")
         assert fake.requests[0].header("Host") == "127.0.0.1:%d" % fake.port
+
+
+# == TestStrangers =============================================================
+
+def connect_from(port, source, timeout=5.0):
+    """A connection from another loopback address (Linux accepts all of 127/8)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0))
+
+
+def answer_on(sock):
+    """Everything until the server closes (or goes quiet for the socket's timeout)."""
+    out = b""
+    with contextlib.suppress(socket.timeout, ConnectionResetError):
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            out += data
+    return out
+
+
+def signed_in(port, source):
+    """A keep-alive connection that has authenticated (one answered request)."""
+    sock = connect_from(port, source)
+    sock.sendall(b"GET /ocm/v1/status HTTP/1.1\r\n" + AUTH + b"\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    body = head.partition(b"\r\n\r\n")[2]
+    while len(body) < length:
+        body += sock.recv(65536)
+    assert status_of(head) == 200
+    return sock
+
+
+class TestStrangers:
+    """Without a token, one address, or many, cannot hold the server: refusals
+    go out at once, unauthenticated connections have header_timeout and hold
+    only their share, and a person with a token from elsewhere is served."""
+
+    def test_one_address_holding_every_slot_it_can_leaves_room_for_a_token_from_another(
+            self, make_proxy, fake):
+        proxy = make_proxy(limits={"max_connections": 16, "header_timeout": 30,
+                                   "body_timeout": 30})
+        held = []
+        try:
+            for _ in range(2):  # dripping bodies: refused at once, never read
+                sock = connect_from(proxy.port, "127.0.0.1", timeout=1.0)
+                sock.sendall(b"POST /v1/responses HTTP/1.1\r\nContent-Length: 100000\r\n\r\n{")
+                held.append(sock)
+            for _ in range(20):  # and silent sockets, as many as it may
+                held.append(connect_from(proxy.port, "127.0.0.1"))
+            assert wait_for(lambda: proxy.server.gate.counts()[0].get("127.0.0.1") == 4 or
+                            proxy.server._connections == 16)
+            # served within a second
+            with connect_from(proxy.port, "127.0.0.2", timeout=1.0) as sock:
+                sock.sendall(b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"Connection: close\r\n\r\n")
+                assert status_of(answer_on(sock)) == 200
+            assert status_of(answer_on(held[0])) == 401
+            refused = [answer_on(sock) for sock in held[-10:]]
+            assert all(b"connections from one address" in answer for answer in refused)
+        finally:
+            for sock in held:
+                sock.close()
+
+    def test_many_addresses_without_a_token_hold_only_the_unauthenticated_share(self, make_proxy,
+                                                                                fake):
+        # 10 connections may be unauthenticated
+        proxy = make_proxy(limits={"max_connections": 20, "header_timeout": 30})
+        held = [signed_in(proxy.port, "127.0.0.%d" % (10 + i // 4)) for i in range(8)]  # people
+        try:
+            strangers = ["127.0.0.%d" % (20 + i // 2) for i in range(10)]
+            held += [connect_from(proxy.port, address) for address in strangers]
+            assert wait_for(lambda: proxy.server.gate.counts()[1] == 10)
+            with connect_from(proxy.port, "127.0.0.30", timeout=1.0) as late:
+                assert b"10 connections that have not authenticated" in answer_on(late)
+            held[0].sendall(b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"Connection: close\r\n\r\n")
+            assert status_of(answer_on(held[0])) == 200  # those who signed in are served
+        finally:
+            for sock in held:
+                sock.close()
+
+    def test_a_silent_connection_gets_header_timeout_not_idle_timeout(self, make_proxy, fake):
+        proxy = make_proxy(limits={"header_timeout": 0.3, "idle_timeout": 30})
+        with connect_from(proxy.port, "127.0.0.1", timeout=3) as silent:
+            assert silent.recv(100) == b""  # closed, without a word, well before idle_timeout
+        # once authenticated: idle_timeout
+        with connect_from(proxy.port, "127.0.0.1", timeout=3) as person:
+            person.sendall(b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n")
+            assert status_of(person.recv(65536)) == 200
+            time.sleep(0.5)
+            person.sendall(b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"Connection: close\r\n\r\n")
+            assert status_of(answer_on(person)) == 200
+
+    @pytest.mark.parametrize("request_head, status", [
+        (b"POST /v1/responses HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{", 401),
+        (b"POST /v1/responses HTTP/1.1\r\nAuthorization: Bearer nope\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n3\r\n{", 401),
+        (b"POST /v1/responses HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1000\r\n\r\n",
+         401),
+        (b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+         b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n", 413),
+        (b"GET /healthz HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{", 200),
+    ])
+    def test_a_refusal_goes_out_at_once_and_never_waits_for_the_body(self, make_proxy, fake,
+                                                                     request_head, status):
+        proxy = make_proxy(limits={"body_timeout": 30, "max_body_size": 4096})
+        with connect_from(proxy.port, "127.0.0.1", timeout=1.0) as sock:
+            sock.sendall(request_head)
+            answer = answer_on(sock)  # and the connection closes: nothing of the body was read
+        assert status_of(answer) == status and b"100 Continue" not in answer
+        assert b"Connection: close" in answer.partition(b"\r\n\r\n")[0]
+        assert fake.requests == []
+
+    def test_a_body_must_arrive_whole_within_body_timeout_however_it_drips(self, make_proxy, fake):
+        proxy = make_proxy(limits={"body_timeout": 0.3})
+        with connect_from(proxy.port, "127.0.0.1", timeout=3) as sock:
+            sock.sendall(b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: 60\r\n\r\n")
+            sock.settimeout(0.05)
+            answer, dripped = b"", 0
+            while dripped < 60 and not answer:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b" ")  # a byte every 0.05 s: each used to restart the timeout
+                    dripped += 1
+                with contextlib.suppress(socket.timeout):
+                    answer = sock.recv(65536)
+        assert status_of(answer) == 408 and dripped < 40 and fake.requests == []
+
+    def test_shares_and_addresses(self):
+        limits = ocm.Limits()
+        shares = (limits.max_connections, limits.per_address, limits.unauthenticated)
+        assert shares == (1024, 256, 512)
+        assert ocm.Limits(max_connections=10, max_connections_per_address=7).per_address == 7
+        group = ocm.address_group
+        assert group("2001:db8::1") == group("2001:db8::ffff:1") == "2001:db8::/64"
+        assert group("2001:db8:0:1::1") != group("2001:db8::1")
+        assert group("::ffff:127.0.0.2") == "127.0.0.2" == group("127.0.0.2")
+        with pytest.raises(ocm.ConfigError, match="max_connections_per_address"):
+            ocm.config_from_dict({"limits": {"max_connections_per_address": -1}})
 
 
 # == TestPooledConnections =====================================================
