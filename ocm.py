@@ -5750,7 +5750,7 @@ class OCMHandler(BaseHTTPRequestHandler):
                     if context.client_gone:
                         raise ClientGone("hung up while waiting for upstream")
                     log.warning("%s %s: upstream stream broke off: %s", request.method,
-                                log_safe(request.path), describe_connect_error(exc))
+                                log_safe(request.path), log_safe(describe_connect_error(exc)))
                     return False
                 ended = not data or response.length == 0
                 if ended:
