@@ -5384,17 +5384,21 @@ class OCMHandler(BaseHTTPRequestHandler):
                 # refused from its head, before any 100 Continue
                 raise body_too_large(request.body_length, limits.max_body_size)
             self.dispatch(request)
-            keep = request.keep_alive and not has_unread_body(request) and not server.closing
-            linger = not keep and has_unread_body(request)
+            keep = (request.keep_alive and self.authenticated and not has_unread_body(request)
+                    and not server.closing)
+            # (after a WebSocket, what is left are frames: the close handshake is done)
+            linger = not keep and request.status != 101 and (
+                has_unread_body(request) or self.has_input())
         except HTTPError as exc:
             if self.head_sent:
                 return False
             close = (exc.close or request is None or not request.keep_alive
-                     or has_unread_body(request))
+                     or not self.authenticated or has_unread_body(request))
             if request is not None:
                 request.status = exc.status
             self.send_error_json(exc, close)
-            keep, linger = not close and not server.closing, close
+            keep = not close and not server.closing
+            linger = close and (request is None or has_unread_body(request) or self.has_input())
         finally:
             server.set_busy(self, False)
             if request is not None and request.status:
@@ -5410,6 +5414,10 @@ class OCMHandler(BaseHTTPRequestHandler):
             return None
         deadline, self.first_deadline = self.first_deadline, 0.0
         return deadline or time.monotonic() + limits.header_timeout
+
+    def has_input(self) -> bool:
+        """Bytes (or EOF) from the client that no request has read yet."""
+        return bool(self.reader.buf) or is_socket_stale(self.connection)
 
     def linger(self) -> None:
         """Closing while the client may still be sending (a refused body): send
@@ -5471,10 +5479,9 @@ class OCMHandler(BaseHTTPRequestHandler):
 
     def serve_operations(self, request: ClientRequest) -> None:
         """/healthz (open), /metrics (metrics token or loopback), the pool status (a user's token).
-        They take no body: one is left unread, and the connection closes after the answer."""
+        They take no body: one is left unread, and the connection closes after the answer, as
+        it does for a client that has not authenticated."""
         server = self.server
-        if has_unread_body(request):
-            request.keep_alive = False
         if request.method not in ("GET", "HEAD"):
             raise HTTPError(405, "invalid_request_error", "use GET for %s" % request.path)
         content_type = "application/json"
@@ -5491,6 +5498,8 @@ class OCMHandler(BaseHTTPRequestHandler):
             body = json.dumps(dict(server.pool_for(user).to_json(), user=request.user_name or None),
                               indent=2).encode("utf-8")
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if has_unread_body(request) or not self.authenticated:
+            request.keep_alive = False
         if not request.keep_alive:
             headers.append(("Connection", "close"))
         self.write(encode_head(200, "OK", headers) + (body if request.method == "GET" else b""))

@@ -742,6 +742,14 @@ class TestStrangers:
             for sock in held:
                 sock.close()
 
+    @pytest.mark.parametrize("path", [b"/healthz", b"/v1/models"])
+    def test_a_connection_without_a_token_gets_one_answer_then_closes(self, proxy, fake, path):
+        with connect_from(proxy.port, "127.0.0.1", timeout=1.0) as sock:
+            sock.sendall(b"GET %s HTTP/1.1\r\n\r\n" % path * 2)  # a second request rides behind
+            answer = answer_on(sock)
+        assert answer.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in answer
+        assert status_of(answer) == (200 if path == b"/healthz" else 401)
+
     def test_a_silent_connection_gets_header_timeout_not_idle_timeout(self, make_proxy, fake):
         proxy = make_proxy(limits={"header_timeout": 0.3, "idle_timeout": 30})
         with connect_from(proxy.port, "127.0.0.1", timeout=3) as silent:
@@ -1064,7 +1072,8 @@ class TestCredentialsAtTheEdges:
         assert read_json(shared / "auth.json")["tokens"]["refresh_token"] == "rt_2"
         assert (shared / "auth.lock").exists() and not (auth_path.parent / "auth.lock").exists()
         assert no_temp_files(shared) and no_temp_files(auth_path.parent)
-        proxy.server.credential._login = proxy.server.credential._login._replace(expires_at=time.time() + 10)
+        credential = proxy.server.credential
+        credential._login = credential._login._replace(expires_at=time.time() + 10)
         # the next refresh reads the rotated token
         assert proxy.request("POST", "/v1/responses", {})[0] == 200
         assert [c["refresh_token"] for c in fake.token_calls] == ["rt_initial", "rt_2"]
@@ -1094,7 +1103,8 @@ class TestHangupWatcher:
 
         fake.on("POST", "/backend-api/codex/responses", route)
         conn = proxy.conn()
-        conn.request("POST", "/v1/responses", body=b"{}", headers={"Authorization": "Bearer tok-alice"})
+        conn.request("POST", "/v1/responses", body=b"{}",
+                     headers={"Authorization": "Bearer tok-alice"})
         assert b"response.created" in conn.getresponse().read1(65536)
         if client_sends:
             conn.sock.sendall(client_sends)
