@@ -2917,7 +2917,7 @@ class SocketReader:
             try:
                 data = self._recv(deadline)
             except socket.timeout:
-                raise bad_request("request body not received in time", 408)
+                raise bad_request("request body not received in time (limits.body_timeout)", 408)
             if not data:
                 raise ClientGone("closed in the middle of a request body")
             self.buf += data
@@ -2979,7 +2979,7 @@ class SocketReader:
             try:
                 data = self._recv(deadline)
             except socket.timeout:
-                raise bad_request("request body not received in time", 408)
+                raise bad_request("request body not received in time (limits.body_timeout)", 408)
             if not data:
                 raise ClientGone("closed in the middle of a request body")
             self.buf += data
