@@ -88,7 +88,6 @@ import math
 import random
 import re
 import select
-import selectors
 import shutil
 import signal
 import socket
@@ -151,11 +150,19 @@ DEFAULT_UPSTREAM_READ_TIMEOUT = 600.0   # Codex gives up after 300 s idle; be lo
 DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_HEADER_TIMEOUT = 10.0           # whole request head, so slowloris cannot stall us
 DEFAULT_IDLE_TIMEOUT = 120.0            # between requests on a keep-alive connection
-DEFAULT_BODY_TIMEOUT = 60.0             # between two reads of a request body
+DEFAULT_BODY_TIMEOUT = 60.0             # for a whole request body (plus BODY_MIN_RATE's allowance)
+BODY_MIN_RATE = 16 * 1024               # bytes/s: a body's deadline grows by its size at this rate
+DEFAULT_SEND_TIMEOUT = 60.0             # a client (or WebSocket peer) that takes no bytes is cut
 DEFAULT_MAX_REQUEST_LINE = 16 * 1024
 DEFAULT_MAX_HEADER_SIZE = 64 * 1024
 DEFAULT_MAX_HEADER_COUNT = 100
 DEFAULT_MAX_CONNECTIONS = 1024
+# Shares of max_connections (when the limits leave them at 0): one client
+# address may hold a quarter, connections that have not authenticated half.
+PER_ADDRESS_SHARE = 4
+UNAUTHENTICATED_SHARE = 2
+IPV6_ADDRESS_PREFIX = 64                # an IPv6 client holds a whole /64: one address
+LINGER_SECONDS = 2.0                    # after a refusal: how long to drop what still comes
 DEFAULT_THREAD_STACK_SIZE = 512 * 1024  # hundreds of streams fit a 32-bit address space
 
 POOL_IDLE_SECONDS = 50.0            # servers drop idle keep-alive connections; don't race them
@@ -174,6 +181,17 @@ HOP_BY_HOP = frozenset((
 CLIENT_CREDENTIAL_HEADERS = frozenset(("authorization", "x-api-key", "api-key"))
 # Headers OCM sets itself on every upstream request.
 OCM_SET_HEADERS = frozenset(("accept-encoding", "content-length", "chatgpt-account-id"))
+# Client headers that are the owner's to choose, never a user's: cookies (the
+# owner's session with OpenAI), where a request comes from (upstream would
+# believe any address a user wrote), and which organisation or project the
+# owner's API key bills. Dropped unless the owner sets them in config `headers`.
+CLIENT_PRIVATE_HEADERS = frozenset((
+    "cookie", "forwarded", "via", "x-real-ip", "true-client-ip", "cf-connecting-ip", "x-client-ip",
+    "x-cluster-client-ip", "openai-organization", "openai-project",
+))
+CLIENT_PRIVATE_PREFIX = "x-forwarded-"  # X-Forwarded-For, -Host, -Proto, ...
+# Upstream headers that never reach users: cookies belong to the owner's session.
+UPSTREAM_PRIVATE_HEADERS = frozenset(("set-cookie", "set-cookie2"))
 
 PERMANENT_REFRESH_CODES = frozenset((
     "refresh_token_expired", "refresh_token_reused", "refresh_token_invalidated",
@@ -276,6 +294,30 @@ def parse_json(data: Any) -> Any:
         raise ValueError("JSON nested too deeply")
 
 
+LOG_VALUE_LIMIT = 200  # characters of a client's or upstream's string that logs and metrics keep
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match) -> str:
+    char = match.group()
+    code = ord(char)
+    return _ESCAPES.get(char) or ("\\x%02x" % code if code < 0x100 else "\\u%04x" % code)
+
+
+def log_safe(value: str, limit: int = LOG_VALUE_LIMIT) -> str:
+    """A string from a client or from upstream, fit to be written: to a log
+    line, a metric label, a usage key. Control characters are escaped (a
+    newline cannot forge a log line, an ANSI sequence cannot repaint the
+    owner's terminal, nor a bidi override reorder it), and it is at most
+    ``limit`` characters. Free for ordinary text; log_safe(log_safe(x)) is
+    log_safe(x)."""
+    if len(value) <= limit and _UNSAFE_TEXT.search(value) is None:
+        return value
+    text = _UNSAFE_TEXT.sub(_escape_char, value[:limit + 1])
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def describe_connect_error(exc: BaseException) -> str:
     if isinstance(exc, ProxyError):
         return str(exc)
@@ -341,11 +383,14 @@ class Limits:
     header_timeout = DEFAULT_HEADER_TIMEOUT
     idle_timeout = DEFAULT_IDLE_TIMEOUT
     body_timeout = DEFAULT_BODY_TIMEOUT
+    send_timeout = DEFAULT_SEND_TIMEOUT
     max_request_line = DEFAULT_MAX_REQUEST_LINE
     max_header_size = DEFAULT_MAX_HEADER_SIZE
     max_header_count = DEFAULT_MAX_HEADER_COUNT
     max_websocket_message = DEFAULT_MAX_BODY_SIZE
     max_connections = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_address = 0        # 0: max_connections / PER_ADDRESS_SHARE
+    max_unauthenticated_connections = 0    # 0: max_connections / UNAUTHENTICATED_SHARE
     thread_stack_size = DEFAULT_THREAD_STACK_SIZE
 
     def __init__(self, **values: Any):
@@ -353,6 +398,16 @@ class Limits:
             if not hasattr(Limits, name):
                 raise TypeError("no limit %r" % name)
             setattr(self, name, value)
+
+    @property
+    def per_address(self) -> int:
+        share = max(1, self.max_connections // PER_ADDRESS_SHARE)
+        return self.max_connections_per_address or share
+
+    @property
+    def unauthenticated(self) -> int:
+        share = max(1, self.max_connections // UNAUTHENTICATED_SHARE)
+        return self.max_unauthenticated_connections or share
 
 
 class ProxyURL(namedtuple("ProxyURL", "scheme host port username password", defaults=("", ""))):
@@ -994,11 +1049,14 @@ def _parse_limits(raw: Any, where: str) -> Limits:
         header_timeout=f.seconds("header_timeout", DEFAULT_HEADER_TIMEOUT),
         idle_timeout=f.seconds("idle_timeout", DEFAULT_IDLE_TIMEOUT),
         body_timeout=f.seconds("body_timeout", DEFAULT_BODY_TIMEOUT),
+        send_timeout=f.seconds("send_timeout", DEFAULT_SEND_TIMEOUT),
         max_request_line=f.int("max_request_line", DEFAULT_MAX_REQUEST_LINE, 256, 1 << 20),
         max_header_size=f.int("max_header_size", DEFAULT_MAX_HEADER_SIZE, 1024, 16 << 20),
         max_header_count=f.int("max_header_count", DEFAULT_MAX_HEADER_COUNT, 8, 10000),
         max_websocket_message=f.int("max_websocket_message", DEFAULT_MAX_BODY_SIZE, 1024, 1 << 40),
         max_connections=f.int("max_connections", DEFAULT_MAX_CONNECTIONS, 1, 1 << 20),
+        max_connections_per_address=f.int("max_connections_per_address", 0, 0, 1 << 20),
+        max_unauthenticated_connections=f.int("max_unauthenticated_connections", 0, 0, 1 << 20),
         thread_stack_size=f.int("thread_stack_size", DEFAULT_THREAD_STACK_SIZE, 0, 1 << 30),
     )
     if limits.thread_stack_size and not 128 * 1024 <= limits.thread_stack_size <= 64 << 20:  # see MAX_JSON_DEPTH
@@ -1152,8 +1210,12 @@ def write_file_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
 
     Temp file in the same directory, fsync, rename, fsync the directory. On any
     error (disk full, read-only) the temp file is removed and the old file stays.
+    A symbolic link stays one: its target gets the new content (auth.json
+    linked to the Codex CLI's own must keep sharing it, or the rotated refresh
+    token lands in a copy and the CLI's file holds a dead one).
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=directory)
     try:
@@ -1192,6 +1254,12 @@ def move_aside(path: str, now: float) -> str:
     with contextlib.suppress(OSError):
         os.replace(path, aside)
     return aside
+
+
+def auth_lock_path(auth_path: str) -> str:
+    """The auth.lock the Codex CLI takes: beside the real auth.json, wherever
+    a link to it lives."""
+    return os.path.join(os.path.dirname(os.path.realpath(auth_path)), "auth.lock")
 
 
 @contextlib.contextmanager
@@ -1367,9 +1435,13 @@ def post_for_json(open_url: Callable, url: str, body: bytes,
 
 
 class RefreshFailed(OCMError):
-    def __init__(self, message: str, permanent: bool):
+    """``str()`` is for the owner's log; ``public`` for users, without the
+    owner's file paths."""
+
+    def __init__(self, message: str, permanent: bool, public: str = ""):
         super().__init__(message)
         self.permanent = permanent
+        self.public = public or message
 
 
 def refresh_error_code(body: Any) -> str:
@@ -1424,7 +1496,6 @@ class Credential:
     def __init__(self, path: str, token_url: str, open_url: Callable, tag: str = "default",
                  now: Callable[[], float] = time.time, check_interval: float = 1.0):
         self.path = path
-        self.lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock")
         self.token_url = token_url
         self.tag = tag
         self._open_url = open_url
@@ -1433,10 +1504,11 @@ class Credential:
         self._refresh_lock = threading.Lock()   # one refresh at a time
         self._login = None                      # type: Optional[Login]
         self._file_id = None                    # what _login was read from
-        self._problem = "not loaded"            # why there is no login
+        self._problem = "not loaded"            # why there is no login, for the owner's log
+        self._public_problem = "not loaded"     # ...and for users: no file paths
         self._dead = ""                         # permanent refresh failure, until the file changes
         self._retry_at = 0.0                    # no refresh before this after a transient failure
-        self._last_refresh_error = ""
+        self._last_refresh_error = ""           # for users too: no file paths
         self._unsaved = None                    # type: Optional[bytes]
         self._checked_at = -1e9                 # monotonic time of the last stat
         self.check_interval = check_interval    # stat the file at most this often
@@ -1466,11 +1538,15 @@ class Credential:
             raw, file_id = _read_file_with_id(self.path)
         except FileNotFoundError:
             if self._file_id is not None or self._login is None:
-                self._set_problem_locked("%s not found; sign in with `codex login` "
-                                         "or `python3 ocm.py login`" % self.path, None)
+                self._set_problem_locked(
+                    "%s not found; sign in with `codex login` or `python3 ocm.py login`"
+                    % self.path,
+                    None, "the owner's login file is missing; the owner must sign in")
             return
         except OSError as exc:
-            self._set_problem_locked("cannot read %s: %s" % (self.path, exc.strerror or exc), None)
+            self._set_problem_locked("cannot read %s: %s" % (self.path, exc.strerror or exc), None,
+                                     "the owner's login file cannot be read; the owner must fix "
+                                     "its permissions")
             return
         try:
             login = parse_auth(parse_json(raw.decode("utf-8")))
@@ -1482,35 +1558,45 @@ class Credential:
                 log.warning("credential %s: %s; keeping the previous login", self.tag, problem)
                 self._file_id = file_id
                 return
-            self._set_problem_locked(problem, file_id)
+            self._set_problem_locked(problem, file_id, "the owner's login file is damaged "
+                                     "(not valid JSON); the owner must sign in again")
             return
-        except CredentialProblem as exc:
-            self._set_problem_locked(str(exc), file_id)
+        except CredentialProblem as exc:  # names no path
+            self._set_problem_locked(str(exc), file_id, str(exc))
             return
         if self._login is not None and self._file_id is not None:
             log.info("credential %s: %s changed on disk; using the new login", self.tag, self.path)
         self._login = login
         self._file_id = file_id
-        self._problem = ""
+        self._problem = self._public_problem = ""
         self._dead = ""
         self._retry_at = 0.0
         self._unsaved = None
 
-    def _set_problem_locked(self, problem: str, file_id) -> None:
+    def _set_problem_locked(self, problem: str, file_id, public: str) -> None:
         if problem != self._problem:
             log.warning("credential %s unavailable: %s", self.tag, problem)
         self._login = None
         self._problem = problem
+        self._public_problem = public
         self._file_id = file_id
         self._dead = ""
         self._unsaved = None
 
     # -- state --------------------------------------------------------------
     def peek(self) -> Tuple[Optional[Login], str]:
-        """(login or None, problem) without refreshing: for status lines."""
+        """(login or None, problem) without refreshing: for the owner's status
+        lines (the problem may name the file)."""
         self.reload_if_changed()
         with self._lock:
             return self._login, (self._dead or self._problem)
+
+    def public_problem(self) -> str:
+        """Why this login cannot be used, in words for users: the owner's
+        file paths stay in the owner's log. "" when it can be used."""
+        self.reload_if_changed()
+        with self._lock:
+            return self._dead or self._public_problem
 
     def current(self) -> Login:
         """The login to use now, refreshed first if it is about to expire.
@@ -1528,7 +1614,7 @@ class Credential:
 
     def _check_usable(self) -> Login:
         with self._lock:
-            login, problem, dead = self._login, self._problem, self._dead
+            login, problem, dead = self._login, self._public_problem, self._dead
         if dead:
             raise HTTPError(401, "authentication_error", dead)
         if login is None:
@@ -1552,15 +1638,15 @@ class Credential:
             if now < self._retry_at:
                 return self._after_failure(login, now)
             try:
-                with file_lock(self.lock_path):
+                with file_lock(auth_lock_path(self.path)):
                     login = self._refresh_under_file_lock(stale_access_token)
             except RefreshFailed as exc:
                 self.refresh_failures += 1
-                self._last_refresh_error = str(exc)
+                self._last_refresh_error = exc.public
                 if exc.permanent:
                     message = ("the owner's ChatGPT login has expired or was revoked (%s); "
                                "the owner must sign in again (`codex login` or "
-                               "`python3 ocm.py login`)" % exc)
+                               "`python3 ocm.py login`)" % exc.public)
                     log.error("credential %s: refresh failed permanently: %s", self.tag, exc)
                     with self._lock:
                         self._dead = message
@@ -1569,9 +1655,9 @@ class Credential:
                             self.tag, exc, REFRESH_RETRY)
                 self._retry_at = now + REFRESH_RETRY
                 return self._after_failure(self._check_usable(), now)
-            except TimeoutError as exc:
+            except TimeoutError as exc:  # names the lock file
                 self._retry_at = now + REFRESH_RETRY
-                self._last_refresh_error = str(exc)
+                self._last_refresh_error = "the owner's login file is locked by another program"
                 log.warning("credential %s: %s", self.tag, exc)
                 return self._after_failure(self._check_usable(), now)
             return login
@@ -1592,7 +1678,8 @@ class Credential:
             on_disk = parse_auth(data)
         except (OSError, ValueError, UnicodeDecodeError, CredentialProblem) as exc:
             if self._unsaved is None:
-                raise RefreshFailed("cannot re-read %s: %s" % (self.path, exc), permanent=False)
+                raise RefreshFailed("cannot re-read %s: %s" % (self.path, exc), permanent=False,
+                                    public="cannot re-read the owner's login file")
             data, on_disk, file_id = parse_json(self._unsaved.decode("utf-8")), self._login, None
         with self._lock:
             current = self._login
@@ -1604,6 +1691,7 @@ class Credential:
                 current.access_token, current.refresh_token):
             with self._lock:  # someone else wrote new tokens: adopt them
                 self._login, self._file_id, self._problem, self._dead = on_disk, file_id, "", ""
+                self._public_problem = ""
                 self._unsaved = None
             log.info("credential %s: %s was refreshed by another process; using it", self.tag, self.path)
             if on_disk.access_token != stale_access_token and not needs_refresh(on_disk, self._now()):
@@ -1623,7 +1711,7 @@ class Credential:
         self.refreshes += 1
         self._retry_at = 0.0
         with self._lock:
-            self._login, self._problem, self._dead = new_login, "", ""
+            self._login, self._problem, self._public_problem, self._dead = new_login, "", "", ""
         log.info("credential %s: access token refreshed", self.tag)
         self._save(encoded)
         return new_login
@@ -1654,7 +1742,7 @@ class Credential:
             encoded = self._unsaved
         if encoded is not None and self._refresh_lock.acquire(blocking=False):
             try:
-                with file_lock(self.lock_path, timeout=1.0):
+                with file_lock(auth_lock_path(self.path), timeout=1.0):
                     self._save(encoded)
             except TimeoutError:
                 pass
@@ -1674,13 +1762,13 @@ class Credential:
                     for k in ("access_token", "refresh_token", "id_token")):
                 raise RefreshFailed("token endpoint answered %d without tokens" % status, permanent=False)
             return answer
-        code = refresh_error_code(answer)
+        code = log_safe(refresh_error_code(answer))
         if code == NO_CODEX_ENTITLEMENT:  # not a dead login: it works once the admin enables Codex
             raise RefreshFailed("token endpoint answered %d: %s"
                                 % (status, NO_CODEX_ENTITLEMENT_TEXT), permanent=False)
-        text = "token endpoint answered %d%s%s" % (
-            status, " " + code if code else "",
-            ": " + refresh_error_message(answer) if refresh_error_message(answer) else "")
+        message = log_safe(refresh_error_message(answer))
+        text = "token endpoint answered %d%s%s" % (status, " " + code if code else "",
+                                                   ": " + message if message else "")
         raise RefreshFailed(text, permanent=status == 401 or code in PERMANENT_REFRESH_CODES)
 
 
@@ -2018,10 +2106,6 @@ def _wait_for_code(results: "queue.Queue", state: str, listening: bool, timeout:
                   % exc, file=out, flush=True)
 
 
-def _lock_path(path: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), "auth.lock")
-
-
 def read_auth_object(path: str) -> Optional[Dict[str, Any]]:
     """auth.json as a dict; None when missing. Raises LoginFailed when unreadable."""
     try:
@@ -2079,7 +2163,7 @@ def save_login(path: str, tokens: Dict[str, str], now: float) -> Tuple[Login, st
     the one really replaced even if a running OCM rotated it meanwhile.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-    with file_lock(_lock_path(path)):
+    with file_lock(auth_lock_path(path)):
         try:
             old = read_auth_object(path)
         except LoginFailed:
@@ -2096,7 +2180,7 @@ def remove_login(path: str) -> Optional[str]:
     when there were no tokens to remove."""
     if not os.path.exists(path):
         return None  # and no auth.lock to create in a directory that may not exist
-    with file_lock(_lock_path(path)):
+    with file_lock(auth_lock_path(path)):
         data = read_auth_object(path)
         if data is None or "tokens" not in data:
             return None
@@ -2387,8 +2471,11 @@ def usage_record_from(obj: Any, fallback_model: str = "", fallback_tier: str = "
                   _int_field(usage, "prompt_tokens_details", "cached_tokens"))
     model = obj.get("model")
     tier = obj.get("service_tier")
-    return UsageRecord(model if isinstance(model, str) and model else fallback_model or "unknown",
-                       tier if isinstance(tier, str) and tier else fallback_tier, *tokens)
+    # Either may be the client's own words (upstream left them out): made safe
+    # here, once, for every book, metric and log line the record reaches.
+    model = model if isinstance(model, str) and model else fallback_model or "unknown"
+    tier = tier if isinstance(tier, str) and tier else fallback_tier
+    return UsageRecord(log_safe(model), log_safe(tier), *tokens)
 
 
 # Terminal Responses events whose response carries billable usage.
@@ -2497,9 +2584,10 @@ class UsageBook:
         """Count one response for ``user`` ("" when access is open). Returns its
         cost in USD (unrounded), for budgets and metrics."""
         tier = normalize_service_tier(usage.service_tier)
-        window = context_window_for(usage.model, tier, usage.input_tokens)
+        model, user = log_safe(usage.model), log_safe(user)
+        window = context_window_for(model, tier, usage.input_tokens)
         with self._lock:
-            combo = self._combination(usage.model, tier, window, week_start)
+            combo = self._combination(model, tier, window, week_start)
             combo.total.add(1, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
             if user:
                 counts = combo.by_user.get(user)
@@ -2509,7 +2597,7 @@ class UsageBook:
             self._last_updated = self._now()
             self._dirty = True
         return raw_cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens,
-                        usage.model, tier, window)
+                        model, tier, window)
 
     # -- the file -------------------------------------------------------------
     def to_json(self) -> Dict[str, Any]:
@@ -2674,6 +2762,9 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
 class UserTable:
     """Bearer tokens to users. Lookup is by SHA-256 digest, then compare_digest,
     so timing says nothing about how close a guess was. A config may hold
@@ -2699,6 +2790,9 @@ class UserTable:
         Raises HTTPError 401 with sing-box's messages."""
         if self.is_open:
             return None
+        if any(_CONTROL_CHARS.search(value) for name in CLIENT_CREDENTIAL_HEADERS
+               for value in headers.get_all(name)):
+            raise HTTPError(401, "authentication_error", "invalid api key")
         value = headers.get("authorization")
         if not value and headers.get("x-api-key"):  # Anthropic clients send their key here
             value = "Bearer " + headers.get("x-api-key", "")
@@ -2757,7 +2851,7 @@ class Headers:
 
 _TOKEN_BYTES = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f]")
+_BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f-\xff]")  # URIs are ASCII (RFC 3986), the rest %XX
 _HEX_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
 
 
@@ -2822,7 +2916,7 @@ def parse_request_head(head: bytes, limits: Limits) -> ClientRequest:
                               % version.decode("ascii"), 505)
         raise bad_request("malformed HTTP version")
     if _BAD_TARGET_BYTES.search(target):
-        raise bad_request("request target has spaces or control characters")
+        raise bad_request("request target has spaces, control characters or bytes beyond ASCII")
     if len(lines) - 1 > limits.max_header_count:
         raise bad_request("more than %d header fields" % limits.max_header_count, 431)
     pairs = []
@@ -2833,7 +2927,10 @@ def parse_request_head(head: bytes, limits: Limits) -> ClientRequest:
         if not sep or not _TOKEN_BYTES.match(name):
             raise bad_request("invalid header name %r" % name[:40].decode("latin-1"))
         value = value.strip(b" \t")
-        if _BAD_VALUE_BYTES.search(value):
+        if _BAD_VALUE_BYTES.search(value) and \
+                name.lower().decode("ascii") not in CLIENT_CREDENTIAL_HEADERS:
+            # A credential with control characters is a wrong credential (401,
+            # which SDKs report as such); it is never forwarded nor logged.
             raise bad_request("header %s has control characters" % name.decode("ascii"))
         pairs.append((name.decode("ascii"), value.decode("latin-1")))
     headers = Headers(pairs)
@@ -2913,15 +3010,19 @@ class SocketReader:
             raise ClientGone(str(exc))
 
     def read_head(self, idle_timeout: float, head_timeout: float, max_line: int,
-                  max_size: int, silence_is_idle: bool = True) -> Optional[bytes]:
+                  max_size: int, silence_is_idle: bool = True,
+                  deadline: Optional[float] = None) -> Optional[bytes]:
         """One message head through its blank line; None if the peer closed, or
         stayed silent for ``idle_timeout`` before its first byte (a keep-alive
         client; for an upstream answer, ``silence_is_idle=False`` makes that a
         socket.timeout). The whole head must arrive within ``head_timeout`` of
-        the first byte, however slowly it drips."""
+        the first byte, however slowly it drips; with a ``deadline`` (monotonic),
+        silence and head together must end by then instead (a connection that
+        has not authenticated)."""
         if not self.buf:
             try:
-                data = self._recv(time.monotonic() + idle_timeout)
+                wait_until = time.monotonic() + idle_timeout if deadline is None else deadline
+                data = self._recv(wait_until)
             except socket.timeout:
                 if not silence_is_idle:
                     raise
@@ -2929,7 +3030,8 @@ class SocketReader:
             if not data:
                 return None
             self.buf += data
-        deadline = time.monotonic() + head_timeout
+        if deadline is None:
+            deadline = time.monotonic() + head_timeout
         start = 0
         while True:
             end = self.buf.find(b"\r\n\r\n", start)
@@ -2952,12 +3054,14 @@ class SocketReader:
                 raise ClientGone("closed in the middle of a message head")
             self.buf += data
 
-    def read_exact(self, size: int, timeout: float) -> bytes:
+    def read_exact(self, size: int, deadline: float) -> bytes:
+        """``size`` bytes, all by ``deadline`` (monotonic): dripping bytes
+        one at a time cannot stretch it."""
         while len(self.buf) < size:
             try:
-                data = self._recv(time.monotonic() + timeout)
+                data = self._recv(deadline)
             except socket.timeout:
-                raise bad_request("request body stalled for %g s" % timeout, 408)
+                raise bad_request("request body not received in time (limits.body_timeout)", 408)
             if not data:
                 raise ClientGone("closed in the middle of a request body")
             self.buf += data
@@ -2981,6 +3085,17 @@ class SocketReader:
                 if not data:
                     return
 
+    def discard_until_close(self, limit: int, deadline: float) -> None:
+        """Read and drop what arrives until the peer closes, ``limit`` bytes
+        or ``deadline`` (monotonic)."""
+        self.buf.clear()
+        with contextlib.suppress(OSError, ClientGone):
+            while limit > 0:
+                data = self._recv(deadline)
+                if not data:
+                    return
+                limit -= len(data)
+
     def read_until_close(self, limit: int, timeout: float) -> bytes:
         """Whatever arrives until the peer closes, ``limit`` bytes or ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -2994,7 +3109,7 @@ class SocketReader:
         self.buf.clear()
         return out
 
-    def read_line(self, max_length: int, timeout: float) -> bytes:
+    def read_line(self, max_length: int, deadline: float) -> bytes:
         start = 0
         while True:
             end = self.buf.find(b"\r\n", start)
@@ -3006,19 +3121,23 @@ class SocketReader:
                 raise bad_request("chunk framing line too long")
             start = max(0, len(self.buf) - 1)
             try:
-                data = self._recv(time.monotonic() + timeout)
+                data = self._recv(deadline)
             except socket.timeout:
-                raise bad_request("request body stalled for %g s" % timeout, 408)
+                raise bad_request("request body not received in time (limits.body_timeout)", 408)
             if not data:
                 raise ClientGone("closed in the middle of a request body")
             self.buf += data
 
 
-def read_chunked_body(reader: SocketReader, max_size: int, timeout: float) -> bytes:
-    """A chunked request body, strictly framed (RFC 9112 section 7.1)."""
+def read_chunked_body(reader: SocketReader, max_size: int, timeout: float,
+                      min_rate: float = 0.0) -> bytes:
+    """A chunked request body, strictly framed (RFC 9112 section 7.1), all of
+    it within ``timeout`` seconds plus, with a ``min_rate``, the time each
+    announced chunk takes at that many bytes a second."""
     body = bytearray()
+    deadline = time.monotonic() + timeout
     while True:
-        line = reader.read_line(4096, timeout)
+        line = reader.read_line(4096, deadline)
         size_text = line.split(b";", 1)[0]
         if not _HEX_SIZE.match(size_text):
             raise bad_request("invalid chunk size line")
@@ -3028,11 +3147,13 @@ def read_chunked_body(reader: SocketReader, max_size: int, timeout: float) -> by
         if len(body) + size > max_size:
             raise HTTPError(413, "invalid_request_error",
                             "request body larger than %d bytes" % max_size, close=True)
-        body += reader.read_exact(size, timeout)
-        if reader.read_exact(2, timeout) != b"\r\n":
+        if min_rate:
+            deadline += size / min_rate
+        body += reader.read_exact(size, deadline)
+        if reader.read_exact(2, deadline) != b"\r\n":
             raise bad_request("chunk data not followed by CRLF")
     for _ in range(64):  # trailer fields: read and drop
-        if not reader.read_line(8192, timeout):
+        if not reader.read_line(8192, deadline):
             return bytes(body)
     raise bad_request("too many trailer fields")
 
@@ -3261,6 +3382,12 @@ class Connector:
 
 
 MAX_UPSTREAM_HEADERS = 256
+MAX_INTERIM_RESPONSES = 16  # 1xx answers skipped before a final one; past this, a broken upstream
+
+
+def is_interim_status(status: int) -> bool:
+    """1xx answers that precede the final one (RFC 9110 15.2); 101 ends the exchange."""
+    return 100 <= status < 200 and status != http.client.SWITCHING_PROTOCOLS
 
 
 def read_response_headers(fp) -> Headers:
@@ -3294,14 +3421,26 @@ class FastResponse(http.client.HTTPResponse):
     CPU. Everything else (status line, chunked bodies, read1) is http.client's;
     begin() is its own logic, unchanged from 3.8 to 3.13."""
 
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        # The socket itself: with Connection: close, http.client hands it to
+        # the response and forgets it on the connection (conn.sock is None),
+        # yet the hang-up watcher must still be able to cut it.
+        self.raw_sock = sock
+
     def begin(self) -> None:
         if self.headers is not None:
             return
-        while True:
+        # Interim answers (100 Continue, 102 Processing, 103 Early Hints) come
+        # before the real one; taken as final, the real answer would stay
+        # unread on a pooled connection for the next request, anyone's, to read.
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
             version, status, reason = self._read_status()
-            if status != http.client.CONTINUE:
+            if not is_interim_status(status):
                 break
-            read_response_headers(self.fp)  # the 100 response's own headers
+            read_response_headers(self.fp)  # the interim answer's own headers
+        else:
+            raise http.client.HTTPException("more than %d interim answers" % MAX_INTERIM_RESPONSES)
         self.code = self.status = status
         self.reason = reason.strip()
         if version in ("HTTP/1.0", "HTTP/0.9"):
@@ -3329,6 +3468,8 @@ class FastResponse(http.client.HTTPResponse):
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
+        if status == http.client.SWITCHING_PROTOCOLS:
+            self.will_close = True  # a 101 we never asked for: the connection is another protocol
 
 
 class UpstreamConnection(http.client.HTTPConnection):
@@ -3369,8 +3510,12 @@ class UpstreamConnection(http.client.HTTPConnection):
 
 
 def is_socket_stale(sock) -> bool:
-    """True if an idle pooled socket has data or EOF waiting: the server gave up on it."""
+    """True if an idle pooled socket has data or EOF waiting: the server gave up
+    on it, or sent more than its last answer held. Under TLS, bytes already
+    decrypted wait inside the TLS object, where poll cannot see them."""
     try:
+        if getattr(sock, "pending", None) is not None and sock.pending():
+            return True
         if hasattr(select, "poll"):  # select() fails above 1024 descriptors
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
@@ -3406,9 +3551,10 @@ class UpstreamPool:
                 conn = idle.pop() if idle else None
             if conn is None:
                 break
-            idle = now - conn.idle_since
-            # A connection idle under a second is trusted (a stale one is retried).
-            if idle < self.idle_seconds and conn.sock is not None and (idle < 1.0 or not is_socket_stale(conn.sock)):
+            # Checked however briefly it idled (one poll, about a microsecond):
+            # bytes waiting on it belong to an earlier answer, never to this request.
+            if now - conn.idle_since < self.idle_seconds and conn.sock is not None \
+                    and not is_socket_stale(conn.sock):
                 return conn, True
             conn.close()
         conn = UpstreamConnection(origin, self.connector)
@@ -3418,6 +3564,11 @@ class UpstreamPool:
         return conn, False
 
     def release(self, conn: UpstreamConnection) -> None:
+        """Keep ``conn`` for reuse, unless bytes are already waiting on it (more
+        than the answer said it had, or EOF): the next request would read them."""
+        if conn.sock is None or is_socket_stale(conn.sock):
+            conn.close()
+            return
         conn.idle_since = time.monotonic()
         with self._lock:
             idle = self._idle.setdefault(conn.origin, [])
@@ -3511,14 +3662,16 @@ class UpstreamExchange:
 
 
 class WebSocketHandshake:
-    """What upstream answered to our upgrade request."""
+    """What upstream answered to our upgrade request, minus its cookies: they
+    are the owner's, and a refusal's headers are relayed to the client."""
 
     def __init__(self, sock: Any, status: int, reason: str, headers: Headers, leftover: bytes = b"",
                  body: bytes = b""):
         self.sock = sock
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.headers = Headers([(name, value) for name, value in headers.items()
+                                if name.lower() not in UPSTREAM_PRIVATE_HEADERS])
         self.leftover = leftover    # frame bytes that came with the 101
         self.body = body            # the body of a refusal
 
@@ -3550,7 +3703,7 @@ def read_refusal_body(reader: SocketReader, headers: Headers, timeout: float,
         return read_chunked_body(reader, limit, timeout)
     length = headers.get("content-length")
     if length is not None and length.strip().isdigit():
-        return reader.read_exact(min(int(length), limit), timeout)
+        return reader.read_exact(min(int(length), limit), time.monotonic() + timeout)
     return reader.read_until_close(limit, min(timeout, 10.0))
 
 
@@ -3891,7 +4044,7 @@ class Account:
         """The account as the status endpoint shows it: never a token or an id."""
         now = self._now()
         state = self.state()
-        _, problem = self.credential.peek()
+        problem = self.credential.public_problem()
         with self._lock:
             out = {"tag": self.tag, "plan": self.plan or self._login_plan() or None, "state": state,
                    "five_hour": self.short.to_json(now), "weekly": self.long.to_json(now),
@@ -4730,7 +4883,7 @@ class Metrics:
         self._latency_sum = 0.0
 
     def add(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(sorted((label, log_safe(text)) for label, text in labels.items())))
         with self._lock:
             self._counters[key] = self._counters.get(key, 0.0) + value
 
@@ -4764,7 +4917,8 @@ def render_metrics(server: "OCMServer") -> str:
     lines = []  # type: List[str]
 
     def sample(name: str, labels: Dict[str, str], value: float) -> None:
-        text = ",".join('%s="%s"' % (k, prometheus_escape(str(v))) for k, v in sorted(labels.items()))
+        text = ",".join('%s="%s"' % (k, prometheus_escape(log_safe(str(v))))
+                        for k, v in sorted(labels.items()))
         lines.append("%s%s %s" % (name, "{%s}" % text if text else "", repr(float(value))))
 
     counters = server.metrics.counters()
@@ -4940,21 +5094,22 @@ def write_access_line(request: "RequestRecord", log_format: str) -> None:
     if not access_log.isEnabledFor(level):
         return
     duration = time.monotonic() - request.started
-    account = request.account.tag if request.account is not None else ""
+    user, path, model = log_safe(request.user_name), log_safe(request.path), log_safe(request.model)
+    account = log_safe(request.account.tag) if request.account is not None else ""
+    asked = log_safe(request.asked_model)
     if log_format == "json":
         access_log.log(level, json.dumps({
-            "time": format_rfc3339(time.time()), "user": request.user_name or None, "method": request.method,
-            "path": request.path[:200], "status": request.status, "model": request.model or None,
-            "requested_model": request.asked_model or None,
+            "time": format_rfc3339(time.time()), "user": user or None, "method": request.method,
+            "path": path, "status": request.status, "model": model or None,
+            "requested_model": asked or None,
             "account": account or None, "input_tokens": request.input_tokens,
             "cached_tokens": request.cached_tokens, "output_tokens": request.output_tokens,
             "cost_usd": round(request.cost, 6), "duration_s": round(duration, 3)}))
         return
     access_log.log(level, "%s %s %s %d model=%s in=%d cached=%d out=%d cost=$%.4f %.3fs%s%s",
-                   request.user_name or "-", request.method, request.path[:200], request.status,
-                   request.model or "-", request.input_tokens, request.cached_tokens, request.output_tokens,
-                   request.cost, duration, " account=" + account if account else "",
-                   " asked=" + request.asked_model if request.asked_model else "")
+                   user or "-", request.method, path, request.status, model or "-",
+                   request.input_tokens, request.cached_tokens, request.output_tokens, request.cost,
+                   duration, " account=" + account if account else "", " asked=" + asked if asked else "")
 
 
 # == 14. Streams =============================================================
@@ -5044,6 +5199,11 @@ WS_CONTINUATION, WS_TEXT, WS_BINARY = 0x0, 0x1, 0x2
 WS_CLOSE, WS_PING, WS_PONG = 0x8, 0x9, 0xA
 WS_DATA_OPCODES = frozenset((WS_CONTINUATION, WS_TEXT, WS_BINARY))
 WS_CONTROL_OPCODES = frozenset((WS_CLOSE, WS_PING, WS_PONG))
+# A message may come in fragments, and each costs a few dozen bytes to follow
+# even when empty: without these, zero-length continuation frames grew memory
+# by about 1 MB a second per client, for ever.
+WS_MAX_FRAMES_PER_MESSAGE = 4096   # past it: close 1008 (policy violation)
+WS_FRAME_OVERHEAD = 64             # bytes each frame counts toward max_websocket_message (1009)
 
 
 class WebSocketError(OCMError):
@@ -5184,17 +5344,21 @@ class FrameParser:
 
 class MessageTracker:
     """Follows the message structure of one direction: fragments in order,
-    control frames allowed between them, size limit, UTF-8 of text. Keeps a
-    copy of a text message only while it may matter to accounting."""
-    __slots__ = ("_opcode", "_size", "_max", "_utf8", "_parts", "_keep")
+    control frames allowed between them, size and fragment limits (each frame
+    counts WS_FRAME_OVERHEAD bytes on top of its payload), UTF-8 of text.
+    Keeps a copy of a text message only while it may matter to accounting,
+    and the time of the last data frame (how long this peer has been idle)."""
+    __slots__ = ("_opcode", "_size", "_frames", "_max", "_utf8", "_parts", "_keep", "last_data_at")
 
     def __init__(self, max_message: int):
         self._opcode = None  # type: Optional[int]  # the data message in progress
         self._size = 0
+        self._frames = 0
         self._max = max_message
         self._utf8 = None
         self._parts = []  # type: List[bytes]
         self._keep = False
+        self.last_data_at = time.monotonic()
 
     def add(self, frame: Frame) -> Optional[bytes]:
         """Check one frame; returns a completed text message, else None."""
@@ -5207,10 +5371,14 @@ class MessageTracker:
         else:
             if self._opcode is not None:
                 raise WebSocketError(1002, "new data frame in the middle of a fragmented message")
-            self._opcode, self._size, self._parts = opcode, 0, []
+            self._opcode, self._size, self._frames, self._parts = opcode, 0, 0, []
             self._keep = opcode == WS_TEXT
             self._utf8 = codecs.getincrementaldecoder("utf-8")() if opcode == WS_TEXT else None
-        self._size += len(frame.payload)
+        self.last_data_at = time.monotonic()
+        self._frames += 1
+        if self._frames > WS_MAX_FRAMES_PER_MESSAGE:
+            raise WebSocketError(1008, "a message in over %d frames" % WS_MAX_FRAMES_PER_MESSAGE)
+        self._size += len(frame.payload) + WS_FRAME_OVERHEAD
         if self._size > self._max:
             raise WebSocketError(1009, "message over the limit of %d bytes" % self._max)
         if self._utf8 is not None:
@@ -7367,6 +7535,15 @@ def build_state(config: Config, books: UsageBooks, previous: Optional[State] = N
 
 # == 16. Handler =============================================================
 
+def has_unread_body(request: ClientRequest) -> bool:
+    return not request.body_read and (request.body_kind == "chunked" or request.body_length > 0)
+
+
+def body_too_large(length: int, max_size: int) -> HTTPError:
+    return HTTPError(413, "invalid_request_error", "request body of %d bytes is larger than the "
+                     "limit of %d" % (length, max_size), close=True)
+
+
 def json_error_body(error_type: str, message: str) -> bytes:
     return json.dumps({"error": {"type": error_type, "message": message}}).encode("utf-8")
 
@@ -7381,11 +7558,16 @@ def connection_listed(headers) -> set:
 
 def build_upstream_headers(client: Headers, config_headers: Dict[str, List[str]],
                            login: Login, body_length: Optional[int]) -> List[Tuple[str, str]]:
-    """Client headers minus hop-by-hop and credentials, config headers on top,
-    then the owner's Authorization and account id (PROTOCOL.md section 1)."""
-    dropped = HOP_BY_HOP | CLIENT_CREDENTIAL_HEADERS | OCM_SET_HEADERS | connection_listed(
-        client.get_all("connection")) | {name.lower() for name in config_headers}
-    out = [(name, value) for name, value in client.items() if name.lower() not in dropped]
+    """Client headers minus hop-by-hop, credentials and the owner's own (cookies,
+    forwarding, organisation), config headers on top, then the owner's
+    Authorization and account id (PROTOCOL.md section 1)."""
+    dropped = HOP_BY_HOP | CLIENT_CREDENTIAL_HEADERS | CLIENT_PRIVATE_HEADERS | OCM_SET_HEADERS | \
+        connection_listed(client.get_all("connection")) | {name.lower() for name in config_headers}
+    out = []
+    for name, value in client.items():
+        key = name.lower()
+        if key not in dropped and not key.startswith(CLIENT_PRIVATE_PREFIX):
+            out.append((name, value))
     for name, values in config_headers.items():
         if name.lower() not in HOP_BY_HOP | OCM_SET_HEADERS | {"authorization"}:
             out.extend((name, value) for value in values)
@@ -7417,10 +7599,12 @@ def is_websocket_key(key: str) -> bool:
 
 
 def response_headers_to_forward(message) -> List[Tuple[str, str]]:
+    """Upstream answer headers for the client: minus hop-by-hop, the length
+    (OCM frames the body itself) and the owner's cookies."""
     listed = connection_listed(message.get_all("connection") or [])
     return [(name, value) for name, value in message.items()
             if name.lower() not in HOP_BY_HOP and name.lower() not in listed
-            and name.lower() != "content-length"]
+            and name.lower() != "content-length" and name.lower() not in UPSTREAM_PRIVATE_HEADERS]
 
 
 def encode_head(status: int, reason: str, headers: List[Tuple[str, str]]) -> bytes:
@@ -7438,6 +7622,8 @@ WS_SHUTDOWN_WAIT = 2.0  # at shutdown, how long live sessions get to finish thei
 WS_POLICY_CLOSE = 1008  # RFC 6455: the endpoint's policy ends the session
 # Terminal events of a turn: each ends the oldest turn still running.
 TURN_END_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed", "error"))
+WS_IDLE_LIMIT = 30 * 60.0  # a session whose client sent no message this long may be closed
+                           # (the backend ends every session after 60 minutes; Codex reconnects)
 
 
 def is_websocket_upgrade(request: ClientRequest) -> bool:
@@ -7471,8 +7657,15 @@ def usage_limit_frame(handshake: WebSocketHandshake) -> bytes:
 
 
 class WebSocketEnd:
-    """One side of a relayed WebSocket: its socket, parser and close state."""
-    __slots__ = ("name", "sock", "parser", "messages", "write_lock", "close_sent", "is_upstream", "done")
+    """One side of a relayed WebSocket: its socket, parser and close state.
+
+    Sends have their own time limit, ``limits.send_timeout``: a peer that
+    takes no bytes for that long is stalled (is_stalled), and the server cuts
+    the session. The socket itself keeps no timeout, for the reads of the
+    other direction wait for as long as the user thinks (a socket timeout
+    would apply to both)."""
+    __slots__ = ("name", "sock", "parser", "messages", "write_lock", "close_sent", "is_upstream",
+                 "done", "send_timeout", "sending_since")
 
     def __init__(self, name: str, sock, is_upstream: bool, limits: Limits):
         self.name = name
@@ -7483,13 +7676,33 @@ class WebSocketEnd:
         self.write_lock = threading.Lock()
         self.close_sent = False
         self.done = threading.Event()
+        self.send_timeout = limits.send_timeout
+        self.sending_since = 0.0  # monotonic start of the send in progress, 0 when none
 
     def send(self, opcode: int, payload: bytes, fin: bool = True) -> None:
         data = encode_frame(opcode, payload, fin, masked=self.is_upstream)
         with self.write_lock:
             if not self.close_sent:  # nothing may follow a close frame
                 self.close_sent = opcode == WS_CLOSE
-                self.sock.sendall(data)
+                self.sending_since = time.monotonic()
+                try:
+                    self.sock.sendall(data)
+                finally:
+                    self.sending_since = 0.0
+
+    def is_stalled(self, now: float) -> bool:
+        """A send has waited longer than send_timeout for the peer to take it."""
+        since = self.sending_since
+        return since != 0.0 and now - since > self.send_timeout
+
+    @property
+    def last_active(self) -> float:
+        """Monotonic time of this peer's last data frame (or of the session's start)."""
+        return self.messages.last_data_at
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since this peer's last data frame: compare with WS_IDLE_LIMIT."""
+        return now - self.messages.last_data_at
 
     def send_close(self, code: Optional[int], reason: str = "") -> None:
         with contextlib.suppress(OSError):
@@ -7730,8 +7943,9 @@ class StreamContext:
             if not self.active:
                 return
             self.client_gone = True
-            with contextlib.suppress(OSError):
-                self.upstream_sock.shutdown(socket.SHUT_RDWR)
+            if self.upstream_sock is not None:
+                with contextlib.suppress(OSError):
+                    self.upstream_sock.shutdown(socket.SHUT_RDWR)
 
 
 class OCMHandler(BaseHTTPRequestHandler):
@@ -7748,6 +7962,9 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.head_sent = False
         self.error_shape = ""  # "anthropic" for Anthropic's endpoints: errors in their shape
         self.busy = False  # serving a request (as opposed to waiting for one)
+        self.authenticated = False  # until a valid token (or open access): see note_authenticated
+        # TLS handshake and first request head, together, within header_timeout
+        self.first_deadline = time.monotonic() + self.server.config.limits.header_timeout
         self.server.track(self)
 
     def finish(self) -> None:
@@ -7764,7 +7981,8 @@ class OCMHandler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         if self.server.tls is not None:
             try:
-                self.connection = self.server.tls.wrap(self.connection, self.server.config.limits.header_timeout)
+                remaining = max(0.001, self.first_deadline - time.monotonic())
+                self.connection = self.server.tls.wrap(self.connection, remaining)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 log.debug("TLS handshake with %s failed: %s", self.client_address[0], exc)
                 return
@@ -7802,7 +8020,11 @@ class OCMHandler(BaseHTTPRequestHandler):
 
     # -- one request ----------------------------------------------------------
     def serve_one(self) -> bool:
-        """Serve one request; True to keep the connection for another."""
+        """Serve one request; True to keep the connection for another.
+
+        Until the connection has authenticated, each request head (with the
+        silence before it) must come within header_timeout; a refusal goes out
+        at once and closes the connection, without waiting for any body."""
         server = self.server
         limits = server.config.limits
         self.head_sent = False
@@ -7810,53 +8032,81 @@ class OCMHandler(BaseHTTPRequestHandler):
         request = None
         if server.closing:
             return False
+        keep = linger = False
         try:
             head = self.reader.read_head(limits.idle_timeout, limits.header_timeout,
-                                         limits.max_request_line, limits.max_header_size)
+                                         limits.max_request_line, limits.max_header_size,
+                                         deadline=self.head_deadline(limits))
             if head is None:
                 return False
             server.set_busy(self, True)
+            with contextlib.suppress(OSError):  # the answer's: a client that takes nothing is cut
+                self.connection.settimeout(limits.send_timeout)
             request = parse_request_head(head, limits)
             request.started = time.monotonic()
+            if request.body_kind == "length" and request.body_length > limits.max_body_size:
+                # refused from its head, before any 100 Continue
+                raise body_too_large(request.body_length, limits.max_body_size)
             self.dispatch(request)
-            return request.keep_alive and request.body_read and not server.closing
+            keep = (request.keep_alive and self.authenticated and not has_unread_body(request)
+                    and not server.closing)
+            # (after a WebSocket, what is left are frames: the close handshake is done)
+            linger = not keep and request.status != 101 and (
+                has_unread_body(request) or self.has_input())
         except HTTPError as exc:
             if self.head_sent:
                 return False
-            close = exc.close or request is None or not request.keep_alive or not self.drain_body(request)
+            close = (exc.close or request is None or not request.keep_alive
+                     or not self.authenticated or has_unread_body(request))
             if request is not None:
                 request.status = exc.status
             self.send_error_json(exc, close)
-            return not close and not server.closing
+            keep = not close and not server.closing
+            linger = close and (request is None or has_unread_body(request) or self.has_input())
         finally:
             server.set_busy(self, False)
             if request is not None:
                 server.request_done(request)  # settled exactly once, however it ended
+        if linger:
+            self.linger()
+        return keep
 
-    def drain_body(self, request: ClientRequest) -> bool:
-        """Read and drop the unread body of a refused request so the connection
-        can carry on; False when it is too big or broken (then we close)."""
-        if request.body_read:
-            return True
-        if request.body_kind == "length" and request.body_length > DISCARD_BODY_LIMIT:
-            return False
-        try:
-            self.read_body(request, DISCARD_BODY_LIMIT)
-        except (HTTPError, ClientGone):
-            return False
-        return True
+    def head_deadline(self, limits: Limits) -> Optional[float]:
+        """When the next request head must be in, or None for an authenticated
+        connection (idle_timeout, then header_timeout from its first byte)."""
+        if self.authenticated:
+            return None
+        deadline, self.first_deadline = self.first_deadline, 0.0
+        return deadline or time.monotonic() + limits.header_timeout
+
+    def has_input(self) -> bool:
+        """Bytes (or EOF) from the client that no request has read yet."""
+        return bool(self.reader.buf) or is_socket_stale(self.connection)
+
+    def linger(self) -> None:
+        """Closing while the client may still be sending (a refused body): send
+        our FIN, then drop what arrives for a moment. Closing on unread bytes
+        resets the connection, and the client could lose the answer."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+        self.reader.discard_until_close(DISCARD_BODY_LIMIT, time.monotonic() + LINGER_SECONDS)
 
     def read_body(self, request: ClientRequest, max_size: int) -> bytes:
-        timeout = self.server.config.limits.body_timeout
+        """The whole body, within body_timeout plus a second per BODY_MIN_RATE
+        bytes it announced: a client dripping bytes cannot stretch that."""
+        limits = self.server.config.limits
         if request.body_kind == "length":
             if request.body_length > max_size:
-                raise HTTPError(413, "invalid_request_error",
-                                "request body of %d bytes is larger than the limit of %d"
-                                % (request.body_length, max_size), close=True)
-            request.body = self.reader.read_exact(request.body_length, timeout)
+                raise body_too_large(request.body_length, max_size)
+            deadline = time.monotonic() + limits.body_timeout + request.body_length / BODY_MIN_RATE
+            request.body = self.reader.read_exact(request.body_length, deadline)
         elif request.body_kind == "chunked":
-            request.body = read_chunked_body(self.reader, max_size, timeout)
+            request.body = read_chunked_body(self.reader, max_size, limits.body_timeout,
+                                             BODY_MIN_RATE)
         request.body_read = True
+        if request.body_kind != "none":
+            with contextlib.suppress(OSError):  # reads left their own deadline on the socket
+                self.connection.settimeout(limits.send_timeout)
         return request.body
 
     def dispatch(self, request: ClientRequest) -> None:
@@ -7878,6 +8128,7 @@ class OCMHandler(BaseHTTPRequestHandler):
                             headers=[("Allow", ", ".join(RELAYED_METHODS))])
         state = server.state  # this request's view of the config, whatever a reload does meanwhile
         user = state.users.authenticate(request.headers)
+        server.note_authenticated(self)  # out of the unauthenticated share, before any body is read
         request.record.user, request.record.user_name = user, user.name if user else ""
         check_access(user, time.time())
         if is_websocket_upgrade(request):
@@ -7980,10 +8231,11 @@ class OCMHandler(BaseHTTPRequestHandler):
         request.status = 200
 
     def serve_operations(self, request: ClientRequest) -> None:
-        """/healthz (open), /metrics (metrics token or loopback), the pool status (a user's token)."""
+        """/healthz (open), /metrics (metrics token or loopback), the pool status (a user's token).
+        They take no body: one is left unread, and the connection closes after the answer, as
+        it does for a client that has not authenticated."""
         server = self.server
         state = server.state
-        self.read_body(request, DISCARD_BODY_LIMIT)
         if request.method not in ("GET", "HEAD"):
             raise HTTPError(405, "invalid_request_error", "use GET for %s" % request.path,
                             headers=[("Allow", "GET, HEAD")])
@@ -7999,10 +8251,13 @@ class OCMHandler(BaseHTTPRequestHandler):
             body = json.dumps(usage_document(server, self.client_address[0], time.time())).encode()
         else:
             user = state.users.authenticate(request.headers)
+            server.note_authenticated(self)
             request.record.user_name = user.name if user else ""
             body = json.dumps(dict(state.pool_for(user).to_json(), user=request.record.user_name or None),
                               indent=2).encode("utf-8")
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if has_unread_body(request) or not self.authenticated:
+            request.keep_alive = False
         if not request.keep_alive:
             headers.append(("Connection", "close"))
         self.write(encode_head(200, "OK", headers) + (body if request.method == "GET" else b""))
@@ -8179,7 +8434,8 @@ class OCMHandler(BaseHTTPRequestHandler):
         the pool: the client may close or ask again at once. Stops without a
         last piece if upstream broke off; raises ClientGone if the client left."""
         response = exchange.response
-        context = StreamContext(exchange.conn.sock)
+        # The response's own socket: with Connection: close, conn.sock is None.
+        context = StreamContext(getattr(response, "raw_sock", None) or exchange.conn.sock)
         watcher = self.server.watcher
         watcher.watch(self.connection, context)
         try:
@@ -8192,7 +8448,7 @@ class OCMHandler(BaseHTTPRequestHandler):
                     if context.client_gone:
                         raise ClientGone("hung up while waiting for upstream")
                     log.warning("%s %s: upstream stream broke off: %s", request.method,
-                                request.path[:200], describe_connect_error(exc))
+                                log_safe(request.path), log_safe(describe_connect_error(exc)))
                     return
                 last = not data or response.length == 0
                 if last:
@@ -8200,7 +8456,7 @@ class OCMHandler(BaseHTTPRequestHandler):
                         raise ClientGone("hung up while waiting for upstream")
                     if not data and response.length:  # Content-Length promised more
                         log.warning("%s %s: upstream closed with %d bytes missing",
-                                    request.method, request.path[:200], response.length)
+                                    request.method, log_safe(request.path), response.length)
                         return
                     watcher.unwatch(self.connection, context)
                     exchange.finish(True)
@@ -8318,64 +8574,95 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.send_json(status, json.dumps(answer).encode("utf-8"), close=not request.keep_alive)
 
 
+# What the watcher waits for: on Linux the client's FIN itself (POLLRDHUP),
+# whatever bytes it sent before; elsewhere anything readable.
+HANGUP_EVENTS = getattr(select, "POLLRDHUP", 0)
+WATCH_EVENTS = HANGUP_EVENTS or getattr(select, "POLLIN", 1)
+
+
 class HangupWatcher:
     """One thread that notices clients hanging up while their stream waits on
-    upstream, and cuts that upstream connection at once."""
+    upstream, and cuts that upstream connection at once (it is billed while it
+    generates).
+
+    On Linux it waits for the client's FIN, so a client that sends bytes during
+    its stream (a pipelined request) is still watched. Elsewhere it waits for
+    readable bytes, and a client that sends some is watched no longer: its
+    hang-up is then noticed at the next write. The thread serves every stream,
+    so nothing that happens to one of them may end it."""
 
     def __init__(self):
-        self._selector = selectors.DefaultSelector()
+        self._poll = select.poll() if hasattr(select, "poll") else None  # else select() (Windows)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._wake_fd = self._wake_r.fileno()
+        if self._poll is not None:
+            self._poll.register(self._wake_fd, select.POLLIN)
+        self._watched = {}  # type: Dict[int, Tuple[socket.socket, StreamContext]]
         self._lock = threading.Lock()
         self._thread = None
         self._closed = False
 
     def watch(self, sock: socket.socket, context: StreamContext) -> None:
         with self._lock:
-            if self._closed:
+            fd = sock.fileno()
+            if self._closed or fd < 0:
                 return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ocm-hangup", daemon=True)
                 self._thread.start()
-            try:
-                self._selector.register(sock, selectors.EVENT_READ, context)
-            except (KeyError, ValueError, OSError):
-                return
+            self._watched[fd] = (sock, context)
+            if self._poll is not None:
+                self._poll.register(fd, WATCH_EVENTS)
         with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
+            self._wake_w.send(b"x")  # a poll in progress sees only the descriptors it started with
 
     def unwatch(self, sock: socket.socket, context: StreamContext) -> None:
         with context.lock:
             context.active = False
+        self._forget(sock.fileno(), context)
+
+    def _forget(self, fd: int, context: StreamContext) -> None:
         with self._lock:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(sock)
+            entry = self._watched.get(fd)
+            if entry is not None and entry[1] is context:
+                del self._watched[fd]
+                if self._poll is not None:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self._poll.unregister(fd)
+
+    def _wait(self, timeout: float) -> List[Tuple[int, int]]:
+        if self._poll is not None:
+            return self._poll.poll(timeout * 1000)
+        with self._lock:
+            fds = [self._wake_fd] + list(self._watched)
+        readable, _, _ = select.select(fds, [], [], timeout)
+        return [(fd, WATCH_EVENTS) for fd in readable]
 
     def _run(self) -> None:
         while not self._closed:
             try:
-                events = self._selector.select(timeout=1.0)
-            except (OSError, ValueError):
+                for fd, _ in self._wait(1.0):
+                    if fd == self._wake_fd:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    else:
+                        self._check(fd)
+            except Exception:  # one stream's trouble must not end the watch over all the others
+                log.exception("hang-up watcher: unexpected error; still watching")
                 time.sleep(0.05)
-                continue
-            for key, _ in events:
-                if key.data is None:
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
-                    continue
-                self._check(key.fileobj, key.data)
 
-    def _check(self, sock: socket.socket, context: StreamContext) -> None:
-        with context.lock:
-            if not context.active:
-                return
-            gone = peek_is_closed(sock)
+    def _check(self, fd: int) -> None:
+        with self._lock:
+            entry = self._watched.get(fd)
+        if entry is None:
+            return
+        sock, context = entry
+        with context.lock:  # while active, the handler has not let go of this socket
+            gone = client_has_left(sock) if context.active else False  # else: only forget it
         if gone is None:
             return
-        with self._lock:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(sock)
+        self._forget(fd, context)
         if gone:
             context.hang_up()
 
@@ -8386,10 +8673,21 @@ class HangupWatcher:
             self._wake_w.send(b"x")
         if self._thread is not None:
             self._thread.join(timeout=2)
-        with contextlib.suppress(OSError):
-            self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+def client_has_left(sock: socket.socket) -> Optional[bool]:
+    """True: the client closed or reset. False: it sent bytes, and this
+    platform cannot see a FIN behind them. None: nothing after all."""
+    if HANGUP_EVENTS:
+        try:
+            poller = select.poll()
+            poller.register(sock.fileno(), HANGUP_EVENTS)
+            return True if poller.poll(0) else None
+        except (OSError, ValueError):
+            return True
+    return peek_is_closed(sock)
 
 
 def peek_is_closed(sock: socket.socket) -> Optional[bool]:
@@ -8509,6 +8807,65 @@ def listen_address(host: str, port: int) -> Tuple[int, str]:
     return family, sockaddr[0]
 
 
+def address_group(host: str) -> str:
+    """What counts as one client address for the connection shares: an IPv4
+    address, or an IPv6 /64 (one host commonly holds a whole one)."""
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network((ip, IPV6_ADDRESS_PREFIX), strict=False))
+
+
+class ConnectionGate:
+    """Who holds the connection slots: how many each client address, and how
+    many have not authenticated yet. The accept loop asks before it starts a
+    thread, so a stranger's silent or dripping connections hold at most their
+    address's share, and together at most the unauthenticated share: a person
+    with a token, from another address, still gets in."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._per_address = {}  # type: Dict[str, int]
+        self._unauthenticated = set()  # type: set  # accepted sockets, until they authenticate
+
+    def admit(self, sock: socket.socket, host: str, limits: Limits) -> str:
+        """"" when ``sock`` may have a thread; else what is full."""
+        group = address_group(host)
+        with self._lock:
+            held = self._per_address.get(group, 0)
+            if held >= limits.per_address:
+                return "%d connections from one address" % limits.per_address
+            if len(self._unauthenticated) >= limits.unauthenticated:
+                return "%d connections that have not authenticated" % limits.unauthenticated
+            self._per_address[group] = held + 1
+            self._unauthenticated.add(sock)
+        return ""
+
+    def authenticated(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._unauthenticated.discard(sock)
+
+    def leave(self, sock: socket.socket, host: str) -> None:
+        group = address_group(host)
+        with self._lock:
+            self._unauthenticated.discard(sock)
+            held = self._per_address.get(group, 0) - 1
+            if held > 0:
+                self._per_address[group] = held
+            else:
+                self._per_address.pop(group, None)
+
+    def counts(self) -> Tuple[Dict[str, int], int]:
+        """(connections per address, connections not authenticated yet)."""
+        with self._lock:
+            return dict(self._per_address), len(self._unauthenticated)
+
+
 class OCMServer(ThreadingHTTPServer):
     """The listening server. It owns the running State (config, users,
     accounts, pools, budgets), what outlives a reload (usage books, metrics,
@@ -8518,6 +8875,7 @@ class OCMServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
+    _gate = None  # type: Optional[ConnectionGate]
 
     def __init__(self, config: Config, bind_and_activate: bool = True,
                  usage_save_interval: float = 60.0, file_check_interval: float = 1.0):
@@ -8618,6 +8976,7 @@ class OCMServer(ThreadingHTTPServer):
                                                           ACCESS_LOG_DELAY))):
                 return
             flush_access_log(only_if_due=True)
+            self.cut_stalled_websockets(time.monotonic())
             now = time.time()
             for account in list(state.accounts.values()):
                 if account.poll_interval and account.next_poll_at <= now and not self._stop_housekeeping.is_set():
@@ -8740,36 +9099,72 @@ class OCMServer(ThreadingHTTPServer):
             with self._handlers_changed:
                 self._websockets.discard(session)
 
+    def cut_stalled_websockets(self, now: float) -> None:
+        """Cut every session with a peer that took no bytes for send_timeout: a
+        client that stops reading would otherwise hold the upstream pump (and
+        its billed generation) for ever. The housekeeping thread calls this."""
+        with self._handlers_changed:
+            sessions = list(self._websockets)
+        for session in sessions:
+            for end in (session.client, session.upstream):
+                if end.is_stalled(now):
+                    log.info("websocket: %s took nothing for %g s; closing the session",
+                             end.name, end.send_timeout)
+                    session.cut()
+                    break
+
     # -- the connection cap -----------------------------------------------------
+    @property
+    def gate(self) -> ConnectionGate:
+        if self._gate is None:  # first used by the accept loop, before any handler thread
+            self._gate = ConnectionGate()
+        return self._gate
+
     def process_request(self, request, client_address) -> None:
-        """A thread per connection, up to limits.max_connections; past that a
-        fast 503 from the accept loop itself, without a thread."""
+        """A thread per connection, up to limits.max_connections, and up to the
+        shares of one address and of connections not authenticated yet; past
+        that a fast 503 from the accept loop itself, without a thread."""
+        limits = self.config.limits
         with self._connections_lock:
-            full = self._connections >= self.config.limits.max_connections
+            full = self._connections >= limits.max_connections
             if not full:
                 self._connections += 1
-        if not full:
+        refusal = "%d connections" % limits.max_connections if full else \
+            self.gate.admit(request, client_address[0], limits)
+        if not refusal:
             try:
                 super().process_request(request, client_address)
                 return
             except RuntimeError:  # the OS would not give us another thread
-                with self._connections_lock:
-                    self._connections -= 1
-        self.refuse_busy(request)
+                self.gate.leave(request, client_address[0])
+                refusal = "%d connections" % limits.max_connections
+        if not full:
+            with self._connections_lock:
+                self._connections -= 1
+        self.refuse_busy(request, refusal)
         self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.gate.leave(request, client_address[0])
             with self._connections_lock:
                 self._connections -= 1
 
-    def refuse_busy(self, sock: socket.socket) -> None:
+    def note_authenticated(self, handler: OCMHandler) -> None:
+        """``handler``'s client showed a valid token (or access is open): its
+        connection leaves the unauthenticated share and may idle between
+        requests for idle_timeout. Called right after authentication."""
+        if not handler.authenticated:
+            handler.authenticated = True
+            self.gate.authenticated(handler.request)
+
+    def refuse_busy(self, sock: socket.socket, what: str = "") -> None:
         if self.tls is not None:
             return  # a plain answer means nothing to a TLS client; closing says enough
-        body = json_error_body("api_error", "OCM is serving its limit of %d connections; try again shortly"
-                               % self.config.limits.max_connections)
+        body = json_error_body("api_error", "OCM is serving its limit of %s; try again shortly"
+                               % (what or "%d connections" % self.config.limits.max_connections))
         head = encode_head(503, REASONS[503], [("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(body))), ("Retry-After", "1"),
                                                 ("Connection", "close")])

@@ -794,7 +794,7 @@ class TestCredentials:
         status, _, body = proxy.request("POST", "/v1/responses", {})
         assert status == 503
         kind, message = error_of(body)
-        assert message.startswith("credential unavailable: ") and "not found" in message
+        assert message.startswith("credential unavailable: ") and "file is missing" in message
         assert fake.api_requests() == []
         write_auth(auth_path)
         assert proxy.request("POST", "/v1/responses", {})[0] == 200

@@ -231,6 +231,9 @@ def write_ocm_config(workdir, upstream_port, port, usages=False):
         "users": [{"name": "bench", "token": USER_TOKEN}],
         "upstream": {"chatgpt_url": upstream + "/backend-api/codex", "api_url": upstream,
                      "token_url": upstream + "/oauth/token"},
+        # every load-generator connection comes from 127.0.0.1, all at once:
+        # here one address may hold every connection, unauthenticated or not
+        "limits": {"max_connections_per_address": 1024, "max_unauthenticated_connections": 1024},
     }
     if usages:  # usage accounting on: every answer is scanned and recorded
         config["usages_path"] = os.path.join(workdir, "usages.json")

@@ -1,6 +1,7 @@
 """Hardening: OCM keeps serving under hostile input, faults and load, and
 loses nothing. Every test here fails if its protection is removed."""
 
+import contextlib
 import errno
 import io
 import json
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +23,7 @@ from hypothesis import strategies as st
 import ocm
 from test_ocm import (CODEX, CODEX_BODY, OCM_PY, USERS, completed_event, error_of, make_jwt, message_event, raw_exchange, read_json, sse,
                       wait_for, write_auth)
-from test_websocket import WSClient, WSUpstream, close_body
+from test_websocket import WSClient, WSUpstream, close_body, response_creates, ws_frame
 
 FUZZ_EXAMPLES = int(os.environ.get("OCM_FUZZ_EXAMPLES", "25"))  # `make fuzz` runs 2000
 fuzz_settings = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
@@ -101,7 +103,9 @@ class TestLimits:
         assert status_of(answer) == 408 and fake.requests == []
 
     def test_connection_cap_answers_a_fast_503(self, make_proxy, fake):
-        proxy = make_proxy(limits={"max_connections": 10})
+        # one address may hold them all here: this is about the cap itself
+        proxy = make_proxy(limits={"max_connections": 10, "max_connections_per_address": 10,
+                                   "max_unauthenticated_connections": 10})
         held = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(10)]
         assert wait_for(lambda: proxy.server._connections == 10)
         started = time.monotonic()
@@ -117,7 +121,9 @@ class TestLimits:
             s.close()
 
     def test_1100_connections_against_the_default_cap(self, make_proxy, fake):
-        proxy = make_proxy()
+        # silent connections from one address: its share and the unauthenticated one made whole
+        proxy = make_proxy(limits={"max_connections_per_address": 1024,
+                                   "max_unauthenticated_connections": 1024})
         assert proxy.server.config.limits.max_connections == 1024
         threads_before = threading.active_count()
         held = []
@@ -198,6 +204,7 @@ SMUGGLING = [
     ("a folded header line", b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"X-A: a\r\n b\r\n\r\n"),
     ("chunked in HTTP/1.0", b"POST /v1/responses HTTP/1.0\r\n" + AUTH +
      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("a byte that is not ASCII in the target", b"GET /v1/x\x9b2J HTTP/1.1\r\n" + AUTH + b"\r\n"),
     ("an absolute-form target", b"GET http://evil.example/v1/models HTTP/1.1\r\n" + AUTH + b"\r\n"),
     ("a request line with extra spaces", b"GET  /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n"),
     ("an unknown HTTP version", b"GET /v1/models HTTP/1.2\r\n" + AUTH + b"\r\n"),
@@ -651,6 +658,599 @@ class TestSecrets:
         raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\nHost: attacker.example:9999\r\n" + AUTH +
             b"X-Forwarded-Host: attacker.example\r\nConnection: close\r\n\r\n")
         assert fake.requests[0].header("Host") == "127.0.0.1:%d" % fake.port
+
+
+# == TestStrangers =============================================================
+
+def connect_from(port, source, timeout=5.0):
+    """A connection from another loopback address (Linux accepts all of 127/8)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0))
+
+
+def answer_on(sock):
+    """Everything until the server closes (or goes quiet for the socket's timeout)."""
+    out = b""
+    with contextlib.suppress(socket.timeout, ConnectionResetError):
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            out += data
+    return out
+
+
+def signed_in(port, source):
+    """A keep-alive connection that has authenticated (one answered request)."""
+    sock = connect_from(port, source)
+    sock.sendall(b"GET /ocm/v1/status HTTP/1.1\r\n" + AUTH + b"\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    body = head.partition(b"\r\n\r\n")[2]
+    while len(body) < length:
+        body += sock.recv(65536)
+    assert status_of(head) == 200
+    return sock
+
+
+class TestStrangers:
+    """Without a token, one address, or many, cannot hold the server: refusals
+    go out at once, unauthenticated connections have header_timeout and hold
+    only their share, and a person with a token from elsewhere is served."""
+
+    def test_one_address_holding_every_slot_it_can_leaves_room_for_a_token_from_another(
+            self, make_proxy, fake):
+        proxy = make_proxy(limits={"max_connections": 16, "header_timeout": 30,
+                                   "body_timeout": 30})
+        held = []
+        try:
+            for _ in range(2):  # dripping bodies: refused at once, never read
+                sock = connect_from(proxy.port, "127.0.0.1", timeout=1.0)
+                sock.sendall(b"POST /v1/responses HTTP/1.1\r\nContent-Length: 100000\r\n\r\n{")
+                held.append(sock)
+            for _ in range(20):  # and silent sockets, as many as it may
+                held.append(connect_from(proxy.port, "127.0.0.1"))
+            assert wait_for(lambda: proxy.server.gate.counts()[0].get("127.0.0.1") == 4 or
+                            proxy.server._connections == 16)
+            # served within a second
+            with connect_from(proxy.port, "127.0.0.2", timeout=1.0) as sock:
+                sock.sendall(b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"Connection: close\r\n\r\n")
+                assert status_of(answer_on(sock)) == 200
+            assert status_of(answer_on(held[0])) == 401
+            refused = [answer_on(sock) for sock in held[-10:]]
+            assert all(b"connections from one address" in answer for answer in refused)
+        finally:
+            for sock in held:
+                sock.close()
+
+    def test_many_addresses_without_a_token_hold_only_the_unauthenticated_share(self, make_proxy,
+                                                                                fake):
+        # 10 connections may be unauthenticated
+        proxy = make_proxy(limits={"max_connections": 20, "header_timeout": 30})
+        held = [signed_in(proxy.port, "127.0.0.%d" % (10 + i // 4)) for i in range(8)]  # people
+        try:
+            strangers = ["127.0.0.%d" % (20 + i // 2) for i in range(10)]
+            held += [connect_from(proxy.port, address) for address in strangers]
+            assert wait_for(lambda: proxy.server.gate.counts()[1] == 10)
+            with connect_from(proxy.port, "127.0.0.30", timeout=1.0) as late:
+                assert b"10 connections that have not authenticated" in answer_on(late)
+            held[0].sendall(b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"Connection: close\r\n\r\n")
+            assert status_of(answer_on(held[0])) == 200  # those who signed in are served
+        finally:
+            for sock in held:
+                sock.close()
+
+    @pytest.mark.parametrize("path", [b"/healthz", b"/v1/models"])
+    def test_a_connection_without_a_token_gets_one_answer_then_closes(self, proxy, fake, path):
+        with connect_from(proxy.port, "127.0.0.1", timeout=1.0) as sock:
+            sock.sendall(b"GET %s HTTP/1.1\r\n\r\n" % path * 2)  # a second request rides behind
+            answer = answer_on(sock)
+        assert answer.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in answer
+        assert status_of(answer) == (200 if path == b"/healthz" else 401)
+
+    def test_a_silent_connection_gets_header_timeout_not_idle_timeout(self, make_proxy, fake):
+        proxy = make_proxy(limits={"header_timeout": 0.3, "idle_timeout": 30})
+        with connect_from(proxy.port, "127.0.0.1", timeout=3) as silent:
+            assert silent.recv(100) == b""  # closed, without a word, well before idle_timeout
+        # once authenticated: idle_timeout
+        with connect_from(proxy.port, "127.0.0.1", timeout=3) as person:
+            person.sendall(b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"\r\n")
+            assert status_of(person.recv(65536)) == 200
+            time.sleep(0.5)
+            person.sendall(b"GET /v1/models HTTP/1.1\r\n" + AUTH + b"Connection: close\r\n\r\n")
+            assert status_of(answer_on(person)) == 200
+
+    @pytest.mark.parametrize("request_head, status", [
+        (b"POST /v1/responses HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{", 401),
+        (b"POST /v1/responses HTTP/1.1\r\nAuthorization: Bearer nope\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n3\r\n{", 401),
+        (b"POST /v1/responses HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1000\r\n\r\n",
+         401),
+        (b"POST /v1/responses HTTP/1.1\r\n" + AUTH +
+         b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n", 413),
+        (b"GET /healthz HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{", 200),
+    ])
+    def test_a_refusal_goes_out_at_once_and_never_waits_for_the_body(self, make_proxy, fake,
+                                                                     request_head, status):
+        proxy = make_proxy(limits={"body_timeout": 30, "max_body_size": 4096})
+        with connect_from(proxy.port, "127.0.0.1", timeout=1.0) as sock:
+            sock.sendall(request_head)
+            answer = answer_on(sock)  # and the connection closes: nothing of the body was read
+        assert status_of(answer) == status and b"100 Continue" not in answer
+        assert b"Connection: close" in answer.partition(b"\r\n\r\n")[0]
+        assert fake.requests == []
+
+    def test_a_body_must_arrive_whole_within_body_timeout_however_it_drips(self, make_proxy, fake):
+        proxy = make_proxy(limits={"body_timeout": 0.3})
+        with connect_from(proxy.port, "127.0.0.1", timeout=3) as sock:
+            sock.sendall(b"POST /v1/responses HTTP/1.1\r\n" + AUTH + b"Content-Length: 60\r\n\r\n")
+            sock.settimeout(0.05)
+            answer, dripped = b"", 0
+            while dripped < 60 and not answer:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b" ")  # a byte every 0.05 s: each used to restart the timeout
+                    dripped += 1
+                with contextlib.suppress(socket.timeout):
+                    answer = sock.recv(65536)
+        assert status_of(answer) == 408 and dripped < 40 and fake.requests == []
+
+    def test_shares_and_addresses(self):
+        limits = ocm.Limits()
+        shares = (limits.max_connections, limits.per_address, limits.unauthenticated)
+        assert shares == (1024, 256, 512)
+        assert ocm.Limits(max_connections=10, max_connections_per_address=7).per_address == 7
+        group = ocm.address_group
+        assert group("2001:db8::1") == group("2001:db8::ffff:1") == "2001:db8::/64"
+        assert group("2001:db8:0:1::1") != group("2001:db8::1")
+        assert group("::ffff:127.0.0.2") == "127.0.0.2" == group("127.0.0.2")
+        with pytest.raises(ocm.ConfigError, match="max_connections_per_address"):
+            ocm.config_from_dict({"limits": {"max_connections_per_address": -1}})
+
+
+# == TestPooledConnections =====================================================
+
+def answer_for_whom(ex, status=200):
+    """The fake's answer names the person whose request it answers."""
+    ex.json(status, {"for": ex.request.json()["who"]})
+
+
+class TestPooledConnections:
+    """An upstream connection goes back to the pool only when nothing more is
+    waiting on it: the next request on it may be anyone's."""
+
+    def test_a_102_before_the_answer_never_reaches_another_user(self, proxy, fake):
+        def route(ex):
+            if ex.request.json()["who"] == "alice":
+                ex.raw(b"HTTP/1.1 102 Processing\r\n\r\n")
+                ex.raw(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+                time.sleep(0.15)  # thinking: the real answer comes later
+            answer_for_whom(ex)
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        alice = proxy.request("POST", "/v1/responses", {"who": "alice"})
+        bob = proxy.request("POST", "/v1/responses", {"who": "bob"}, token="tok-bob")
+        assert b"alice" not in bob[2]
+        assert (bob[0], json.loads(bob[2])) == (200, {"for": "bob"})
+        assert (alice[0], json.loads(alice[2])) == (200, {"for": "alice"})
+        assert fake.connections == 1  # the same pooled connection served both
+
+    def test_more_bytes_than_the_answer_held_close_the_connection_at_once(self, proxy, fake):
+        closed = []
+
+        def route(ex):
+            ex.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}" + b"HTTP/1.1 200 OK\r\n"
+                   b"Content-Length: 70000\r\n\r\n" + b"x" * 70000)
+            closed.append(ex.wait_closed_by_peer(3))
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        assert proxy.request("POST", "/v1/responses", {"who": "alice"})[0] == 200
+        assert wait_for(lambda: closed) and closed == [True]  # not parked in the pool
+
+    def test_bytes_arriving_on_an_idle_connection_keep_it_from_the_next_request(self, proxy, fake):
+        sent = threading.Event()
+
+        def route(ex):
+            who = ex.request.json()["who"]
+            answer_for_whom(ex)
+            if who == "alice":  # after the answer, while the connection idles in the pool
+                time.sleep(0.05)
+                ex.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"for\": \"alice\"}")
+                sent.set()
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        assert proxy.request("POST", "/v1/responses", {"who": "alice"})[0] == 200
+        assert sent.wait(3)
+        status, _, body = proxy.request("POST", "/v1/responses", {"who": "bob"}, token="tok-bob")
+        assert (status, json.loads(body)) == (200, {"for": "bob"})
+        assert fake.connections == 2
+
+
+# == TestPrivateHeaders ========================================================
+
+PRIVATE_CLIENT_HEADERS = {"Cookie": "session=user", "Forwarded": "for=203.0.113.9",
+                          "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Host": "evil.example",
+                          "X-Real-IP": "203.0.113.9",
+                          "OpenAI-Organization": "org-user", "OpenAI-Project": "proj-user"}
+
+
+def private_headers_sent(recorded):
+    return {name: value for name, value in recorded.headers if name.lower() in
+            {n.lower() for n in PRIVATE_CLIENT_HEADERS}}
+
+
+class TestPrivateHeaders:
+    """Cookies, forwarding headers and the organisation or project to bill are
+    the owner's: a user's never reach OpenAI, OpenAI's cookies never reach users."""
+
+    def test_a_users_cookies_forwarding_and_billing_headers_never_reach_upstream(self, make_proxy,
+                                                                                  fake):
+        proxy = make_proxy()
+        assert proxy.request("POST", "/v1/responses", {}, headers=PRIVATE_CLIENT_HEADERS)[0] == 200
+        sent = fake.api_requests()[-1]
+        assert private_headers_sent(sent) == {}
+        owner = make_proxy(headers={"OpenAI-Organization": "org-owner", "Cookie": "owner=1"})
+        assert owner.request("POST", "/v1/responses", {}, headers=PRIVATE_CLIENT_HEADERS)[0] == 200
+        sent = private_headers_sent(fake.api_requests()[-1])
+        assert sent == {"OpenAI-Organization": "org-owner", "Cookie": "owner=1"}
+
+    def test_upstream_cookies_never_reach_users(self, proxy, fake):
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.send(
+            200, b"{}", {"Set-Cookie": "__cf_bm=owner", "X-Kept": "yes"}))
+        status, headers, _ = proxy.request("POST", "/v1/responses", {})
+        assert status == 200 and headers["x-kept"] == "yes" and "set-cookie" not in headers
+
+    def test_over_websocket_neither_way_either(self, proxy, fake):
+        ws = WSUpstream(fake)
+        client = WSClient(proxy.port, headers=PRIVATE_CLIENT_HEADERS)
+        try:
+            assert client.status == 101 and "set-cookie" not in client.headers
+        finally:
+            client.close()
+        assert private_headers_sent(ws.handshakes[0]) == {}
+        ws.status, ws.refusal_body = 403, b'{"error": {}}'
+        ws.refusal_headers = {"Set-Cookie": "cf=owner"}
+        refused = WSClient(proxy.port)
+        try:
+            assert refused.status == 403 and "set-cookie" not in refused.headers
+        finally:
+            refused.close()
+
+
+# == TestLogInjection ==========================================================
+
+def evil_model(length):
+    return ("gpt-5.4\nbob POST /v1/responses 200 model=free in=0\r\x1b[2J\x1b[31m\u202e"
+            + "x" * length)
+
+
+UNSAFE = ("\n", "\r", "\x1b", "\x9b", "\u202e")
+
+
+def is_tame(text, limit=1000):
+    """Fit for a log or an exposition: no control characters, bounded."""
+    return not any(c in text for c in UNSAFE) and len(text) < limit
+
+
+class TestLogInjection:
+    """A model name or a path is the client's own text (when upstream leaves the
+    model out of its usage, OCM names the one the client asked for): escaped and
+    capped wherever OCM writes it, so it cannot forge a line or flood a file."""
+
+    def check_everywhere(self, proxy, caplog, log_format, lines):
+        def access_lines():
+            return [r.getMessage() for r in caplog.records if r.name == "ocm.access"]
+
+        assert wait_for(lambda: len(access_lines()) >= lines)
+        access = access_lines()
+        assert all(is_tame(line) for line in access), access
+        if log_format == "json":  # lines land in the order their handlers finish
+            models = [json.loads(line)["model"][:9] for line in access if "gpt" in line]
+            assert models == ["gpt-5.4\\n"]
+        else:
+            assert len([line for line in access if "model=gpt-5.4\\nbob POST" in line]) == 1
+        status, _, metrics = proxy.request("GET", "/metrics")
+        assert status == 200 and b"gpt-5.4" in metrics
+        assert all(is_tame(line) for line in metrics.decode().splitlines())
+        assert not [line for line in metrics.decode().splitlines() if line.startswith("bob ")]
+        assert proxy.server.usage.save()
+        saved = read_json(proxy.server.usage.path)["combinations"]
+        assert [c["model"][:7] for c in saved] == ["gpt-5.4"]
+        assert all(is_tame(c["model"]) for c in saved)
+        assert all(is_tame(r.getMessage()) for r in caplog.records)
+
+    @pytest.mark.parametrize("log_format", ["text", "json"])
+    def test_a_model_name_from_a_request_body_cannot_forge_a_log_line(self, make_proxy, fake,
+                                                                     caplog, tmp_path, log_format):
+        usage = {"input_tokens": 5, "output_tokens": 1}  # and no model
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(
+            {"type": "response.completed", "response": {"usage": usage}})))
+        proxy = make_proxy(log_format=log_format, usages_path=str(tmp_path / "usage.json"))
+        with caplog.at_level(logging.DEBUG, logger="ocm"):
+            # 7 KB: past 8 KB a body is no longer kept whole for this (release_body): "unknown"
+            assert proxy.request("POST", "/v1/responses", {"model": evil_model(7000)})[0] == 200
+            raw_exchange(proxy.port, b"GET /v1/x" + b"y" * 10000 + b" HTTP/1.1\r\n" + AUTH +
+                         b"Connection: close\r\n\r\n")
+            self.check_everywhere(proxy, caplog, log_format, 2)
+
+    def test_a_model_name_from_a_websocket_turn_cannot_either(self, make_proxy, fake, caplog,
+                                                              tmp_path):
+        WSUpstream(fake).completed_without_model = True
+        proxy = make_proxy(usages_path=str(tmp_path / "usage.json"))
+        with caplog.at_level(logging.DEBUG, logger="ocm"):
+            client = WSClient(proxy.port)
+            try:
+                client.send_json({"type": "response.create", "model": evil_model(10240)})
+                client.events_until_completed()
+                client.send(0x8, close_body(1000))
+                client.frame()
+            finally:
+                client.close()
+            self.check_everywhere(proxy, caplog, "text", 1)
+
+    def test_log_safe_escapes_caps_and_leaves_plain_text_alone(self):
+        assert ocm.log_safe("gpt-5.3-codex") == "gpt-5.3-codex"
+        assert ocm.log_safe("a\nb\x1b[0m\x9b\u2028") == "a\\nb\\x1b[0m\\x9b\\u2028"
+        capped = ocm.log_safe("\n" * 5000)
+        assert len(capped) == ocm.LOG_VALUE_LIMIT and capped.endswith("...")
+        assert ocm.log_safe(capped) == capped
+
+
+# == TestOwnersPaths ===========================================================
+
+class TestOwnersPaths:
+    """Users learn why the owner's login cannot be used, in plain words; the
+    path of the owner's file stays in the owner's log."""
+
+    @pytest.mark.parametrize("damage, words", [
+        ("missing", "the owner's login file is missing; the owner must sign in"),
+        ("garbled", "the owner's login file is damaged")])
+    def test_a_broken_login_file_is_explained_without_its_path(self, make_proxy, auth_path, caplog,
+                                                               damage, words):
+        if damage == "missing":
+            os.unlink(str(auth_path))
+        else:
+            auth_path.write_text("{not json")
+        with caplog.at_level(logging.WARNING, logger="ocm"):
+            proxy = make_proxy()
+            status, _, body = proxy.request("POST", "/v1/responses", {})
+            assert status == 503 and words in error_of(body)[1]
+            status, _, page = proxy.request("GET", "/ocm/v1/status")
+            assert status == 200 and words in json.loads(page)["accounts"][0]["problem"]
+        for answer in (body, page):
+            assert str(auth_path.parent).encode() not in answer and b"auth.json" not in answer
+        assert str(auth_path) in caplog.text  # the owner still learns which file
+
+    def test_a_refresh_that_cannot_reread_the_file_is_explained_without_its_path(
+            self, make_proxy, auth_path, monkeypatch):
+        write_auth(auth_path, expires_in=-10)  # expired: a refresh is needed, and it cannot happen
+        proxy = make_proxy()
+        real = ocm._read_file_with_id
+
+        def unreadable_while_refreshing(path):
+            if proxy.server.credential._refresh_lock.locked():
+                raise PermissionError(13, "Permission denied", path)
+            return real(path)
+
+        monkeypatch.setattr(ocm, "_read_file_with_id", unreadable_while_refreshing)
+        status, _, body = proxy.request("POST", "/v1/responses", {})
+        assert status == 503 and "cannot re-read the owner's login file" in error_of(body)[1]
+        assert str(auth_path.parent).encode() not in body
+
+
+# == TestCredentialsAtTheEdges =================================================
+
+class TestCredentialsAtTheEdges:
+    @pytest.mark.parametrize("header", [b"Authorization: Bearer tok-al\x01ice",
+                                        b"Authorization: Bearer tok-alice\x0b",
+                                        b"Authorization: Bearer tok-alice\x7f",
+                                        b"Authorization: Bearer tok-alice\r\nX-Api-Key: k\x00"])
+    def test_a_token_with_control_characters_is_a_wrong_token_401(self, proxy, fake, header):
+        answer = raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + header +
+                              b"\r\nConnection: close\r\n\r\n")
+        assert status_of(answer) == 401
+        assert error_of(body_of(answer)) == ("authentication_error", "invalid api key")
+        assert fake.requests == []
+
+    def test_other_headers_with_control_characters_are_still_malformed_400(self, proxy, fake):
+        answer = raw_exchange(proxy.port, b"GET /v1/models HTTP/1.1\r\n" + AUTH +
+                              b"X-Other: a\x01b\r\n\r\n")
+        assert status_of(answer) == 400 and b"X-Other has control characters" in answer
+
+    def test_a_linked_auth_json_stays_a_link_and_its_target_gets_the_new_tokens(
+            self, make_proxy, fake, auth_path, tmp_path):
+        shared = tmp_path / "codex-cli"  # the Codex CLI's own folder, which OCM's file links to
+        shared.mkdir()
+        os.replace(str(auth_path), str(shared / "auth.json"))
+        write_auth(shared / "auth.json", expires_in=-10)  # expired: the first request refreshes it
+        os.symlink(str(shared / "auth.json"), str(auth_path))
+        proxy = make_proxy()
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200
+        assert os.path.islink(str(auth_path))
+        assert os.readlink(str(auth_path)) == str(shared / "auth.json")
+        assert read_json(shared / "auth.json")["tokens"]["refresh_token"] == "rt_2"
+        assert (shared / "auth.lock").exists() and not (auth_path.parent / "auth.lock").exists()
+        assert no_temp_files(shared) and no_temp_files(auth_path.parent)
+        credential = proxy.server.credential
+        credential._login = credential._login._replace(expires_at=time.time() + 10)
+        # the next refresh reads the rotated token
+        assert proxy.request("POST", "/v1/responses", {})[0] == 200
+        assert [c["refresh_token"] for c in fake.token_calls] == ["rt_initial", "rt_2"]
+
+
+# == TestHangupWatcher =========================================================
+
+class TestHangupWatcher:
+    """A client that leaves mid-stream has its upstream cut at once (generation
+    is billed), whatever came before: an upstream answer with Connection: close,
+    bytes from the client, trouble with another stream."""
+
+    def abandoned_stream(self, proxy, fake, headers=None, client_sends=b"", patience=3.0):
+        """A stream the client leaves; seconds until upstream saw its connection
+        cut, or None if that took longer than ``patience``."""
+        cut = []
+
+        def route(ex):
+            ex.start_chunked(headers=headers)
+            ex.chunk(sse({"type": "response.created"}))
+            started = time.monotonic()
+            if ex.wait_closed_by_peer(timeout=patience):
+                cut.append(time.monotonic() - started)
+            else:
+                ex.close()  # ends the stream OCM still relays
+            cut.append(None)
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        conn = proxy.conn()
+        conn.request("POST", "/v1/responses", body=b"{}",
+                     headers={"Authorization": "Bearer tok-alice"})
+        assert b"response.created" in conn.getresponse().read1(65536)
+        if client_sends:
+            conn.sock.sendall(client_sends)
+            time.sleep(0.05)  # the watcher sees those bytes first
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        assert wait_for(lambda: cut and cut[-1] is None, patience + 2)
+        return cut[0]
+
+    def test_a_stream_with_connection_close_is_cut_and_the_watch_goes_on(self, proxy, fake):
+        first = self.abandoned_stream(proxy, fake, headers={"Connection": "close"})
+        second = self.abandoned_stream(proxy, fake)
+        assert first is not None and first < 2.0
+        assert second is not None and second < 2.0
+
+    def test_a_client_that_sent_bytes_mid_stream_is_still_watched(self, proxy, fake):
+        if not ocm.HANGUP_EVENTS:
+            pytest.skip("needs POLLRDHUP (Linux)")
+        seconds = self.abandoned_stream(proxy, fake, client_sends=b"GET /v1/models HTTP/1.1\r\n")
+        assert seconds is not None and seconds < 2.0
+
+    def test_trouble_with_one_stream_does_not_end_the_watch(self, proxy, fake, monkeypatch,
+                                                            caplog):
+        real, calls = ocm.StreamContext.hang_up, []
+
+        def broken_once(context):
+            calls.append(context)
+            if len(calls) == 1:
+                raise RuntimeError("trouble")
+            real(context)
+
+        monkeypatch.setattr(ocm.StreamContext, "hang_up", broken_once)
+        with caplog.at_level(logging.ERROR, logger="ocm"):
+            self.abandoned_stream(proxy, fake, patience=0.3)
+        second = self.abandoned_stream(proxy, fake)
+        assert len(calls) == 2 and second is not None and second < 2.0
+        assert "hang-up watcher: unexpected error" in caplog.text
+
+
+# == TestWebSocketFloods =======================================================
+
+def frames_sent_upstream(sock, reader):
+    """(opcode, payload) of each frame OCM sends upstream, parsed in place:
+    the test codec copies its buffer per read, too slow for a flood."""
+    buf, pos = bytearray(reader.buf), 0
+    while True:
+        while len(buf) - pos >= 2:
+            n = buf[pos + 1] & 0x7F
+            head = 2 + (2 if n == 126 else 8 if n == 127 else 0)
+            if len(buf) - pos < head:
+                break
+            if n >= 126:
+                n = int.from_bytes(buf[pos + 2:pos + head], "big")
+            end = pos + head + 4 + n  # OCM masks every frame it sends upstream
+            if len(buf) < end:
+                break
+            mask = buf[pos + head:pos + head + 4]
+            masked = buf[pos + head + 4:end]
+            yield buf[pos] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(masked))
+            pos = end
+        data = sock.recv(65536)
+        if not data:
+            return
+        del buf[:pos]
+        buf, pos = buf + data, 0
+
+
+def ocm_memory():
+    """Bytes ocm.py itself holds now (allocations made by its own lines)."""
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, ocm.__file__)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+class TestWebSocketFloods:
+    def test_empty_fragments_cannot_grow_memory_without_bound(self, proxy, fake):
+        """Zero-length continuation frames cost nothing against the size limit:
+        without a bound on frames per message, each one was kept for ever."""
+        fragments = 20000
+        forwarded = []
+        everything = threading.Event()
+
+        def swallow(sock, reader):
+            for opcode, payload in frames_sent_upstream(sock, reader):
+                if opcode == 0x8:
+                    sock.sendall(ws_frame(0x8, payload))
+                    return
+                forwarded.append(None)
+                if len(forwarded) == 1 + fragments:
+                    everything.set()
+
+        WSUpstream(fake).on_connect = swallow
+        client = WSClient(proxy.port)
+        tracemalloc.start()
+        try:
+            assert wait_for(lambda: proxy.server._websockets)
+            before = ocm_memory()
+            empty = ws_frame(0x0, b"", fin=False, mask=b"efgh")
+            flood = ws_frame(0x1, b"{", fin=False, mask=b"abcd") + empty * fragments
+            with contextlib.suppress(OSError):
+                client.sock.sendall(flood)
+            assert wait_for(lambda: everything.is_set() or not proxy.server._websockets, 20)
+            grown = ocm_memory() - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 64 * 1024, "OCM kept %d bytes for a message of empty frames" % grown
+        frame = client.frame()
+        while frame[1] != 0x8:
+            frame = client.frame()
+        assert int.from_bytes(frame[2][:2], "big") == 1008
+        client.close()
+
+    def test_a_client_that_stops_reading_is_cut_within_the_send_timeout(self, make_proxy, fake):
+        upstream_done = threading.Event()
+
+        def stream_for_ever(sock, reader):
+            sock.settimeout(10)
+            for _ in response_creates(sock, reader, lambda frame: None):
+                with contextlib.suppress(OSError):
+                    while True:
+                        sock.sendall(ws_frame(0x2, b"x" * 65536))
+                upstream_done.set()
+                return
+
+        WSUpstream(fake).on_connect = stream_for_ever
+        proxy = make_proxy(limits={"send_timeout": 0.3})
+        client = WSClient(proxy.port)
+        try:
+            # and never reads again
+            client.send_json({"type": "response.create", "model": "gpt-5.4"})
+            assert wait_for(lambda: upstream_done.is_set() and not proxy.server._websockets, 8)
+        finally:
+            client.close()
+
+    def test_a_websocket_end_says_how_long_its_peer_was_idle(self, proxy, fake):
+        WSUpstream(fake)
+        client = WSClient(proxy.port)
+        try:
+            assert wait_for(lambda: proxy.server._websockets)
+            session = next(iter(proxy.server._websockets))
+            started = session.client.last_active
+            assert 0 <= session.client.idle_for(time.monotonic()) < ocm.WS_IDLE_LIMIT
+            client.send_json({"type": "response.create", "model": "gpt-5.4"})
+            client.events_until_completed()
+            assert session.client.last_active > started
+        finally:
+            client.close()
 
 
 # == Fuzzing ===================================================================
