@@ -4626,6 +4626,18 @@ class BudgetLedger:
                     raise refusal
                 self._changed.wait(min(left, 1.0))
 
+    def check(self, user: User) -> None:
+        """Refuse at once a request no body could make admissible: a budget
+        used up, or with less left than the person's requests usually cost.
+        (Whether it runs beside others depends on its model: admit decides.)"""
+        if not user.budgets:
+            return
+        estimate = self.estimate(user.name)
+        with self._lock:
+            _, refusal, must_wait = self._check_locked(user, estimate, (0.0, 0.0), self._now())
+        if refusal is not None and not must_wait:
+            raise refusal
+
     def _check_locked(self, user: User, estimate: Tuple[float, float], worst: Tuple[float, float],
                       now: float) -> Tuple[List[Tuple[str, str]], Optional[HTTPError], bool]:
         """(periods, refusal or None, whether waiting could help)."""
@@ -5097,6 +5109,9 @@ def write_access_line(request: "RequestRecord", log_format: str) -> None:
     user, path, model = log_safe(request.user_name), log_safe(request.path), log_safe(request.model)
     account = log_safe(request.account.tag) if request.account is not None else ""
     asked = log_safe(request.asked_model)
+    if log_format != "json":  # a space or "=" in a value could pass for another field
+        user, model, asked = ('"%s"' % v.replace('"', '\\"') if (" " in v or "=" in v or '"' in v) else v
+                              for v in (user, model, asked))
     if log_format == "json":
         access_log.log(level, json.dumps({
             "time": format_rfc3339(time.time()), "user": user or None, "method": request.method,
@@ -7760,6 +7775,14 @@ class WebSocketSession:
                 self.upstream.sock.close()
             self.end_turns(499)
 
+    def is_idle(self, now: float) -> bool:
+        """No turn running, and neither side sent a message for WS_IDLE_LIMIT:
+        the session only holds a thread, two sockets and a concurrency place."""
+        with self._turns_lock:
+            if self._turns:
+                return False
+        return min(self.client.idle_for(now), self.upstream.idle_for(now)) > WS_IDLE_LIMIT
+
     def close(self, code: int, reason: str) -> None:
         """Close both sides (server shutdown: 1001)."""
         self.client.send_close(code, reason)
@@ -8137,14 +8160,16 @@ class OCMHandler(BaseHTTPRequestHandler):
             with server.in_flight(user):
                 self.serve_websocket(request, state, user)
             return
-        if request.headers.has_token("expect", "100-continue") and request.body_kind != "none":
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.read_body(request, server.config.limits.max_body_size)
-        body = None
-        if request.method == "POST" or request.body:  # what it may run is decided from its body
-            body = parse_request_body(request.body, request.headers.get("content-encoding", ""),
-                                      server.config.limits.max_body_size)
         with server.in_flight(user):
+            if state.ledger is not None and user is not None and user.budgets:
+                state.ledger.check(user)  # a budget used up is refused before the body comes
+            if request.headers.has_token("expect", "100-continue") and request.body_kind != "none":
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.read_body(request, server.config.limits.max_body_size)
+            body = None
+            if request.method == "POST" or request.body:  # what it may run is decided from its body
+                body = parse_request_body(request.body, request.headers.get("content-encoding", ""),
+                                          server.config.limits.max_body_size)
             self.serve_model_request(request, state, user, body)
 
     def serve_model_request(self, request: ClientRequest, state: State, user: Optional[User],
@@ -9112,6 +9137,10 @@ class OCMServer(ThreadingHTTPServer):
                              end.name, end.send_timeout)
                     session.cut()
                     break
+            else:
+                if session.is_idle(now):
+                    log.info("websocket: idle for %d minutes; closing the session", WS_IDLE_LIMIT // 60)
+                    session.close(1001, "idle")
 
     # -- the connection cap -----------------------------------------------------
     @property

@@ -949,7 +949,8 @@ class TestLogInjection:
             models = [json.loads(line)["model"][:9] for line in access if "gpt" in line]
             assert models == ["gpt-5.4\\n"]
         else:
-            assert len([line for line in access if "model=gpt-5.4\\nbob POST" in line]) == 1
+            # quoted, for its spaces could pass for other fields
+            assert len([line for line in access if 'model="gpt-5.4\\nbob POST' in line]) == 1
         status, _, metrics = proxy.request("GET", "/metrics")
         assert status == 200 and b"gpt-5.4" in metrics
         assert all(is_tame(line) for line in metrics.decode().splitlines())

@@ -704,3 +704,40 @@ class TestMethods:
     def test_the_api_methods_are_relayed(self, proxy, fake, method):
         status, _, _ = proxy.request(method, "/v1/files/file-1", body=b"{}" if method == "POST" else None)
         assert status == 200 and fake.api_requests()[0].method == method
+
+
+# == Refusals that need no body come before 100 Continue ===========================
+
+class TestRefusedBeforeTheBody:
+    def test_a_used_up_budget_is_refused_without_100_continue_and_unread_body(self, make_proxy, fake, tmp_path):
+        from test_ocm import raw_exchange
+        fake.on("POST", "/backend-api/codex/responses", priced_stream(40000))
+        proxy = make_proxy(users=[user(budgets=[{"period": "day", "usd": 0.05}])], timezone="UTC",
+                           budgets_path=str(tmp_path / "b.json"))
+        assert proxy.request("POST", "/v1/responses", CODEX)[0] == 200  # $0.10: the budget is used up
+        answer = raw_exchange(proxy.port, b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                          b"tok-alice\r\nExpect: 100-continue\r\nContent-Length: 1000000\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 429 ") and b"100 Continue" not in answer
+        assert b"is used up" in answer and len(fake.api_requests()) == 1
+
+    def test_max_concurrent_is_refused_without_100_continue(self, make_proxy, fake):
+        import threading
+        from test_ocm import raw_exchange
+        gate = threading.Event()
+
+        def slow(ex):
+            gate.wait(5)
+            priced_stream(1000)(ex)
+
+        fake.on("POST", "/backend-api/codex/responses", slow)
+        proxy = make_proxy(users=[user(max_concurrent=1)])
+        first = threading.Thread(target=proxy.request, args=("POST", "/v1/responses", CODEX))
+        first.start()
+        try:
+            assert wait_for(lambda: len(fake.api_requests()) == 1)
+            answer = raw_exchange(proxy.port, b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                              b"tok-alice\r\nExpect: 100-continue\r\nContent-Length: 50\r\n\r\n")
+        finally:
+            gate.set()
+            first.join(10)
+        assert answer.startswith(b"HTTP/1.1 429 ") and b"100 Continue" not in answer

@@ -655,6 +655,17 @@ class TestWebSocketRelay:
         assert time.monotonic() - started < 3
         assert ws.closed.wait(5)
 
+    def test_a_session_idle_past_the_limit_is_closed(self, proxy, fake, ws):
+        client = WSClient(proxy.port)
+        client.send_json({"type": "response.create", "model": "gpt-5.4"})
+        client.events_until_completed()
+        assert wait_for(lambda: len(proxy.server._websockets) == 1)
+        proxy.server.cut_stalled_websockets(time.monotonic() + 60)  # an hour's quiet is not a minute's
+        proxy.server.cut_stalled_websockets(time.monotonic() + ocm.WS_IDLE_LIMIT + 1)
+        fin, opcode, payload, _ = client.frame()
+        assert opcode == 0x8 and payload == close_body(1001, "idle")
+        client.close()
+
     def test_no_threads_are_left_behind(self, proxy, fake, ws):
         before = threading.active_count()
         for _ in range(5):
