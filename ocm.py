@@ -7950,6 +7950,85 @@ class WebSocketSession:
             self.server.settle(record)
 
 
+def serve_websocket(handler: "OCMHandler", request: ClientRequest, state: State,
+                    user: Optional[User]) -> None:
+    """Upgrade to a WebSocket pinned to one upstream WebSocket (PROTOCOL.md
+    section 6). The client gets its 101 only once upstream gave us ours;
+    its turns are admitted one by one by the session."""
+    key = request.headers.get("sec-websocket-key", "").strip()
+    if [v.strip() for v in request.headers.get_all("sec-websocket-version")] != ["13"]:
+        raise HTTPError(426, "invalid_request_error", "WebSocket version 13 is required",
+                        headers=[("Sec-WebSocket-Version", "13")])
+    if not is_websocket_key(key):
+        raise HTTPError(400, "invalid_request_error", "missing or invalid Sec-WebSocket-Key")
+    call = ModelRequest(handler.server, state, user, request.record, None)
+    pool = state.pool_for(user)
+
+    def attempt(account: Account, login: Login) -> WebSocketHandshake:
+        base, upstream_path = state.upstream_target(login.mode, request.path, request.query)
+        return account.open_websocket(base.origin, upstream_path,
+                                      build_websocket_headers(request.headers, state.config.headers, login))
+
+    try:
+        account, handshake = call.send(pool, session_key(request.headers, None) if pool.is_pool else "",
+                                       attempt)
+    except HTTPError as exc:
+        if exc.error_type != "usage_limit_reached":
+            raise
+        request.status = 429  # every account of the pool is resting: say so as Codex shows it
+        refuse_websocket_with_usage_limit(handler, key, error_event_for(exc))
+        return
+    request.status = handshake.status
+    if handshake.status == 101:
+        accept_websocket(handler, key, handshake.headers, pool)
+        for sock in (handler.connection, handshake.sock):
+            # Sessions idle between turns for as long as the user thinks: no
+            # read timeout, but TCP keep-alive finds peers that vanished.
+            sock.settimeout(None)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        session = WebSocketSession(handler.server, handler.connection, bytes(handler.reader.buf), handshake,
+                                   user, account, request.path, moved=call.moved)
+        handler.reader.buf.clear()
+        handler.server.run_websocket(session)
+        return
+    if handshake.status == 429:
+        refuse_websocket_with_usage_limit(handler, key, usage_limit_frame(handshake), handshake.headers)
+        return
+    if handshake.status in (404, 426):
+        raise HTTPError(426, "invalid_request_error",
+                        "upstream does not offer WebSockets here (%d); use HTTP" % handshake.status)
+    headers = [(n, v) for n, v in handshake.headers.items()
+               if n.lower() not in HOP_BY_HOP and n.lower() != "content-length"]
+    headers += [("Content-Length", str(len(handshake.body))), ("Connection", "close")]
+    handler.write(encode_head(handshake.status, handshake.reason, headers) + handshake.body)
+    handler.head_sent = True
+
+def refuse_websocket_with_usage_limit(handler: "OCMHandler", key: str, frame: bytes,
+                                      upstream_headers: Optional[Headers] = None) -> None:
+    """Accept, then say why in the frame Codex shows as its usage-limit message."""
+    accept_websocket(handler, key, upstream_headers or Headers())
+    # Codex matches an error frame to the request it waits on: one sent before its
+    # response.create arrived is dropped, and it reconnects (5 times, then HTTP).
+    handler.reader.wait_for_websocket_message(handler.server.config.limits.max_websocket_message,
+                                           WS_FIRST_MESSAGE_WAIT)
+    handler.write(encode_frame(WS_TEXT, frame) + encode_frame(WS_CLOSE, close_payload(1008, "usage limit reached")))
+    # Read what the client already sent (and its close) before closing:
+    # closing on unread data resets the connection and can lose the frame.
+    with contextlib.suppress(OSError):
+        handler.connection.shutdown(socket.SHUT_WR)
+    handler.reader.read_until_close(1 << 20, 2.0)
+
+def accept_websocket(handler: "OCMHandler", key: str, upstream_headers: Headers,
+                     pool: Optional[Pool] = None) -> None:
+    headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+               ("Sec-WebSocket-Accept", websocket_accept(key))]
+    forwarded = [(n, v) for n, v in upstream_headers.items() if is_forwarded_handshake_header(n)]
+    headers += pool.rewrite_rate_limit_headers(forwarded) if pool is not None and pool.is_pool else forwarded
+    handler.write(encode_head(101, "Switching Protocols", headers))
+    handler.head_sent = True
+
+
 class StreamContext:
     """One relayed response, shared with the hang-up watcher."""
     __slots__ = ("lock", "active", "client_gone", "upstream_sock")
@@ -7971,6 +8050,247 @@ class StreamContext:
                     self.upstream_sock.shutdown(socket.SHUT_RDWR)
 
 
+class AnswerRelay:
+    """Writes upstream's answers to one client connection: as they came
+    (relay_response, stream_body), or in the client's own API when OCM
+    rewrote the request (relay_translated). Each answer is settled just
+    before its last bytes go out."""
+
+    def __init__(self, handler: "OCMHandler"):
+        self.handler = handler
+
+    def relay_response(self, request: ClientRequest, exchange: "UpstreamExchange",
+                       tap: Optional[UsageTap] = None, pool: Optional[Pool] = None) -> None:
+        """Status, headers and body unchanged (minus hop-by-hop). Known lengths pass
+        as they are; unknown lengths (SSE) go out chunked, each read flushed.
+        The upstream connection goes back to the pool as soon as its response
+        is read, before the client gets the last byte and can ask again."""
+        response = exchange.response
+        headers = response_headers_to_forward(response.msg)
+        if pool is not None and pool.is_pool:
+            headers = pool.rewrite_rate_limit_headers(headers)
+        status = response.status
+        no_body = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        complete = False
+        try:
+            if no_body or (response.length is not None and response.length <= SMALL_BODY):
+                body, complete = read_small_body(response)
+                exchange.finish(complete)
+                if no_body:
+                    length = response.msg.get("content-length")
+                    if request.method == "HEAD" and length is not None:
+                        headers.append(("Content-Length", length))
+                    body = b""
+                elif not complete:
+                    raise HTTPError(502, "api_error", "upstream closed the connection mid-response")
+                else:
+                    headers.append(("Content-Length", str(len(body))))
+                if tap is not None and body:
+                    tap.feed(body)  # a copy, parsed when the answer is over
+                self.settle_before_the_end(request, tap)
+                self.finish_head(request, status, response.reason, headers, body)
+                return
+            if response.length is not None:
+                headers.append(("Content-Length", str(response.length)))
+                chunked = False
+            elif request.version == "HTTP/1.1":
+                headers.append(("Transfer-Encoding", "chunked"))
+                chunked = True
+            else:  # an HTTP/1.0 client: the end of the body is the end of the connection
+                request.keep_alive = False
+                chunked = False
+            self.finish_head(request, status, response.reason, headers)
+            complete = self.stream_body(request, exchange, chunked, tap)
+            if not complete:
+                request.keep_alive = False
+        finally:
+            exchange.finish(complete)
+            if tap is not None:
+                tap.finish(complete)
+
+    def settle_before_the_end(self, request: ClientRequest, tap: Optional[UsageTap]) -> None:
+        """Book a whole answer before its last bytes go out: a client that asks
+        again at once (Codex does) finds its last request already counted."""
+        if tap is not None:
+            tap.finish(True)
+        self.handler.server.settle(request.record)
+
+    def finish_head(self, request: ClientRequest, status: int, reason: str,
+                    headers: List[Tuple[str, str]], body: bytes = b"") -> None:
+        if not request.keep_alive:
+            headers.append(("Connection", "close"))
+        # Writes keep the read timeout the socket already has (idle, header or
+        # body): a bound for a client that stopped reading, without a syscall.
+        self.handler.write(encode_head(status, reason, headers) + body)
+        self.handler.head_sent = True
+
+    def stream_body(self, request: ClientRequest, exchange: "UpstreamExchange", chunked: bool,
+                    tap: Optional[UsageTap]) -> bool:
+        """Copy the body as it arrives. True if it ended cleanly; False if upstream
+        broke off (the client then sees a truncated body: no final chunk)."""
+        for data, last in self.read_upstream(request, exchange):
+            if last:
+                if tap is not None and data:
+                    tap.feed(data)
+                self.settle_before_the_end(request, tap)
+            if data:
+                try:
+                    self.handler.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                finally:  # after the write, so accounting never delays the client; and
+                    if tap is not None and not last:  # even if the client just hung up: it was billed
+                        tap.feed(data)
+            if last:
+                if chunked:
+                    self.handler.write(b"0\r\n\r\n")
+                return True
+        return False
+
+    def read_upstream(self, request: ClientRequest, exchange: "UpstreamExchange"):
+        """The upstream body as it arrives, as (data, last) pairs. Before the
+        last one, the hang-up watcher is detached and the connection is back in
+        the pool: the client may close or ask again at once. Stops without a
+        last piece if upstream broke off; raises ClientGone if the client left."""
+        response = exchange.response
+        # The response's own socket: with Connection: close, conn.sock is None.
+        context = StreamContext(getattr(response, "raw_sock", None) or exchange.conn.sock)
+        watcher = self.handler.server.watcher
+        watcher.watch(self.handler.connection, context)
+        try:
+            while True:
+                try:
+                    data = response.read1(RELAY_CHUNK) if response.length != 0 else b""
+                    if response.length == 0:
+                        response.read()  # marks it closed (read1 does not before 3.13)
+                except (http.client.HTTPException, OSError, ValueError) as exc:
+                    if context.client_gone:
+                        raise ClientGone("hung up while waiting for upstream")
+                    log.warning("%s %s: upstream stream broke off: %s", request.method,
+                                log_safe(request.path), log_safe(describe_connect_error(exc)))
+                    return
+                last = not data or response.length == 0
+                if last:
+                    if context.client_gone:
+                        raise ClientGone("hung up while waiting for upstream")
+                    if not data and response.length:  # Content-Length promised more
+                        log.warning("%s %s: upstream closed with %d bytes missing",
+                                    request.method, log_safe(request.path), response.length)
+                        return
+                    watcher.unwatch(self.handler.connection, context)
+                    exchange.finish(True)
+                yield data, last
+                if last:
+                    return
+        finally:
+            watcher.unwatch(self.handler.connection, context)
+
+    # -- translated answers (section 14b) -------------------------------------------
+    def relay_translated(self, request: ClientRequest, exchange: "UpstreamExchange", translation: Translation,
+                         state: State) -> None:
+        """The answer to a request OCM rewrote for the ChatGPT backend, in the
+        client's own API: its stream as it comes, or the whole answer built
+        from the stream. Usage is read from upstream's own events."""
+        record = request.record
+        if not 200 <= exchange.status < 300 or translation.kind == "models":
+            body, complete = read_small_body(exchange.response)
+            exchange.finish(complete)
+            if translation.kind == "models" and exchange.status == 200:
+                try:
+                    answer = parse_json(body)
+                except ValueError:
+                    answer = None
+                body = json.dumps(models_list(answer, state.config.model_map)).encode("utf-8")
+            elif translation.kind in ("chat", "anthropic"):
+                body = translation.error_body(exchange.status, *upstream_error_fields(body))
+            extra = [(n, v) for n, v in exchange.headers.items() if n.lower() == "retry-after"]
+            self.handler.send_json(exchange.status, body, close=not request.keep_alive, extra=extra)
+            return
+        content_type = (exchange.headers.get("content-type") or "").lower()
+        if "json" in content_type and translation.kind in ("responses", "chat", "anthropic"):
+            self.relay_whole_answer(request, exchange, translation)  # an upstream that would not stream
+            return
+        events = []  # type: List[Any]
+        scanner = SSEScanner(events.append, every_event=True)
+        writer = translation.writer() if translation.stream else None
+        assembler = None if writer is not None else ResponseAssembler()
+
+        def take() -> bytes:
+            out = []
+            for event in events:
+                if record.usage is None:
+                    record.usage = usage_record_from_event(event, record.model, record.tier)
+                if writer is not None:
+                    out.append(writer.feed(event))
+                else:
+                    assembler.feed(event)
+            del events[:]
+            return b"".join(out)
+
+        chunked = request.version == "HTTP/1.1"
+        if writer is not None:
+            request.keep_alive = request.keep_alive and chunked
+            self.finish_head(request, 200, "OK", [("Content-Type", "text/event-stream; charset=utf-8"),
+                                                   ("Cache-Control", "no-cache")]
+                             + ([("Transfer-Encoding", "chunked")] if chunked else []))
+        ended = False
+        for data, last in self.read_upstream(request, exchange):
+            scanner.feed(data)
+            if last:
+                scanner.finish()
+                ended = True
+            out = take()
+            if writer is not None and out and not last:
+                self.handler.write(b"%x\r\n%s\r\n" % (len(out), out) if chunked else out)
+        exchange.finish(ended)
+        if writer is not None:
+            out += writer.finish()
+            self.settle_before_the_end(request, None)
+            self.handler.write((b"%x\r\n%s\r\n0\r\n\r\n" % (len(out), out) if out else b"0\r\n\r\n") if chunked
+                       else out)
+            if not ended:
+                request.keep_alive = False
+            return
+        status, answer = assembler.finish()
+        self.send_answer(request, translation, status, answer)
+
+    def relay_whole_answer(self, request: ClientRequest, exchange: "UpstreamExchange",
+                           translation: Translation) -> None:
+        body, complete = read_small_body(exchange.response, UsageTap.JSON_LIMIT)
+        exchange.finish(complete)
+        try:
+            answer = parse_json(body) if complete else None
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            failure = STREAM_CUT
+            self.send_answer(request, translation, failure.status,
+                             openai_error_body(failure.error_type, failure.message, failure.code))
+            return
+        request.record.usage = usage_record_from(answer, request.record.model, request.record.tier)
+        if translation.stream:  # the client asked for a stream: one of a whole answer
+            writer = translation.writer()
+            events = [{"type": "response.output_item.done", "output_index": i, "item": item}
+                      for i, item in enumerate(answer.get("output") or ())]
+            out = b"".join(writer.feed(event) for event in events + [
+                {"type": "response.completed", "response": answer}]) + writer.finish()
+            self.settle_before_the_end(request, None)
+            self.finish_head(request, 200, "OK", [("Content-Type", "text/event-stream; charset=utf-8"),
+                                                   ("Content-Length", str(len(out)))], out)
+            return
+        self.send_answer(request, translation, 200, answer)
+
+    def send_answer(self, request: ClientRequest, translation: Translation, status: int,
+                    answer: Dict[str, Any]) -> None:
+        """A whole answer in the client's API: the response, or its error."""
+        request.record.status = status
+        if status != 200 and translation.kind == "anthropic":
+            error = answer.get("error") or {}
+            answer = anthropic_error_body(status, str(error.get("type") or ""), str(error.get("message") or ""))
+        elif status == 200:
+            answer = translation.answer(answer)
+        self.settle_before_the_end(request, None)
+        self.handler.send_json(status, json.dumps(answer).encode("utf-8"), close=not request.keep_alive)
+
+
 class OCMHandler(BaseHTTPRequestHandler):
     """One client connection: read requests, authenticate, relay. Keep-alive aware."""
 
@@ -7982,6 +8302,7 @@ class OCMHandler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = SocketReader(self.connection)
+        self.answers = AnswerRelay(self)
         self.head_sent = False
         self.error_shape = ""  # "anthropic" for Anthropic's endpoints: errors in their shape
         self.busy = False  # serving a request (as opposed to waiting for one)
@@ -8158,7 +8479,7 @@ class OCMHandler(BaseHTTPRequestHandler):
             self.read_body(request, DISCARD_BODY_LIMIT)
             request.keep_alive = False  # after a WebSocket, the connection is done
             with server.in_flight(user):
-                self.serve_websocket(request, state, user)
+                serve_websocket(self, request, state, user)
             return
         with server.in_flight(user):
             if state.ledger is not None and user is not None and user.budgets:
@@ -8237,14 +8558,14 @@ class OCMHandler(BaseHTTPRequestHandler):
             request.record.week_start = week_start_from_headers(exchange.headers)
         rewrite = exchange.translation
         if rewrite is not None and (rewrite.kind != "responses" or not rewrite.stream):
-            self.relay_translated(request, exchange, rewrite, state)
+            self.answers.relay_translated(request, exchange, rewrite, state)
             return
         tap = None
         if body is not None and 200 <= exchange.status < 300:
             content_type = (exchange.headers.get("content-type") or "").lower()
             tap = UsageTap(request.record, body.stream or content_type.startswith("text/event-stream"))
         body = call.body = None
-        self.relay_response(request, exchange, tap, pool)
+        self.answers.relay_response(request, exchange, tap, pool)
 
     def answer_count_tokens(self, request: ClientRequest, body: Optional[RequestBody]) -> None:
         """Anthropic's count_tokens, answered here: an estimate, never sent upstream."""
@@ -8289,314 +8610,7 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.head_sent = True
         request.status = 200
 
-    # -- WebSockets -------------------------------------------------------------
-    def serve_websocket(self, request: ClientRequest, state: State, user: Optional[User]) -> None:
-        """Upgrade to a WebSocket pinned to one upstream WebSocket (PROTOCOL.md
-        section 6). The client gets its 101 only once upstream gave us ours;
-        its turns are admitted one by one by the session."""
-        key = request.headers.get("sec-websocket-key", "").strip()
-        if [v.strip() for v in request.headers.get_all("sec-websocket-version")] != ["13"]:
-            raise HTTPError(426, "invalid_request_error", "WebSocket version 13 is required",
-                            headers=[("Sec-WebSocket-Version", "13")])
-        if not is_websocket_key(key):
-            raise HTTPError(400, "invalid_request_error", "missing or invalid Sec-WebSocket-Key")
-        call = ModelRequest(self.server, state, user, request.record, None)
-        pool = state.pool_for(user)
 
-        def attempt(account: Account, login: Login) -> WebSocketHandshake:
-            base, upstream_path = state.upstream_target(login.mode, request.path, request.query)
-            return account.open_websocket(base.origin, upstream_path,
-                                          build_websocket_headers(request.headers, state.config.headers, login))
-
-        try:
-            account, handshake = call.send(pool, session_key(request.headers, None) if pool.is_pool else "",
-                                           attempt)
-        except HTTPError as exc:
-            if exc.error_type != "usage_limit_reached":
-                raise
-            request.status = 429  # every account of the pool is resting: say so as Codex shows it
-            self.refuse_websocket_with_usage_limit(key, error_event_for(exc))
-            return
-        request.status = handshake.status
-        if handshake.status == 101:
-            self.accept_websocket(key, handshake.headers, pool)
-            for sock in (self.connection, handshake.sock):
-                # Sessions idle between turns for as long as the user thinks: no
-                # read timeout, but TCP keep-alive finds peers that vanished.
-                sock.settimeout(None)
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            session = WebSocketSession(self.server, self.connection, bytes(self.reader.buf), handshake,
-                                       user, account, request.path, moved=call.moved)
-            self.reader.buf.clear()
-            self.server.run_websocket(session)
-            return
-        if handshake.status == 429:
-            self.refuse_websocket_with_usage_limit(key, usage_limit_frame(handshake), handshake.headers)
-            return
-        if handshake.status in (404, 426):
-            raise HTTPError(426, "invalid_request_error",
-                            "upstream does not offer WebSockets here (%d); use HTTP" % handshake.status)
-        headers = [(n, v) for n, v in handshake.headers.items()
-                   if n.lower() not in HOP_BY_HOP and n.lower() != "content-length"]
-        headers += [("Content-Length", str(len(handshake.body))), ("Connection", "close")]
-        self.write(encode_head(handshake.status, handshake.reason, headers) + handshake.body)
-        self.head_sent = True
-
-    def refuse_websocket_with_usage_limit(self, key: str, frame: bytes,
-                                          upstream_headers: Optional[Headers] = None) -> None:
-        """Accept, then say why in the frame Codex shows as its usage-limit message."""
-        self.accept_websocket(key, upstream_headers or Headers())
-        # Codex matches an error frame to the request it waits on: one sent before its
-        # response.create arrived is dropped, and it reconnects (5 times, then HTTP).
-        self.reader.wait_for_websocket_message(self.server.config.limits.max_websocket_message,
-                                               WS_FIRST_MESSAGE_WAIT)
-        self.write(encode_frame(WS_TEXT, frame) + encode_frame(WS_CLOSE, close_payload(1008, "usage limit reached")))
-        # Read what the client already sent (and its close) before closing:
-        # closing on unread data resets the connection and can lose the frame.
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_WR)
-        self.reader.read_until_close(1 << 20, 2.0)
-
-    def accept_websocket(self, key: str, upstream_headers: Headers, pool: Optional[Pool] = None) -> None:
-        headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
-                   ("Sec-WebSocket-Accept", websocket_accept(key))]
-        forwarded = [(n, v) for n, v in upstream_headers.items() if is_forwarded_handshake_header(n)]
-        headers += pool.rewrite_rate_limit_headers(forwarded) if pool is not None and pool.is_pool else forwarded
-        self.write(encode_head(101, "Switching Protocols", headers))
-        self.head_sent = True
-
-    # -- relaying an HTTP answer --------------------------------------------------
-    def relay_response(self, request: ClientRequest, exchange: "UpstreamExchange",
-                       tap: Optional[UsageTap] = None, pool: Optional[Pool] = None) -> None:
-        """Status, headers and body unchanged (minus hop-by-hop). Known lengths pass
-        as they are; unknown lengths (SSE) go out chunked, each read flushed.
-        The upstream connection goes back to the pool as soon as its response
-        is read, before the client gets the last byte and can ask again."""
-        response = exchange.response
-        headers = response_headers_to_forward(response.msg)
-        if pool is not None and pool.is_pool:
-            headers = pool.rewrite_rate_limit_headers(headers)
-        status = response.status
-        no_body = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
-        complete = False
-        try:
-            if no_body or (response.length is not None and response.length <= SMALL_BODY):
-                body, complete = read_small_body(response)
-                exchange.finish(complete)
-                if no_body:
-                    length = response.msg.get("content-length")
-                    if request.method == "HEAD" and length is not None:
-                        headers.append(("Content-Length", length))
-                    body = b""
-                elif not complete:
-                    raise HTTPError(502, "api_error", "upstream closed the connection mid-response")
-                else:
-                    headers.append(("Content-Length", str(len(body))))
-                if tap is not None and body:
-                    tap.feed(body)  # a copy, parsed when the answer is over
-                self.settle_before_the_end(request, tap)
-                self.finish_head(request, status, response.reason, headers, body)
-                return
-            if response.length is not None:
-                headers.append(("Content-Length", str(response.length)))
-                chunked = False
-            elif request.version == "HTTP/1.1":
-                headers.append(("Transfer-Encoding", "chunked"))
-                chunked = True
-            else:  # an HTTP/1.0 client: the end of the body is the end of the connection
-                request.keep_alive = False
-                chunked = False
-            self.finish_head(request, status, response.reason, headers)
-            complete = self.stream_body(request, exchange, chunked, tap)
-            if not complete:
-                request.keep_alive = False
-        finally:
-            exchange.finish(complete)
-            if tap is not None:
-                tap.finish(complete)
-
-    def settle_before_the_end(self, request: ClientRequest, tap: Optional[UsageTap]) -> None:
-        """Book a whole answer before its last bytes go out: a client that asks
-        again at once (Codex does) finds its last request already counted."""
-        if tap is not None:
-            tap.finish(True)
-        self.server.settle(request.record)
-
-    def finish_head(self, request: ClientRequest, status: int, reason: str,
-                    headers: List[Tuple[str, str]], body: bytes = b"") -> None:
-        if not request.keep_alive:
-            headers.append(("Connection", "close"))
-        # Writes keep the read timeout the socket already has (idle, header or
-        # body): a bound for a client that stopped reading, without a syscall.
-        self.write(encode_head(status, reason, headers) + body)
-        self.head_sent = True
-
-    def stream_body(self, request: ClientRequest, exchange: "UpstreamExchange", chunked: bool,
-                    tap: Optional[UsageTap]) -> bool:
-        """Copy the body as it arrives. True if it ended cleanly; False if upstream
-        broke off (the client then sees a truncated body: no final chunk)."""
-        for data, last in self.read_upstream(request, exchange):
-            if last:
-                if tap is not None and data:
-                    tap.feed(data)
-                self.settle_before_the_end(request, tap)
-            if data:
-                try:
-                    self.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                finally:  # after the write, so accounting never delays the client; and
-                    if tap is not None and not last:  # even if the client just hung up: it was billed
-                        tap.feed(data)
-            if last:
-                if chunked:
-                    self.write(b"0\r\n\r\n")
-                return True
-        return False
-
-    def read_upstream(self, request: ClientRequest, exchange: "UpstreamExchange"):
-        """The upstream body as it arrives, as (data, last) pairs. Before the
-        last one, the hang-up watcher is detached and the connection is back in
-        the pool: the client may close or ask again at once. Stops without a
-        last piece if upstream broke off; raises ClientGone if the client left."""
-        response = exchange.response
-        # The response's own socket: with Connection: close, conn.sock is None.
-        context = StreamContext(getattr(response, "raw_sock", None) or exchange.conn.sock)
-        watcher = self.server.watcher
-        watcher.watch(self.connection, context)
-        try:
-            while True:
-                try:
-                    data = response.read1(RELAY_CHUNK) if response.length != 0 else b""
-                    if response.length == 0:
-                        response.read()  # marks it closed (read1 does not before 3.13)
-                except (http.client.HTTPException, OSError, ValueError) as exc:
-                    if context.client_gone:
-                        raise ClientGone("hung up while waiting for upstream")
-                    log.warning("%s %s: upstream stream broke off: %s", request.method,
-                                log_safe(request.path), log_safe(describe_connect_error(exc)))
-                    return
-                last = not data or response.length == 0
-                if last:
-                    if context.client_gone:
-                        raise ClientGone("hung up while waiting for upstream")
-                    if not data and response.length:  # Content-Length promised more
-                        log.warning("%s %s: upstream closed with %d bytes missing",
-                                    request.method, log_safe(request.path), response.length)
-                        return
-                    watcher.unwatch(self.connection, context)
-                    exchange.finish(True)
-                yield data, last
-                if last:
-                    return
-        finally:
-            watcher.unwatch(self.connection, context)
-
-    # -- translated answers (section 14b) -------------------------------------------
-    def relay_translated(self, request: ClientRequest, exchange: "UpstreamExchange", translation: Translation,
-                         state: State) -> None:
-        """The answer to a request OCM rewrote for the ChatGPT backend, in the
-        client's own API: its stream as it comes, or the whole answer built
-        from the stream. Usage is read from upstream's own events."""
-        record = request.record
-        if not 200 <= exchange.status < 300 or translation.kind == "models":
-            body, complete = read_small_body(exchange.response)
-            exchange.finish(complete)
-            if translation.kind == "models" and exchange.status == 200:
-                try:
-                    answer = parse_json(body)
-                except ValueError:
-                    answer = None
-                body = json.dumps(models_list(answer, state.config.model_map)).encode("utf-8")
-            elif translation.kind in ("chat", "anthropic"):
-                body = translation.error_body(exchange.status, *upstream_error_fields(body))
-            extra = [(n, v) for n, v in exchange.headers.items() if n.lower() == "retry-after"]
-            self.send_json(exchange.status, body, close=not request.keep_alive, extra=extra)
-            return
-        content_type = (exchange.headers.get("content-type") or "").lower()
-        if "json" in content_type and translation.kind in ("responses", "chat", "anthropic"):
-            self.relay_whole_answer(request, exchange, translation)  # an upstream that would not stream
-            return
-        events = []  # type: List[Any]
-        scanner = SSEScanner(events.append, every_event=True)
-        writer = translation.writer() if translation.stream else None
-        assembler = None if writer is not None else ResponseAssembler()
-
-        def take() -> bytes:
-            out = []
-            for event in events:
-                if record.usage is None:
-                    record.usage = usage_record_from_event(event, record.model, record.tier)
-                if writer is not None:
-                    out.append(writer.feed(event))
-                else:
-                    assembler.feed(event)
-            del events[:]
-            return b"".join(out)
-
-        chunked = request.version == "HTTP/1.1"
-        if writer is not None:
-            request.keep_alive = request.keep_alive and chunked
-            self.finish_head(request, 200, "OK", [("Content-Type", "text/event-stream; charset=utf-8"),
-                                                   ("Cache-Control", "no-cache")]
-                             + ([("Transfer-Encoding", "chunked")] if chunked else []))
-        ended = False
-        for data, last in self.read_upstream(request, exchange):
-            scanner.feed(data)
-            if last:
-                scanner.finish()
-                ended = True
-            out = take()
-            if writer is not None and out and not last:
-                self.write(b"%x\r\n%s\r\n" % (len(out), out) if chunked else out)
-        exchange.finish(ended)
-        if writer is not None:
-            out += writer.finish()
-            self.settle_before_the_end(request, None)
-            self.write((b"%x\r\n%s\r\n0\r\n\r\n" % (len(out), out) if out else b"0\r\n\r\n") if chunked
-                       else out)
-            if not ended:
-                request.keep_alive = False
-            return
-        status, answer = assembler.finish()
-        self.send_answer(request, translation, status, answer)
-
-    def relay_whole_answer(self, request: ClientRequest, exchange: "UpstreamExchange",
-                           translation: Translation) -> None:
-        body, complete = read_small_body(exchange.response, UsageTap.JSON_LIMIT)
-        exchange.finish(complete)
-        try:
-            answer = parse_json(body) if complete else None
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            failure = STREAM_CUT
-            self.send_answer(request, translation, failure.status,
-                             openai_error_body(failure.error_type, failure.message, failure.code))
-            return
-        request.record.usage = usage_record_from(answer, request.record.model, request.record.tier)
-        if translation.stream:  # the client asked for a stream: one of a whole answer
-            writer = translation.writer()
-            events = [{"type": "response.output_item.done", "output_index": i, "item": item}
-                      for i, item in enumerate(answer.get("output") or ())]
-            out = b"".join(writer.feed(event) for event in events + [
-                {"type": "response.completed", "response": answer}]) + writer.finish()
-            self.settle_before_the_end(request, None)
-            self.finish_head(request, 200, "OK", [("Content-Type", "text/event-stream; charset=utf-8"),
-                                                   ("Content-Length", str(len(out)))], out)
-            return
-        self.send_answer(request, translation, 200, answer)
-
-    def send_answer(self, request: ClientRequest, translation: Translation, status: int,
-                    answer: Dict[str, Any]) -> None:
-        """A whole answer in the client's API: the response, or its error."""
-        request.record.status = status
-        if status != 200 and translation.kind == "anthropic":
-            error = answer.get("error") or {}
-            answer = anthropic_error_body(status, str(error.get("type") or ""), str(error.get("message") or ""))
-        elif status == 200:
-            answer = translation.answer(answer)
-        self.settle_before_the_end(request, None)
-        self.send_json(status, json.dumps(answer).encode("utf-8"), close=not request.keep_alive)
 
 
 # What the watcher waits for: on Linux the client's FIN itself (POLLRDHUP),
