@@ -4,7 +4,9 @@
 One always-on box (a router, a NAS, a small server) holds the owner's Codex
 login from ``~/.codex/auth.json`` (or an OpenAI API key), keeps it refreshed,
 and lets remote Codex clients in with per-user bearer tokens. It relays their
-requests (HTTP, SSE streams, WebSockets) to OpenAI unchanged.
+requests (HTTP, SSE streams, WebSockets) to OpenAI unchanged, and translates
+other clients' (Chat Completions, Anthropic Messages) for the ChatGPT backend.
+Every request passes one pipeline: the same limits and accounting for all.
 
 Run it:    python3 ocm.py config.json        (no config: 127.0.0.1:8080)
 Check it:  python3 ocm.py --check config.json
@@ -18,17 +20,20 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
    4. Files              atomic writes, the cross-process file lock
    5. Credentials        auth.json, token refresh, the Credential object
    6. Sign-in            device codes, PKCE with paste-back, writing a new login
-   7. Pricing and usage  the price table, costs, the usage book and its saver
+   7. Pricing and usage  the price table, costs, the usage books and their saver
    8. Users              bearer tokens (or their digests), constant-time lookup
    9. HTTP parsing       strict request heads and bodies, response heads
-  10. Upstream           the Connector (proxies, TLS), keep-alive pool, urllib
-  11. Accounts           rate-limit state, shares, pools (balancer, fallback)
-  12. Policy             budgets with reservations, concurrency, models, expiry
+  10. Upstream           the Connector (proxies, TLS), keep-alive pool, exchanges
+  11. Accounts           windows by length, shares, sending, pools, failover state
+  12. Policy             budgets (the one-request bound), concurrency, models, expiry
   13. Operations         metrics, the live usage document, the access log
   14. Streams            the SSE usage scanner, WebSocket framing
-  15. Handler            route, authenticate, relay HTTP, SSE and WebSocket
-  16. Server             TLS for clients, the ThreadingHTTPServer owning all state
-  17. CLI                main(), login, logout, status, usage, hash-token
+  14b. Translation       Chat Completions and Anthropic Messages <-> Responses
+  15. Pipeline           canonical paths, bodies parsed once, admission, failover,
+                         the State a reload swaps whole
+  16. Handler            read, dispatch, write: HTTP answers, WebSocket sessions
+  17. Server             TLS for clients, the server owning state, settling requests
+  18. CLI                main(), login, logout, status, usage, hash-token
 """
 
 from __future__ import annotations  # annotations stay text: typing is never imported
