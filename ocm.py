@@ -2304,8 +2304,11 @@ _MODEL_NORMALISATION = (
 
 
 def normalize_service_tier(tier: Any) -> str:
-    """"", auto, default, scale and anything unknown are priced as default."""
+    """"", auto, default, scale and anything unknown are priced as default;
+    "fast" is what clients call priority (and what OCM sends as priority)."""
     tier = tier.strip().lower() if isinstance(tier, str) else ""
+    if tier == "fast":
+        return "priority"
     return tier if tier in ("flex", "priority") else "default"
 
 
@@ -4533,13 +4536,33 @@ OUTPUT_TOKEN_CEILING = 128000
 BUDGET_WAIT = 30.0  # near a budget's end, how long a request waits for the running one to end
 
 
+# Models whose context window is longer than their price table says (API-key mode).
+LONG_CONTEXT_MODELS = re.compile(r"^gpt-4\.1(?:$|-)")
+
+
 def worst_case_cost(model: str, tier: str) -> Tuple[float, int]:
     """(USD, tokens) one request of ``model`` can cost at most: a full context
-    window of uncached input, and the most output a call can give."""
-    row = find_price_row(model, tier)
-    window = PREMIUM_CONTEXT_WINDOW if row is not None and row[4] is not None else DEFAULT_CONTEXT_WINDOW
+    window of uncached input, and the most output a call can give. A model
+    OCM cannot read or does not know is the dearest one there is."""
+    row = find_price_row(model, tier) if model else None
+    if row is None:
+        return dearest_worst_case()
+    window = PREMIUM_CONTEXT_WINDOW if row[4] is not None or LONG_CONTEXT_MODELS.match(model) \
+        else DEFAULT_CONTEXT_WINDOW
     price_in, price_out, _ = prices_for(model, tier, window)
     return (window * price_in + OUTPUT_TOKEN_CEILING * price_out) / 1e6, window + OUTPUT_TOKEN_CEILING
+
+
+@functools.lru_cache(maxsize=None)
+def dearest_worst_case() -> Tuple[float, int]:
+    """The worst case of the dearest row of the price table, in any tier."""
+    usd = 0.0
+    for tier in PRICE_TABLE:
+        for _, price_in, price_out, _, premium in price_rows(tier):
+            window = PREMIUM_CONTEXT_WINDOW if premium else DEFAULT_CONTEXT_WINDOW
+            price_in, price_out = (premium[0], premium[1]) if premium else (price_in, price_out)
+            usd = max(usd, (window * price_in + OUTPUT_TOKEN_CEILING * price_out) / 1e6)
+    return usd, PREMIUM_CONTEXT_WINDOW + OUTPUT_TOKEN_CEILING
 
 
 class Reservation:
@@ -4703,14 +4726,13 @@ class BudgetLedger:
 
     def settle(self, reservation: Reservation, usd: float, tokens: int) -> None:
         """Charge what a request really cost, once to each budget period it
-        was admitted against (in the period it ends in); its estimate is free."""
-        now = self._now()
+        was admitted against (a request running across midnight counts in the
+        day that admitted it, which counted it while it ran); its estimate is free."""
         with self._changed:
             if reservation.settled:
                 return
             self._release_locked(reservation)
-            for period in {p for p, _ in reservation.periods}:
-                key, _ = self.clock.period(period, now)
+            for period, key in reservation.periods:
                 spending = self._periods.setdefault((reservation.user, period, key), _Spending())
                 spending.usd += usd
                 spending.tokens += tokens
@@ -7019,7 +7041,9 @@ def canonical_path(raw: str) -> str:
     decoded (``%72`` is ``r``), other escapes in upper case, repeated slashes
     and dot segments resolved, no trailing slash. This string decides routing,
     policy and accounting, and it is what goes upstream. Raises HTTPError 400
-    for what has no safe meaning: encoded slashes, backslashes, NUL, a bad escape."""
+    for what has no safe meaning: encoded slashes, backslashes, NUL, a bad
+    escape, and dot segments that climb out of the path's first segment
+    (``/v1/../metrics`` must not become an operations page)."""
     if "%" in raw:
         if _BAD_PERCENT.search(raw):
             raise HTTPError(400, "invalid_request_error", "the path has a malformed %-escape")
@@ -7036,8 +7060,10 @@ def canonical_path(raw: str) -> str:
     segments = []  # type: List[str]
     for segment in raw.split("/"):
         if segment == "..":
-            if segments:
-                segments.pop()
+            if len(segments) <= 1:
+                raise HTTPError(400, "invalid_request_error", "the path climbs out of %s with dot segments"
+                                % ("/" + segments[0] if segments else "/"))
+            segments.pop()
         elif segment not in ("", "."):
             segments.append(segment)
     return "/" + "/".join(segments)
@@ -7053,6 +7079,10 @@ ENDPOINTS = {
     "/v1/models": "models",
 }
 CODEX_CLIENT_VERSION = "0.171.0"  # what OCM says it is when it asks the backend for its models
+# Where OCM can read what a model answer cost: the only POSTs a person with a
+# budget may make (images, audio, batches and the like report no usage).
+COUNTED_PATHS = frozenset(("/v1/responses", "/v1/responses/compact", "/v1/chat/completions", "/v1/completions",
+                           "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens"))
 
 
 class RequestBody:
@@ -7144,7 +7174,14 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
             raise ValueError("not valid deflate")
     if inflater.unconsumed_tail or not inflater.eof:
         raise ValueError("larger than %d bytes inflated, or truncated" % limit)
+    if inflater.unused_data:  # a second gzip member, read by some servers and not by others
+        raise ValueError("more than one compressed member")
     return out
+
+
+# Parsed JSON takes up to ~24 times the memory of its text (``{},`` is three
+# bytes and a dict): a body with more values than this is not parsed at all.
+MAX_JSON_VALUES = 500000
 
 
 def parse_request_body(raw: bytes, encoding: str = "", limit: int = DEFAULT_MAX_BODY_SIZE) -> RequestBody:
@@ -7160,6 +7197,9 @@ def parse_request_body(raw: bytes, encoding: str = "", limit: int = DEFAULT_MAX_
             return RequestBody(None, "its %s encoding is broken (%s)" % (encoding, exc))
     if not raw:
         return RequestBody(None, "it has no body")
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")  # counted at C speed, strings and all
+    if values > MAX_JSON_VALUES:
+        return RequestBody(None, "it holds over %d values, more than OCM reads" % MAX_JSON_VALUES)
     try:
         members = json_object_members(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -7270,8 +7310,8 @@ def translate_for_backend(endpoint: str, query: str, body: Optional[RequestBody]
         return Translation("anthropic", data, messages_to_responses(data, model), stream, model)
     upstream, _ = backend_responses_request(data)
     upstream["model"] = model
-    if upstream == data:
-        return None
+    if upstream == data and data.get("stream") is True and data.get("store") is False:
+        return None  # already what the backend takes: byte for byte (1 == True, so check identity)
     return Translation("responses", data, upstream, stream, model)
 
 
@@ -7305,7 +7345,8 @@ class RequestRecord:
     exactly once, when the request or turn is over."""
     __slots__ = ("method", "path", "user", "user_name", "status", "model", "asked_model", "tier", "account",
                  "holds_account", "usage", "week_start", "reservation", "input_tokens",
-                 "cached_tokens", "output_tokens", "cost", "started", "settled", "quiet")
+                 "cached_tokens", "output_tokens", "cost", "started", "settled", "quiet",
+                 "client_left", "input_estimate", "relayed")
 
     def __init__(self, method: str, path: str, started: float):
         self.method = method
@@ -7326,6 +7367,28 @@ class RequestRecord:
         self.cost = 0.0
         self.settled = False
         self.quiet = False              # health probes: access line at debug level
+        # For an answer the client left before its usage came: what to charge instead.
+        self.client_left = False
+        self.input_estimate = 0         # tokens, from the size of what was sent
+        self.relayed = 0                # bytes of the answer that went out
+
+
+# An SSE event of model output carries about a token per this many bytes:
+# what an answer the client left before its end is taken to have produced.
+RELAYED_BYTES_PER_TOKEN = 100
+
+
+def estimated_usage(record: RequestRecord) -> UsageRecord:
+    """What an answer cost when its client left before the usage came (the
+    backend reports none for a cut stream): its input, from the size of the
+    request, and its output so far, from the bytes relayed. Leaving early
+    must not make a request free; the log says when this is used."""
+    usage = UsageRecord(record.model or "unknown", record.tier, max(1, record.input_estimate),
+                        record.relayed // RELAYED_BYTES_PER_TOKEN, 0)
+    log.info("%s left before the usage of %s %s came; charging an estimate: in=%d out=%d",
+             log_safe(record.user_name or "a client"), record.method, log_safe(record.path),
+             usage.input_tokens, usage.output_tokens)
+    return usage
 
 
 class ModelRequest:
@@ -7347,10 +7410,18 @@ class ModelRequest:
             record.model, record.tier = body.model, body.tier
 
     def admit(self) -> None:
-        """The model allow-list and the budgets, before anything goes upstream."""
+        """The model allow-list and the budgets, before anything goes upstream;
+        and what OCM could not count, refused for everyone (its cost would
+        escape the usage file) or for people with budgets (and theirs)."""
         user, body = self.user, self.body
+        if body is not None and body.data is not None and body.data.get("background") is True:
+            raise HTTPError(400, "invalid_request_error", "OCM cannot count what a background response "
+                            "costs (its usage comes later, elsewhere); send the request without background")
         if user is None or body is None:
             return
+        if user.budgets and self.record.method == "POST" and self.record.path not in COUNTED_PATHS:
+            raise HTTPError(403, "permission_error", "you have a budget, and OCM cannot count what %s "
+                            "costs; ask the owner" % log_safe(self.record.path))
         if user.models:
             if body.problem:
                 raise HTTPError(400, "invalid_request_error", "OCM cannot tell which model this request "
@@ -7764,6 +7835,8 @@ class WebSocketSession:
         # The conversation came from another account: a turn that account cannot
         # read the reasoning of is sent once more without it.
         self.moved = moved
+        self.ended_by = ""        # "client" or "upstream": who ended the session first
+        self.context_tokens = 0   # the conversation so far (last turn's in + out), for estimates
         self._turns_lock = threading.Lock()
 
     def run(self) -> None:
@@ -7826,6 +7899,8 @@ class WebSocketSession:
                 log.debug("websocket: %s connection lost: %s", source.name, exc)
             dest.send_close(1001 if source is self.client else 1011, "%s connection lost" % source.name)
         finally:
+            if not self.client.done.is_set() and not self.upstream.done.is_set():
+                self.ended_by = source.name  # whoever ended first ended the session
             source.done.set()
             other = self.upstream if source is self.client else self.client
             if not other.done.wait(WS_CLOSE_WAIT):
@@ -7860,6 +7935,10 @@ class WebSocketSession:
         except OSError:
             source.send_close(1001 if dest is self.client else 1011, "%s connection lost" % dest.name)
             return False
+        if source is self.upstream and frame.opcode not in WS_CONTROL_OPCODES:
+            with self._turns_lock:
+                if self._turns:
+                    self._turns[0][0].relayed += len(frame.payload)
         if text is not None and source is self.upstream:
             self.read_event(text)  # after the send: accounting never delays the client
         return True
@@ -7896,7 +7975,10 @@ class WebSocketSession:
             return error_event(400, {"type": "invalid_request_error", "message": (
                 "each message must be one JSON object (%s)" % body.problem)})
         if body.data.get("type") != "response.create":
-            return None  # no model is run for it
+            # Codex sends only response.create. Anything else could run a model
+            # OCM did not admit, or draw an error that would end a real turn.
+            return error_event(400, {"type": "invalid_request_error", "message": (
+                "OCM relays response.create messages only, not %s" % json.dumps(body.data.get("type"))[:80])})
         server = self.server
         state = server.state
         record = RequestRecord("WS", self.path, time.monotonic())
@@ -7907,6 +7989,8 @@ class WebSocketSession:
             return error_event(403, {"type": "permission_error", "message": "your access was removed"})
         call = ModelRequest(server, state, user, record, body)
         record.account, record.week_start = self.account, self.week_start
+        chained = isinstance(body.data.get("previous_response_id"), str)
+        record.input_estimate = len(text) // 4 + (self.context_tokens if chained else 0)
         try:
             check_access(user, time.time())
         except HTTPError as exc:
@@ -7944,14 +8028,18 @@ class WebSocketSession:
         else:
             record.status = 200
             record.usage = usage_record_from_event(event, record.model, record.tier)
+            if record.usage is not None:
+                self.context_tokens = record.usage.input_tokens + record.usage.output_tokens
         self.server.settle(record)
 
     def end_turns(self, status: int) -> None:
-        """The session ended: turns that got no terminal event are settled now."""
+        """The session ended: turns that got no terminal event are settled now
+        (at an estimate when the client left while upstream was answering)."""
         with self._turns_lock:
             records, self._turns = [entry[0] for entry in self._turns], collections.deque()
         for record in records:
             record.status = status
+            record.client_left = self.ended_by == "client"
             self.server.settle(record)
 
 
@@ -8139,6 +8227,7 @@ class AnswerRelay:
                     tap.feed(data)
                 self.settle_before_the_end(request, tap)
             if data:
+                request.record.relayed += len(data)
                 try:
                     self.handler.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
                 finally:  # after the write, so accounting never delays the client; and
@@ -8243,6 +8332,7 @@ class AnswerRelay:
                 scanner.finish()
                 ended = True
             out = take()
+            request.record.relayed += len(data)
             if writer is not None and out and not last:
                 self.handler.write(b"%x\r\n%s\r\n" % (len(out), out) if chunked else out)
         exchange.finish(ended)
@@ -8402,6 +8492,10 @@ class OCMHandler(BaseHTTPRequestHandler):
             # (after a WebSocket, what is left are frames: the close handshake is done)
             linger = not keep and request.status != 101 and (
                 has_unread_body(request) or self.has_input())
+        except ClientGone:
+            if request is not None:
+                request.record.client_left = True
+            raise
         except HTTPError as exc:
             if self.head_sent:
                 return False
@@ -8492,6 +8586,7 @@ class OCMHandler(BaseHTTPRequestHandler):
             if request.headers.has_token("expect", "100-continue") and request.body_kind != "none":
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.read_body(request, server.config.limits.max_body_size)
+            request.record.input_estimate = len(request.body) // 4
             body = None
             if request.method == "POST" or request.body:  # what it may run is decided from its body
                 body = parse_request_body(request.body, request.headers.get("content-encoding", ""),
@@ -8524,6 +8619,8 @@ class OCMHandler(BaseHTTPRequestHandler):
             if refusal is not None and login.mode == "chatgpt":
                 raise refusal
             rewrite = translation if translation is not None and login.mode == "chatgpt" else None
+            if rewrite is None and request.record.asked_model:  # sent as asked: check what is sent
+                check_model(user, request.record.asked_model)
             path, query, payload, client_headers = request.path, request.query, request.body, request.headers
             if request.body_kind == "none" and request.method not in ("POST", "PUT", "PATCH"):
                 payload = None
@@ -8534,6 +8631,14 @@ class OCMHandler(BaseHTTPRequestHandler):
                 else:  # a Responses client keeps its query; others' queries mean nothing to the backend
                     path, payload = "/v1/responses", json.dumps(rewrite.body).encode("utf-8")
                     query = query if rewrite.kind == "responses" else ""
+            options = body.data.get("stream_options") if body is not None and body.data is not None else None
+            options = options if isinstance(options, dict) else {}
+            if rewrite is None and endpoint == "chat" and body is not None and body.stream and \
+                    not body.problem and options.get("include_usage") is not True:
+                # A streamed chat reports its usage only when asked: ask, or it is never counted.
+                payload = json.dumps(dict(body.data, stream_options=dict(options, include_usage=True))
+                                     ).encode("utf-8")
+                client_headers = translated_headers(request.headers)
             base, upstream_path = state.upstream_target(login.mode, path, query)
             headers = build_upstream_headers(client_headers, state.config.headers, login,
                                              len(payload) if payload is not None else None)
@@ -9061,6 +9166,9 @@ class OCMServer(ThreadingHTTPServer):
         if not record.status:
             record.status = 499  # the client went away before any answer (nginx's code)
         usage, account = record.usage, record.account
+        if usage is None and record.client_left and record.relayed and (
+                200 <= record.status < 300 or record.status == 499):
+            usage = record.usage = estimated_usage(record)
         try:
             if usage is not None and (usage.input_tokens or usage.output_tokens):
                 self._book(record, usage, account)

@@ -1,0 +1,303 @@
+"""Ways past the limits, or out of the accounting, that a review found after
+the pipeline was built (done as a person holding a valid token, and as a
+stranger). Each test failed before its fix; the docstrings say what held."""
+
+import gzip
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+import ocm
+from test_ocm import CODEX, completed_event, message_event, sse, wait_for
+from test_policy import user
+from test_websocket import WSClient, WSUpstream, ws_frame
+
+
+def budget_proxy(make_proxy, tmp_path, budgets, **extra):
+    return make_proxy(users=[user(budgets=budgets), user("bob", "tok-bob")], timezone="UTC",
+                      budgets_path=str(tmp_path / "budgets.json"), usages_path=str(tmp_path / "usage.json"),
+                      **extra)
+
+
+def booked_requests(proxy):
+    return sum(c["total"]["request_count"] for c in proxy.server.usage.to_json()["combinations"])
+
+
+def post_and_hang_up(port, body, until, token=b"tok-alice"):
+    """Send a streamed request, read until ``until`` shows, and hang up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (token, len(body), body))
+        seen = b""
+        while until not in seen and b"budget" not in seen and b"share" not in seen:
+            data = s.recv(65536)
+            if not data:
+                break
+            seen += data
+    return until in seen
+
+
+def slow_answer(input_tokens, text="the answer " * 200):
+    """Upstream answers part of a stream, then the rest (with the usage) later."""
+    def route(ex):
+        ex.start_chunked()
+        ex.chunk(sse({"type": "response.created", "response": {"id": "r"}}, message_event(text)))
+        time.sleep(0.2)
+        try:
+            ex.chunk(sse(completed_event("r", "gpt-5.4", input_tokens, 0, 2000)))
+            ex.end_chunked()
+        except OSError:
+            pass
+    return route
+
+
+# == Leaving before the usage comes ================================================
+
+class TestLeavingEarlyIsNotFree:
+    def test_a_stream_the_client_left_before_its_usage_is_charged_an_estimate(self, make_proxy, fake, tmp_path):
+        fake.on("POST", "/backend-api/codex/responses", slow_answer(40000))
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 1}])
+        history = json.dumps(dict(CODEX, model="gpt-5.4", input="x" * 160000)).encode()  # ~40,000 tokens
+        assert post_and_hang_up(proxy.port, history, b"the answer")
+        assert wait_for(lambda: booked_requests(proxy) == 1)
+        usd, tokens = proxy.server.ledger.spent("alice", "day")
+        assert 40000 <= tokens <= 41000 and usd == pytest.approx(tokens * 2.5 / 1e6, rel=0.05)
+
+    def test_leaving_every_stream_early_runs_into_the_budget(self, make_proxy, fake, tmp_path):
+        fake.on("POST", "/backend-api/codex/responses", slow_answer(40000))
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 0.25}])
+        history = json.dumps(dict(CODEX, model="gpt-5.4", input="x" * 160000)).encode()
+        answered = [post_and_hang_up(proxy.port, history, b"the answer") for _ in range(5)]
+        assert answered.count(True) <= 3, proxy.server.ledger.spent("alice", "day")
+
+    def test_a_websocket_closed_mid_turn_is_charged_an_estimate(self, make_proxy, fake, tmp_path):
+        ws = WSUpstream(fake)
+
+        def upstream(sock, reader):
+            reader.frame()
+            for out in ({"type": "response.created", "response": {"id": "r1"}}, message_event("the answer " * 100)):
+                sock.sendall(ws_frame(0x1, json.dumps(out).encode()))
+            fin, opcode, payload, _ = reader.frame()  # the client's leaving, as OCM passes it on
+            sock.sendall(ws_frame(0x8, payload))
+
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "y" * 4000})
+        while json.loads(client.frame()[2])["type"] != "response.output_item.done":
+            pass
+        client.sock.close()
+        assert wait_for(lambda: proxy.server.ledger.spent("alice", "day")[1] >= 1000)
+        assert booked_requests(proxy) == 1
+
+    def test_leaving_early_does_not_escape_a_share(self, make_proxy, fake):
+        state, resets_at = {"used": 0.0}, int(time.time()) + 3600
+
+        def route(ex):
+            used = state["used"]
+            state["used"] += 10
+            ex.start_chunked(headers={"x-codex-primary-used-percent": "%g" % used,
+                                      "x-codex-primary-reset-at": str(resets_at),
+                                      "x-codex-primary-window-minutes": "300"})
+            ex.chunk(sse(message_event("the answer " * 100)))
+            time.sleep(0.2)
+            try:
+                ex.chunk(sse(completed_event("r", "gpt-5.4", 40000, 0, 0)))
+                ex.end_chunked()
+            except OSError:
+                pass
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        proxy = make_proxy(users=[user(share_5h=25), user("bob", "tok-bob", share_5h=25)])
+        body = json.dumps(dict(CODEX, model="gpt-5.4", input="x" * 160000)).encode()
+        assert proxy.request("POST", "/v1/responses", dict(CODEX, model="gpt-5.4"), token="tok-bob")[0] == 200
+        answered = []
+        for _ in range(6):
+            answered.append(post_and_hang_up(proxy.port, body, b"the answer"))
+            time.sleep(0.3)  # the upstream's next headers measure the last one
+        assert answered.count(True) <= 4, proxy.server.accounts["default"].user_share("alice", "short")
+
+
+# == WebSocket messages that are not turns =============================================
+
+class TestOnlyTurnsOnAWebSocket:
+    def test_an_upstream_error_for_another_message_cannot_end_a_running_turn(self, make_proxy, fake, tmp_path):
+        ws = WSUpstream(fake)
+        seen = []
+
+        def upstream(sock, reader):
+            message = b""
+            while True:
+                fin, opcode, payload, _ = reader.frame()
+                if opcode == 0x8:
+                    sock.sendall(ws_frame(0x8, payload))
+                    return
+                message += payload
+                if not fin:
+                    continue
+                event, message = json.loads(message), b""
+                seen.append(event.get("type"))
+                if event.get("type") != "response.create":
+                    time.sleep(0.05)
+                    sock.sendall(ws_frame(0x1, json.dumps({"type": "error", "status": 400, "error": {
+                        "type": "invalid_request_error", "message": "Invalid type"}}).encode()))
+                    continue
+                for out in ({"type": "response.created", "response": {"id": "r1"}}, message_event("the answer"),
+                            completed_event("r1", "gpt-5.4", 100000, 0, 10)):
+                    sock.sendall(ws_frame(0x1, json.dumps(out).encode()))
+
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        client.sock.sendall(ws_frame(0x1, b'{"type": "x"}', mask=b"abcd") + ws_frame(
+            0x1, json.dumps({"type": "response.create", "model": "gpt-5.4"}).encode(), mask=b"abcd"))
+        refusal = json.loads(client.frame()[2])
+        assert refusal["type"] == "error" and "response.create messages only" in refusal["error"]["message"]
+        assert client.events_until_completed()[-1]["type"] == "response.completed"
+        client.close()
+        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert proxy.server.ledger.spent("alice", "day")[1] == 100010 and seen == ["response.create"]
+
+
+# == The budget's worst case ======================================================
+
+def gated_route(gate, model, input_tokens, output_tokens=0):
+    def route(ex):
+        gate.wait(3)
+        ex.stream(sse(message_event(), completed_event("r", model, input_tokens, 0, output_tokens)))
+    return route
+
+
+class TestWorstCases:
+    @pytest.mark.parametrize("body, encoding", [(b"\x28\xb5\x2f\xfd-zstd-bytes", "zstd"), (b"\x1b-brotli", "br")])
+    def test_a_body_ocm_cannot_read_is_reserved_at_the_dearest_worst_case(self, make_proxy, fake, tmp_path,
+                                                                          body, encoding):
+        gate = threading.Event()
+        fake.on("POST", "/backend-api/codex/responses", gated_route(gate, "gpt-5.4-pro", 133334))  # $4.00
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 10}])
+        proxy.server.ledger.wait = 0.3
+        threads = [threading.Thread(target=proxy.request, args=("POST", "/v1/responses", body, {
+            "Content-Encoding": encoding, "Content-Type": "application/json"})) for _ in range(6)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(fake.api_requests()) >= 2, 1)
+        time.sleep(0.2)
+        assert len(fake.api_requests()) == 1  # the rest wait: it could be the dearest model there is
+        gate.set()
+        for t in threads:
+            t.join(20)
+        assert proxy.server.ledger.spent("alice", "day")[0] <= 10 + 4.01
+
+    def test_the_dearest_worst_case_and_known_ones(self):
+        assert ocm.worst_case_cost("", "")[0] == ocm.worst_case_cost("unheard-of", "")[0] > 100
+        assert ocm.worst_case_cost("gpt-5.3-codex", "")[0] == pytest.approx(2.268)
+        assert ocm.worst_case_cost("gpt-5.3-codex", "fast")[0] == pytest.approx(4.536)  # fast is priority
+        assert ocm.worst_case_cost("gpt-4.1", "")[1] > 1000000  # its context is a million tokens
+
+    def test_requests_running_across_midnight_count_in_the_day_that_admitted_them(self, make_proxy, fake,
+                                                                                 tmp_path):
+        clock = [1800057600.0 - 60]  # 2027-01-15 23:59 UTC
+        gate = threading.Event()
+        fake.on("POST", "/backend-api/codex/responses", gated_route(gate, "gpt-5.3-codex", 571429, 71429))  # $2
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 10}])
+        ledger = proxy.server.ledger
+        ledger._now, ledger.wait = (lambda: clock[0]), 0.3
+        run = lambda: proxy.request("POST", "/v1/responses", dict(CODEX, model="gpt-5.3-codex"))  # noqa: E731
+        old = [threading.Thread(target=run) for _ in range(4)]
+        for t in old:
+            t.start()
+            time.sleep(0.05)
+        assert wait_for(lambda: len(fake.api_requests()) == 4, 3)
+        clock[0] += 120
+        new = [threading.Thread(target=run) for _ in range(4)]
+        for t in new:
+            t.start()
+            time.sleep(0.05)
+        wait_for(lambda: len(fake.api_requests()) == 8, 1)
+        gate.set()
+        for t in old + new:
+            t.join(20)
+        assert ledger.spent("alice", "day")[0] <= 10 + 2.01  # the new day: its own requests only
+        clock[0] -= 120
+        assert ledger.spent("alice", "day")[0] == pytest.approx(8.0, abs=0.05)  # yesterday's four
+
+
+# == API-key mode ================================================================
+
+@pytest.fixture
+def apikey(auth_path):
+    auth_path.write_text(json.dumps({"auth_mode": "apikey", "OPENAI_API_KEY": "sk-owner"}))
+    return auth_path
+
+
+class TestAPIKeyMode:
+    @pytest.mark.parametrize("path, body", [
+        ("/v1/chat/completions", {"model": "gpt-5.4-pro", "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/responses", {"model": "gpt-5.4-pro", "input": "hi"})])
+    def test_the_allow_list_checks_the_model_sent_not_its_mapping(self, make_proxy, fake, apikey, path, body):
+        proxy = make_proxy(users=[user(models=["gpt-5.4"])], model_map={"gpt-5.4-pro": "gpt-5.4"})
+        assert proxy.request("POST", path, body)[0] == 403
+        assert fake.api_requests() == []
+
+    def test_a_streamed_chat_asks_for_its_usage_and_is_counted(self, make_proxy, fake, apikey, tmp_path):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": "gpt-5.4",
+                 "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
+
+        def route(ex):
+            events = [chunk]
+            if (ex.request.json().get("stream_options") or {}).get("include_usage"):
+                events.append(dict(chunk, choices=[], usage={"prompt_tokens": 100000, "completion_tokens": 10000}))
+            ex.stream(sse(*events) + b"data: [DONE]\n\n")
+
+        fake.on("POST", "/v1/chat/completions", route)
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 1}])
+        body = {"model": "gpt-5.4", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        statuses = [proxy.request("POST", "/v1/chat/completions", body)[0] for _ in range(5)]
+        assert statuses.count(200) <= 3  # $0.40 each on a $1 budget
+        assert fake.api_requests()[0].json()["stream_options"] == {"include_usage": True}
+
+    def test_background_responses_are_refused_for_their_usage_would_escape(self, make_proxy, fake, apikey):
+        proxy = make_proxy()
+        status, _, body = proxy.request("POST", "/v1/responses", {"model": "gpt-5.4", "input": "x",
+                                                                  "background": True})
+        assert status == 400 and b"background" in body and fake.api_requests() == []
+
+    def test_a_person_with_a_budget_may_post_only_where_ocm_counts_the_cost(self, make_proxy, fake, apikey,
+                                                                            tmp_path):
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 1}])
+        status, _, body = proxy.request("POST", "/v1/images/generations", {"model": "gpt-image-1", "prompt": "x"})
+        assert status == 403 and b"cannot count" in body and fake.api_requests() == []
+        assert proxy.request("POST", "/v1/images/generations", {"model": "x", "prompt": "y"}, token="tok-bob")[0] == 200
+        assert proxy.request("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "x"})[0] == 200
+
+
+# == Bodies ======================================================================
+
+class TestBodies:
+    def test_a_body_of_too_many_values_is_not_parsed_and_a_model_list_refuses_it(self, make_proxy, fake):
+        raw = b'{"model":"gpt-5-mini","input":[' + b"{}," * 600000 + b'{}]}'
+        assert "more than OCM reads" in ocm.parse_request_body(raw).problem
+        proxy = make_proxy(users=[user(models=["gpt-5-mini"]), user("bob", "tok-bob")])
+        assert proxy.request("POST", "/v1/responses", raw, {"Content-Type": "application/json"})[0] == 400
+        assert proxy.request("POST", "/v1/responses", raw, {"Content-Type": "application/json"},
+                             token="tok-bob")[0] == 200
+
+    def test_a_second_gzip_member_is_a_body_ocm_cannot_read(self):
+        raw = gzip.compress(b'{"model": "gpt-5-mini", "x": ') + gzip.compress(b'"gpt-5.4-pro"}')
+        assert "more than one" in ocm.parse_request_body(raw, "gzip").problem
+
+    def test_a_stream_flag_of_1_is_rewritten_not_relayed_and_counted(self, make_proxy, fake, tmp_path):
+        def route(ex):
+            ex.start_chunked(content_type=None)
+            ex.chunk(sse(message_event(), completed_event("r", "gpt-5.4", 40000, 0, 0)))
+            ex.end_chunked()
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        proxy = make_proxy(usages_path=str(tmp_path / "u.json"))
+        status, _, body = proxy.request("POST", "/v1/responses", {"model": "gpt-5.4", "stream": 1, "store": 0})
+        sent = fake.api_requests()[0].json()
+        assert status == 200 and sent["stream"] is True and sent["store"] is False
+        assert booked_requests(proxy) == 1
