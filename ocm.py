@@ -4541,13 +4541,15 @@ LONG_CONTEXT_MODELS = re.compile(r"^gpt-4\.1(?:$|-)")
 
 
 def worst_case_cost(model: str, tier: str) -> Tuple[float, int]:
-    """(USD, tokens) one request of ``model`` can cost at most: a full context
-    window of uncached input, and the most output a call can give. A model
-    OCM cannot read or does not know is the dearest one there is."""
-    row = find_price_row(model, tier) if model else None
-    if row is None:
+    """(USD, tokens) one request of ``model`` can cost at most, as OCM will
+    charge it: a full context window of uncached input, and the most output a
+    call can give. A request whose model OCM could not read may be the
+    dearest model there is; one it does not know is charged at the fallback
+    prices (as sing-box does), over the longest context window."""
+    if not model:
         return dearest_worst_case()
-    window = PREMIUM_CONTEXT_WINDOW if row[4] is not None or LONG_CONTEXT_MODELS.match(model) \
+    row = find_price_row(model, tier)
+    window = PREMIUM_CONTEXT_WINDOW if row is None or row[4] is not None or LONG_CONTEXT_MODELS.match(model) \
         else DEFAULT_CONTEXT_WINDOW
     price_in, price_out, _ = prices_for(model, tier, window)
     return (window * price_in + OUTPUT_TOKEN_CEILING * price_out) / 1e6, window + OUTPUT_TOKEN_CEILING
