@@ -7112,13 +7112,35 @@ _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _JSON_SCAN = json.scanner.make_scanner(json.JSONDecoder())  # the json module's C scanner
 
 
+_LAST_PAIRS = threading.local()  # the pairs of the object a thread's decoder completed last
+
+
+def _remember_pairs(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    _LAST_PAIRS.pairs = pairs
+    return dict(pairs)
+
+
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_remember_pairs)
+SMALL_JSON = 64 * 1024  # below this, one decode with a hook per object is the quicker way
+
+
 def json_object_members(text: str) -> List[Tuple[str, Any]]:
     """The top-level members of a JSON object, in order, with duplicates: a
     body naming ``model`` twice means one model to OCM and perhaps another to
-    upstream. Values are parsed by the json module's C scanner; only the top
-    level is walked here. Raises ValueError for anything but one JSON object."""
+    upstream. Raises ValueError for anything but one JSON object. A small
+    text is decoded whole, remembering the pairs of its last (outermost)
+    object; a large one has only its top level walked here, its values parsed
+    by the json module's C scanner (no Python call per nested object)."""
     if JSON_NEEDS_DEPTH_CHECK and json_too_deep(text):
         raise ValueError("JSON nested more than %d levels deep" % MAX_JSON_DEPTH)
+    if len(text) <= SMALL_JSON:
+        try:
+            value = _PAIRS_DECODER.decode(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply")
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return _LAST_PAIRS.pairs
     space = _JSON_SPACE.match
     pos = space(text, 0).end()
     if text[pos:pos + 1] != "{":
@@ -7649,13 +7671,18 @@ def connection_listed(headers) -> set:
     return names
 
 
+REQUEST_DROPPED_HEADERS = HOP_BY_HOP | CLIENT_CREDENTIAL_HEADERS | CLIENT_PRIVATE_HEADERS | OCM_SET_HEADERS
+
+
 def build_upstream_headers(client: Headers, config_headers: Dict[str, List[str]],
                            login: Login, body_length: Optional[int]) -> List[Tuple[str, str]]:
     """Client headers minus hop-by-hop, credentials and the owner's own (cookies,
     forwarding, organisation), config headers on top, then the owner's
     Authorization and account id (PROTOCOL.md section 1)."""
-    dropped = HOP_BY_HOP | CLIENT_CREDENTIAL_HEADERS | CLIENT_PRIVATE_HEADERS | OCM_SET_HEADERS | \
-        connection_listed(client.get_all("connection")) | {name.lower() for name in config_headers}
+    dropped = REQUEST_DROPPED_HEADERS
+    listed = client.get_all("connection")
+    if listed or config_headers:
+        dropped = dropped | connection_listed(listed) | {name.lower() for name in config_headers}
     out = []
     for name, value in client.items():
         key = name.lower()
@@ -7691,13 +7718,17 @@ def is_websocket_key(key: str) -> bool:
         return False
 
 
+RESPONSE_DROPPED_HEADERS = HOP_BY_HOP | UPSTREAM_PRIVATE_HEADERS | {"content-length"}
+
+
 def response_headers_to_forward(message) -> List[Tuple[str, str]]:
     """Upstream answer headers for the client: minus hop-by-hop, the length
     (OCM frames the body itself) and the owner's cookies."""
-    listed = connection_listed(message.get_all("connection") or [])
-    return [(name, value) for name, value in message.items()
-            if name.lower() not in HOP_BY_HOP and name.lower() not in listed
-            and name.lower() != "content-length" and name.lower() not in UPSTREAM_PRIVATE_HEADERS]
+    dropped = RESPONSE_DROPPED_HEADERS
+    listed = message.get_all("connection")
+    if listed:
+        dropped = dropped | connection_listed(listed)
+    return [(name, value) for name, value in message.items() if name.lower() not in dropped]
 
 
 def encode_head(status: int, reason: str, headers: List[Tuple[str, str]]) -> bytes:
