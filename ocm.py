@@ -484,6 +484,7 @@ class Config:
         self.timezone = "local"         # budgets' days, weeks and months
         self.budgets_path = ""          # where budget spending is kept across restarts
         self.metrics_token = ""         # /metrics for this bearer token (or "sha256:<hex>"); loopback always
+        self.admin_token = ""           # the dashboard's owner view (or "sha256:<hex>")
         self.model_map = []  # type: List[Tuple[str, str]]  # (glob, model) for other clients' model names
         self.log_format = "text"        # access log lines: text | json
         self.headers = {}  # type: Dict[str, List[str]]
@@ -1038,6 +1039,7 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         timezone=_check_timezone(f.str("timezone", "local"), f.path("timezone")),
         budgets_path=os.path.expanduser(f.str("budgets_path")),
         metrics_token=f.str("metrics_token"),
+        admin_token=f.str("admin_token"),
         model_map=_parse_model_map(f.raw("model_map"), f.path("model_map")),
         log_format=f.str("log_format", "text"),
         headers=_parse_headers(f.raw("headers"), f.path("headers")),
@@ -1056,9 +1058,34 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         raise ConfigError("%s: text or json" % f.path("log_format"))
     if config.metrics_token.startswith("sha256:") and not re.match(r"^sha256:[0-9a-fA-F]{64}$", config.metrics_token):
         raise ConfigError("%s: sha256: must be followed by 64 hex digits" % f.path("metrics_token"))
+    _check_admin_token(config, f.path("admin_token"))
     if not config.budgets_path and any(u.budgets for u in config.users):
         config.budgets_path = default_budgets_path(config)
     return config
+
+
+def _check_admin_token(config: Config, where: str) -> None:
+    """The owner's token for the dashboard: a digest or a long secret, and
+    nobody else's token (a person holding it would see everyone)."""
+    token = config.admin_token
+    if not token:
+        return
+    if token.startswith("sha256:") and not re.match(r"^sha256:[0-9a-fA-F]{64}$", token):
+        raise ConfigError("%s: sha256: must be followed by 64 hex digits (from `python3 ocm.py "
+                          "hash-token`)" % where)
+    if token != token.strip() or any(c.isspace() for c in token):
+        raise ConfigError("%s: must not contain spaces" % where)
+    if token.startswith(EXAMPLE_TOKEN_PREFIX):
+        raise ConfigError("%s: still a placeholder, which anyone can read; put a long random "
+                          "token here" % where)
+    if not token.startswith("sha256:") and len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError("%s: only %d characters, easy to guess; `python3 -c \"import "
+                          "secrets; print(secrets.token_urlsafe(32))\"` makes a strong one"
+                          % (where, len(token)))
+    digest = User("owner", token).token_digest
+    if any(hmac.compare_digest(digest, user.token_digest) for user in config.users):
+        raise ConfigError("%s: the same token is given to a user; the owner's token must be "
+                          "its own" % where)
 
 
 def default_budgets_path(config: Config) -> str:
