@@ -4984,6 +4984,336 @@ def write_access_line(request: "RequestRecord", log_format: str) -> None:
                    " asked=" + request.asked_model if request.asked_model else "")
 
 
+# == 13b. Dashboard ==========================================================
+# GET /ocm/: one page for the owner (every account, every person, charts, the
+# last requests, the server) and for each person (their own figures only).
+# The page is a constant holding no data: its script fetches
+# /ocm/v1/dashboard every few seconds and builds everything with DOM calls
+# (textContent, never markup), so no name, model or message from config,
+# clients or upstream can turn into markup or script. Settle records each
+# request into bounded buckets (a few microseconds); the rest is worked out
+# when the page asks. docs/dashboard.md describes the views and the JSON.
+
+DASHBOARD_PATH = "/ocm"                 # what /ocm/ becomes (canonical_path drops the slash)
+DASHBOARD_JSON_PATH = "/ocm/v1/dashboard"
+SIGN_IN_PATH = "/ocm/sign-in"
+SIGN_OUT_PATH = "/ocm/sign-out"
+DASHBOARD_PATHS = frozenset((DASHBOARD_PATH, DASHBOARD_JSON_PATH, SIGN_IN_PATH, SIGN_OUT_PATH))
+
+HISTORY_FILE = "ocm-history.json"
+HISTORY_HOURS = 48          # requests and cost per hour and person
+HISTORY_DAYS = 7            # cost per day, person and model
+RECENT_REQUESTS = 50
+REFUSALS_KEPT = 5           # per person, with their messages
+HISTORY_MAX_NAMES = 200     # per table; more fold into OTHERS (names come from the config)
+HISTORY_MAX_MODELS = 40     # per day and person; more fold into OTHERS
+HISTORY_MAX_TEXT = 300      # characters kept of a message (of a model name or a path: 100)
+OTHERS = "(others)"
+# An hour's row per person: model responses (what the usage file counts),
+# cost, input, cached and output tokens, and refusals (OCM's own 4xx answers).
+HOUR_RESPONSES, HOUR_COST, HOUR_INPUT, HOUR_CACHED, HOUR_OUTPUT, HOUR_REFUSED = range(6)
+
+SESSION_COOKIE = "ocm_session"
+SESSION_LIFETIME = 12 * 3600.0
+MAX_DASHBOARD_SESSIONS = 1000           # past it, the oldest session ends
+SIGN_IN_WINDOW = 600.0                  # wrong tokens are counted over this long...
+SIGN_IN_FAILURES_PER_ADDRESS = 10       # ...per client address,
+SIGN_IN_FAILURES_IN_ALL = 300           # ...and from everywhere (many addresses at once)
+MAX_SIGN_IN_FORM = 4096
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+PERIOD_NAMES = {"day": "today", "week": "this week", "month": "this month"}
+
+
+def _entry(table: Dict[str, Any], name: str, limit: int, make: Callable[[], Any]) -> Any:
+    """``table[name]``, made with ``make()`` if new; past ``limit`` names, OTHERS's."""
+    row = table.get(name)
+    if row is None:
+        if len(table) >= limit:
+            name = OTHERS
+            row = table.get(name)
+        if row is None:
+            row = table[name] = make()
+    return row
+
+
+class History:
+    """What the dashboard draws, kept for a while: per hour and person (48
+    hours), per day, person and model (7 days), each person's spending this
+    day, week and month, the last requests, and each person's last refusals.
+
+    ``record`` runs in settle for every /v1/ request and WebSocket turn and
+    does only dictionary work under one lock (a few microseconds); charts
+    are built when the page asks. Every table is bounded (hours, days,
+    names, models, lengths of texts), so the file is too. Saved atomically to
+    ``path`` by the housekeeping thread and at close ("" keeps it in memory)."""
+
+    def __init__(self, path: str, clock: PeriodClock):
+        self.path = path
+        self.clock = clock
+        self._lock = threading.Lock()
+        # hour number (unix time // 3600) -> person -> HOUR_* row
+        self._hours = {}  # type: Dict[int, Dict[str, List[float]]]
+        # day key -> person -> model -> [responses, cost]
+        self._days = {}  # type: Dict[str, Dict[str, Dict[str, List[float]]]]
+        # person -> day|week|month -> [period key, responses, cost, tokens]
+        self._periods = {}  # type: Dict[str, Dict[str, List[Any]]]
+        self._keys = {}  # type: Dict[str, Tuple[str, float, float]]  # period: key, from, until
+        self._recent = collections.deque(maxlen=RECENT_REQUESTS)  # type: collections.deque
+        self._refusals = {}  # type: Dict[str, collections.deque]  # of (time, status, message)
+        self._last_seen = {}  # type: Dict[str, float]
+        self._dirty = False
+        self._save_failing = False
+
+    # -- recording (in settle: keep it cheap) ---------------------------------
+    def record(self, record: "RequestRecord", now: float, duration: float) -> None:
+        name, cost = record.user_name, record.cost
+        billed = record.input_tokens or record.output_tokens
+        refused = 1 if record.error and 400 <= record.status < 500 else 0
+        model = record.model[:100]
+        account = record.account.tag if record.account is not None else ""
+        with self._lock:
+            self._dirty = True
+            self._recent.append((now, name, model, record.status, record.method, record.path[:100],
+                                 record.input_tokens, record.cached_tokens, record.output_tokens,
+                                 cost, duration, account, record.error[:HISTORY_MAX_TEXT]))
+            self._last_seen[name] = now
+            if refused:
+                kept = self._refusals.get(name)
+                if kept is None:
+                    kept = self._refusals[name] = collections.deque(maxlen=REFUSALS_KEPT)
+                kept.append((now, record.status, record.error[:HISTORY_MAX_TEXT]))
+            elif not billed:
+                return
+            hour = int(now // 3600)
+            people = self._hours.get(hour)
+            if people is None:
+                people = self._hours[hour] = {}
+                for old in [h for h in self._hours if h <= hour - HISTORY_HOURS]:
+                    del self._hours[old]
+            row = _entry(people, name, HISTORY_MAX_NAMES, lambda: [0, 0.0, 0, 0, 0, 0])
+            row[HOUR_REFUSED] += refused
+            if not billed:
+                return
+            row[HOUR_RESPONSES] += 1
+            row[HOUR_COST] += cost
+            row[HOUR_INPUT] += record.input_tokens
+            row[HOUR_CACHED] += record.cached_tokens
+            row[HOUR_OUTPUT] += record.output_tokens
+            day = self._key_locked("day", now)
+            models = self._days.get(day)
+            if models is None:
+                models = self._days[day] = {}
+                for old in sorted(self._days)[:-HISTORY_DAYS]:
+                    del self._days[old]
+            per_model = _entry(_entry(models, name, HISTORY_MAX_NAMES, dict), model,
+                               HISTORY_MAX_MODELS, lambda: [0, 0.0])
+            per_model[0] += 1
+            per_model[1] += cost
+            periods = _entry(self._periods, name, HISTORY_MAX_NAMES, dict)
+            tokens = record.input_tokens + record.output_tokens  # as budgets count them
+            for period in ("day", "week", "month"):
+                key = day if period == "day" else self._key_locked(period, now)
+                tally = periods.get(period)
+                if tally is None or tally[0] != key:
+                    tally = periods[period] = [key, 0, 0.0, 0]
+                tally[1] += 1
+                tally[2] += cost
+                tally[3] += tokens
+
+    def _key_locked(self, period: str, now: float) -> str:
+        """The period's key, worked out once per period (PeriodClock takes 10 µs)."""
+        known = self._keys.get(period)
+        if known is not None and known[1] <= now < known[2]:
+            return known[0]
+        key, until = self.clock.period(period, now)
+        self._keys[period] = (key, now, until)
+        return key
+
+    def set_clock(self, clock: PeriodClock) -> None:
+        """A reload may change the time zone: periods are worked out afresh."""
+        with self._lock:
+            self.clock = clock
+            self._keys.clear()
+
+    # -- reading (when the page asks) -------------------------------------------
+    def hourly(self, now: float, only: Optional[str] = None) -> Tuple[int, Dict[str, List[list]]]:
+        """(the first hour's start, {person: [responses per hour, cost per
+        hour]}) over the last HISTORY_HOURS hours, this one last."""
+        first = int(now // 3600) - HISTORY_HOURS + 1
+        out = {}  # type: Dict[str, List[list]]
+        with self._lock:
+            for hour, people in self._hours.items():
+                if not first <= hour < first + HISTORY_HOURS:
+                    continue
+                for name, row in people.items():
+                    if row[HOUR_RESPONSES] and (only is None or name == only):
+                        series = out.setdefault(name, [[0] * HISTORY_HOURS, [0.0] * HISTORY_HOURS])
+                        series[0][hour - first] = row[HOUR_RESPONSES]
+                        series[1][hour - first] = round(row[HOUR_COST], 6)
+        return first * 3600, out
+
+    def refusals_since(self, name: str, since: float) -> int:
+        """Refusals of ``name`` in the hours from the one holding ``since``."""
+        first = int(since // 3600)
+        with self._lock:
+            return sum(people[name][HOUR_REFUSED] for hour, people in self._hours.items()
+                       if hour >= first and name in people)
+
+    def daily(self, now: float, only: Optional[str] = None) -> Tuple[List[str], Dict[str, list]]:
+        """(the last HISTORY_DAYS day keys, oldest first; {model: cost per day})."""
+        keys = []  # type: List[str]
+        moment = now
+        while len(keys) < HISTORY_DAYS:  # by half days: a 23-hour day is never skipped
+            key = self.clock.period("day", moment)[0]
+            if key not in keys:
+                keys.append(key)
+            moment -= 12 * 3600
+        keys.reverse()
+        out = {}  # type: Dict[str, List[float]]
+        with self._lock:
+            for i, key in enumerate(keys):
+                for name, models in self._days.get(key, {}).items():
+                    if only is None or name == only:
+                        for model, (_, cost) in models.items():
+                            out.setdefault(model, [0.0] * len(keys))[i] += cost
+        return keys, {model: [round(c, 6) for c in costs] for model, costs in out.items()}
+
+    def period(self, name: str, period: str, now: float) -> Tuple[int, float, int]:
+        """(responses, cost, tokens) of ``name`` in the current day, week or month."""
+        key = self.clock.period(period, now)[0]
+        with self._lock:
+            tally = self._periods.get(name, {}).get(period)
+            if tally is None or tally[0] != key:
+                return 0, 0.0, 0
+            return tally[1], tally[2], tally[3]
+
+    def last_seen(self, name: str) -> Optional[float]:
+        with self._lock:
+            return self._last_seen.get(name)
+
+    def refusals(self, name: str) -> List[Tuple[float, int, str]]:
+        with self._lock:
+            return list(self._refusals.get(name, ()))
+
+    def recent(self, only: Optional[str] = None) -> List[Tuple[Any, ...]]:
+        """The last requests, newest first (only ``only``'s when given)."""
+        with self._lock:
+            entries = list(self._recent)
+        return [e for e in reversed(entries) if only is None or e[1] == only]
+
+    # -- the file ---------------------------------------------------------------------
+    def to_json(self, now: float) -> Dict[str, Any]:
+        with self._lock:
+            return {
+                "version": 1, "saved_at": format_rfc3339(now),
+                "hours": {str(hour): {name: list(row) for name, row in people.items()}
+                          for hour, people in self._hours.items()},
+                "days": {day: {name: {model: list(entry) for model, entry in models.items()}
+                               for name, models in people.items()}
+                         for day, people in self._days.items()},
+                "periods": {name: {period: list(tally) for period, tally in periods.items()}
+                            for name, periods in self._periods.items()},
+                "last_seen": dict(self._last_seen),
+                "refusals": {name: [list(refusal) for refusal in kept]
+                             for name, kept in self._refusals.items()},
+                "recent": [list(entry) for entry in self._recent]}
+
+    def load(self, now: float) -> None:
+        """Continue from the file; a damaged one is moved aside and history
+        starts afresh (it only feeds charts: never a reason not to start)."""
+        if not self.path:
+            return
+        try:
+            with open(self.path, "rb") as fh:
+                self._adopt(parse_json(fh.read().decode("utf-8")), now)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("cannot read the dashboard's history %s (%s); starting afresh", self.path,
+                      exc.strerror or exc)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError,
+                UnicodeDecodeError) as exc:
+            aside = move_aside(self.path, now)
+            log.error("dashboard history %s is damaged (%s); moved it to %s and started afresh",
+                      self.path, exc.__class__.__name__, aside)
+
+    def _adopt(self, data: Any, now: float) -> None:
+        """The file's tables, checked (ValueError and the like when it is not
+        ours) and cut to the bounds, as the running history's."""
+        if not isinstance(data, dict) or data.get("version") != 1:
+            raise ValueError("not a history file")
+
+        def num(value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError("not a number")
+            if not math.isfinite(value):
+                raise ValueError("not a finite number")
+            return value
+
+        def text(value: Any, limit: int = HISTORY_MAX_TEXT) -> str:
+            if not isinstance(value, str):
+                raise ValueError("not a string")
+            return value[:limit]
+
+        def first(table: Dict[str, Any], limit: int = HISTORY_MAX_NAMES) -> List[Tuple[str, Any]]:
+            return list(table.items())[:limit]
+
+        oldest = int(now // 3600) - HISTORY_HOURS + 1
+        hours = {}  # type: Dict[int, Dict[str, List[float]]]
+        for hour, people in data["hours"].items():
+            if int(hour) >= oldest:
+                hours[int(hour)] = {text(n): [num(x) for x in row] for n, row in first(people)}
+        if any(len(row) != 6 for people in hours.values() for row in people.values()):
+            raise ValueError("an hour's row of the wrong length")
+        days = {}  # type: Dict[str, Dict[str, Dict[str, List[float]]]]
+        for day in sorted(data["days"])[-HISTORY_DAYS:]:
+            days[text(day, 20)] = {text(n): {text(m, 100): [int(num(e[0])), num(e[1])]
+                                             for m, e in first(models, HISTORY_MAX_MODELS)}
+                                   for n, models in first(data["days"][day])}
+        periods = {text(n): {p: [text(t[0], 40), int(num(t[1])), num(t[2]), int(num(t[3]))]
+                             for p, t in tallies.items() if p in PERIOD_NAMES}
+                   for n, tallies in first(data["periods"])}
+        last_seen = {text(n): num(t) for n, t in first(data["last_seen"])}
+        refusals = {text(n): collections.deque([(num(r[0]), int(num(r[1])), text(r[2]))
+                                                for r in kept], maxlen=REFUSALS_KEPT)
+                    for n, kept in first(data["refusals"])}
+        recent = [(num(e[0]), text(e[1]), text(e[2], 100), int(num(e[3])), text(e[4], 10),
+                   text(e[5], 100), int(num(e[6])), int(num(e[7])), int(num(e[8])), num(e[9]),
+                   num(e[10]), text(e[11], 100), text(e[12])) for e in data["recent"]]
+        with self._lock:
+            self._hours, self._days, self._periods = hours, days, periods
+            self._last_seen, self._refusals = last_seen, refusals
+            self._recent.extend(recent)
+
+    def save_if_dirty(self, now: float) -> None:
+        with self._lock:
+            if not self._dirty or not self.path:
+                return
+            self._dirty = False
+            for name in sorted(self._last_seen, key=self._last_seen.get)[:-HISTORY_MAX_NAMES]:
+                for table in (self._last_seen, self._refusals, self._periods):
+                    table.pop(name, None)  # people long gone: the tables stay bounded
+        try:
+            write_json_atomic(self.path, self.to_json(now), 0o600)
+            self._save_failing = False
+        except OSError as exc:
+            with self._lock:
+                self._dirty = True
+            if not self._save_failing:
+                log.error("cannot save the dashboard's history to %s (%s); retrying", self.path,
+                          exc.strerror or exc)
+            self._save_failing = True
+
+
+def history_path(config: Config) -> str:
+    """ocm-history.json beside the budgets file or the usage file, where OCM
+    already writes; else beside the config; "" without any (kept in memory)."""
+    usages = config.usages_path or next(
+        (c.usages_path for c in config.credentials if c.usages_path), "")
+    beside = config.budgets_path or usages or config.source
+    return os.path.join(os.path.dirname(os.path.abspath(beside)), HISTORY_FILE) if beside else ""
+
+
 # == 14. Streams =============================================================
 
 class SSEScanner:
@@ -7144,7 +7474,7 @@ class RequestRecord:
     exactly once, when the request or turn is over."""
     __slots__ = ("method", "path", "user", "user_name", "status", "model", "asked_model", "tier", "account",
                  "holds_account", "usage", "week_start", "reservation", "input_tokens",
-                 "cached_tokens", "output_tokens", "cost", "started", "settled", "quiet")
+                 "cached_tokens", "output_tokens", "cost", "started", "settled", "quiet", "error")
 
     def __init__(self, method: str, path: str, started: float):
         self.method = method
@@ -7165,6 +7495,7 @@ class RequestRecord:
         self.cost = 0.0
         self.settled = False
         self.quiet = False              # health probes: access line at debug level
+        self.error = ""                 # the message of OCM's own error answer, for the dashboard
 
 
 class ModelRequest:
@@ -7696,7 +8027,7 @@ class WebSocketSession:
         try:
             check_access(user, time.time())
         except HTTPError as exc:
-            record.status = exc.status
+            record.status, record.error = exc.status, exc.message
             server.settle(record)
             self.end_for_person(exc.message)
             return error_event_for(exc)
@@ -7704,7 +8035,7 @@ class WebSocketSession:
             call.admit()
             self.account.check_share(user)
         except HTTPError as exc:
-            record.status = exc.status
+            record.status, record.error = exc.status, exc.message
             server.settle(record)
             return error_event_for(exc)
         body.data = None  # nothing else needs it
@@ -7852,7 +8183,7 @@ class OCMHandler(BaseHTTPRequestHandler):
                 return False
             close = exc.close or request is None or not request.keep_alive or not self.drain_body(request)
             if request is not None:
-                request.status = exc.status
+                request.status, request.record.error = exc.status, exc.message
             self.send_error_json(exc, close)
             return not close and not server.closing
         finally:
@@ -8062,6 +8393,7 @@ class OCMHandler(BaseHTTPRequestHandler):
             if exc.error_type != "usage_limit_reached":
                 raise
             request.status = 429  # every account of the pool is resting: say so as Codex shows it
+            request.record.error = exc.message
             self.refuse_websocket_with_usage_limit(key, error_event_for(exc))
             return
         request.status = handshake.status
@@ -8554,6 +8886,9 @@ class OCMServer(ThreadingHTTPServer):
         apply_account_settings(self.state)
         self.concurrency = ConcurrencyLimit()
         self.metrics = Metrics()
+        self.started_at = time.time()
+        self.history = History(history_path(config), PeriodClock(config.timezone))
+        self.history.load(self.started_at)
         self.save_interval = usage_save_interval
         self.file_check_interval = file_check_interval
         self._old_ledgers = []  # type: List[BudgetLedger]  # replaced by a reload; in-flight requests settle there
@@ -8620,6 +8955,8 @@ class OCMServer(ThreadingHTTPServer):
         elif old.ledger is not None:
             self._old_ledgers.append(old.ledger)
         self.state = new
+        self.history.path = history_path(config)
+        self.history.set_clock(PeriodClock(config.timezone))
         kept = set(new.accounts.values())
         for account in old.accounts.values():
             if account not in kept:
@@ -8652,6 +8989,7 @@ class OCMServer(ThreadingHTTPServer):
             if time.monotonic() - saved_at >= self.save_interval:
                 saved_at = time.monotonic()
                 self.save_ledgers()
+                self.history.save_if_dirty(time.time())
 
     def save_ledgers(self) -> None:
         for ledger in [self.state.ledger] + self._old_ledgers:
@@ -8695,6 +9033,8 @@ class OCMServer(ThreadingHTTPServer):
                 account.end()
         self.metrics.add("ocm_requests_total", user=record.user_name or "-", status=str(record.status),
                          model=record.model or "-")
+        if record.path.startswith("/v1/"):  # model requests and WebSocket turns, not the pages
+            self.history.record(record, time.time(), time.monotonic() - record.started)
         write_access_line(record, self.config.log_format)
 
     def _book(self, record: RequestRecord, usage: UsageRecord, account: Optional[Account]) -> None:
@@ -8862,6 +9202,7 @@ class OCMServer(ThreadingHTTPServer):
         for book in self.books.books():  # retired accounts' books still open after a cut request
             book.close()
         self.save_ledgers()
+        self.history.save_if_dirty(time.time())
 
 
 def apply_account_settings(state: State) -> None:
