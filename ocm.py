@@ -25,6 +25,7 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
   11. Accounts           rate-limit state, shares, pools (balancer, fallback)
   12. Policy             budgets with reservations, concurrency, models, expiry
   13. Operations         metrics, the live usage document, the access log
+  13b. Dashboard         the page at /ocm/, its JSON, sign-in, the history it draws
   14. Streams            the SSE usage scanner, WebSocket framing
   15. Handler            route, authenticate, relay HTTP, SSE and WebSocket
   16. Server             TLS for clients, the ThreadingHTTPServer owning all state
@@ -2721,6 +2722,14 @@ class UserTable:
         entry = self._by_digest.get(user.token_digest)
         return entry if entry is not None and entry.name == user.name else None
 
+    def find(self, token: str) -> Optional[User]:
+        """The user whose token this is, or None (the dashboard's sign-in)."""
+        digest = token_digest(token)
+        user = self._by_digest.get(digest)
+        if user is None or not hmac.compare_digest(user.token_digest, digest):
+            return None
+        return user
+
     def authenticate(self, headers: "Headers") -> Optional[User]:
         """The user for these request headers; None when access is open.
         Raises HTTPError 401 with sing-box's messages."""
@@ -3755,6 +3764,7 @@ class Account:
         self.plan = ""
         self.cooldown_until = 0.0
         self.polled_at = 0.0
+        self.observed_at = 0.0          # when an answer's headers last told its windows
         self.poll_interval = 0.0        # 0: not polled (not in a pool)
         self.poll_failures = 0
         self.next_poll_at = 0.0
@@ -3785,6 +3795,8 @@ class Account:
         with self._lock:
             self._attribute_use(windows)
             self.windows.update(windows)
+            if windows:
+                self.observed_at = now
             if success and self.cooldown_until:  # the account answered: its quota is back
                 log.info("account %s: quota is back; cooldown cleared", self.tag)
                 self.cooldown_until = 0.0
@@ -4061,6 +4073,12 @@ class Account:
         return WebSocketHandshake(None, status, reason, resp_headers, body=body)
 
     # -- its life ------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Requests and sessions using it now."""
+        with self._lock:
+            return self._active
+
     def begin(self) -> None:
         """A request or session starts using this account."""
         with self._lock:
@@ -5312,6 +5330,1169 @@ def history_path(config: Config) -> str:
         (c.usages_path for c in config.credentials if c.usages_path), "")
     beside = config.budgets_path or usages or config.source
     return os.path.join(os.path.dirname(os.path.abspath(beside)), HISTORY_FILE) if beside else ""
+
+
+class DashboardSessions:
+    """Signed-in browsers. A session id is 32 random bytes in an HttpOnly,
+    SameSite=Strict cookie, kept here in memory by its digest (a restart
+    signs everyone out) until it expires. A session holds the person (or
+    the digest of the admin_token) it was opened with and is checked against
+    the running config at every request: a reload that removes a person, or
+    gives them or the owner a new token, ends it.
+
+    Against guessing: wrong tokens are counted per client address and in all
+    over SIGN_IN_WINDOW; past either limit every attempt, right or wrong,
+    gets 429 until the window ends, so guessing on cannot tell a hit."""
+
+    def __init__(self, lifetime: float = SESSION_LIFETIME):
+        self.lifetime = lifetime
+        self._lock = threading.Lock()
+        # digest of the id -> (User, or None for the owner; admin digest; expiry)
+        self._sessions = collections.OrderedDict()  # type: collections.OrderedDict
+        # client address -> [wrong tokens, since]
+        self._failures = collections.OrderedDict()  # type: collections.OrderedDict
+        self._all_failures = [0, 0.0]  # type: List[float]
+
+    def open(self, user: Optional[User], admin: bytes, now: float) -> str:
+        """A new session for ``user`` (None: the owner); returns its id."""
+        session_id = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
+        with self._lock:
+            self._sessions[token_digest(session_id)] = (user, admin, now + self.lifetime)
+            while len(self._sessions) > MAX_DASHBOARD_SESSIONS:
+                self._sessions.popitem(last=False)
+        return session_id
+
+    def find(self, session_id: str, now: float) -> Optional[Tuple[Optional[User], bytes]]:
+        """(the user, or None for the owner; the admin digest) of a live session."""
+        key = token_digest(session_id)
+        with self._lock:
+            entry = self._sessions.get(key)
+            if entry is not None and entry[2] <= now:
+                del self._sessions[key]
+                entry = None
+        return (entry[0], entry[1]) if entry is not None else None
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(token_digest(session_id), None)
+
+    def keep_only(self, is_current: Callable[[Optional[User], bytes], bool], now: float) -> int:
+        """After a reload: end the sessions whose person or token has gone; how many."""
+        with self._lock:
+            gone = [key for key, (user, admin, until) in self._sessions.items()
+                    if until <= now or not is_current(user, admin)]
+            for key in gone:
+                del self._sessions[key]
+        return len(gone)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    # -- guessing -----------------------------------------------------------------------
+    def blocked_for(self, address: str, now: float) -> float:
+        """Seconds until ``address`` may try a token again; 0 when it may now."""
+        wait = 0.0
+        with self._lock:
+            for entry, limit in ((self._all_failures, SIGN_IN_FAILURES_IN_ALL),
+                                 (self._failures.get(address), SIGN_IN_FAILURES_PER_ADDRESS)):
+                if entry is not None and entry[0] >= limit and now < entry[1] + SIGN_IN_WINDOW:
+                    wait = max(wait, entry[1] + SIGN_IN_WINDOW - now)
+        return wait
+
+    def failed(self, address: str, now: float) -> bool:
+        """Count a wrong token from ``address``; True when this one blocks it."""
+        with self._lock:
+            entry = self._failures.get(address)
+            if entry is None:
+                entry = self._failures[address] = [0, now]
+                while len(self._failures) > 4096:  # one entry per address: bounded
+                    self._failures.popitem(last=False)
+            for counted in (entry, self._all_failures):
+                if now >= counted[1] + SIGN_IN_WINDOW or not counted[0]:
+                    counted[0], counted[1] = 0, now  # a new window from this attempt
+                counted[0] += 1
+            return (entry[0] == SIGN_IN_FAILURES_PER_ADDRESS
+                    or self._all_failures[0] == SIGN_IN_FAILURES_IN_ALL)
+
+
+class Viewer(namedtuple("Viewer", "user via")):
+    """Who looks at the dashboard: ``user`` None is the owner; ``via`` says
+    how they are known: loopback, session or token."""
+    __slots__ = ()
+
+    @property
+    def is_owner(self) -> bool:
+        return self.user is None
+
+
+def admin_digest(config: Config) -> bytes:
+    return User("owner", config.admin_token).token_digest if config.admin_token else b""
+
+
+def match_token(state: "State", token: str) -> Optional[Viewer]:
+    """The owner (admin_token) or the person whose token this is; None if nobody's."""
+    if not token:
+        return None
+    admin = admin_digest(state.config)
+    if admin and hmac.compare_digest(admin, token_digest(token)):
+        return Viewer(None, "token")
+    user = state.users.find(token)
+    return Viewer(user, "token") if user is not None else None
+
+
+def is_loopback_request(request: "ClientRequest", client_ip: str) -> bool:
+    """From the box itself, to a loopback name, not through a proxy. The Host
+    check keeps a web page from reaching the owner's view by DNS rebinding
+    (a name of its own resolving to 127.0.0.1); the forwarding headers keep
+    a reverse proxy on the box from passing everyone in as loopback."""
+    if not is_loopback(client_ip) or any(request.headers.get(h) for h in FORWARDING_HEADERS):
+        return False
+    host = request.headers.get("host", "").strip().lower()
+    name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    return not host or name == "localhost" or is_loopback(name)
+
+
+def session_cookie(request: "ClientRequest") -> str:
+    for header in request.headers.get_all("cookie"):
+        for part in header.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == SESSION_COOKIE and value:
+                return value.strip()
+    return ""
+
+
+def too_many_tokens(wait: float) -> HTTPError:
+    seconds = int(math.ceil(wait))
+    return HTTPError(429, "rate_limit_error", "too many wrong tokens; try again in %d s" % seconds,
+                     headers=[("Retry-After", str(seconds))])
+
+
+def wrong_token(sessions: DashboardSessions, client_ip: str, now: float) -> None:
+    if sessions.failed(client_ip, now):
+        log.warning("dashboard: too many wrong tokens from %s; refusing it for %d s", client_ip,
+                    SIGN_IN_WINDOW)
+
+
+def dashboard_viewer(server: "OCMServer", state: "State", request: "ClientRequest",
+                     client_ip: str, now: float) -> Optional[Viewer]:
+    """Who asks: a bearer token (scripts), a session cookie (browsers), or the
+    box itself. None when nobody is signed in; HTTPError 401 for a wrong
+    bearer token, 429 while this address may not try tokens."""
+    sessions = server.dashboard_sessions
+    authorization = request.headers.get("authorization", "")
+    if authorization:
+        wait = sessions.blocked_for(client_ip, now)
+        if wait:
+            raise too_many_tokens(wait)
+        scheme, _, token = authorization.strip().partition(" ")
+        viewer = match_token(state, token.strip()) if scheme.lower() == "bearer" else None
+        if viewer is None:
+            wrong_token(sessions, client_ip, now)
+            raise HTTPError(401, "authentication_error", "the dashboard takes the owner's "
+                            "admin_token or your own token",
+                            headers=[("WWW-Authenticate", 'Bearer realm="ocm"')])
+        return viewer
+    session_id = session_cookie(request)
+    found = sessions.find(session_id, now) if session_id else None
+    if found is not None:
+        user, admin = found
+        current = state.users.current(user) if user is not None else None
+        if current is not None:
+            return Viewer(current, "session")
+        if user is None and admin == admin_digest(state.config):
+            return Viewer(None, "session")
+        sessions.close(session_id)  # the person or the token has gone since
+    if is_loopback_request(request, client_ip):
+        return Viewer(None, "loopback")
+    return None
+
+
+# -- the JSON document ------------------------------------------------------------------
+
+ACCOUNT_STATE_WORDS = {"usable": "usable", "cooling_down": "cooling down",
+                       "reserve_reached": "held in reserve", "exhausted": "exhausted",
+                       "unavailable": "signed out"}
+
+
+def window_name(kind: str, minutes: Optional[float]) -> str:
+    """"5-hour", "weekly", "30-day": a window by its length."""
+    if not minutes:
+        return {"short": "5-hour", "long": "weekly"}.get(kind, kind)
+    whole = int(round(minutes))
+    if whole == WEEK_MINUTES:
+        return "weekly"
+    for size, unit in ((1440, "day"), (60, "hour")):
+        if whole % size == 0:
+            return "%d-%s" % (whole // size, unit)
+    return "%d-minute" % whole
+
+
+def account_reason(account: Account, status: Dict[str, Any], windows: Dict[str, Window],
+                   now: float, owner: bool) -> str:
+    """Why an account is in its state, in plain words."""
+    state = status["state"]
+    if state == "unavailable":
+        if owner:
+            return status.get("problem") or ""
+        return "its login does not work now; the owner has to sign it in again"
+    if state == "cooling_down":
+        return "OpenAI answered that its usage limit is reached; OCM rests it until then"
+    full = [(kind, window) for kind, window in windows.items()
+            if window.used(now) >= 100 - account.reserve_of(kind)]
+    if state == "exhausted":
+        return " and ".join("the %s window is used up" % window_name(kind, window.window_minutes)
+                            for kind, window in full if window.used(now) >= 100)
+    if state == "reserve_reached":
+        return " and ".join("the %s window is at %g%%, into the %d%% kept in reserve" % (
+            window_name(kind, window.window_minutes), round(window.used(now), 1),
+            account.reserve_of(kind)) for kind, window in full)
+    return ""
+
+
+def account_view(account: Account, pools: List[str], owner: bool, now: float) -> Dict[str, Any]:
+    status = account.to_json()
+    windows = dict(account.windows)
+    known = [kind for kind, window in windows.items() if window.used_percent is not None]
+    order = sorted(known, key=lambda kind: windows[kind].window_minutes or (
+        SHORT_WINDOW_MAX_MINUTES if kind == "short" else WEEK_MINUTES))
+    out = {"account": account.tag, "plan": status["plan"], "state": status["state"],
+           "state_words": ACCOUNT_STATE_WORDS.get(status["state"], status["state"]),
+           "reason": account_reason(account, status, windows, now, owner),
+           "usable_again_at": status.get("usable_again_at"),
+           "windows": [], "limits_seen_at": max(account.observed_at, account.polled_at) or None}
+    for kind in order:
+        window = windows[kind]
+        out["windows"].append({
+            "window": WINDOW_LABELS.get(kind, kind),
+            "name": window_name(kind, window.window_minutes),
+            "used_percent": round(window.used(now), 1), "window_minutes": window.window_minutes,
+            "resets_at": window.resets_at if (window.resets_at or 0) > now else None,
+            "reserve_percent": account.reserve_of(kind)})
+    if owner:
+        login, _ = account.credential.peek()
+        out.update(pools=pools, in_flight=account.in_flight,
+                   login_refreshed_at=login.last_refresh if login is not None else None,
+                   last_poll_error=account.last_poll_error or None)
+    return out
+
+
+def book_totals(accounts: List[Account]) -> Dict[str, Dict[str, Any]]:
+    """Each person's all-time figures in the usage files, added up as `ocm.py usage` does."""
+    totals = {}  # type: Dict[str, Dict[str, Any]]
+    for account in accounts:
+        if account.usage is None:
+            continue
+        for combo in account.usage.to_json()["combinations"]:
+            for name, stats in combo["by_user"].items():
+                row = totals.setdefault(name, dict.fromkeys(
+                    ("requests", "input_tokens", "cached_tokens", "output_tokens"), 0))
+                row["requests"] += stats["request_count"]
+                for key in ("input_tokens", "cached_tokens", "output_tokens"):
+                    row[key] += stats[key]
+                row["cost_usd"] = row.get("cost_usd", 0.0) + stats["cost_usd"]
+    for row in totals.values():
+        row["cost_usd"] = round_cents(row["cost_usd"])
+    return totals
+
+
+def period_view(history: History, ledger: Optional[BudgetLedger], user: User, period: str,
+                now: float) -> Dict[str, Any]:
+    """A person's day, week or month. With a budget for it, the budget's own
+    figures (what /metrics and `ocm.py usage` show); else the history's."""
+    requests, usd, tokens = history.period(user.name, period, now)
+    budgets = [b for b in user.budgets if b.period == period]
+    out = {"period": period, "name": PERIOD_NAMES[period], "budgets": [],
+           "resets_at": history.clock.period(period, now)[1]}
+    if budgets and ledger is not None:
+        usd, tokens = ledger.spent(user.name, period)
+        requests = ledger.requests(user.name, period)
+        for budget in budgets:
+            limit = budget.usd if budget.usd is not None else float(budget.tokens)
+            spent = usd if budget.usd is not None else tokens
+            out["budgets"].append({"unit": "usd" if budget.usd is not None else "tokens",
+                                   "limit": limit, "spent": round(spent, 6),
+                                   "percent": round(100.0 * spent / limit, 1)})
+    out.update(requests=requests, cost_usd=round(usd, 6), tokens=int(tokens))
+    return out
+
+
+def person_view(server: "OCMServer", state: "State", user: User, in_flight: Dict[str, int],
+                totals: Dict[str, Dict[str, Any]], now: float) -> Dict[str, Any]:
+    history = server.history
+    shares = []
+    for account in state.pool_for(user).accounts():
+        for kind, cap in (("short", user.share_5h), ("long", user.share_weekly)):
+            if cap is not None:
+                window = account.windows.get(kind) or Window()
+                shares.append({
+                    "account": account.tag, "window": WINDOW_LABELS[kind], "cap": cap,
+                    "name": window_name(kind, window.window_minutes),
+                    "used": round(account.user_share(user.name, kind), 1),
+                    "resets_at": window.resets_at if (window.resets_at or 0) > now else None})
+    refusals = [{"time": when, "status": status, "message": message}
+                for when, status, message in reversed(history.refusals(user.name))]
+    return {"name": user.name, "credential": user.credential or None,
+            "in_flight": in_flight.get(user.name, 0),
+            "max_concurrent": user.max_concurrent or None,
+            "last_seen": history.last_seen(user.name), "expires_at": user.expires_at,
+            "expired": user.expires_at is not None and now >= user.expires_at,
+            "models": list(user.models), "shares": shares, "all_time": totals.get(user.name),
+            "periods": [period_view(history, state.ledger, user, period, now)
+                        for period in ("day", "week", "month")],
+            "refusals": {"last_24h": history.refusals_since(user.name, now - 86400),
+                         "recent": refusals}}
+
+
+RECENT_FIELDS = ("time", "user", "model", "status", "method", "path", "input_tokens",
+                 "cached_tokens", "output_tokens", "cost_usd", "duration_s", "account", "error")
+
+
+def recent_view(entry: Tuple[Any, ...]) -> Dict[str, Any]:
+    out = dict(zip(RECENT_FIELDS, entry))
+    for key in ("user", "model", "account", "error"):
+        out[key] = out[key] or None
+    out["cost_usd"], out["duration_s"] = round(out["cost_usd"], 6), round(out["duration_s"], 3)
+    return out
+
+
+def server_view(server: "OCMServer", now: float) -> Dict[str, Any]:
+    config = server.state.config
+    return {"version": __version__, "started_at": server.started_at,
+            "uptime_s": round(now - server.started_at), "listen": [server.url],
+            "config": os.path.abspath(config.source) if config.source else None,
+            "tls": server.tls is not None, "timezone": config.timezone,
+            "last_reload": server.last_reload, "history_path": server.history.path or None,
+            "dashboard_sessions": server.dashboard_sessions.count(),
+            "admin_token": bool(config.admin_token)}
+
+
+def dashboard_document(server: "OCMServer", viewer: Viewer, now: float) -> Dict[str, Any]:
+    """GET /ocm/v1/dashboard: everything for the owner; for a person, only
+    their own figures and the accounts they draw from (docs/dashboard.md)."""
+    state, history = server.state, server.history
+    owner = viewer.is_owner
+    only = None if owner else viewer.user.name
+    accounts = list(state.accounts.values()) if owner else state.pool_for(viewer.user).accounts()
+    users = list(state.users.users) if owner else [viewer.user]
+    if owner and not users:  # open access: one row for everyone
+        users = [User("", "")]
+    pools = [p for p in state.pools.values() if p.is_pool]
+    first_hour, hourly = history.hourly(now, only)
+    days, daily = history.daily(now, only)
+    totals = book_totals(accounts)
+    in_flight = server.concurrency.snapshot()
+    document = {
+        "time": round(now, 3), "version": __version__,
+        "viewer": {"role": "owner" if owner else "person", "user": only, "via": viewer.via},
+        "accounts": [account_view(a, [p.tag for p in pools if a in p.accounts()], owner, now)
+                     for a in accounts],
+        "people": [person_view(server, state, u, in_flight, totals, now) for u in users],
+        "charts": {"hours": {"start": first_hour, "step": 3600,
+                             "people": [{"name": name, "requests": s[0], "cost_usd": s[1]}
+                                        for name, s in sorted(hourly.items())]},
+                   "days": {"days": days, "models": [{"model": model, "cost_usd": costs}
+                                                      for model, costs in sorted(daily.items())]}},
+        "recent": [recent_view(entry) for entry in history.recent(only)],
+    }
+    if owner:
+        document.update(
+            open_access=not state.users.users, server=server_view(server, now),
+            pools=[{"pool": p.tag, "type": p.kind, "strategy": p.strategy or None,
+                    "accounts": [a.tag for a in p.accounts()]} for p in pools],
+            without_valid_token={"refusals_last_24h": history.refusals_since("", now - 86400)
+                                 if state.users.users else 0})
+    return document
+
+
+# -- the page and its routes ----------------------------------------------------------
+# The page, its style and its script are constants with no data in them. The
+# Content-Security-Policy allows exactly this script and this style (by their
+# SHA-256), fetches to the same origin, and forms that post back to it.
+
+DASHBOARD_STYLE = r"""
+:root{color-scheme:light dark;--bg:#f5f6f8;--card:#fff;--text:#17191c;--muted:#5d6775;
+--line:#e2e6eb;
+--track:#e8ecf1;--accent:#2f6fde;--ok:#17803d;--warn:#a85b06;--bad:#c0262d;--okbg:#ddf6e4;
+--warnbg:#fcefd3;--badbg:#fde2e2}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1014;--card:#161a20;--text:#e7ebf0;
+--muted:#909bab;
+--line:#272e38;--track:#262d37;--accent:#5c9dff;--ok:#48c267;--warn:#e0a43a;--bad:#ff6b6b;
+--okbg:#163222;--warnbg:#3a2c10;--badbg:#411a1c}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--text);
+font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",sans-serif}
+[hidden]{display:none!important}
+header{position:sticky;top:0;z-index:2;display:flex;align-items:center;gap:10px;flex-wrap:wrap;
+padding:10px max(16px,calc(50% - 574px));background:var(--card);
+border-bottom:1px solid var(--line)}
+.brand{font-weight:750;letter-spacing:.03em}
+.who{color:var(--muted)}
+.spacer{flex:1}
+.updated{color:var(--muted);font-size:13px;font-variant-numeric:tabular-nums}
+.updated.stale{color:var(--bad)}
+main{max-width:1180px;margin:0 auto;padding:8px 16px 40px}
+h2{font-size:12px;font-weight:650;text-transform:uppercase;letter-spacing:.07em;color:var(--muted);
+margin:22px 0 10px}
+.grid{display:grid;gap:12px;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));
+align-items:start}
+.charts{display:grid;gap:12px;grid-template-columns:repeat(auto-fit,minmax(340px,1fr))}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;
+min-width:0}
+.tiles{display:grid;gap:12px;grid-template-columns:repeat(auto-fit,minmax(140px,1fr));
+margin-top:14px}
+.tile{padding:12px 16px}
+.tile .value{font-size:24px;font-weight:650;font-variant-numeric:tabular-nums;line-height:1.2}
+.tile .label{color:var(--muted);font-size:13px}
+.head{display:flex;align-items:center;gap:8px;flex-wrap:wrap}
+.title{font-weight:650;font-size:16px;overflow-wrap:anywhere}
+.head .right{margin-left:auto;color:var(--muted);font-size:13px}
+.pill{display:inline-block;padding:1px 8px;border-radius:999px;font-size:12px;font-weight:600;
+background:var(--track);color:var(--muted);white-space:nowrap}
+.pill.ok{background:var(--okbg);color:var(--ok)}
+.pill.warn{background:var(--warnbg);color:var(--warn)}
+.pill.bad{background:var(--badbg);color:var(--bad)}
+.reason{color:var(--muted);font-size:13px;margin-top:4px;overflow-wrap:anywhere}
+.meters{display:grid;grid-template-columns:minmax(76px,max-content) minmax(60px,1fr) max-content;
+align-items:center;gap:2px 10px;margin-top:10px}
+.meters .name{font-size:13px;white-space:nowrap}
+.num{font-variant-numeric:tabular-nums;text-align:right;white-space:nowrap}
+.meters .num{font-size:13px}
+.bar{height:8px;background:var(--track);border-radius:4px;overflow:hidden}
+.bar>span{display:block;height:100%;background:var(--accent);border-radius:4px;min-width:2px}
+.bar>span.warn{background:var(--warn)}
+.bar>span.bad{background:var(--bad)}
+.bar.none{background:transparent}
+.sub{grid-column:2/4;display:flex;justify-content:space-between;flex-wrap:wrap;gap:0 10px;
+color:var(--muted);font-size:12px;margin-bottom:6px;font-variant-numeric:tabular-nums}
+.foot{color:var(--muted);font-size:12px;margin-top:12px;padding-top:8px;
+border-top:1px solid var(--line)}
+.refusals{margin-top:10px;font-size:13px;color:var(--warn);overflow-wrap:anywhere}
+.chart{width:100%;min-height:10px}
+.chart svg{display:block}
+.chart text{fill:var(--muted);font-size:11px;font-variant-numeric:tabular-nums}
+.chart line{stroke:var(--line);stroke-width:1}
+.card h3{font-size:14px;font-weight:650;margin:0 0 8px;display:flex;gap:8px;align-items:baseline}
+.card h3 .total{margin-left:auto;font-weight:500;color:var(--muted);font-size:13px;
+font-variant-numeric:tabular-nums}
+.legend{display:flex;flex-wrap:wrap;gap:4px 14px;font-size:12px;color:var(--muted);margin-top:8px}
+.legend span{display:inline-flex;align-items:center;gap:5px;overflow-wrap:anywhere}
+.legend i{width:10px;height:10px;border-radius:2px;flex:none}
+.empty{color:var(--muted);font-size:13px;padding:24px 0;text-align:center}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
+table{width:100%;border-collapse:collapse;font-size:13px}
+th{color:var(--muted);font-weight:600;text-align:left;font-size:12px}
+th,td{padding:7px 8px;border-bottom:1px solid var(--line);white-space:nowrap}
+tr:last-child td{border-bottom:0}
+th.num,td.num{text-align:right}
+td.model{max-width:220px;overflow:hidden;text-overflow:ellipsis}
+.narrow{display:none}
+td.who>span{color:var(--muted);font-size:12px}
+.nowrap{white-space:nowrap}
+.status-ok{color:var(--ok)}
+.status-bad{color:var(--bad)}
+.status-warn{color:var(--warn)}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:6px 18px;margin:0;font-size:14px}
+dt{color:var(--muted)}
+dd{margin:0;overflow-wrap:anywhere}
+.signin{max-width:400px;margin:10vh auto 0;padding:24px}
+.signin h1{font-size:20px;margin:0 0 6px}
+.signin p{color:var(--muted);font-size:14px;margin:0 0 16px}
+label{display:block;font-size:13px;font-weight:600;margin-bottom:6px}
+input{width:100%;font:inherit;padding:10px 12px;border:1px solid var(--line);border-radius:8px;
+background:var(--bg);color:var(--text)}
+input:focus{outline:2px solid var(--accent);outline-offset:1px}
+button{font:inherit;font-size:14px;padding:6px 14px;border-radius:8px;border:1px solid var(--line);
+background:var(--card);color:var(--text);cursor:pointer}
+button.primary{display:block;width:100%;margin-top:14px;padding:10px;background:var(--accent);
+border-color:var(--accent);color:#fff;font-weight:600}
+.problem{color:var(--bad);font-size:14px;margin:12px 0 0}
+.banner{margin-top:14px;padding:10px 14px;border-radius:8px;background:var(--warnbg);
+color:var(--warn);font-size:14px}
+.more{margin-top:10px}
+header form{margin:0}
+@media (max-width:640px){body{font-size:14px}main{padding:4px 12px 32px}
+.grid,.charts{grid-template-columns:1fr}.tiles{grid-template-columns:1fr 1fr}
+.tile .value{font-size:20px}.card{padding:12px 14px}th,td{padding:7px 5px}
+.wide{display:none}.narrow{display:block}
+td.who{white-space:normal;overflow-wrap:anywhere}}
+"""
+
+DASHBOARD_SCRIPT = r"""
+"use strict";
+(function () {
+  var REFRESH_MS = 5000;
+  var PEOPLE_COLOURS = ["#2f6fde", "#e0663a", "#1f9e89", "#b34fc8", "#d4a21b", "#5b7c99",
+                        "#d0487a", "#6aa84f", "#8c6d4f", "#3fa7d6"];
+  var MODEL_COLOURS = ["#6a5acd", "#20a39e", "#ef8354", "#c1447e", "#4f772d", "#b08b2e",
+                       "#3d5a80", "#9c6644", "#7b2cbf", "#2a9d8f"];
+  var SVG = "http://www.w3.org/2000/svg";
+  var TOO_MANY = "Too many wrong tokens; wait a few minutes.";
+  var data = null, skew = 0, lastOk = 0, timer = null, failing = false, pending = "";
+  var showAll = false;
+
+  function $(id) { return document.getElementById(id); }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined && text !== null) { e.textContent = String(text); }
+    return e;
+  }
+  function add(parent) {
+    for (var i = 1; i < arguments.length; i++) {
+      if (arguments[i]) { parent.appendChild(arguments[i]); }
+    }
+    return parent;
+  }
+  function svg(tag, attrs) {
+    var e = document.createElementNS(SVG, tag);
+    Object.keys(attrs || {}).forEach(function (k) { e.setAttribute(k, String(attrs[k])); });
+    return e;
+  }
+  function clear(e) { while (e.firstChild) { e.removeChild(e.firstChild); } return e; }
+  function now() { return Date.now() / 1000 + skew; }
+
+  // -- words and numbers ---------------------------------------------------------
+  function usd(x, digits) {
+    if (x === null || x === undefined) { return "–"; }
+    if (digits === undefined) { digits = 2; }
+    var least = Math.pow(10, -digits);
+    if (x > 0 && x < least) { return "<$" + least.toFixed(digits); }
+    return "$" + x.toLocaleString("en-US", {minimumFractionDigits: digits,
+                                            maximumFractionDigits: digits});
+  }
+  function count(x) { return (x || 0).toLocaleString("en-US"); }
+  function compact(x) {
+    x = x || 0;
+    if (x >= 1e9) { return (x / 1e9).toFixed(x >= 1e10 ? 0 : 1) + "B"; }
+    if (x >= 1e6) { return (x / 1e6).toFixed(x >= 1e7 ? 0 : 1) + "M"; }
+    if (x >= 1e4) { return Math.round(x / 1e3) + "k"; }
+    if (x >= 1e3) { return (x / 1e3).toFixed(1) + "k"; }
+    return String(Math.round(x));
+  }
+  function span(seconds) {
+    seconds = Math.max(0, Math.round(seconds));
+    var d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600);
+    var m = Math.floor(seconds % 3600 / 60);
+    if (d) { return d + "d " + h + "h"; }
+    if (h) { return h + "h " + (m < 10 ? "0" : "") + m + "m"; }
+    if (m) { return m + "m"; }
+    return seconds + "s";
+  }
+  function ago(t) { return t ? span(now() - t) + " ago" : "never"; }
+  function clock(t) {
+    var d = new Date(t * 1000), today = new Date(now() * 1000);
+    var time = d.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+    if (d.toDateString() === today.toDateString()) { return time; }
+    return d.toLocaleDateString([], {month: "short", day: "numeric"}) + " " + time;
+  }
+  function personName(name) {
+    if (name) { return name; }
+    return data && data.open_access ? "everyone" : "no valid token";
+  }
+  function colourOf(list, names, name) {
+    var i = names.indexOf(name);
+    return list[(i < 0 ? 0 : i) % list.length];
+  }
+  function countdown(node, t, before, after) {
+    node.dataset.until = String(t);
+    node.dataset.before = before || "";
+    node.dataset.after = after || "";
+    tick(node);
+    return node;
+  }
+  function tick(node) {
+    var left = Number(node.dataset.until) - now();
+    node.textContent = left > 0 ? node.dataset.before + "in " + span(left) : node.dataset.after;
+  }
+
+  // -- pieces --------------------------------------------------------------------
+  function pill(text, kind) { return el("span", "pill" + (kind ? " " + kind : ""), text); }
+  function bar(percent, warnAt) {
+    var b = el("div", "bar"), fill = el("span");
+    percent = Math.max(0, Math.min(100, percent || 0));
+    fill.style.width = percent.toFixed(1) + "%";
+    if (percent >= 100) { fill.className = "bad"; }
+    else if (percent >= (warnAt || 80)) { fill.className = "warn"; }
+    return add(b, fill);
+  }
+  function meter(grid, name, percent, figure, sub, warnAt) {
+    add(grid, el("div", "name", name),
+        percent === null ? el("div", "bar none") : bar(percent, warnAt),
+        el("div", "num", figure), sub);
+  }
+  var STATE_KINDS = {usable: "ok", cooling_down: "warn", reserve_reached: "warn",
+                     exhausted: "bad", unavailable: "bad"};
+
+  // -- accounts ------------------------------------------------------------------
+  function accountCard(a, owner) {
+    var card = el("div", "card");
+    var head = add(el("div", "head"), el("span", "title", a.account));
+    if (a.plan) { add(head, pill(a.plan)); }
+    add(head, pill(a.state_words, STATE_KINDS[a.state]));
+    if (owner && a.in_flight) { add(head, el("span", "right", a.in_flight + " in flight")); }
+    add(card, head);
+    if (a.reason || (a.state !== "usable" && a.usable_again_at)) {
+      var reason = add(el("div", "reason"), document.createTextNode(a.reason));
+      if (a.state !== "usable" && a.usable_again_at) {
+        add(reason, document.createTextNode(a.reason ? "; " : ""),
+            countdown(el("span"), a.usable_again_at, "usable again ", "usable again soon"));
+      }
+      add(card, reason);
+    }
+    var grid = el("div", "meters");
+    a.windows.forEach(function (w) {
+      var sub = el("div", "sub");
+      if (w.resets_at) { add(sub, countdown(el("span"), w.resets_at, "resets ", "reset")); }
+      if (w.reserve_percent) { add(sub, el("span", "", w.reserve_percent + "% kept in reserve")); }
+      meter(grid, w.name, w.used_percent, w.used_percent.toFixed(0) + "%",
+            sub.firstChild ? sub : null, 100 - (w.reserve_percent || 20));
+    });
+    if (!a.windows.length) { add(grid, el("div", "sub", "no window reported yet")); }
+    add(card, grid);
+    var foot = [];
+    if (a.limits_seen_at) { foot.push("limits from " + ago(a.limits_seen_at)); }
+    if (owner) {
+      if (a.login_refreshed_at) { foot.push("login refreshed " + ago(a.login_refreshed_at)); }
+      if (a.pools && a.pools.length) { foot.push("pool " + a.pools.join(", ")); }
+      if (a.last_poll_error) { foot.push("last poll: " + a.last_poll_error); }
+    }
+    if (foot.length) { add(card, el("div", "foot", foot.join(" · "))); }
+    return card;
+  }
+
+  // -- people --------------------------------------------------------------------
+  function periodRows(grid, period) {
+    var label = period.name.charAt(0).toUpperCase() + period.name.slice(1);
+    var detail = count(period.requests) + " requests · " + compact(period.tokens) + " tokens";
+    if (!period.budgets.length) {
+      var sub = add(el("div", "sub"), el("span", "", detail));
+      meter(grid, label, null, usd(period.cost_usd), sub);
+      return;
+    }
+    period.budgets.forEach(function (b, i) {
+      var last = i === period.budgets.length - 1;
+      var figure = b.unit === "usd" ? usd(b.spent) + " of " + usd(b.limit)
+                                    : compact(b.spent) + " of " + compact(b.limit) + " tokens";
+      var sub = el("div", "sub");
+      if (last) {
+        add(sub, el("span", "", detail),
+            countdown(el("span"), period.resets_at, "resets ", "resets now"));
+      }
+      meter(grid, i ? "" : label, b.percent, figure, sub);
+    });
+  }
+  function personCard(p, owner) {
+    var card = el("div", "card");
+    var head = add(el("div", "head"), el("span", "title", personName(p.name)));
+    if (p.expired) { add(head, pill("access expired", "bad")); }
+    if (p.in_flight) {
+      add(head, pill(p.in_flight + (p.max_concurrent ? " of " + p.max_concurrent : "") +
+                     " running", "ok"));
+    }
+    add(head, el("span", "right", p.last_seen ? "seen " + ago(p.last_seen) : "not seen yet"));
+    add(card, head);
+    var grid = el("div", "meters");
+    p.periods.forEach(function (period) { periodRows(grid, period); });
+    p.shares.forEach(function (s) {
+      var sub = add(el("div", "sub"), el("span", "", "share of " + s.account + "'s " + s.name +
+                                              " window"));
+      if (s.resets_at) { add(sub, countdown(el("span"), s.resets_at, "resets ", "reset")); }
+      meter(grid, s.window + " share", 100 * s.used / s.cap,
+            s.used.toFixed(1) + " of " + s.cap + " pts", sub);
+    });
+    add(card, grid);
+    if (p.refusals.last_24h || p.refusals.recent.length) {
+      var r = el("div", "refusals", p.refusals.last_24h + " refused in 24 h");
+      var last = p.refusals.recent[0];
+      if (last) { r.textContent += " · last, " + ago(last.time) + ": " + last.message; }
+      add(card, r);
+    }
+    var foot = [];
+    if (p.all_time) {
+      foot.push("all time: " + count(p.all_time.requests) + " requests, " +
+                usd(p.all_time.cost_usd));
+    }
+    if (owner && p.credential) { foot.push("draws from " + p.credential); }
+    if (p.models.length) { foot.push("models: " + p.models.join(", ")); }
+    if (p.expires_at && !p.expired) { foot.push("access until " + clock(p.expires_at)); }
+    if (foot.length) { add(card, el("div", "foot", foot.join(" · "))); }
+    return card;
+  }
+
+  // -- charts --------------------------------------------------------------------
+  function niceMax(x) {
+    if (x <= 0) { return 1; }
+    var p = Math.pow(10, Math.floor(Math.log10(x))), steps = [1, 2, 2.5, 5, 10];
+    for (var i = 0; i < steps.length; i++) { if (steps[i] * p >= x) { return steps[i] * p; } }
+    return 10 * p;
+  }
+  // series: [{name, colour, values}]; labels: under each column ("" for none);
+  // titles: each column's name in tooltips; format(value, isAxis)
+  function stackedBars(host, series, labels, titles, format) {
+    clear(host);
+    var width = Math.max(260, host.clientWidth || 600), height = 170;
+    var left = 46, bottom = 20, top = 8, n = labels.length;
+    var totals = labels.map(function (_, i) {
+      return series.reduce(function (s, one) { return s + (one.values[i] || 0); }, 0);
+    });
+    var max = niceMax(Math.max.apply(null, totals.concat([0])));
+    var plotW = width - left - 4, plotH = height - top - bottom, step = plotW / n;
+    var gap = Math.min(4, step * 0.25);
+    var root = svg("svg", {width: width, height: height, viewBox: "0 0 " + width + " " + height,
+                           role: "img"});
+    for (var g = 0; g <= 2; g++) {
+      var y = top + plotH - plotH * g / 2;
+      add(root, svg("line", {x1: left, x2: width - 4, y1: y, y2: y}));
+      var t = svg("text", {x: left - 6, y: y + 4, "text-anchor": "end"});
+      t.textContent = format(max * g / 2, true);
+      add(root, t);
+    }
+    labels.forEach(function (label, i) {
+      var base = top + plotH;
+      series.forEach(function (one) {
+        var v = one.values[i] || 0;
+        if (!v) { return; }
+        var h = plotH * v / max, w = Math.max(1, Math.min(step - gap, 56));
+        var rect = svg("rect", {x: left + i * step + (step - w) / 2, y: base - h, rx: 1.5,
+                                width: w, height: Math.max(1, h), fill: one.colour});
+        var title = svg("title");
+        title.textContent = one.name + " · " + titles[i] + " · " + format(v, false);
+        add(root, add(rect, title));
+        base -= h;
+      });
+      if (label) {
+        var x = Math.max(left + 16, Math.min(width - 20, left + i * step + step / 2));
+        var text = svg("text", {x: x, y: height - 5, "text-anchor": "middle"});
+        text.textContent = label;
+        add(root, text);
+      }
+    });
+    add(host, root);
+  }
+  function legend(host, entries) {
+    clear(host);
+    entries.forEach(function (e) {
+      var swatch = el("i");
+      swatch.style.background = e.colour;
+      add(host, add(el("span"), swatch, document.createTextNode(e.name)));
+    });
+  }
+  function hourCharts(hours) {
+    var names = hours.people.map(function (p) { return p.name; });
+    var shown = hours.people.length > 0;
+    $("hours-charts").hidden = !shown;
+    $("hours-empty").hidden = shown;
+    legend($("hours-legend"), hours.people.map(function (p) {
+      return {name: personName(p.name), colour: colourOf(PEOPLE_COLOURS, names, p.name)};
+    }));
+    if (!shown) { return; }
+    var labels = [], titles = [], every = $("hours-requests").clientWidth < 420 ? 12 : 6;
+    for (var i = 0; i < hours.people[0].requests.length; i++) {
+      var d = new Date((hours.start + i * hours.step) * 1000), hour = d.getHours();
+      titles.push(d.toLocaleString([], {weekday: "short", hour: "numeric", minute: "2-digit"}));
+      labels.push(hour % every ? "" : hour ? d.toLocaleTimeString([], {hour: "numeric"})
+                                           : d.toLocaleDateString([], {weekday: "short"}));
+    }
+    function total(field) {
+      return hours.people.reduce(function (sum, p) {
+        return sum + p[field].reduce(function (a, b) { return a + b; }, 0);
+      }, 0);
+    }
+    $("hours-requests-total").textContent = count(total("requests")) + " in 48 h";
+    $("hours-cost-total").textContent = usd(total("cost_usd")) + " in 48 h";
+    function series(field) {
+      return hours.people.map(function (p) {
+        return {name: personName(p.name), colour: colourOf(PEOPLE_COLOURS, names, p.name),
+                values: p[field]};
+      });
+    }
+    stackedBars($("hours-requests"), series("requests"), labels, titles, function (v, axis) {
+      return axis ? compact(v) : count(v) + " requests";
+    });
+    stackedBars($("hours-cost"), series("cost_usd"), labels, titles, function (v) {
+      return usd(v);
+    });
+  }
+  function dayChart(days) {
+    var names = days.models.map(function (m) { return m.model; });
+    var shown = days.models.length > 0;
+    $("days-cost").hidden = !shown;
+    $("days-empty").hidden = shown;
+    var all = 0;
+    legend($("days-legend"), days.models.map(function (m) {
+      var total = m.cost_usd.reduce(function (a, b) { return a + b; }, 0);
+      all += total;
+      return {name: m.model + " " + usd(total), colour: colourOf(MODEL_COLOURS, names, m.model)};
+    }));
+    $("days-total").textContent = usd(all) + " in 7 days";
+    if (!shown) { return; }
+    var labels = days.days.map(function (key) {
+      var d = new Date(key + "T12:00:00");
+      if (isNaN(d.getTime())) { return key; }
+      return d.toLocaleDateString([], {weekday: "short", day: "numeric"});
+    });
+    stackedBars($("days-cost"), days.models.map(function (m) {
+      return {name: m.model, colour: colourOf(MODEL_COLOURS, names, m.model), values: m.cost_usd};
+    }), labels, days.days, function (v) { return usd(v); });
+  }
+  function drawCharts() {
+    if (data) {
+      hourCharts(data.charts.hours);
+      dayChart(data.charts.days);
+    }
+  }
+
+  // -- the last requests and the server --------------------------------------------
+  function statusClass(status) {
+    return status < 300 ? "status-ok" : status === 499 ? "status-warn" : "status-bad";
+  }
+  // On a phone the table folds the time (and the model) under the person (or
+  // the model) and leaves out the tokens: "wide" cells hide, "narrow" ones show.
+  function recentTable(rows, owner) {
+    var table = el("table"), head = el("tr"), body = el("tbody");
+    var modelClass = owner ? "model wide" : "model who";
+    var columns = [["Time", "wide"], ["Person", "who"], ["Model", modelClass], ["Status", "num"],
+                   ["Input", "num wide"], ["Cached", "num wide"], ["Output", "num wide"],
+                   ["Cost", "num"], ["Took", "num wide"]];
+    if (!owner) { columns.splice(1, 1); }
+    columns.forEach(function (c) { add(head, el("th", c[1], c[0])); });
+    add(table, add(el("thead"), head));
+    rows.forEach(function (r) {
+      var when = clock(r.time), tr = add(el("tr"), el("td", "wide", when));
+      var below = add(el("span", "narrow", when + (owner ? " · " : "")));
+      if (owner) {
+        add(below, el("span", "nowrap", r.model || "–"));
+        add(tr, add(el("td", "who", personName(r.user)), below));
+      }
+      var model = el("td", modelClass, r.model || "–");
+      if (!owner) { add(model, below); }
+      model.title = r.model || "";
+      var status = el("td", "num " + statusClass(r.status), r.status);
+      if (r.error) { status.title = r.error; }
+      var took = r.duration_s < 10 ? r.duration_s.toFixed(2) + "s" : span(r.duration_s);
+      var used = r.input_tokens || r.output_tokens;
+      add(tr, model, status, el("td", "num wide", used ? compact(r.input_tokens) : "–"),
+          el("td", "num wide", used ? compact(r.cached_tokens) : "–"),
+          el("td", "num wide", used ? compact(r.output_tokens) : "–"),
+          el("td", "num", used ? usd(r.cost_usd, r.cost_usd < 1 ? 3 : 2) : "–"),
+          el("td", "num wide", took));
+      add(body, tr);
+    });
+    return add(table, body);
+  }
+  function serverList(s) {
+    var dl = el("dl");
+    function item(name, value) { add(dl, el("dt", "", name), el("dd", "", value)); }
+    item("Version", "OCM " + s.version);
+    item("Up", span(s.uptime_s) + ", since " + clock(s.started_at));
+    item("Listening on", s.listen.join(", ") + (s.tls ? " (TLS)" : ""));
+    item("Config", s.config || "none (defaults)");
+    item("Last reload", !s.last_reload ? "none since start" : clock(s.last_reload.at) + ", " +
+         (s.last_reload.ok ? "applied: " : "refused: ") + s.last_reload.message);
+    item("History", s.history_path || "kept in memory only");
+    item("Time zone", s.timezone);
+    item("Signed in", count(s.dashboard_sessions) + " browser" +
+         (s.dashboard_sessions === 1 ? "" : "s") + (s.admin_token ? "" : " (no admin_token set)"));
+    return dl;
+  }
+
+  // -- the whole page ----------------------------------------------------------------
+  function tiles(d) {
+    var box = clear($("tiles"));
+    function tile(value, label) {
+      add(box, add(el("div", "card tile"), el("div", "value", value), el("div", "label", label)));
+    }
+    function sum(period, field) {
+      return d.people.reduce(function (s, p) {
+        return s + p.periods.filter(function (x) { return x.period === period; })[0][field];
+      }, 0);
+    }
+    if (d.viewer.role === "owner") {
+      var usable = d.accounts.filter(function (a) { return a.state === "usable"; }).length;
+      var running = d.people.reduce(function (s, p) { return s + p.in_flight; }, 0);
+      tile(usd(sum("day", "cost_usd")), "spent today");
+      tile(count(sum("day", "requests")), "requests today");
+      tile(usable + " of " + d.accounts.length, "accounts usable");
+      tile(count(running), "running now");
+    } else {
+      tile(usd(sum("day", "cost_usd")), "today");
+      tile(usd(sum("week", "cost_usd")), "this week");
+      tile(usd(sum("month", "cost_usd")), "this month");
+      tile(count(sum("day", "requests")), "requests today");
+    }
+  }
+  function render(d) {
+    var owner = d.viewer.role === "owner";
+    document.body.dataset.view = d.viewer.role;
+    $("signin").hidden = true;
+    $("app").hidden = false;
+    $("who").textContent = owner ? "owner" + (d.viewer.via === "loopback" ? ", on the box" : "")
+                                 : d.viewer.user;
+    $("signout").hidden = d.viewer.via !== "session";
+    tiles(d);
+    var unknown = owner && d.without_valid_token ? d.without_valid_token.refusals_last_24h : 0;
+    $("unknown").hidden = !unknown;
+    $("unknown").textContent = unknown + " request" + (unknown === 1 ? "" : "s") +
+      " without a valid token refused in the last 24 hours.";
+    $("accounts-title").textContent = owner ? "Accounts" :
+      d.accounts.length > 1 ? "Your accounts" : "Your account";
+    var accounts = clear($("accounts"));
+    d.accounts.forEach(function (a) { add(accounts, accountCard(a, owner)); });
+    var people = clear($("people"));
+    d.people.forEach(function (p) { add(people, personCard(p, owner)); });
+    $("people-title").textContent = owner ? "People" : "Your use";
+    drawCharts();
+    var recent = clear($("recent"));
+    if (!d.recent.length) { add(recent, el("div", "empty", "No requests yet.")); }
+    else { add(recent, recentTable(showAll ? d.recent : d.recent.slice(0, 10), owner)); }
+    if (d.recent.length > 10) {
+      var more = el("button", "more", showAll ? "Show 10" : "Show all " + d.recent.length);
+      more.type = "button";
+      more.addEventListener("click", function () { showAll = !showAll; render(data); });
+      add(recent, more);
+    }
+    $("server-section").hidden = !owner;
+    if (owner) { add(clear($("server")), serverList(d.server)); }
+  }
+  function showSignIn(problem) {
+    data = null;
+    document.body.dataset.view = "signin";
+    $("app").hidden = true;
+    $("signout").hidden = true;
+    $("who").textContent = "";
+    $("signin").hidden = false;
+    $("signin-problem").textContent = problem || "";
+    $("signin-problem").hidden = !problem;
+  }
+  function refreshAge() {
+    var node = $("updated");
+    node.className = failing ? "updated stale" : "updated";
+    if (!lastOk || $("app").hidden) { node.textContent = ""; return; }
+    node.textContent = (failing ? "offline · " : "") + "updated " +
+                       span(Date.now() / 1000 - lastOk) + " ago";
+  }
+  function load() {
+    fetch("/ocm/v1/dashboard", {credentials: "same-origin", cache: "no-store",
+                                headers: {"Accept": "application/json"}})
+      .then(function (response) {
+        if (response.status === 401 || response.status === 429) {
+          showSignIn(pending || (response.status === 429 ? TOO_MANY : ""));
+          pending = "";
+          return null;
+        }
+        if (!response.ok) { throw new Error("HTTP " + response.status); }
+        return response.json();
+      })
+      .then(function (d) {
+        if (!d) { return; }
+        data = d;
+        skew = d.time - Date.now() / 1000;
+        lastOk = Date.now() / 1000;
+        failing = false;
+        render(d);
+        refreshAge();
+      })
+      .catch(function () { failing = true; refreshAge(); })
+      .then(function () {
+        clearTimeout(timer);
+        timer = setTimeout(load, REFRESH_MS);
+      });
+  }
+  document.addEventListener("visibilitychange", function () {
+    if (!document.hidden && !$("app").hidden) { load(); }
+  });
+  setInterval(function () {
+    Array.prototype.forEach.call(document.querySelectorAll("[data-until]"), tick);
+    refreshAge();
+  }, 1000);
+  var resized = null;
+  window.addEventListener("resize", function () {
+    clearTimeout(resized);
+    resized = setTimeout(drawCharts, 150);
+  });
+  pending = {failed: "That token is not valid.", busy: TOO_MANY}[document.body.dataset.signin];
+  pending = pending || "";
+  load();
+}());
+"""
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
+<title>OCM</title>
+<link rel="icon" href="data:,">
+<style>@STYLE@</style>
+</head>
+<body data-signin="@SIGNIN@">
+<header>
+<span class="brand">OCM</span><span class="who" id="who"></span>
+<span class="spacer"></span>
+<span class="updated" id="updated"></span>
+<form method="post" action="/ocm/sign-out" id="signout" hidden>
+<button type="submit">Sign out</button>
+</form>
+</header>
+<main>
+<section class="card signin" id="signin" hidden>
+<h1>OCM dashboard</h1>
+<p>Sign in with your own OCM token, the one your Codex uses, to see your use.
+The owner signs in with the admin token.</p>
+<form method="post" action="/ocm/sign-in">
+<input name="user" autocomplete="username" value="ocm" hidden>
+<label for="token">Token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required>
+<button class="primary" type="submit">Sign in</button>
+</form>
+<p class="problem" id="signin-problem" hidden></p>
+</section>
+<div id="app" hidden>
+<div class="tiles" id="tiles"></div>
+<div class="banner" id="unknown" hidden></div>
+<h2 id="accounts-title">Accounts</h2>
+<div class="grid" id="accounts"></div>
+<h2 id="people-title">People</h2>
+<div class="grid" id="people"></div>
+<h2>Last 48 hours</h2>
+<div class="card">
+<div class="charts" id="hours-charts">
+<div><h3>Requests per hour <span class="total" id="hours-requests-total"></span></h3>
+<div class="chart" id="hours-requests"></div></div>
+<div><h3>Cost per hour <span class="total" id="hours-cost-total"></span></h3>
+<div class="chart" id="hours-cost"></div></div>
+</div>
+<div class="empty" id="hours-empty" hidden>No requests in the last 48 hours.</div>
+<div class="legend" id="hours-legend"></div>
+</div>
+<h2>Last 7 days</h2>
+<div class="card">
+<h3>Cost per model <span class="total" id="days-total"></span></h3>
+<div class="chart" id="days-cost"></div>
+<div class="empty" id="days-empty" hidden>No requests in the last 7 days.</div>
+<div class="legend" id="days-legend"></div>
+</div>
+<h2>Last requests</h2>
+<div class="card scroll" id="recent"></div>
+<section id="server-section" hidden>
+<h2>Server</h2>
+<div class="card" id="server"></div>
+</section>
+</div>
+<noscript><p class="card signin">This page needs JavaScript. Scripts can read the same
+figures as JSON from /ocm/v1/dashboard with a bearer token.</p></noscript>
+</main>
+<script>@SCRIPT@</script>
+</body>
+</html>
+"""
+
+
+def _csp_hash(text: str) -> str:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return "'sha256-%s'" % base64.b64encode(digest).decode("ascii")
+
+
+DASHBOARD_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+                 "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
+                 "base-uri 'none'" % (_csp_hash(DASHBOARD_SCRIPT), _csp_hash(DASHBOARD_STYLE)))
+# The page as served: as it is, after a wrong token, and while tokens may not be tried.
+DASHBOARD_PAGES = {
+    flag: DASHBOARD_HTML.replace("@STYLE@", DASHBOARD_STYLE).replace("@SCRIPT@", DASHBOARD_SCRIPT)
+    .replace("@SIGNIN@", flag).encode("utf-8") for flag in ("", "failed", "busy")}
+DASHBOARD_REASONS = {200: "OK", 303: "See Other", 401: "Unauthorized", 429: "Too Many Requests"}
+HTML = "text/html; charset=utf-8"
+
+
+def dashboard_headers(content_type: str) -> List[Tuple[str, str]]:
+    return [("Content-Type", content_type), ("Content-Security-Policy", DASHBOARD_CSP),
+            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+            ("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
+            ("Cross-Origin-Resource-Policy", "same-origin")]
+
+
+def check_same_origin(request: "ClientRequest") -> None:
+    """A form must be posted from a page of this OCM, so that another site
+    cannot sign a visitor in or out. Browsers say where a post comes from:
+    Sec-Fetch-Site, or else Origin (which the page's no-referrer policy turns
+    into "null" for its own forms)."""
+    site = request.headers.get("sec-fetch-site", "")
+    origin = request.headers.get("origin", "")
+    host = request.headers.get("host", "").lower()
+    foreign = origin not in ("", "null") and urllib.parse.urlsplit(origin).netloc.lower() != host
+    if site not in ("", "same-origin", "none") or (not site and foreign):
+        raise HTTPError(403, "permission_error", "sign in from OCM's own page, /ocm/")
+
+
+def dashboard_answer(server: "OCMServer", request: "ClientRequest", body: bytes, client_ip: str,
+                     now: float) -> Tuple[int, List[Tuple[str, str]], bytes]:
+    """(status, headers, body) for GET /ocm/ (the page), GET /ocm/v1/dashboard
+    (its JSON) and POST /ocm/sign-in and /ocm/sign-out. Raises HTTPError for
+    answers in the API's JSON error shape."""
+    path, method = request.path, request.method
+    if path in (SIGN_IN_PATH, SIGN_OUT_PATH):
+        if method != "POST":
+            raise HTTPError(405, "invalid_request_error", "use POST for %s" % path,
+                            headers=[("Allow", "POST")])
+        check_same_origin(request)
+        if path == SIGN_IN_PATH:
+            return sign_in(server, body, client_ip, now)
+        session_id = session_cookie(request)
+        if session_id:
+            server.dashboard_sessions.close(session_id)
+        return see_other(server, "", 0)
+    if method not in ("GET", "HEAD"):
+        raise HTTPError(405, "invalid_request_error", "use GET for %s" % path,
+                        headers=[("Allow", "GET, HEAD")])
+    if path == DASHBOARD_PATH:
+        return 200, dashboard_headers(HTML), DASHBOARD_PAGES[""]
+    viewer = dashboard_viewer(server, server.state, request, client_ip, now)
+    if viewer is None:
+        raise HTTPError(401, "authentication_error", "sign in at /ocm/, or send the owner's "
+                        "admin_token or your own token as a bearer token",
+                        headers=[("WWW-Authenticate", 'Bearer realm="ocm"')])
+    document = dashboard_document(server, viewer, now)
+    return 200, dashboard_headers("application/json"), json.dumps(document).encode("utf-8")
+
+
+def sign_in(server: "OCMServer", body: bytes, client_ip: str,
+            now: float) -> Tuple[int, List[Tuple[str, str]], bytes]:
+    """The sign-in form: the owner's admin_token or a person's token opens a
+    session; a wrong one gets the page again with 401, saying only that."""
+    sessions, state = server.dashboard_sessions, server.state
+    wait = sessions.blocked_for(client_ip, now)
+    if wait:
+        retry = [("Retry-After", str(int(math.ceil(wait))))]
+        return 429, dashboard_headers(HTML) + retry, DASHBOARD_PAGES["busy"]
+    try:
+        fields = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=4)
+    except ValueError:
+        fields = {}
+    token = (fields.get("token") or [""])[0].strip()
+    viewer = match_token(state, token)
+    if viewer is None:
+        if token:
+            wrong_token(sessions, client_ip, now)
+        log.info("dashboard: a sign-in from %s with a wrong token was refused", client_ip)
+        return 401, dashboard_headers(HTML), DASHBOARD_PAGES["failed"]
+    session_id = sessions.open(viewer.user, admin_digest(state.config) if viewer.is_owner else b"",
+                               now)
+    log.info("dashboard: %s signed in from %s",
+             "the owner" if viewer.is_owner else viewer.user.name, client_ip)
+    return see_other(server, session_id, int(sessions.lifetime))
+
+
+def see_other(server: "OCMServer", session_id: str,
+              max_age: int) -> Tuple[int, List[Tuple[str, str]], bytes]:
+    """303 to the page, setting the session cookie (clearing it: max_age 0)."""
+    cookie = "%s=%s; Path=/ocm; HttpOnly; SameSite=Strict; Max-Age=%d%s" % (
+        SESSION_COOKIE, session_id, max_age, "; Secure" if server.tls is not None else "")
+    return 303, [("Location", "/ocm/"), ("Set-Cookie", cookie), ("Cache-Control", "no-store"),
+                 ("Referrer-Policy", "no-referrer")], b""
 
 
 # == 14. Streams =============================================================
@@ -8227,6 +9408,9 @@ class OCMHandler(BaseHTTPRequestHandler):
         if request.path in OPERATIONS_PATHS:
             self.serve_operations(request)
             return
+        if request.path in DASHBOARD_PATHS:
+            self.serve_dashboard(request)
+            return
         if not request.path.startswith("/v1/"):
             raise HTTPError(404, "invalid_request_error",
                             "no such path %s: OCM serves the OpenAI API under /v1/" % request.path[:200])
@@ -8366,6 +9550,21 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.write(encode_head(200, "OK", headers) + (body if request.method == "GET" else b""))
         self.head_sent = True
         request.status = 200
+
+    def serve_dashboard(self, request: ClientRequest) -> None:
+        """The dashboard (section 13b): its page, its JSON, signing in and out."""
+        request.record.quiet = True  # a page that polls every few seconds is no news in the log
+        limit = MAX_SIGN_IN_FORM if request.method == "POST" else DISCARD_BODY_LIMIT
+        body = self.read_body(request, limit)
+        status, headers, payload = dashboard_answer(self.server, request, body,
+                                                    self.client_address[0], time.time())
+        headers.append(("Content-Length", str(len(payload))))
+        if not request.keep_alive:
+            headers.append(("Connection", "close"))
+        self.write(encode_head(status, DASHBOARD_REASONS.get(status, ""), headers)
+                   + (payload if request.method != "HEAD" else b""))
+        self.head_sent = True
+        request.status = status
 
     # -- WebSockets -------------------------------------------------------------
     def serve_websocket(self, request: ClientRequest, state: State, user: Optional[User]) -> None:
@@ -8889,6 +10088,8 @@ class OCMServer(ThreadingHTTPServer):
         self.started_at = time.time()
         self.history = History(history_path(config), PeriodClock(config.timezone))
         self.history.load(self.started_at)
+        self.dashboard_sessions = DashboardSessions()
+        self.last_reload = None  # type: Optional[Dict[str, Any]]  # when, and what came of it
         self.save_interval = usage_save_interval
         self.file_check_interval = file_check_interval
         self._old_ledgers = []  # type: List[BudgetLedger]  # replaced by a reload; in-flight requests settle there
@@ -8957,6 +10158,15 @@ class OCMServer(ThreadingHTTPServer):
         self.state = new
         self.history.path = history_path(config)
         self.history.set_clock(PeriodClock(config.timezone))
+        admin = admin_digest(config)
+
+        def still_signed_in(user: Optional[User], digest: bytes) -> bool:
+            return new.users.current(user) is not None if user is not None else digest == admin
+
+        ended = self.dashboard_sessions.keep_only(still_signed_in, time.time())
+        if ended:
+            log.info("reload: ended %d dashboard session%s of people or tokens no longer there",
+                     ended, "" if ended == 1 else "s")
         kept = set(new.accounts.values())
         for account in old.accounts.values():
             if account not in kept:
@@ -9316,10 +10526,15 @@ def reload_config(server: OCMServer) -> None:
         server.reload(config)
     except ConfigError as exc:
         log.error("SIGHUP: %s is not valid (%s); still running the previous config", path, exc)
+        server.last_reload = {"at": time.time(), "ok": False, "message": "not valid: %s" % exc}
         return
     except OSError as exc:  # a file the new config names cannot be used
         log.error("SIGHUP: cannot apply %s (%s); still running the previous config", path, exc.strerror or exc)
+        server.last_reload = {"at": time.time(), "ok": False, "message": "cannot apply it: %s"
+                              % (exc.strerror or exc)}
         return
+    server.last_reload = {"at": time.time(), "ok": True, "message": "%d users, %d accounts" % (
+        len(config.users), len(server.accounts))}
     configure_access_log(config.log_format)
 
 
