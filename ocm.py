@@ -5106,7 +5106,8 @@ class History:
             people = self._hours.get(hour)
             if people is None:
                 people = self._hours[hour] = {}
-                for old in [h for h in self._hours if h <= hour - HISTORY_HOURS]:
+                newest = max(self._hours)  # the clock may have been set back
+                for old in [h for h in self._hours if h <= newest - HISTORY_HOURS]:
                     del self._hours[old]
             row = _entry(people, name, HISTORY_MAX_NAMES, lambda: [0, 0.0, 0, 0, 0, 0])
             row[HOUR_REFUSED] += refused
@@ -5769,8 +5770,9 @@ color:var(--muted);font-size:12px;margin-bottom:6px;font-variant-numeric:tabular
 .foot{color:var(--muted);font-size:12px;margin-top:12px;padding-top:8px;
 border-top:1px solid var(--line)}
 .refusals{margin-top:10px;font-size:13px;color:var(--warn);overflow-wrap:anywhere}
-.chart{width:100%;min-height:10px}
-.chart svg{display:block}
+.charts>div{min-width:0}
+.chart{width:100%;min-height:10px;overflow:hidden}
+.chart svg{display:block;max-width:100%;height:auto}
 .chart text{fill:var(--muted);font-size:11px;font-variant-numeric:tabular-nums}
 .chart line{stroke:var(--line);stroke-width:1}
 .card h3{font-size:14px;font-weight:650;margin:0 0 8px;display:flex;gap:8px;align-items:baseline}
@@ -6243,6 +6245,8 @@ DASHBOARD_SCRIPT = r"""
     var people = clear($("people"));
     d.people.forEach(function (p) { add(people, personCard(p, owner)); });
     $("people-title").textContent = owner ? "People" : "Your use";
+    var first = owner ? $("accounts-section") : $("people-section");  // a person's own use first
+    first.parentNode.insertBefore(first, $("unknown").nextSibling);
     drawCharts();
     var recent = clear($("recent"));
     if (!d.recent.length) { add(recent, el("div", "empty", "No requests yet.")); }
@@ -6354,10 +6358,14 @@ The owner signs in with the admin token.</p>
 <div id="app" hidden>
 <div class="tiles" id="tiles"></div>
 <div class="banner" id="unknown" hidden></div>
+<section id="accounts-section">
 <h2 id="accounts-title">Accounts</h2>
 <div class="grid" id="accounts"></div>
+</section>
+<section id="people-section">
 <h2 id="people-title">People</h2>
 <div class="grid" id="people"></div>
+</section>
 <h2>Last 48 hours</h2>
 <div class="card">
 <div class="charts" id="hours-charts">
@@ -6405,7 +6413,7 @@ DASHBOARD_PAGES = {
     flag: DASHBOARD_HTML.replace("@STYLE@", DASHBOARD_STYLE).replace("@SCRIPT@", DASHBOARD_SCRIPT)
     .replace("@SIGNIN@", flag).encode("utf-8") for flag in ("", "failed", "busy")}
 DASHBOARD_REASONS = {200: "OK", 303: "See Other", 401: "Unauthorized", 429: "Too Many Requests"}
-HTML = "text/html; charset=utf-8"
+HTML_TYPE = "text/html; charset=utf-8"
 
 
 def dashboard_headers(content_type: str) -> List[Tuple[str, str]]:
@@ -6449,7 +6457,7 @@ def dashboard_answer(server: "OCMServer", request: "ClientRequest", body: bytes,
         raise HTTPError(405, "invalid_request_error", "use GET for %s" % path,
                         headers=[("Allow", "GET, HEAD")])
     if path == DASHBOARD_PATH:
-        return 200, dashboard_headers(HTML), DASHBOARD_PAGES[""]
+        return 200, dashboard_headers(HTML_TYPE), DASHBOARD_PAGES[""]
     viewer = dashboard_viewer(server, server.state, request, client_ip, now)
     if viewer is None:
         raise HTTPError(401, "authentication_error", "sign in at /ocm/, or send the owner's "
@@ -6467,7 +6475,7 @@ def sign_in(server: "OCMServer", body: bytes, client_ip: str,
     wait = sessions.blocked_for(client_ip, now)
     if wait:
         retry = [("Retry-After", str(int(math.ceil(wait))))]
-        return 429, dashboard_headers(HTML) + retry, DASHBOARD_PAGES["busy"]
+        return 429, dashboard_headers(HTML_TYPE) + retry, DASHBOARD_PAGES["busy"]
     try:
         fields = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=4)
     except ValueError:
@@ -6478,7 +6486,7 @@ def sign_in(server: "OCMServer", body: bytes, client_ip: str,
         if token:
             wrong_token(sessions, client_ip, now)
         log.info("dashboard: a sign-in from %s with a wrong token was refused", client_ip)
-        return 401, dashboard_headers(HTML), DASHBOARD_PAGES["failed"]
+        return 401, dashboard_headers(HTML_TYPE), DASHBOARD_PAGES["failed"]
     session_id = sessions.open(viewer.user, admin_digest(state.config) if viewer.is_owner else b"",
                                now)
     log.info("dashboard: %s signed in from %s",
@@ -10533,8 +10541,9 @@ def reload_config(server: OCMServer) -> None:
         server.last_reload = {"at": time.time(), "ok": False, "message": "cannot apply it: %s"
                               % (exc.strerror or exc)}
         return
-    server.last_reload = {"at": time.time(), "ok": True, "message": "%d users, %d accounts" % (
-        len(config.users), len(server.accounts))}
+    users, accounts = len(config.users), len(server.accounts)
+    server.last_reload = {"at": time.time(), "ok": True, "message": "%d user%s, %d account%s" % (
+        users, "" if users == 1 else "s", accounts, "" if accounts == 1 else "s")}
     configure_access_log(config.log_format)
 
 
