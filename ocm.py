@@ -6233,6 +6233,7 @@ DASHBOARD_SCRIPT = r"""
     $("who").textContent = owner ? "owner" + (d.viewer.via === "loopback" ? ", on the box" : "")
                                  : d.viewer.user;
     $("signout").hidden = d.viewer.via !== "session";
+    $("signin-button").hidden = d.viewer.via !== "loopback";  // on the box: to see a person's view
     tiles(d);
     var unknown = owner && d.without_valid_token ? d.without_valid_token.refusals_last_24h : 0;
     $("unknown").hidden = !unknown;
@@ -6265,6 +6266,7 @@ DASHBOARD_SCRIPT = r"""
     document.body.dataset.view = "signin";
     $("app").hidden = true;
     $("signout").hidden = true;
+    $("signin-button").hidden = true;
     $("who").textContent = "";
     $("signin").hidden = false;
     $("signin-problem").textContent = problem || "";
@@ -6282,7 +6284,9 @@ DASHBOARD_SCRIPT = r"""
                                 headers: {"Accept": "application/json"}})
       .then(function (response) {
         if (response.status === 401 || response.status === 429) {
-          showSignIn(pending || (response.status === 429 ? TOO_MANY : ""));
+          if ($("signin").hidden || pending) {  // else keep what the form says
+            showSignIn(pending || (response.status === 429 ? TOO_MANY : ""));
+          }
           pending = "";
           return null;
         }
@@ -6290,7 +6294,7 @@ DASHBOARD_SCRIPT = r"""
         return response.json();
       })
       .then(function (d) {
-        if (!d) { return; }
+        if (!d || !$("signin").hidden) { return; }  // the form stays while someone types in it
         data = d;
         skew = d.time - Date.now() / 1000;
         lastOk = Date.now() / 1000;
@@ -6304,6 +6308,10 @@ DASHBOARD_SCRIPT = r"""
         timer = setTimeout(load, REFRESH_MS);
       });
   }
+  $("signin-button").addEventListener("click", function () {
+    showSignIn("");
+    $("token").focus();
+  });
   document.addEventListener("visibilitychange", function () {
     if (!document.hidden && !$("app").hidden) { load(); }
   });
@@ -6341,6 +6349,7 @@ DASHBOARD_HTML = r"""<!doctype html>
 <form method="post" action="/ocm/sign-out" id="signout" hidden>
 <button type="submit">Sign out</button>
 </form>
+<button type="button" id="signin-button" hidden>Sign in</button>
 </header>
 <main>
 <section class="card signin" id="signin" hidden>

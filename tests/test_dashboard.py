@@ -464,6 +464,16 @@ class TestViews:
         (alice,) = doc["people"]
         assert alice["refusals"]["recent"][0]["message"].startswith("model 'gpt-5.4' is not allowed")
 
+    def test_open_access_has_one_row_for_everyone(self, make_proxy, fake):
+        fake.on("POST", "/backend-api/codex/responses", priced_stream(40000))
+        proxy = make_proxy(users=[])
+        proxy.request("POST", "/v1/responses", {"model": "gpt-5.4", "stream": True}, token=None)
+        doc = document(proxy)
+        assert doc["open_access"] is True and doc["without_valid_token"]["refusals_last_24h"] == 0
+        (everyone,) = doc["people"]
+        assert everyone["name"] == "" and everyone["periods"][0]["requests"] == 1
+        assert doc["recent"][0]["user"] is None
+
     def test_the_dashboard_itself_is_not_history(self, dash):
         for _ in range(3):
             document(dash)
@@ -758,6 +768,19 @@ class TestBrowser:
         assert wrong.wait("document.getElementById('signin-problem').textContent") == \
             "That token is not valid."
         assert_nothing_blocked([owner, person, wrong])
+
+    def test_on_the_box_the_owner_needs_no_token_and_can_look_as_a_person(self, browser, dash):
+        tab = Tab(browser, 1280, 900)
+        tab.open("http://127.0.0.1:%d/ocm/" % dash.port)
+        tab.wait("document.body.dataset.view === 'owner'")
+        assert tab.js("document.getElementById('who').textContent") == "owner, on the box"
+        tab.js("document.getElementById('signin-button').click()")
+        tab.sign_in("tok-bob")
+        tab.wait("document.body.dataset.view === 'person' && "
+                 "document.getElementById('who').textContent === 'bob'")
+        tab.js("document.querySelector('#signout button').click()")
+        tab.wait("document.body.dataset.view === 'owner'")
+        assert_nothing_blocked([tab])
 
     def test_what_each_sees_at_phone_and_desktop_widths(self, browser, make_proxy, fake, auth_path, tmp_path):
         """The owner and a person sign in through the form; each sees what is
