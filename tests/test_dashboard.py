@@ -430,7 +430,10 @@ class TestViews:
         assert seen["state_words"] == "signed out" and "not found" in seen["reason"]
         assert "not found" not in json.dumps(document(proxy, token="tok-alice", host="b")["accounts"])
 
-    def test_the_server_and_its_last_reload(self, make_proxy, tmp_path):
+    def test_the_server_and_its_last_reload(self, make_proxy, tmp_path, monkeypatch):
+        # reload_config also sets up the access log of a running OCM, which would
+        # take its lines away from the other tests' caplog
+        monkeypatch.setattr(ocm, "configure_access_log", lambda log_format: None)
         path = tmp_path / "config.json"
         proxy = make_proxy()
         config = {"listen": "127.0.0.1", "listen_port": 0, "users": USERS,
