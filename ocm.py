@@ -5145,6 +5145,8 @@ class History:
         if known is not None and known[1] <= now < known[2]:
             return known[0]
         key, until = self.clock.period(period, now)
+        if known is not None and known[0] == key:  # a thread that took its time a moment earlier
+            now = min(now, known[1])
         self._keys[period] = (key, now, until)
         return key
 
@@ -5681,7 +5683,7 @@ def dashboard_document(server: "OCMServer", viewer: Viewer, now: float) -> Dict[
     pools = [p for p in state.pools.values() if p.is_pool]
     first_hour, hourly = history.hourly(now, only)
     days, daily = history.daily(now, only)
-    totals = book_totals(accounts)
+    totals = book_totals(list(state.accounts.values()))  # a person's own row only, wherever it is
     in_flight = server.concurrency.snapshot()
     document = {
         "time": round(now, 3), "version": __version__,
@@ -10260,9 +10262,9 @@ class OCMServer(ThreadingHTTPServer):
                 account.end()
         self.metrics.add("ocm_requests_total", user=record.user_name or "-", status=str(record.status),
                          model=record.model or "-")
+        write_access_line(record, self.config.log_format)
         if record.path.startswith("/v1/"):  # model requests and WebSocket turns, not the pages
             self.history.record(record, time.time(), time.monotonic() - record.started)
-        write_access_line(record, self.config.log_format)
 
     def _book(self, record: RequestRecord, usage: UsageRecord, account: Optional[Account]) -> None:
         # A warm-up (generate: false) has no tokens and is not booked; sing-box skips these too.
