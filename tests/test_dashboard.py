@@ -7,6 +7,7 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -17,7 +18,6 @@ import shutil
 import signal
 import tempfile
 import time
-import types
 
 import pytest
 
@@ -293,9 +293,18 @@ class TestAccess:
         doc = document(dash, cookie=session_of(headers), host="box.lan")
         assert doc["viewer"] == {"role": "owner", "user": None, "via": "session"}
 
-    def test_secure_cookie_under_tls(self):
-        cookie = dict(ocm.see_other(types.SimpleNamespace(tls=object()), "id", 10)[1])["Set-Cookie"]
-        assert cookie.endswith("; Secure")
+    def test_secure_cookie_under_tls(self, make_proxy):
+        from test_tls_proxy import client_context, tls_config
+        proxy = make_proxy(tls=tls_config())
+        conn = http.client.HTTPSConnection("localhost", proxy.port, context=client_context(), timeout=10)
+        try:
+            conn.request("POST", "/ocm/sign-in", body="token=tok-alice",
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+            resp = conn.getresponse()
+            resp.read()
+        finally:
+            conn.close()
+        assert resp.status == 303 and resp.getheader("set-cookie").endswith("; Secure")
 
     @pytest.mark.parametrize("headers", [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
                                          {"Sec-Fetch-Site": "", "Origin": "http://evil.example"}])
