@@ -27,6 +27,7 @@ Sections, in order (``grep -n '^# ==' ocm.py``):
   11. Accounts           windows by length, shares, sending, pools, failover state
   12. Policy             budgets (the one-request bound), concurrency, models, expiry
   13. Operations         metrics, the live usage document, the access log
+  13b. Dashboard         the page at /ocm/, its JSON, sign-in, the history it draws
   14. Streams            the SSE usage scanner, WebSocket framing
   14b. Translation       Chat Completions and Anthropic Messages <-> Responses
   15. Pipeline           canonical paths, bodies parsed once, admission, failover,
@@ -544,6 +545,7 @@ class Config:
         self.timezone = "local"         # budgets' days, weeks and months
         self.budgets_path = ""          # where budget spending is kept across restarts
         self.metrics_token = ""         # /metrics for this bearer token (or "sha256:<hex>"); loopback always
+        self.admin_token = ""           # the dashboard's owner view (or "sha256:<hex>")
         self.model_map = []  # type: List[Tuple[str, str]]  # (glob, model) for other clients' model names
         self.log_format = "text"        # access log lines: text | json
         self.headers = {}  # type: Dict[str, List[str]]
@@ -1101,6 +1103,7 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         timezone=_check_timezone(f.str("timezone", "local"), f.path("timezone")),
         budgets_path=os.path.expanduser(f.str("budgets_path")),
         metrics_token=f.str("metrics_token"),
+        admin_token=f.str("admin_token"),
         model_map=_parse_model_map(f.raw("model_map"), f.path("model_map")),
         log_format=f.str("log_format", "text"),
         headers=_parse_headers(f.raw("headers"), f.path("headers")),
@@ -1119,9 +1122,34 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         raise ConfigError("%s: text or json" % f.path("log_format"))
     if config.metrics_token.startswith("sha256:") and not re.match(r"^sha256:[0-9a-fA-F]{64}$", config.metrics_token):
         raise ConfigError("%s: sha256: must be followed by 64 hex digits" % f.path("metrics_token"))
+    _check_admin_token(config, f.path("admin_token"))
     if not config.budgets_path and any(u.budgets for u in config.users):
         config.budgets_path = default_budgets_path(config)
     return config
+
+
+def _check_admin_token(config: Config, where: str) -> None:
+    """The owner's token for the dashboard: a digest or a long secret, and
+    nobody else's token (a person holding it would see everyone)."""
+    token = config.admin_token
+    if not token:
+        return
+    if token.startswith("sha256:") and not re.match(r"^sha256:[0-9a-fA-F]{64}$", token):
+        raise ConfigError("%s: sha256: must be followed by 64 hex digits (from `python3 ocm.py "
+                          "hash-token`)" % where)
+    if token != token.strip() or any(c.isspace() for c in token):
+        raise ConfigError("%s: must not contain spaces" % where)
+    if token.startswith(EXAMPLE_TOKEN_PREFIX):
+        raise ConfigError("%s: still a placeholder, which anyone can read; put a long random "
+                          "token here" % where)
+    if not token.startswith("sha256:") and len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError("%s: only %d characters, easy to guess; `python3 -c \"import "
+                          "secrets; print(secrets.token_urlsafe(32))\"` makes a strong one"
+                          % (where, len(token)))
+    digest = User("owner", token).token_digest
+    if any(hmac.compare_digest(digest, user.token_digest) for user in config.users):
+        raise ConfigError("%s: the same token is given to a user; the owner's token must be "
+                          "its own" % where)
 
 
 def default_budgets_path(config: Config) -> str:
@@ -2793,6 +2821,14 @@ class UserTable:
         entry = self._by_digest.get(user.token_digest)
         return entry if entry is not None and entry.name == user.name else None
 
+    def find(self, token: str) -> Optional[User]:
+        """The user whose token this is, or None (the dashboard's sign-in)."""
+        digest = token_digest(token)
+        user = self._by_digest.get(digest)
+        if user is None or not hmac.compare_digest(user.token_digest, digest):
+            return None
+        return user
+
     def authenticate(self, headers: "Headers") -> Optional[User]:
         """The user for these request headers; None when access is open.
         Raises HTTPError 401 with sing-box's messages."""
@@ -3889,6 +3925,7 @@ class Account:
         self.plan = ""
         self.cooldown_until = 0.0
         self.polled_at = 0.0
+        self.observed_at = 0.0          # when an answer's headers last told its windows
         self.poll_interval = 0.0        # 0: not polled (not in a pool)
         self.poll_failures = 0
         self.next_poll_at = 0.0
@@ -3919,6 +3956,8 @@ class Account:
         with self._lock:
             self._attribute_use(windows)
             self.windows.update(windows)
+            if windows:
+                self.observed_at = now
             if success and self.cooldown_until:  # the account answered: its quota is back
                 log.info("account %s: quota is back; cooldown cleared", self.tag)
                 self.cooldown_until = 0.0
@@ -4195,6 +4234,12 @@ class Account:
         return WebSocketHandshake(None, status, reason, resp_headers, body=body)
 
     # -- its life ------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Requests and sessions using it now."""
+        with self._lock:
+            return self._active
+
     def begin(self) -> None:
         """A request or session starts using this account."""
         with self._lock:
@@ -5154,6 +5199,1518 @@ def write_access_line(request: "RequestRecord", log_format: str) -> None:
                    user or "-", request.method, path, request.status, model or "-",
                    request.input_tokens, request.cached_tokens, request.output_tokens, request.cost,
                    duration, " account=" + account if account else "", " asked=" + asked if asked else "")
+
+
+# == 13b. Dashboard ==========================================================
+# GET /ocm/: one page for the owner (every account, every person, charts, the
+# last requests, the server) and for each person (their own figures only).
+# The page is a constant holding no data: its script fetches
+# /ocm/v1/dashboard every few seconds and builds everything with DOM calls
+# (textContent, never markup), so no name, model or message from config,
+# clients or upstream can turn into markup or script. Settle records each
+# request into bounded buckets (a few microseconds); the rest is worked out
+# when the page asks. docs/dashboard.md describes the views and the JSON.
+
+DASHBOARD_PATH = "/ocm"                 # what /ocm/ becomes (canonical_path drops the slash)
+DASHBOARD_JSON_PATH = "/ocm/v1/dashboard"
+SIGN_IN_PATH = "/ocm/sign-in"
+SIGN_OUT_PATH = "/ocm/sign-out"
+DASHBOARD_PATHS = frozenset((DASHBOARD_PATH, DASHBOARD_JSON_PATH, SIGN_IN_PATH, SIGN_OUT_PATH))
+
+HISTORY_FILE = "ocm-history.json"
+HISTORY_HOURS = 48          # requests and cost per hour and person
+HISTORY_DAYS = 7            # cost per day, person and model
+RECENT_REQUESTS = 50
+REFUSALS_KEPT = 5           # per person, with their messages
+HISTORY_MAX_NAMES = 200     # per table; more fold into OTHERS (names come from the config)
+HISTORY_MAX_MODELS = 40     # per day and person; more fold into OTHERS
+HISTORY_MAX_TEXT = 300      # characters kept of a message (of a model name or a path: 100)
+OTHERS = "(others)"
+# An hour's row per person: model responses (what the usage file counts),
+# cost, input, cached and output tokens, and refusals (OCM's own 4xx answers).
+HOUR_RESPONSES, HOUR_COST, HOUR_INPUT, HOUR_CACHED, HOUR_OUTPUT, HOUR_REFUSED = range(6)
+
+SESSION_COOKIE = "ocm_session"
+SESSION_LIFETIME = 12 * 3600.0
+MAX_DASHBOARD_SESSIONS = 1000           # past it, the oldest session ends
+SIGN_IN_WINDOW = 600.0                  # wrong tokens are counted over this long...
+SIGN_IN_FAILURES_PER_ADDRESS = 10       # ...per client address,
+SIGN_IN_FAILURES_IN_ALL = 300           # ...and from everywhere (many addresses at once)
+MAX_SIGN_IN_FORM = 4096
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+PERIOD_NAMES = {"day": "today", "week": "this week", "month": "this month"}
+
+
+def _entry(table: Dict[str, Any], name: str, limit: int, make: Callable[[], Any]) -> Any:
+    """``table[name]``, made with ``make()`` if new; past ``limit`` names, OTHERS's."""
+    row = table.get(name)
+    if row is None:
+        if len(table) >= limit:
+            name = OTHERS
+            row = table.get(name)
+        if row is None:
+            row = table[name] = make()
+    return row
+
+
+class History:
+    """What the dashboard draws, kept for a while: per hour and person (48
+    hours), per day, person and model (7 days), each person's spending this
+    day, week and month, the last requests, and each person's last refusals.
+
+    ``record`` runs in settle for every /v1/ request and WebSocket turn and
+    does only dictionary work under one lock (a few microseconds); charts
+    are built when the page asks. Every table is bounded (hours, days,
+    names, models, lengths of texts), so the file is too. Saved atomically to
+    ``path`` by the housekeeping thread and at close ("" keeps it in memory)."""
+
+    def __init__(self, path: str, clock: PeriodClock):
+        self.path = path
+        self.clock = clock
+        self._lock = threading.Lock()
+        # hour number (unix time // 3600) -> person -> HOUR_* row
+        self._hours = {}  # type: Dict[int, Dict[str, List[float]]]
+        # day key -> person -> model -> [responses, cost]
+        self._days = {}  # type: Dict[str, Dict[str, Dict[str, List[float]]]]
+        # person -> day|week|month -> [period key, responses, cost, tokens]
+        self._periods = {}  # type: Dict[str, Dict[str, List[Any]]]
+        self._keys = {}  # type: Dict[str, Tuple[str, float, float]]  # period: key, from, until
+        self._recent = collections.deque(maxlen=RECENT_REQUESTS)  # type: collections.deque
+        self._refusals = {}  # type: Dict[str, collections.deque]  # of (time, status, message)
+        self._last_seen = {}  # type: Dict[str, float]
+        self._dirty = False
+        self._save_failing = False
+
+    # -- recording (in settle: keep it cheap) ---------------------------------
+    def record(self, record: "RequestRecord", now: float, duration: float) -> None:
+        name, cost = record.user_name, record.cost
+        billed = record.input_tokens or record.output_tokens
+        refused = 1 if record.error and 400 <= record.status < 500 else 0
+        model = record.model[:100]
+        account = record.account.tag if record.account is not None else ""
+        with self._lock:
+            self._dirty = True
+            self._recent.append((now, name, model, record.status, record.method, record.path[:100],
+                                 record.input_tokens, record.cached_tokens, record.output_tokens,
+                                 cost, duration, account, record.error[:HISTORY_MAX_TEXT]))
+            self._last_seen[name] = now
+            if refused:
+                kept = self._refusals.get(name)
+                if kept is None:
+                    kept = self._refusals[name] = collections.deque(maxlen=REFUSALS_KEPT)
+                kept.append((now, record.status, record.error[:HISTORY_MAX_TEXT]))
+            elif not billed:
+                return
+            hour = int(now // 3600)
+            people = self._hours.get(hour)
+            if people is None:
+                people = self._hours[hour] = {}
+                newest = max(self._hours)  # the clock may have been set back
+                for old in [h for h in self._hours if h <= newest - HISTORY_HOURS]:
+                    del self._hours[old]
+            row = _entry(people, name, HISTORY_MAX_NAMES, lambda: [0, 0.0, 0, 0, 0, 0])
+            row[HOUR_REFUSED] += refused
+            if not billed:
+                return
+            row[HOUR_RESPONSES] += 1
+            row[HOUR_COST] += cost
+            row[HOUR_INPUT] += record.input_tokens
+            row[HOUR_CACHED] += record.cached_tokens
+            row[HOUR_OUTPUT] += record.output_tokens
+            day = self._key_locked("day", now)
+            models = self._days.get(day)
+            if models is None:
+                models = self._days[day] = {}
+                for old in sorted(self._days)[:-HISTORY_DAYS]:
+                    del self._days[old]
+            per_model = _entry(_entry(models, name, HISTORY_MAX_NAMES, dict), model,
+                               HISTORY_MAX_MODELS, lambda: [0, 0.0])
+            per_model[0] += 1
+            per_model[1] += cost
+            periods = _entry(self._periods, name, HISTORY_MAX_NAMES, dict)
+            tokens = record.input_tokens + record.output_tokens  # as budgets count them
+            for period in ("day", "week", "month"):
+                key = day if period == "day" else self._key_locked(period, now)
+                tally = periods.get(period)
+                if tally is None or tally[0] != key:
+                    tally = periods[period] = [key, 0, 0.0, 0]
+                tally[1] += 1
+                tally[2] += cost
+                tally[3] += tokens
+
+    def _key_locked(self, period: str, now: float) -> str:
+        """The period's key, worked out once per period (PeriodClock takes 10 µs)."""
+        known = self._keys.get(period)
+        if known is not None and known[1] <= now < known[2]:
+            return known[0]
+        key, until = self.clock.period(period, now)
+        if known is not None and known[0] == key:  # a thread that took its time a moment earlier
+            now = min(now, known[1])
+        self._keys[period] = (key, now, until)
+        return key
+
+    def set_clock(self, clock: PeriodClock) -> None:
+        """A reload may change the time zone: periods are worked out afresh."""
+        with self._lock:
+            self.clock = clock
+            self._keys.clear()
+
+    # -- reading (when the page asks) -------------------------------------------
+    def hourly(self, now: float, only: Optional[str] = None) -> Tuple[int, Dict[str, List[list]]]:
+        """(the first hour's start, {person: [responses per hour, cost per
+        hour]}) over the last HISTORY_HOURS hours, this one last."""
+        first = int(now // 3600) - HISTORY_HOURS + 1
+        out = {}  # type: Dict[str, List[list]]
+        with self._lock:
+            for hour, people in self._hours.items():
+                if not first <= hour < first + HISTORY_HOURS:
+                    continue
+                for name, row in people.items():
+                    if row[HOUR_RESPONSES] and (only is None or name == only):
+                        series = out.setdefault(name, [[0] * HISTORY_HOURS, [0.0] * HISTORY_HOURS])
+                        series[0][hour - first] = row[HOUR_RESPONSES]
+                        series[1][hour - first] = round(row[HOUR_COST], 6)
+        return first * 3600, out
+
+    def refusals_since(self, name: str, since: float) -> int:
+        """Refusals of ``name`` in the hours from the one holding ``since``."""
+        first = int(since // 3600)
+        with self._lock:
+            return sum(people[name][HOUR_REFUSED] for hour, people in self._hours.items()
+                       if hour >= first and name in people)
+
+    def daily(self, now: float, only: Optional[str] = None) -> Tuple[List[str], Dict[str, list]]:
+        """(the last HISTORY_DAYS day keys, oldest first; {model: cost per day})."""
+        keys = []  # type: List[str]
+        moment = now
+        while len(keys) < HISTORY_DAYS:  # by half days: a 23-hour day is never skipped
+            key = self.clock.period("day", moment)[0]
+            if key not in keys:
+                keys.append(key)
+            moment -= 12 * 3600
+        keys.reverse()
+        out = {}  # type: Dict[str, List[float]]
+        with self._lock:
+            for i, key in enumerate(keys):
+                for name, models in self._days.get(key, {}).items():
+                    if only is None or name == only:
+                        for model, (_, cost) in models.items():
+                            out.setdefault(model, [0.0] * len(keys))[i] += cost
+        return keys, {model: [round(c, 6) for c in costs] for model, costs in out.items()}
+
+    def period(self, name: str, period: str, now: float) -> Tuple[int, float, int]:
+        """(responses, cost, tokens) of ``name`` in the current day, week or month."""
+        key = self.clock.period(period, now)[0]
+        with self._lock:
+            tally = self._periods.get(name, {}).get(period)
+            if tally is None or tally[0] != key:
+                return 0, 0.0, 0
+            return tally[1], tally[2], tally[3]
+
+    def last_seen(self, name: str) -> Optional[float]:
+        with self._lock:
+            return self._last_seen.get(name)
+
+    def refusals(self, name: str) -> List[Tuple[float, int, str]]:
+        with self._lock:
+            return list(self._refusals.get(name, ()))
+
+    def recent(self, only: Optional[str] = None) -> List[Tuple[Any, ...]]:
+        """The last requests, newest first (only ``only``'s when given)."""
+        with self._lock:
+            entries = list(self._recent)
+        return [e for e in reversed(entries) if only is None or e[1] == only]
+
+    # -- the file ---------------------------------------------------------------------
+    def to_json(self, now: float) -> Dict[str, Any]:
+        with self._lock:
+            return {
+                "version": 1, "saved_at": format_rfc3339(now),
+                "hours": {str(hour): {name: list(row) for name, row in people.items()}
+                          for hour, people in self._hours.items()},
+                "days": {day: {name: {model: list(entry) for model, entry in models.items()}
+                               for name, models in people.items()}
+                         for day, people in self._days.items()},
+                "periods": {name: {period: list(tally) for period, tally in periods.items()}
+                            for name, periods in self._periods.items()},
+                "last_seen": dict(self._last_seen),
+                "refusals": {name: [list(refusal) for refusal in kept]
+                             for name, kept in self._refusals.items()},
+                "recent": [list(entry) for entry in self._recent]}
+
+    def load(self, now: float) -> None:
+        """Continue from the file; a damaged one is moved aside and history
+        starts afresh (it only feeds charts: never a reason not to start)."""
+        if not self.path:
+            return
+        try:
+            with open(self.path, "rb") as fh:
+                self._adopt(parse_json(fh.read().decode("utf-8")), now)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("cannot read the dashboard's history %s (%s); starting afresh", self.path,
+                      exc.strerror or exc)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError,
+                UnicodeDecodeError) as exc:
+            aside = move_aside(self.path, now)
+            log.error("dashboard history %s is damaged (%s); moved it to %s and started afresh",
+                      self.path, exc.__class__.__name__, aside)
+
+    def _adopt(self, data: Any, now: float) -> None:
+        """The file's tables, checked (ValueError and the like when it is not
+        ours) and cut to the bounds, as the running history's."""
+        if not isinstance(data, dict) or data.get("version") != 1:
+            raise ValueError("not a history file")
+
+        def num(value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError("not a number")
+            if not math.isfinite(value):
+                raise ValueError("not a finite number")
+            return value
+
+        def text(value: Any, limit: int = HISTORY_MAX_TEXT) -> str:
+            if not isinstance(value, str):
+                raise ValueError("not a string")
+            return value[:limit]
+
+        def first(table: Dict[str, Any], limit: int = HISTORY_MAX_NAMES) -> List[Tuple[str, Any]]:
+            return list(table.items())[:limit]
+
+        oldest = int(now // 3600) - HISTORY_HOURS + 1
+        hours = {}  # type: Dict[int, Dict[str, List[float]]]
+        for hour, people in data["hours"].items():
+            if int(hour) >= oldest:
+                hours[int(hour)] = {text(n): [num(x) for x in row] for n, row in first(people)}
+        if any(len(row) != 6 for people in hours.values() for row in people.values()):
+            raise ValueError("an hour's row of the wrong length")
+        days = {}  # type: Dict[str, Dict[str, Dict[str, List[float]]]]
+        for day in sorted(data["days"])[-HISTORY_DAYS:]:
+            days[text(day, 20)] = {text(n): {text(m, 100): [int(num(e[0])), num(e[1])]
+                                             for m, e in first(models, HISTORY_MAX_MODELS)}
+                                   for n, models in first(data["days"][day])}
+        periods = {text(n): {p: [text(t[0], 40), int(num(t[1])), num(t[2]), int(num(t[3]))]
+                             for p, t in tallies.items() if p in PERIOD_NAMES}
+                   for n, tallies in first(data["periods"])}
+        last_seen = {text(n): num(t) for n, t in first(data["last_seen"])}
+        refusals = {text(n): collections.deque([(num(r[0]), int(num(r[1])), text(r[2]))
+                                                for r in kept], maxlen=REFUSALS_KEPT)
+                    for n, kept in first(data["refusals"])}
+        recent = [(num(e[0]), text(e[1]), text(e[2], 100), int(num(e[3])), text(e[4], 10),
+                   text(e[5], 100), int(num(e[6])), int(num(e[7])), int(num(e[8])), num(e[9]),
+                   num(e[10]), text(e[11], 100), text(e[12])) for e in data["recent"]]
+        with self._lock:
+            self._hours, self._days, self._periods = hours, days, periods
+            self._last_seen, self._refusals = last_seen, refusals
+            self._recent.extend(recent)
+
+    def save_if_dirty(self, now: float) -> None:
+        with self._lock:
+            if not self._dirty or not self.path:
+                return
+            self._dirty = False
+            for name in sorted(self._last_seen, key=self._last_seen.get)[:-HISTORY_MAX_NAMES]:
+                for table in (self._last_seen, self._refusals, self._periods):
+                    table.pop(name, None)  # people long gone: the tables stay bounded
+        try:
+            write_json_atomic(self.path, self.to_json(now), 0o600)
+            self._save_failing = False
+        except OSError as exc:
+            with self._lock:
+                self._dirty = True
+            if not self._save_failing:
+                log.error("cannot save the dashboard's history to %s (%s); retrying", self.path,
+                          exc.strerror or exc)
+            self._save_failing = True
+
+
+def history_path(config: Config) -> str:
+    """ocm-history.json beside the budgets file or the usage file, where OCM
+    already writes; else beside the config; "" without any (kept in memory)."""
+    usages = config.usages_path or next(
+        (c.usages_path for c in config.credentials if c.usages_path), "")
+    beside = config.budgets_path or usages or config.source
+    return os.path.join(os.path.dirname(os.path.abspath(beside)), HISTORY_FILE) if beside else ""
+
+
+class DashboardSessions:
+    """Signed-in browsers. A session id is 32 random bytes in an HttpOnly,
+    SameSite=Strict cookie, kept here in memory by its digest (a restart
+    signs everyone out) until it expires. A session holds the person (or
+    the digest of the admin_token) it was opened with and is checked against
+    the running config at every request: a reload that removes a person, or
+    gives them or the owner a new token, ends it.
+
+    Against guessing: wrong tokens are counted per client address and in all
+    over SIGN_IN_WINDOW; past either limit every attempt, right or wrong,
+    gets 429 until the window ends, so guessing on cannot tell a hit."""
+
+    def __init__(self, lifetime: float = SESSION_LIFETIME):
+        self.lifetime = lifetime
+        self._lock = threading.Lock()
+        # digest of the id -> (User, or None for the owner; admin digest; expiry)
+        self._sessions = collections.OrderedDict()  # type: collections.OrderedDict
+        # client address -> [wrong tokens, since]
+        self._failures = collections.OrderedDict()  # type: collections.OrderedDict
+        self._all_failures = [0, 0.0]  # type: List[float]
+
+    def open(self, user: Optional[User], admin: bytes, now: float) -> str:
+        """A new session for ``user`` (None: the owner); returns its id."""
+        session_id = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
+        with self._lock:
+            self._sessions[token_digest(session_id)] = (user, admin, now + self.lifetime)
+            while len(self._sessions) > MAX_DASHBOARD_SESSIONS:
+                self._sessions.popitem(last=False)
+        return session_id
+
+    def find(self, session_id: str, now: float) -> Optional[Tuple[Optional[User], bytes]]:
+        """(the user, or None for the owner; the admin digest) of a live session."""
+        key = token_digest(session_id)
+        with self._lock:
+            entry = self._sessions.get(key)
+            if entry is not None and entry[2] <= now:
+                del self._sessions[key]
+                entry = None
+        return (entry[0], entry[1]) if entry is not None else None
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(token_digest(session_id), None)
+
+    def keep_only(self, is_current: Callable[[Optional[User], bytes], bool], now: float) -> int:
+        """After a reload: end the sessions whose person or token has gone; how many."""
+        with self._lock:
+            gone = [key for key, (user, admin, until) in self._sessions.items()
+                    if until <= now or not is_current(user, admin)]
+            for key in gone:
+                del self._sessions[key]
+        return len(gone)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    # -- guessing -----------------------------------------------------------------------
+    def blocked_for(self, address: str, now: float) -> float:
+        """Seconds until ``address`` may try a token again; 0 when it may now."""
+        wait = 0.0
+        with self._lock:
+            for entry, limit in ((self._all_failures, SIGN_IN_FAILURES_IN_ALL),
+                                 (self._failures.get(address), SIGN_IN_FAILURES_PER_ADDRESS)):
+                if entry is not None and entry[0] >= limit and now < entry[1] + SIGN_IN_WINDOW:
+                    wait = max(wait, entry[1] + SIGN_IN_WINDOW - now)
+        return wait
+
+    def failed(self, address: str, now: float) -> bool:
+        """Count a wrong token from ``address``; True when this one blocks it."""
+        with self._lock:
+            entry = self._failures.get(address)
+            if entry is None:
+                entry = self._failures[address] = [0, now]
+                while len(self._failures) > 4096:  # one entry per address: bounded
+                    self._failures.popitem(last=False)
+            for counted in (entry, self._all_failures):
+                if now >= counted[1] + SIGN_IN_WINDOW or not counted[0]:
+                    counted[0], counted[1] = 0, now  # a new window from this attempt
+                counted[0] += 1
+            return (entry[0] == SIGN_IN_FAILURES_PER_ADDRESS
+                    or self._all_failures[0] == SIGN_IN_FAILURES_IN_ALL)
+
+
+class Viewer(namedtuple("Viewer", "user via")):
+    """Who looks at the dashboard: ``user`` None is the owner; ``via`` says
+    how they are known: loopback, session or token."""
+    __slots__ = ()
+
+    @property
+    def is_owner(self) -> bool:
+        return self.user is None
+
+
+def admin_digest(config: Config) -> bytes:
+    return User("owner", config.admin_token).token_digest if config.admin_token else b""
+
+
+def match_token(state: "State", token: str) -> Optional[Viewer]:
+    """The owner (admin_token) or the person whose token this is; None if nobody's."""
+    if not token:
+        return None
+    admin = admin_digest(state.config)
+    if admin and hmac.compare_digest(admin, token_digest(token)):
+        return Viewer(None, "token")
+    user = state.users.find(token)
+    return Viewer(user, "token") if user is not None else None
+
+
+def is_loopback_request(request: "ClientRequest", client_ip: str) -> bool:
+    """From the box itself, to a loopback name, not through a proxy. The Host
+    check keeps a web page from reaching the owner's view by DNS rebinding
+    (a name of its own resolving to 127.0.0.1); the forwarding headers keep
+    a reverse proxy on the box from passing everyone in as loopback."""
+    if not is_loopback(client_ip) or any(request.headers.get(h) for h in FORWARDING_HEADERS):
+        return False
+    host = request.headers.get("host", "").strip().lower()
+    name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    return not host or name == "localhost" or is_loopback(name)
+
+
+def session_cookie(request: "ClientRequest") -> str:
+    for header in request.headers.get_all("cookie"):
+        for part in header.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == SESSION_COOKIE and value:
+                return value.strip()
+    return ""
+
+
+def too_many_tokens(wait: float) -> HTTPError:
+    seconds = int(math.ceil(wait))
+    return HTTPError(429, "rate_limit_error", "too many wrong tokens; try again in %d s" % seconds,
+                     headers=[("Retry-After", str(seconds))])
+
+
+def wrong_token(sessions: DashboardSessions, client_ip: str, now: float) -> None:
+    if sessions.failed(client_ip, now):
+        log.warning("dashboard: too many wrong tokens from %s; refusing it for %d s", client_ip,
+                    SIGN_IN_WINDOW)
+
+
+def dashboard_viewer(server: "OCMServer", state: "State", request: "ClientRequest",
+                     client_ip: str, now: float) -> Optional[Viewer]:
+    """Who asks: a bearer token (scripts), a session cookie (browsers), or the
+    box itself. None when nobody is signed in; HTTPError 401 for a wrong
+    bearer token, 429 while this address may not try tokens."""
+    sessions = server.dashboard_sessions
+    authorization = request.headers.get("authorization", "")
+    if authorization:
+        wait = sessions.blocked_for(client_ip, now)
+        if wait:
+            raise too_many_tokens(wait)
+        scheme, _, token = authorization.strip().partition(" ")
+        viewer = match_token(state, token.strip()) if scheme.lower() == "bearer" else None
+        if viewer is None:
+            wrong_token(sessions, client_ip, now)
+            raise HTTPError(401, "authentication_error", "the dashboard takes the owner's "
+                            "admin_token or your own token",
+                            headers=[("WWW-Authenticate", 'Bearer realm="ocm"')])
+        return viewer
+    session_id = session_cookie(request)
+    found = sessions.find(session_id, now) if session_id else None
+    if found is not None:
+        user, admin = found
+        current = state.users.current(user) if user is not None else None
+        if current is not None:
+            return Viewer(current, "session")
+        if user is None and admin == admin_digest(state.config):
+            return Viewer(None, "session")
+        sessions.close(session_id)  # the person or the token has gone since
+    if is_loopback_request(request, client_ip):
+        return Viewer(None, "loopback")
+    return None
+
+
+# -- the JSON document ------------------------------------------------------------------
+
+ACCOUNT_STATE_WORDS = {"usable": "usable", "cooling_down": "cooling down",
+                       "reserve_reached": "held in reserve", "exhausted": "exhausted",
+                       "unavailable": "signed out"}
+
+
+def window_name(kind: str, minutes: Optional[float]) -> str:
+    """"5-hour", "weekly", "30-day": a window by its length."""
+    if not minutes:
+        return {"short": "5-hour", "long": "weekly"}.get(kind, kind)
+    whole = int(round(minutes))
+    if whole == WEEK_MINUTES:
+        return "weekly"
+    for size, unit in ((1440, "day"), (60, "hour")):
+        if whole % size == 0:
+            return "%d-%s" % (whole // size, unit)
+    return "%d-minute" % whole
+
+
+def account_reason(account: Account, status: Dict[str, Any], windows: Dict[str, Window],
+                   now: float, owner: bool) -> str:
+    """Why an account is in its state, in plain words."""
+    state = status["state"]
+    if state == "unavailable":
+        if owner:  # the owner may see the file's path; people get the plain words
+            return log_safe(account.credential.peek()[1] or status.get("problem") or "", 300)
+        return "its login does not work now; the owner has to sign it in again"
+    if state == "cooling_down":
+        return "OpenAI answered that its usage limit is reached; OCM rests it until then"
+    full = [(kind, window) for kind, window in windows.items()
+            if window.used(now) >= 100 - account.reserve_of(kind)]
+    if state == "exhausted":
+        return " and ".join("the %s window is used up" % window_name(kind, window.window_minutes)
+                            for kind, window in full if window.used(now) >= 100)
+    if state == "reserve_reached":
+        return " and ".join("the %s window is at %g%%, into the %d%% kept in reserve" % (
+            window_name(kind, window.window_minutes), round(window.used(now), 1),
+            account.reserve_of(kind)) for kind, window in full)
+    return ""
+
+
+def account_view(account: Account, pools: List[str], owner: bool, now: float) -> Dict[str, Any]:
+    status = account.to_json()
+    windows = dict(account.windows)
+    known = [kind for kind, window in windows.items() if window.used_percent is not None]
+    order = sorted(known, key=lambda kind: windows[kind].window_minutes or (
+        SHORT_WINDOW_MAX_MINUTES if kind == "short" else WEEK_MINUTES))
+    out = {"account": account.tag, "plan": status["plan"], "state": status["state"],
+           "state_words": ACCOUNT_STATE_WORDS.get(status["state"], status["state"]),
+           "reason": account_reason(account, status, windows, now, owner),
+           "usable_again_at": status.get("usable_again_at"),
+           "windows": [], "limits_seen_at": max(account.observed_at, account.polled_at) or None}
+    for kind in order:
+        window = windows[kind]
+        out["windows"].append({
+            "window": WINDOW_LABELS.get(kind, kind),
+            "name": window_name(kind, window.window_minutes),
+            "used_percent": round(window.used(now), 1), "window_minutes": window.window_minutes,
+            "resets_at": window.resets_at if (window.resets_at or 0) > now else None,
+            "reserve_percent": account.reserve_of(kind)})
+    if owner:
+        login, _ = account.credential.peek()
+        out.update(pools=pools, in_flight=account.in_flight,
+                   login_refreshed_at=login.last_refresh if login is not None else None,
+                   last_poll_error=account.last_poll_error or None)
+    return out
+
+
+def book_totals(accounts: List[Account]) -> Dict[str, Dict[str, Any]]:
+    """Each person's all-time figures in the usage files, added up as `ocm.py usage` does."""
+    totals = {}  # type: Dict[str, Dict[str, Any]]
+    for account in accounts:
+        if account.usage is None:
+            continue
+        for combo in account.usage.to_json()["combinations"]:
+            for name, stats in combo["by_user"].items():
+                row = totals.setdefault(name, dict.fromkeys(
+                    ("requests", "input_tokens", "cached_tokens", "output_tokens"), 0))
+                row["requests"] += stats["request_count"]
+                for key in ("input_tokens", "cached_tokens", "output_tokens"):
+                    row[key] += stats[key]
+                row["cost_usd"] = row.get("cost_usd", 0.0) + stats["cost_usd"]
+    for row in totals.values():
+        row["cost_usd"] = round_cents(row["cost_usd"])
+    return totals
+
+
+def period_view(history: History, ledger: Optional[BudgetLedger], user: User, period: str,
+                now: float) -> Dict[str, Any]:
+    """A person's day, week or month. With a budget for it, the budget's own
+    figures (what /metrics and `ocm.py usage` show); else the history's."""
+    requests, usd, tokens = history.period(user.name, period, now)
+    budgets = [b for b in user.budgets if b.period == period]
+    out = {"period": period, "name": PERIOD_NAMES[period], "budgets": [],
+           "resets_at": history.clock.period(period, now)[1]}
+    if budgets and ledger is not None:
+        usd, tokens = ledger.spent(user.name, period)
+        requests = ledger.requests(user.name, period)
+        for budget in budgets:
+            limit = budget.usd if budget.usd is not None else float(budget.tokens)
+            spent = usd if budget.usd is not None else tokens
+            out["budgets"].append({"unit": "usd" if budget.usd is not None else "tokens",
+                                   "limit": limit, "spent": round(spent, 6),
+                                   "percent": round(100.0 * spent / limit, 1)})
+    out.update(requests=requests, cost_usd=round(usd, 6), tokens=int(tokens))
+    return out
+
+
+def person_view(server: "OCMServer", state: "State", user: User, in_flight: Dict[str, int],
+                totals: Dict[str, Dict[str, Any]], now: float) -> Dict[str, Any]:
+    history = server.history
+    shares = []
+    for account in state.pool_for(user).accounts():
+        for kind, cap in (("short", user.share_5h), ("long", user.share_weekly)):
+            if cap is not None:
+                window = account.windows.get(kind) or Window()
+                shares.append({
+                    "account": account.tag, "window": WINDOW_LABELS[kind], "cap": cap,
+                    "name": window_name(kind, window.window_minutes),
+                    "used": round(account.user_share(user.name, kind), 1),
+                    "resets_at": window.resets_at if (window.resets_at or 0) > now else None})
+    refusals = [{"time": when, "status": status, "message": message}
+                for when, status, message in reversed(history.refusals(user.name))]
+    return {"name": user.name, "credential": user.credential or None,
+            "in_flight": in_flight.get(user.name, 0),
+            "max_concurrent": user.max_concurrent or None,
+            "last_seen": history.last_seen(user.name), "expires_at": user.expires_at,
+            "expired": user.expires_at is not None and now >= user.expires_at,
+            "models": list(user.models), "shares": shares, "all_time": totals.get(user.name),
+            "periods": [period_view(history, state.ledger, user, period, now)
+                        for period in ("day", "week", "month")],
+            "refusals": {"last_24h": history.refusals_since(user.name, now - 86400),
+                         "recent": refusals}}
+
+
+RECENT_FIELDS = ("time", "user", "model", "status", "method", "path", "input_tokens",
+                 "cached_tokens", "output_tokens", "cost_usd", "duration_s", "account", "error")
+
+
+def recent_view(entry: Tuple[Any, ...]) -> Dict[str, Any]:
+    out = dict(zip(RECENT_FIELDS, entry))
+    for key in ("user", "model", "account", "error"):
+        out[key] = out[key] or None
+    out["cost_usd"], out["duration_s"] = round(out["cost_usd"], 6), round(out["duration_s"], 3)
+    return out
+
+
+def server_view(server: "OCMServer", now: float) -> Dict[str, Any]:
+    config = server.state.config
+    return {"version": __version__, "started_at": server.started_at,
+            "uptime_s": round(now - server.started_at), "listen": [server.url],
+            "config": os.path.abspath(config.source) if config.source else None,
+            "tls": server.tls is not None, "timezone": config.timezone,
+            "last_reload": server.last_reload, "history_path": server.history.path or None,
+            "dashboard_sessions": server.dashboard_sessions.count(),
+            "admin_token": bool(config.admin_token)}
+
+
+def dashboard_document(server: "OCMServer", viewer: Viewer, now: float) -> Dict[str, Any]:
+    """GET /ocm/v1/dashboard: everything for the owner; for a person, only
+    their own figures and the accounts they draw from (docs/dashboard.md)."""
+    state, history = server.state, server.history
+    owner = viewer.is_owner
+    only = None if owner else viewer.user.name
+    accounts = list(state.accounts.values()) if owner else state.pool_for(viewer.user).accounts()
+    users = list(state.users.users) if owner else [viewer.user]
+    if owner and not users:  # open access: one row for everyone
+        users = [User("", "")]
+    pools = [p for p in state.pools.values() if p.is_pool]
+    first_hour, hourly = history.hourly(now, only)
+    days, daily = history.daily(now, only)
+    totals = book_totals(list(state.accounts.values()))  # a person's own row only, wherever it is
+    in_flight = server.concurrency.snapshot()
+    document = {
+        "time": round(now, 3), "version": __version__,
+        "viewer": {"role": "owner" if owner else "person", "user": only, "via": viewer.via},
+        "accounts": [account_view(a, [p.tag for p in pools if a in p.accounts()], owner, now)
+                     for a in accounts],
+        "people": [person_view(server, state, u, in_flight, totals, now) for u in users],
+        "charts": {"hours": {"start": first_hour, "step": 3600,
+                             "people": [{"name": name, "requests": s[0], "cost_usd": s[1]}
+                                        for name, s in sorted(hourly.items())]},
+                   "days": {"days": days, "models": [{"model": model, "cost_usd": costs}
+                                                      for model, costs in sorted(daily.items())]}},
+        "recent": [recent_view(entry) for entry in history.recent(only)],
+    }
+    if owner:
+        document.update(
+            open_access=not state.users.users, server=server_view(server, now),
+            pools=[{"pool": p.tag, "type": p.kind, "strategy": p.strategy or None,
+                    "accounts": [a.tag for a in p.accounts()]} for p in pools],
+            without_valid_token={"refusals_last_24h": history.refusals_since("", now - 86400)
+                                 if state.users.users else 0})
+    return document
+
+
+# -- the page and its routes ----------------------------------------------------------
+# The page, its style and its script are constants with no data in them. The
+# Content-Security-Policy allows exactly this script and this style (by their
+# SHA-256), fetches to the same origin, and forms that post back to it.
+
+DASHBOARD_STYLE = r"""
+:root{color-scheme:light dark;--bg:#f5f6f8;--card:#fff;--text:#17191c;--muted:#5d6775;
+--line:#e2e6eb;
+--track:#e8ecf1;--accent:#2f6fde;--ok:#17803d;--warn:#a85b06;--bad:#c0262d;--okbg:#ddf6e4;
+--warnbg:#fcefd3;--badbg:#fde2e2}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1014;--card:#161a20;--text:#e7ebf0;
+--muted:#909bab;
+--line:#272e38;--track:#262d37;--accent:#5c9dff;--ok:#48c267;--warn:#e0a43a;--bad:#ff6b6b;
+--okbg:#163222;--warnbg:#3a2c10;--badbg:#411a1c}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--text);
+font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",sans-serif}
+[hidden]{display:none!important}
+header{position:sticky;top:0;z-index:2;display:flex;align-items:center;gap:10px;flex-wrap:wrap;
+padding:10px max(16px,calc(50% - 574px));background:var(--card);
+border-bottom:1px solid var(--line)}
+.brand{font-weight:750;letter-spacing:.03em}
+.who{color:var(--muted)}
+.spacer{flex:1}
+.updated{color:var(--muted);font-size:13px;font-variant-numeric:tabular-nums}
+.updated.stale{color:var(--bad)}
+main{max-width:1180px;margin:0 auto;padding:8px 16px 40px}
+h2{font-size:12px;font-weight:650;text-transform:uppercase;letter-spacing:.07em;color:var(--muted);
+margin:22px 0 10px}
+.grid{display:grid;gap:12px;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));
+align-items:start}
+.charts{display:grid;gap:12px;grid-template-columns:repeat(auto-fit,minmax(340px,1fr))}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;
+min-width:0}
+.tiles{display:grid;gap:12px;grid-template-columns:repeat(auto-fit,minmax(140px,1fr));
+margin-top:14px}
+.tile{padding:12px 16px}
+.tile .value{font-size:24px;font-weight:650;font-variant-numeric:tabular-nums;line-height:1.2}
+.tile .label{color:var(--muted);font-size:13px}
+.head{display:flex;align-items:center;gap:8px;flex-wrap:wrap}
+.title{font-weight:650;font-size:16px;overflow-wrap:anywhere}
+.head .right{margin-left:auto;color:var(--muted);font-size:13px}
+.pill{display:inline-block;padding:1px 8px;border-radius:999px;font-size:12px;font-weight:600;
+background:var(--track);color:var(--muted);white-space:nowrap}
+.pill.ok{background:var(--okbg);color:var(--ok)}
+.pill.warn{background:var(--warnbg);color:var(--warn)}
+.pill.bad{background:var(--badbg);color:var(--bad)}
+.reason{color:var(--muted);font-size:13px;margin-top:4px;overflow-wrap:anywhere}
+.meters{display:grid;grid-template-columns:minmax(76px,max-content) minmax(60px,1fr) max-content;
+align-items:center;gap:2px 10px;margin-top:10px}
+.meters .name{font-size:13px;white-space:nowrap}
+.num{font-variant-numeric:tabular-nums;text-align:right;white-space:nowrap}
+.meters .num{font-size:13px}
+.bar{height:8px;background:var(--track);border-radius:4px;overflow:hidden}
+.bar>span{display:block;height:100%;background:var(--accent);border-radius:4px;min-width:2px}
+.bar>span.warn{background:var(--warn)}
+.bar>span.bad{background:var(--bad)}
+.bar.none{background:transparent}
+.sub{grid-column:2/4;display:flex;justify-content:space-between;flex-wrap:wrap;gap:0 10px;
+color:var(--muted);font-size:12px;margin-bottom:6px;font-variant-numeric:tabular-nums}
+.foot{color:var(--muted);font-size:12px;margin-top:12px;padding-top:8px;
+border-top:1px solid var(--line)}
+.refusals{margin-top:10px;font-size:13px;color:var(--warn);overflow-wrap:anywhere}
+.charts>div{min-width:0}
+.chart{width:100%;min-height:10px;overflow:hidden}
+.chart svg{display:block;max-width:100%;height:auto}
+.chart text{fill:var(--muted);font-size:11px;font-variant-numeric:tabular-nums}
+.chart line{stroke:var(--line);stroke-width:1}
+.card h3{font-size:14px;font-weight:650;margin:0 0 8px;display:flex;gap:8px;align-items:baseline}
+.card h3 .total{margin-left:auto;font-weight:500;color:var(--muted);font-size:13px;
+font-variant-numeric:tabular-nums}
+.legend{display:flex;flex-wrap:wrap;gap:4px 14px;font-size:12px;color:var(--muted);margin-top:8px}
+.legend span{display:inline-flex;align-items:center;gap:5px;overflow-wrap:anywhere}
+.legend i{width:10px;height:10px;border-radius:2px;flex:none}
+.empty{color:var(--muted);font-size:13px;padding:24px 0;text-align:center}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
+table{width:100%;border-collapse:collapse;font-size:13px}
+th{color:var(--muted);font-weight:600;text-align:left;font-size:12px}
+th,td{padding:7px 8px;border-bottom:1px solid var(--line);white-space:nowrap}
+tr:last-child td{border-bottom:0}
+th.num,td.num{text-align:right}
+td.model{max-width:220px;overflow:hidden;text-overflow:ellipsis}
+.narrow{display:none}
+td.who>span{color:var(--muted);font-size:12px}
+.nowrap{white-space:nowrap}
+.status-ok{color:var(--ok)}
+.status-bad{color:var(--bad)}
+.status-warn{color:var(--warn)}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:6px 18px;margin:0;font-size:14px}
+dt{color:var(--muted)}
+dd{margin:0;overflow-wrap:anywhere}
+.signin{max-width:400px;margin:10vh auto 0;padding:24px}
+.signin h1{font-size:20px;margin:0 0 6px}
+.signin p{color:var(--muted);font-size:14px;margin:0 0 16px}
+label{display:block;font-size:13px;font-weight:600;margin-bottom:6px}
+input{width:100%;font:inherit;padding:10px 12px;border:1px solid var(--line);border-radius:8px;
+background:var(--bg);color:var(--text)}
+input:focus{outline:2px solid var(--accent);outline-offset:1px}
+button{font:inherit;font-size:14px;padding:6px 14px;border-radius:8px;border:1px solid var(--line);
+background:var(--card);color:var(--text);cursor:pointer}
+button.primary{display:block;width:100%;margin-top:14px;padding:10px;background:var(--accent);
+border-color:var(--accent);color:#fff;font-weight:600}
+.problem{color:var(--bad);font-size:14px;margin:12px 0 0}
+.banner{margin-top:14px;padding:10px 14px;border-radius:8px;background:var(--warnbg);
+color:var(--warn);font-size:14px}
+.more{margin-top:10px}
+header form{margin:0}
+@media (max-width:640px){body{font-size:14px}main{padding:4px 12px 32px}
+.grid,.charts{grid-template-columns:1fr}.tiles{grid-template-columns:1fr 1fr}
+.tile .value{font-size:20px}.card{padding:12px 14px}th,td{padding:7px 5px}
+.wide{display:none}.narrow{display:block}
+td.who{white-space:normal;overflow-wrap:anywhere}}
+"""
+
+DASHBOARD_SCRIPT = r"""
+"use strict";
+(function () {
+  var REFRESH_MS = 5000;
+  var PEOPLE_COLOURS = ["#2f6fde", "#e0663a", "#1f9e89", "#b34fc8", "#d4a21b", "#5b7c99",
+                        "#d0487a", "#6aa84f", "#8c6d4f", "#3fa7d6"];
+  var MODEL_COLOURS = ["#6a5acd", "#20a39e", "#ef8354", "#c1447e", "#4f772d", "#b08b2e",
+                       "#3d5a80", "#9c6644", "#7b2cbf", "#2a9d8f"];
+  var SVG = "http://www.w3.org/2000/svg";
+  var TOO_MANY = "Too many wrong tokens; wait a few minutes.";
+  var data = null, skew = 0, lastOk = 0, timer = null, failing = false, pending = "";
+  var showAll = false;
+
+  function $(id) { return document.getElementById(id); }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined && text !== null) { e.textContent = String(text); }
+    return e;
+  }
+  function add(parent) {
+    for (var i = 1; i < arguments.length; i++) {
+      if (arguments[i]) { parent.appendChild(arguments[i]); }
+    }
+    return parent;
+  }
+  function svg(tag, attrs) {
+    var e = document.createElementNS(SVG, tag);
+    Object.keys(attrs || {}).forEach(function (k) { e.setAttribute(k, String(attrs[k])); });
+    return e;
+  }
+  function clear(e) { while (e.firstChild) { e.removeChild(e.firstChild); } return e; }
+  function now() { return Date.now() / 1000 + skew; }
+
+  // -- words and numbers ---------------------------------------------------------
+  function usd(x, digits) {
+    if (x === null || x === undefined) { return "–"; }
+    if (digits === undefined) { digits = 2; }
+    var least = Math.pow(10, -digits);
+    if (x > 0 && x < least) { return "<$" + least.toFixed(digits); }
+    return "$" + x.toLocaleString("en-US", {minimumFractionDigits: digits,
+                                            maximumFractionDigits: digits});
+  }
+  function count(x) { return (x || 0).toLocaleString("en-US"); }
+  function compact(x) {
+    x = x || 0;
+    if (x >= 1e9) { return (x / 1e9).toFixed(x >= 1e10 ? 0 : 1) + "B"; }
+    if (x >= 1e6) { return (x / 1e6).toFixed(x >= 1e7 ? 0 : 1) + "M"; }
+    if (x >= 1e4) { return Math.round(x / 1e3) + "k"; }
+    if (x >= 1e3) { return (x / 1e3).toFixed(1) + "k"; }
+    return String(Math.round(x));
+  }
+  function span(seconds) {
+    seconds = Math.max(0, Math.round(seconds));
+    var d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600);
+    var m = Math.floor(seconds % 3600 / 60);
+    if (d) { return d + "d " + h + "h"; }
+    if (h) { return h + "h " + (m < 10 ? "0" : "") + m + "m"; }
+    if (m) { return m + "m"; }
+    return seconds + "s";
+  }
+  function ago(t) { return t ? span(now() - t) + " ago" : "never"; }
+  function clock(t) {
+    var d = new Date(t * 1000), today = new Date(now() * 1000);
+    var time = d.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
+    if (d.toDateString() === today.toDateString()) { return time; }
+    return d.toLocaleDateString([], {month: "short", day: "numeric"}) + " " + time;
+  }
+  function personName(name) {
+    if (name) { return name; }
+    return data && data.open_access ? "everyone" : "no valid token";
+  }
+  function colourOf(list, names, name) {
+    var i = names.indexOf(name);
+    return list[(i < 0 ? 0 : i) % list.length];
+  }
+  function countdown(node, t, before, after) {
+    node.dataset.until = String(t);
+    node.dataset.before = before || "";
+    node.dataset.after = after || "";
+    tick(node);
+    return node;
+  }
+  function tick(node) {
+    var left = Number(node.dataset.until) - now();
+    node.textContent = left > 0 ? node.dataset.before + "in " + span(left) : node.dataset.after;
+  }
+
+  // -- pieces --------------------------------------------------------------------
+  function pill(text, kind) { return el("span", "pill" + (kind ? " " + kind : ""), text); }
+  function bar(percent, warnAt) {
+    var b = el("div", "bar"), fill = el("span");
+    percent = Math.max(0, Math.min(100, percent || 0));
+    fill.style.width = percent.toFixed(1) + "%";
+    if (percent >= 100) { fill.className = "bad"; }
+    else if (percent >= (warnAt || 80)) { fill.className = "warn"; }
+    return add(b, fill);
+  }
+  function meter(grid, name, percent, figure, sub, warnAt) {
+    add(grid, el("div", "name", name),
+        percent === null ? el("div", "bar none") : bar(percent, warnAt),
+        el("div", "num", figure), sub);
+  }
+  var STATE_KINDS = {usable: "ok", cooling_down: "warn", reserve_reached: "warn",
+                     exhausted: "bad", unavailable: "bad"};
+
+  // -- accounts ------------------------------------------------------------------
+  function accountCard(a, owner) {
+    var card = el("div", "card");
+    var head = add(el("div", "head"), el("span", "title", a.account));
+    if (a.plan) { add(head, pill(a.plan)); }
+    add(head, pill(a.state_words, STATE_KINDS[a.state]));
+    if (owner && a.in_flight) { add(head, el("span", "right", a.in_flight + " in flight")); }
+    add(card, head);
+    if (a.reason || (a.state !== "usable" && a.usable_again_at)) {
+      var reason = add(el("div", "reason"), document.createTextNode(a.reason));
+      if (a.state !== "usable" && a.usable_again_at) {
+        add(reason, document.createTextNode(a.reason ? "; " : ""),
+            countdown(el("span"), a.usable_again_at, "usable again ", "usable again soon"));
+      }
+      add(card, reason);
+    }
+    var grid = el("div", "meters");
+    a.windows.forEach(function (w) {
+      var sub = el("div", "sub");
+      if (w.resets_at) { add(sub, countdown(el("span"), w.resets_at, "resets ", "reset")); }
+      if (w.reserve_percent) { add(sub, el("span", "", w.reserve_percent + "% kept in reserve")); }
+      meter(grid, w.name, w.used_percent, w.used_percent.toFixed(0) + "%",
+            sub.firstChild ? sub : null, 100 - (w.reserve_percent || 20));
+    });
+    if (!a.windows.length) { add(grid, el("div", "sub", "no window reported yet")); }
+    add(card, grid);
+    var foot = [];
+    if (a.limits_seen_at) { foot.push("limits from " + ago(a.limits_seen_at)); }
+    if (owner) {
+      if (a.login_refreshed_at) { foot.push("login refreshed " + ago(a.login_refreshed_at)); }
+      if (a.pools && a.pools.length) { foot.push("pool " + a.pools.join(", ")); }
+      if (a.last_poll_error) { foot.push("last poll: " + a.last_poll_error); }
+    }
+    if (foot.length) { add(card, el("div", "foot", foot.join(" · "))); }
+    return card;
+  }
+
+  // -- people --------------------------------------------------------------------
+  function periodRows(grid, period) {
+    var label = period.name.charAt(0).toUpperCase() + period.name.slice(1);
+    var detail = count(period.requests) + " requests · " + compact(period.tokens) + " tokens";
+    if (!period.budgets.length) {
+      var sub = add(el("div", "sub"), el("span", "", detail));
+      meter(grid, label, null, usd(period.cost_usd), sub);
+      return;
+    }
+    period.budgets.forEach(function (b, i) {
+      var last = i === period.budgets.length - 1;
+      var figure = b.unit === "usd" ? usd(b.spent) + " of " + usd(b.limit)
+                                    : compact(b.spent) + " of " + compact(b.limit) + " tokens";
+      var sub = el("div", "sub");
+      if (last) {
+        add(sub, el("span", "", detail),
+            countdown(el("span"), period.resets_at, "resets ", "resets now"));
+      }
+      meter(grid, i ? "" : label, b.percent, figure, sub);
+    });
+  }
+  function personCard(p, owner) {
+    var card = el("div", "card");
+    var head = add(el("div", "head"), el("span", "title", personName(p.name)));
+    if (p.expired) { add(head, pill("access expired", "bad")); }
+    if (p.in_flight) {
+      add(head, pill(p.in_flight + (p.max_concurrent ? " of " + p.max_concurrent : "") +
+                     " running", "ok"));
+    }
+    add(head, el("span", "right", p.last_seen ? "seen " + ago(p.last_seen) : "not seen yet"));
+    add(card, head);
+    var grid = el("div", "meters");
+    p.periods.forEach(function (period) { periodRows(grid, period); });
+    p.shares.forEach(function (s) {
+      var sub = add(el("div", "sub"), el("span", "", "share of " + s.account + "'s " + s.name +
+                                              " window"));
+      if (s.resets_at) { add(sub, countdown(el("span"), s.resets_at, "resets ", "reset")); }
+      meter(grid, s.window + " share", 100 * s.used / s.cap,
+            s.used.toFixed(1) + " of " + s.cap + " pts", sub);
+    });
+    add(card, grid);
+    if (p.refusals.last_24h || p.refusals.recent.length) {
+      var r = el("div", "refusals", p.refusals.last_24h + " refused in 24 h");
+      var last = p.refusals.recent[0];
+      if (last) { r.textContent += " · last, " + ago(last.time) + ": " + last.message; }
+      add(card, r);
+    }
+    var foot = [];
+    if (p.all_time) {
+      foot.push("all time: " + count(p.all_time.requests) + " requests, " +
+                usd(p.all_time.cost_usd));
+    }
+    if (owner && p.credential) { foot.push("draws from " + p.credential); }
+    if (p.models.length) { foot.push("models: " + p.models.join(", ")); }
+    if (p.expires_at && !p.expired) { foot.push("access until " + clock(p.expires_at)); }
+    if (foot.length) { add(card, el("div", "foot", foot.join(" · "))); }
+    return card;
+  }
+
+  // -- charts --------------------------------------------------------------------
+  function niceMax(x) {
+    if (x <= 0) { return 1; }
+    var p = Math.pow(10, Math.floor(Math.log10(x))), steps = [1, 2, 2.5, 5, 10];
+    for (var i = 0; i < steps.length; i++) { if (steps[i] * p >= x) { return steps[i] * p; } }
+    return 10 * p;
+  }
+  // series: [{name, colour, values}]; labels: under each column ("" for none);
+  // titles: each column's name in tooltips; format(value, isAxis)
+  function stackedBars(host, series, labels, titles, format) {
+    clear(host);
+    var width = Math.max(260, host.clientWidth || 600), height = 170;
+    var left = 46, bottom = 20, top = 8, n = labels.length;
+    var totals = labels.map(function (_, i) {
+      return series.reduce(function (s, one) { return s + (one.values[i] || 0); }, 0);
+    });
+    var max = niceMax(Math.max.apply(null, totals.concat([0])));
+    var plotW = width - left - 4, plotH = height - top - bottom, step = plotW / n;
+    var gap = Math.min(4, step * 0.25);
+    var root = svg("svg", {width: width, height: height, viewBox: "0 0 " + width + " " + height,
+                           role: "img"});
+    for (var g = 0; g <= 2; g++) {
+      var y = top + plotH - plotH * g / 2;
+      add(root, svg("line", {x1: left, x2: width - 4, y1: y, y2: y}));
+      var t = svg("text", {x: left - 6, y: y + 4, "text-anchor": "end"});
+      t.textContent = format(max * g / 2, true);
+      add(root, t);
+    }
+    labels.forEach(function (label, i) {
+      var base = top + plotH;
+      series.forEach(function (one) {
+        var v = one.values[i] || 0;
+        if (!v) { return; }
+        var h = plotH * v / max, w = Math.max(1, Math.min(step - gap, 56));
+        var rect = svg("rect", {x: left + i * step + (step - w) / 2, y: base - h, rx: 1.5,
+                                width: w, height: Math.max(1, h), fill: one.colour});
+        var title = svg("title");
+        title.textContent = one.name + " · " + titles[i] + " · " + format(v, false);
+        add(root, add(rect, title));
+        base -= h;
+      });
+      if (label) {
+        var x = Math.max(left + 16, Math.min(width - 20, left + i * step + step / 2));
+        var text = svg("text", {x: x, y: height - 5, "text-anchor": "middle"});
+        text.textContent = label;
+        add(root, text);
+      }
+    });
+    add(host, root);
+  }
+  function legend(host, entries) {
+    clear(host);
+    entries.forEach(function (e) {
+      var swatch = el("i");
+      swatch.style.background = e.colour;
+      add(host, add(el("span"), swatch, document.createTextNode(e.name)));
+    });
+  }
+  function hourCharts(hours) {
+    var names = hours.people.map(function (p) { return p.name; });
+    var shown = hours.people.length > 0;
+    $("hours-charts").hidden = !shown;
+    $("hours-empty").hidden = shown;
+    legend($("hours-legend"), hours.people.map(function (p) {
+      return {name: personName(p.name), colour: colourOf(PEOPLE_COLOURS, names, p.name)};
+    }));
+    if (!shown) { return; }
+    var labels = [], titles = [], every = $("hours-requests").clientWidth < 420 ? 12 : 6;
+    for (var i = 0; i < hours.people[0].requests.length; i++) {
+      var d = new Date((hours.start + i * hours.step) * 1000), hour = d.getHours();
+      titles.push(d.toLocaleString([], {weekday: "short", hour: "numeric", minute: "2-digit"}));
+      labels.push(hour % every ? "" : hour ? d.toLocaleTimeString([], {hour: "numeric"})
+                                           : d.toLocaleDateString([], {weekday: "short"}));
+    }
+    function total(field) {
+      return hours.people.reduce(function (sum, p) {
+        return sum + p[field].reduce(function (a, b) { return a + b; }, 0);
+      }, 0);
+    }
+    $("hours-requests-total").textContent = count(total("requests")) + " in 48 h";
+    $("hours-cost-total").textContent = usd(total("cost_usd")) + " in 48 h";
+    function series(field) {
+      return hours.people.map(function (p) {
+        return {name: personName(p.name), colour: colourOf(PEOPLE_COLOURS, names, p.name),
+                values: p[field]};
+      });
+    }
+    stackedBars($("hours-requests"), series("requests"), labels, titles, function (v, axis) {
+      return axis ? compact(v) : count(v) + " requests";
+    });
+    stackedBars($("hours-cost"), series("cost_usd"), labels, titles, function (v) {
+      return usd(v);
+    });
+  }
+  function dayChart(days) {
+    var names = days.models.map(function (m) { return m.model; });
+    var shown = days.models.length > 0;
+    $("days-cost").hidden = !shown;
+    $("days-empty").hidden = shown;
+    var all = 0;
+    legend($("days-legend"), days.models.map(function (m) {
+      var total = m.cost_usd.reduce(function (a, b) { return a + b; }, 0);
+      all += total;
+      return {name: m.model + " " + usd(total), colour: colourOf(MODEL_COLOURS, names, m.model)};
+    }));
+    $("days-total").textContent = usd(all) + " in 7 days";
+    if (!shown) { return; }
+    var labels = days.days.map(function (key) {
+      var d = new Date(key + "T12:00:00");
+      if (isNaN(d.getTime())) { return key; }
+      return d.toLocaleDateString([], {weekday: "short", day: "numeric"});
+    });
+    stackedBars($("days-cost"), days.models.map(function (m) {
+      return {name: m.model, colour: colourOf(MODEL_COLOURS, names, m.model), values: m.cost_usd};
+    }), labels, days.days, function (v) { return usd(v); });
+  }
+  function drawCharts() {
+    if (data) {
+      hourCharts(data.charts.hours);
+      dayChart(data.charts.days);
+    }
+  }
+
+  // -- the last requests and the server --------------------------------------------
+  function statusClass(status) {
+    return status < 300 ? "status-ok" : status === 499 ? "status-warn" : "status-bad";
+  }
+  // On a phone the table folds the time (and the model) under the person (or
+  // the model) and leaves out the tokens: "wide" cells hide, "narrow" ones show.
+  function recentTable(rows, owner) {
+    var table = el("table"), head = el("tr"), body = el("tbody");
+    var modelClass = owner ? "model wide" : "model who";
+    var columns = [["Time", "wide"], ["Person", "who"], ["Model", modelClass], ["Status", "num"],
+                   ["Input", "num wide"], ["Cached", "num wide"], ["Output", "num wide"],
+                   ["Cost", "num"], ["Took", "num wide"]];
+    if (!owner) { columns.splice(1, 1); }
+    columns.forEach(function (c) { add(head, el("th", c[1], c[0])); });
+    add(table, add(el("thead"), head));
+    rows.forEach(function (r) {
+      var when = clock(r.time), tr = add(el("tr"), el("td", "wide", when));
+      var below = add(el("span", "narrow", when + (owner ? " · " : "")));
+      if (owner) {
+        add(below, el("span", "nowrap", r.model || "–"));
+        add(tr, add(el("td", "who", personName(r.user)), below));
+      }
+      var model = el("td", modelClass, r.model || "–");
+      if (!owner) { add(model, below); }
+      model.title = r.model || "";
+      var status = el("td", "num " + statusClass(r.status), r.status);
+      if (r.error) { status.title = r.error; }
+      var took = r.duration_s < 10 ? r.duration_s.toFixed(2) + "s" : span(r.duration_s);
+      var used = r.input_tokens || r.output_tokens;
+      add(tr, model, status, el("td", "num wide", used ? compact(r.input_tokens) : "–"),
+          el("td", "num wide", used ? compact(r.cached_tokens) : "–"),
+          el("td", "num wide", used ? compact(r.output_tokens) : "–"),
+          el("td", "num", used ? usd(r.cost_usd, r.cost_usd < 1 ? 3 : 2) : "–"),
+          el("td", "num wide", took));
+      add(body, tr);
+    });
+    return add(table, body);
+  }
+  function serverList(s) {
+    var dl = el("dl");
+    function item(name, value) { add(dl, el("dt", "", name), el("dd", "", value)); }
+    item("Version", "OCM " + s.version);
+    item("Up", span(s.uptime_s) + ", since " + clock(s.started_at));
+    item("Listening on", s.listen.join(", ") + (s.tls ? " (TLS)" : ""));
+    item("Config", s.config || "none (defaults)");
+    item("Last reload", !s.last_reload ? "none since start" : clock(s.last_reload.at) + ", " +
+         (s.last_reload.ok ? "applied: " : "refused: ") + s.last_reload.message);
+    item("History", s.history_path || "kept in memory only");
+    item("Time zone", s.timezone);
+    item("Signed in", count(s.dashboard_sessions) + " browser" +
+         (s.dashboard_sessions === 1 ? "" : "s") + (s.admin_token ? "" : " (no admin_token set)"));
+    return dl;
+  }
+
+  // -- the whole page ----------------------------------------------------------------
+  function tiles(d) {
+    var box = clear($("tiles"));
+    function tile(value, label) {
+      add(box, add(el("div", "card tile"), el("div", "value", value), el("div", "label", label)));
+    }
+    function sum(period, field) {
+      return d.people.reduce(function (s, p) {
+        return s + p.periods.filter(function (x) { return x.period === period; })[0][field];
+      }, 0);
+    }
+    if (d.viewer.role === "owner") {
+      var usable = d.accounts.filter(function (a) { return a.state === "usable"; }).length;
+      var running = d.people.reduce(function (s, p) { return s + p.in_flight; }, 0);
+      tile(usd(sum("day", "cost_usd")), "spent today");
+      tile(count(sum("day", "requests")), "requests today");
+      tile(usable + " of " + d.accounts.length, "accounts usable");
+      tile(count(running), "running now");
+    } else {
+      tile(usd(sum("day", "cost_usd")), "today");
+      tile(usd(sum("week", "cost_usd")), "this week");
+      tile(usd(sum("month", "cost_usd")), "this month");
+      tile(count(sum("day", "requests")), "requests today");
+    }
+  }
+  function render(d) {
+    var owner = d.viewer.role === "owner";
+    document.body.dataset.view = d.viewer.role;
+    $("signin").hidden = true;
+    $("app").hidden = false;
+    $("who").textContent = owner ? "owner" + (d.viewer.via === "loopback" ? ", on the box" : "")
+                                 : d.viewer.user;
+    $("signout").hidden = d.viewer.via !== "session";
+    $("signin-button").hidden = d.viewer.via !== "loopback";  // on the box: to see a person's view
+    tiles(d);
+    var unknown = owner && d.without_valid_token ? d.without_valid_token.refusals_last_24h : 0;
+    $("unknown").hidden = !unknown;
+    $("unknown").textContent = unknown + " request" + (unknown === 1 ? "" : "s") +
+      " without a valid token refused in the last 24 hours.";
+    $("accounts-title").textContent = owner ? "Accounts" :
+      d.accounts.length > 1 ? "Your accounts" : "Your account";
+    var accounts = clear($("accounts"));
+    d.accounts.forEach(function (a) { add(accounts, accountCard(a, owner)); });
+    var people = clear($("people"));
+    d.people.forEach(function (p) { add(people, personCard(p, owner)); });
+    $("people-title").textContent = owner ? "People" : "Your use";
+    var first = owner ? $("accounts-section") : $("people-section");  // a person's own use first
+    first.parentNode.insertBefore(first, $("unknown").nextSibling);
+    drawCharts();
+    var recent = clear($("recent"));
+    if (!d.recent.length) { add(recent, el("div", "empty", "No requests yet.")); }
+    else { add(recent, recentTable(showAll ? d.recent : d.recent.slice(0, 10), owner)); }
+    if (d.recent.length > 10) {
+      var more = el("button", "more", showAll ? "Show 10" : "Show all " + d.recent.length);
+      more.type = "button";
+      more.addEventListener("click", function () { showAll = !showAll; render(data); });
+      add(recent, more);
+    }
+    $("server-section").hidden = !owner;
+    if (owner) { add(clear($("server")), serverList(d.server)); }
+  }
+  function showSignIn(problem) {
+    data = null;
+    document.body.dataset.view = "signin";
+    $("app").hidden = true;
+    $("signout").hidden = true;
+    $("signin-button").hidden = true;
+    $("who").textContent = "";
+    $("signin").hidden = false;
+    $("signin-problem").textContent = problem || "";
+    $("signin-problem").hidden = !problem;
+  }
+  function refreshAge() {
+    var node = $("updated");
+    node.className = failing ? "updated stale" : "updated";
+    if (!lastOk || $("app").hidden) { node.textContent = ""; return; }
+    node.textContent = (failing ? "offline · " : "") + "updated " +
+                       span(Date.now() / 1000 - lastOk) + " ago";
+  }
+  function load() {
+    fetch("/ocm/v1/dashboard", {credentials: "same-origin", cache: "no-store",
+                                headers: {"Accept": "application/json"}})
+      .then(function (response) {
+        if (response.status === 401 || response.status === 429) {
+          if ($("signin").hidden || pending) {  // else keep what the form says
+            showSignIn(pending || (response.status === 429 ? TOO_MANY : ""));
+          }
+          pending = "";
+          return null;
+        }
+        if (!response.ok) { throw new Error("HTTP " + response.status); }
+        return response.json();
+      })
+      .then(function (d) {
+        if (!d || !$("signin").hidden) { return; }  // the form stays while someone types in it
+        data = d;
+        skew = d.time - Date.now() / 1000;
+        lastOk = Date.now() / 1000;
+        failing = false;
+        render(d);
+        refreshAge();
+      })
+      .catch(function () { failing = true; refreshAge(); })
+      .then(function () {
+        clearTimeout(timer);
+        timer = setTimeout(load, REFRESH_MS);
+      });
+  }
+  $("signin-button").addEventListener("click", function () {
+    showSignIn("");
+    $("token").focus();
+  });
+  document.addEventListener("visibilitychange", function () {
+    if (!document.hidden && !$("app").hidden) { load(); }
+  });
+  setInterval(function () {
+    Array.prototype.forEach.call(document.querySelectorAll("[data-until]"), tick);
+    refreshAge();
+  }, 1000);
+  var resized = null;
+  window.addEventListener("resize", function () {
+    clearTimeout(resized);
+    resized = setTimeout(drawCharts, 150);
+  });
+  pending = {failed: "That token is not valid.", busy: TOO_MANY}[document.body.dataset.signin];
+  pending = pending || "";
+  load();
+}());
+"""
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
+<title>OCM</title>
+<link rel="icon" href="data:,">
+<style>@STYLE@</style>
+</head>
+<body data-signin="@SIGNIN@">
+<header>
+<span class="brand">OCM</span><span class="who" id="who"></span>
+<span class="spacer"></span>
+<span class="updated" id="updated"></span>
+<form method="post" action="/ocm/sign-out" id="signout" hidden>
+<button type="submit">Sign out</button>
+</form>
+<button type="button" id="signin-button" hidden>Sign in</button>
+</header>
+<main>
+<section class="card signin" id="signin" hidden>
+<h1>OCM dashboard</h1>
+<p>Sign in with your own OCM token, the one your Codex uses, to see your use.
+The owner signs in with the admin token.</p>
+<form method="post" action="/ocm/sign-in">
+<input name="user" autocomplete="username" value="ocm" hidden>
+<label for="token">Token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required>
+<button class="primary" type="submit">Sign in</button>
+</form>
+<p class="problem" id="signin-problem" hidden></p>
+</section>
+<div id="app" hidden>
+<div class="tiles" id="tiles"></div>
+<div class="banner" id="unknown" hidden></div>
+<section id="accounts-section">
+<h2 id="accounts-title">Accounts</h2>
+<div class="grid" id="accounts"></div>
+</section>
+<section id="people-section">
+<h2 id="people-title">People</h2>
+<div class="grid" id="people"></div>
+</section>
+<h2>Last 48 hours</h2>
+<div class="card">
+<div class="charts" id="hours-charts">
+<div><h3>Requests per hour <span class="total" id="hours-requests-total"></span></h3>
+<div class="chart" id="hours-requests"></div></div>
+<div><h3>Cost per hour <span class="total" id="hours-cost-total"></span></h3>
+<div class="chart" id="hours-cost"></div></div>
+</div>
+<div class="empty" id="hours-empty" hidden>No requests in the last 48 hours.</div>
+<div class="legend" id="hours-legend"></div>
+</div>
+<h2>Last 7 days</h2>
+<div class="card">
+<h3>Cost per model <span class="total" id="days-total"></span></h3>
+<div class="chart" id="days-cost"></div>
+<div class="empty" id="days-empty" hidden>No requests in the last 7 days.</div>
+<div class="legend" id="days-legend"></div>
+</div>
+<h2>Last requests</h2>
+<div class="card scroll" id="recent"></div>
+<section id="server-section" hidden>
+<h2>Server</h2>
+<div class="card" id="server"></div>
+</section>
+</div>
+<noscript><p class="card signin">This page needs JavaScript. Scripts can read the same
+figures as JSON from /ocm/v1/dashboard with a bearer token.</p></noscript>
+</main>
+<script>@SCRIPT@</script>
+</body>
+</html>
+"""
+
+
+def _csp_hash(text: str) -> str:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return "'sha256-%s'" % base64.b64encode(digest).decode("ascii")
+
+
+DASHBOARD_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+                 "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
+                 "base-uri 'none'" % (_csp_hash(DASHBOARD_SCRIPT), _csp_hash(DASHBOARD_STYLE)))
+# The page as served: as it is, after a wrong token, and while tokens may not be tried.
+DASHBOARD_PAGES = {
+    flag: DASHBOARD_HTML.replace("@STYLE@", DASHBOARD_STYLE).replace("@SCRIPT@", DASHBOARD_SCRIPT)
+    .replace("@SIGNIN@", flag).encode("utf-8") for flag in ("", "failed", "busy")}
+DASHBOARD_REASONS = {200: "OK", 303: "See Other", 401: "Unauthorized", 429: "Too Many Requests"}
+HTML_TYPE = "text/html; charset=utf-8"
+
+
+def dashboard_headers(content_type: str) -> List[Tuple[str, str]]:
+    return [("Content-Type", content_type), ("Content-Security-Policy", DASHBOARD_CSP),
+            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+            ("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
+            ("Cross-Origin-Resource-Policy", "same-origin")]
+
+
+def check_same_origin(request: "ClientRequest") -> None:
+    """A form must be posted from a page of this OCM, so that another site
+    cannot sign a visitor in or out. Browsers say where a post comes from:
+    Sec-Fetch-Site, or else Origin (which the page's no-referrer policy turns
+    into "null" for its own forms)."""
+    site = request.headers.get("sec-fetch-site", "")
+    origin = request.headers.get("origin", "")
+    host = request.headers.get("host", "").lower()
+    foreign = origin not in ("", "null") and urllib.parse.urlsplit(origin).netloc.lower() != host
+    if site not in ("", "same-origin", "none") or (not site and foreign):
+        raise HTTPError(403, "permission_error", "sign in from OCM's own page, /ocm/")
+
+
+def dashboard_answer(server: "OCMServer", request: "ClientRequest", body: bytes, client_ip: str,
+                     now: float) -> Tuple[int, List[Tuple[str, str]], bytes]:
+    """(status, headers, body) for GET /ocm/ (the page), GET /ocm/v1/dashboard
+    (its JSON) and POST /ocm/sign-in and /ocm/sign-out. Raises HTTPError for
+    answers in the API's JSON error shape."""
+    path, method = request.path, request.method
+    if path in (SIGN_IN_PATH, SIGN_OUT_PATH):
+        if method != "POST":
+            raise HTTPError(405, "invalid_request_error", "use POST for %s" % path,
+                            headers=[("Allow", "POST")])
+        check_same_origin(request)
+        if path == SIGN_IN_PATH:
+            return sign_in(server, body, client_ip, now)
+        session_id = session_cookie(request)
+        if session_id:
+            server.dashboard_sessions.close(session_id)
+        return see_other(server, "", 0)
+    if method not in ("GET", "HEAD"):
+        raise HTTPError(405, "invalid_request_error", "use GET for %s" % path,
+                        headers=[("Allow", "GET, HEAD")])
+    if path == DASHBOARD_PATH:
+        return 200, dashboard_headers(HTML_TYPE), DASHBOARD_PAGES[""]
+    viewer = dashboard_viewer(server, server.state, request, client_ip, now)
+    if viewer is None:
+        raise HTTPError(401, "authentication_error", "sign in at /ocm/, or send the owner's "
+                        "admin_token or your own token as a bearer token",
+                        headers=[("WWW-Authenticate", 'Bearer realm="ocm"')])
+    document = dashboard_document(server, viewer, now)
+    return 200, dashboard_headers("application/json"), json.dumps(document).encode("utf-8")
+
+
+def sign_in(server: "OCMServer", body: bytes, client_ip: str,
+            now: float) -> Tuple[int, List[Tuple[str, str]], bytes]:
+    """The sign-in form: the owner's admin_token or a person's token opens a
+    session; a wrong one gets the page again with 401, saying only that."""
+    sessions, state = server.dashboard_sessions, server.state
+    wait = sessions.blocked_for(client_ip, now)
+    if wait:
+        retry = [("Retry-After", str(int(math.ceil(wait))))]
+        return 429, dashboard_headers(HTML_TYPE) + retry, DASHBOARD_PAGES["busy"]
+    try:
+        fields = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=4)
+    except ValueError:
+        fields = {}
+    token = (fields.get("token") or [""])[0].strip()
+    viewer = match_token(state, token)
+    if viewer is None:
+        if token:
+            wrong_token(sessions, client_ip, now)
+        log.info("dashboard: a sign-in from %s with a wrong token was refused", client_ip)
+        return 401, dashboard_headers(HTML_TYPE), DASHBOARD_PAGES["failed"]
+    session_id = sessions.open(viewer.user, admin_digest(state.config) if viewer.is_owner else b"",
+                               now)
+    log.info("dashboard: %s signed in from %s",
+             "the owner" if viewer.is_owner else viewer.user.name, client_ip)
+    return see_other(server, session_id, int(sessions.lifetime))
+
+
+def see_other(server: "OCMServer", session_id: str,
+              max_age: int) -> Tuple[int, List[Tuple[str, str]], bytes]:
+    """303 to the page, setting the session cookie (clearing it: max_age 0)."""
+    cookie = "%s=%s; Path=/ocm; HttpOnly; SameSite=Strict; Max-Age=%d%s" % (
+        SESSION_COOKIE, session_id, max_age, "; Secure" if server.tls is not None else "")
+    return 303, [("Location", "/ocm/"), ("Set-Cookie", cookie), ("Cache-Control", "no-store"),
+                 ("Referrer-Policy", "no-referrer")], b""
 
 
 # == 14. Streams =============================================================
@@ -7370,7 +8927,7 @@ class RequestRecord:
     __slots__ = ("method", "path", "user", "user_name", "status", "model", "asked_model", "tier", "account",
                  "holds_account", "usage", "week_start", "reservation", "input_tokens",
                  "cached_tokens", "output_tokens", "cost", "started", "settled", "quiet",
-                 "client_left", "input_estimate", "relayed")
+                 "client_left", "input_estimate", "relayed", "error")
 
     def __init__(self, method: str, path: str, started: float):
         self.method = method
@@ -7391,6 +8948,7 @@ class RequestRecord:
         self.cost = 0.0
         self.settled = False
         self.quiet = False              # health probes: access line at debug level
+        self.error = ""                 # the message of OCM's own error answer, for the dashboard
         # For an answer the client left before its usage came: what to charge instead.
         self.client_left = False
         self.input_estimate = 0         # tokens, from the size of what was sent
@@ -8027,7 +9585,7 @@ class WebSocketSession:
         try:
             check_access(user, time.time())
         except HTTPError as exc:
-            record.status = exc.status
+            record.status, record.error = exc.status, exc.message
             server.settle(record)
             self.end_for_person(exc.message)
             return error_event_for(exc)
@@ -8035,7 +9593,7 @@ class WebSocketSession:
             call.admit()
             self.account.check_share(user)
         except HTTPError as exc:
-            record.status = exc.status
+            record.status, record.error = exc.status, exc.message
             server.settle(record)
             return error_event_for(exc)
         body.data = None  # nothing else needs it
@@ -8102,6 +9660,7 @@ def serve_websocket(handler: "OCMHandler", request: ClientRequest, state: State,
         if exc.error_type != "usage_limit_reached":
             raise
         request.status = 429  # every account of the pool is resting: say so as Codex shows it
+        request.record.error = exc.message
         refuse_websocket_with_usage_limit(handler, key, error_event_for(exc))
         return
     request.status = handshake.status
@@ -8535,7 +10094,7 @@ class OCMHandler(BaseHTTPRequestHandler):
             close = (exc.close or request is None or not request.keep_alive
                      or not self.authenticated or has_unread_body(request))
             if request is not None:
-                request.status = exc.status
+                request.status, request.record.error = exc.status, exc.message
             self.send_error_json(exc, close)
             keep = not close and not server.closing
             linger = close and (request is None or has_unread_body(request) or self.has_input())
@@ -8594,6 +10153,9 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.error_shape = "anthropic" if request.path.startswith("/v1/messages") else ""
         if request.path in OPERATIONS_PATHS:
             self.serve_operations(request)
+            return
+        if request.path in DASHBOARD_PATHS:
+            self.serve_dashboard(request)
             return
         if not request.path.startswith("/v1/"):
             raise HTTPError(404, "invalid_request_error",
@@ -8718,6 +10280,21 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.send_json(200, json.dumps(count_message_tokens(body.data)).encode("utf-8"),
                        close=not request.keep_alive)
         request.status = 200
+
+    def serve_dashboard(self, request: ClientRequest) -> None:
+        """The dashboard (section 13b): its page, its JSON, signing in and out."""
+        request.record.quiet = True  # a page that polls every few seconds is no news in the log
+        limit = MAX_SIGN_IN_FORM if request.method == "POST" else DISCARD_BODY_LIMIT
+        body = self.read_body(request, limit)
+        status, headers, payload = dashboard_answer(self.server, request, body,
+                                                    self.client_address[0], time.time())
+        headers.append(("Content-Length", str(len(payload))))
+        if not request.keep_alive:
+            headers.append(("Connection", "close"))
+        self.write(encode_head(status, DASHBOARD_REASONS.get(status, ""), headers)
+                   + (payload if request.method != "HEAD" else b""))
+        self.head_sent = True
+        request.status = status
 
     def serve_operations(self, request: ClientRequest) -> None:
         """/healthz (open), /metrics (metrics token or loopback), the pool status (a user's token).
@@ -9067,6 +10644,11 @@ class OCMServer(ThreadingHTTPServer):
         apply_account_settings(self.state)
         self.concurrency = ConcurrencyLimit()
         self.metrics = Metrics()
+        self.started_at = time.time()
+        self.history = History(history_path(config), PeriodClock(config.timezone))
+        self.history.load(self.started_at)
+        self.dashboard_sessions = DashboardSessions()
+        self.last_reload = None  # type: Optional[Dict[str, Any]]  # when, and what came of it
         self.save_interval = usage_save_interval
         self.file_check_interval = file_check_interval
         self._old_ledgers = []  # type: List[BudgetLedger]  # replaced by a reload; in-flight requests settle there
@@ -9133,6 +10715,17 @@ class OCMServer(ThreadingHTTPServer):
         elif old.ledger is not None:
             self._old_ledgers.append(old.ledger)
         self.state = new
+        self.history.path = history_path(config)
+        self.history.set_clock(PeriodClock(config.timezone))
+        admin = admin_digest(config)
+
+        def still_signed_in(user: Optional[User], digest: bytes) -> bool:
+            return new.users.current(user) is not None if user is not None else digest == admin
+
+        ended = self.dashboard_sessions.keep_only(still_signed_in, time.time())
+        if ended:
+            log.info("reload: ended %d dashboard session%s of people or tokens no longer there",
+                     ended, "" if ended == 1 else "s")
         kept = set(new.accounts.values())
         for account in old.accounts.values():
             if account not in kept:
@@ -9166,6 +10759,7 @@ class OCMServer(ThreadingHTTPServer):
             if time.monotonic() - saved_at >= self.save_interval:
                 saved_at = time.monotonic()
                 self.save_ledgers()
+                self.history.save_if_dirty(time.time())
 
     def save_ledgers(self) -> None:
         for ledger in [self.state.ledger] + self._old_ledgers:
@@ -9213,6 +10807,8 @@ class OCMServer(ThreadingHTTPServer):
         self.metrics.add("ocm_requests_total", user=record.user_name or "-", status=str(record.status),
                          model=record.model or "-")
         write_access_line(record, self.config.log_format)
+        if record.path.startswith("/v1/"):  # model requests and WebSocket turns, not the pages
+            self.history.record(record, time.time(), time.monotonic() - record.started)
 
     def _book(self, record: RequestRecord, usage: UsageRecord, account: Optional[Account]) -> None:
         # A warm-up (generate: false) has no tokens and is not booked; sing-box skips these too.
@@ -9419,6 +11015,7 @@ class OCMServer(ThreadingHTTPServer):
         for book in self.books.books():  # retired accounts' books still open after a cut request
             book.close()
         self.save_ledgers()
+        self.history.save_if_dirty(time.time())
 
 
 def apply_account_settings(state: State) -> None:
@@ -9532,10 +11129,16 @@ def reload_config(server: OCMServer) -> None:
         server.reload(config)
     except ConfigError as exc:
         log.error("SIGHUP: %s is not valid (%s); still running the previous config", path, exc)
+        server.last_reload = {"at": time.time(), "ok": False, "message": "not valid: %s" % exc}
         return
     except OSError as exc:  # a file the new config names cannot be used
         log.error("SIGHUP: cannot apply %s (%s); still running the previous config", path, exc.strerror or exc)
+        server.last_reload = {"at": time.time(), "ok": False, "message": "cannot apply it: %s"
+                              % (exc.strerror or exc)}
         return
+    users, accounts = len(config.users), len(server.accounts)
+    server.last_reload = {"at": time.time(), "ok": True, "message": "%d user%s, %d account%s" % (
+        users, "" if users == 1 else "s", accounts, "" if accounts == 1 else "s")}
     configure_access_log(config.log_format)
 
 

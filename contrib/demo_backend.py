@@ -465,7 +465,8 @@ def run_demo(argv=None):
             fh.write(block)
         print(DEMO_TEXT % {"backend": backend.url, "line": line.strip(), "block": block,
                            "home": client_home, "codex": codex_command(client_home, token),
-                           "curl": curl_command(base_url, token), "config": config_path},
+                           "curl": curl_command(base_url, token), "config": config_path,
+                           "dashboard": base_url[:-len("/v1")] + "/ocm/"},
               flush=True)
         ocm.wait()
         return 0 if ocm.returncode == 0 else 1
@@ -501,6 +502,7 @@ with what it printed: an agent's round trip through OCM. Without Codex:
   %(curl)s
 
 Who used what, live: python3 ocm.py usage %(config)s
+At a glance, in a browser on this machine: %(dashboard)s
 
 OCM's log follows (one line per request). Ctrl-C stops the demo.
 """

@@ -238,6 +238,13 @@ class TestDemo:
         assert json.loads(report.stdout)["live"] is True  # the file is not saved yet: live figures
         assert json.loads(report.stdout)["users"]["demo"]["request_count"] == 1
         port = int(parts["base_url"].rsplit(":", 1)[1].split("/")[0])
+        dashboard = re.search(r"in a browser on this machine: (\S+)$", text, re.M).group(1)
+        assert dashboard == "http://127.0.0.1:%d/ocm/" % port
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/ocm/v1/dashboard")  # on the box itself the owner needs no token
+        doc = json.loads(conn.getresponse().read())
+        conn.close()
+        assert doc["people"][0]["name"] == "demo" and doc["people"][0]["periods"][0]["requests"] == 1
         directory = os.path.dirname(parts["config"])
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
         proc.wait(10)
