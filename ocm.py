@@ -278,7 +278,8 @@ def json_too_deep(data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
         opens = data.count(b"[") + data.count(b"{")
     if opens <= limit:
         return False
-    raw = bytes(data) if isinstance(data, (bytes, bytearray)) else data.encode("utf-8", "surrogatepass")
+    raw = (bytes(data) if isinstance(data, (bytes, bytearray))
+           else data.encode("utf-8", "surrogatepass"))
     depth = 0
     for byte in _JSON_NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", raw)):
         depth += 1 if byte in (0x5B, 0x7B) else -1
@@ -426,7 +427,8 @@ class ProxyURL(namedtuple("ProxyURL", "scheme host port username password", defa
 
     def __str__(self) -> str:
         host = "[%s]" % self.host if ":" in self.host else self.host
-        return "%s://%s%s:%d" % (self.scheme, self.username + "@" if self.username else "", host, self.port)
+        return "%s://%s%s:%d" % (self.scheme, self.username + "@" if self.username else "",
+                                 host, self.port)
 
 
 PROXY_SCHEMES = ("http", "socks5", "socks5h")
@@ -440,7 +442,8 @@ def parse_detour(value: str, where: str, sing_box: bool) -> Optional[ProxyURL]:
         return None
     if sing_box and "://" not in value:
         log.warning("%s: %r is a sing-box outbound tag, which OCM cannot use; connecting directly "
-                    "(give a proxy URL such as socks5://127.0.0.1:1080 to use a proxy)", where, value)
+                    "(give a proxy URL such as socks5://127.0.0.1:1080 to use a proxy)",
+                    where, value)
         return None
     return parse_proxy_url(value, where)
 
@@ -448,17 +451,20 @@ def parse_detour(value: str, where: str, sing_box: bool) -> Optional[ProxyURL]:
 def parse_proxy_url(value: str, where: str) -> ProxyURL:
     if "://" not in value:
         raise ConfigError("%s: %r is not a proxy URL; use http://host:port, socks5://host:port or "
-                          "socks5h://host:port (a sing-box outbound tag means nothing to OCM)" % (where, value))
+                          "socks5h://host:port (a sing-box outbound tag means nothing to OCM)"
+                          % (where, value))
     parts = urllib.parse.urlsplit(value)
     scheme = parts.scheme.lower()
     if scheme not in PROXY_SCHEMES:
-        raise ConfigError("%s: proxy scheme %r is not supported; use http, socks5 or socks5h" % (where, scheme))
+        raise ConfigError("%s: proxy scheme %r is not supported; use http, socks5 or socks5h"
+                          % (where, scheme))
     try:
         port = parts.port
     except ValueError:
         port = None
     if not parts.hostname or not port:
-        raise ConfigError("%s: a proxy URL needs a host and a port, like socks5://127.0.0.1:1080" % where)
+        raise ConfigError("%s: a proxy URL needs a host and a port, like socks5://127.0.0.1:1080"
+                          % where)
     if parts.path not in ("", "/") or parts.query:
         raise ConfigError("%s: a proxy URL has no path or query" % where)
     return ProxyURL(scheme, parts.hostname, port, urllib.parse.unquote(parts.username or ""),
@@ -512,12 +518,13 @@ class TLSConfig:
     reload compares them); the repr leaves the inline key out."""
 
     def __init__(self, enabled: bool = False, certificate_path: str = "", key_path: str = "",
-                 certificate: str = "", key: str = "", min_version: str = "", max_version: str = "",
-                 alpn: Optional[List[str]] = None):
+                 certificate: str = "", key: str = "", min_version: str = "",
+                 max_version: str = "", alpn: Optional[List[str]] = None):
         self.enabled = enabled
         self.certificate_path = certificate_path
         self.key_path = key_path
-        self.certificate = certificate  # inline PEM (a string, or sing-box's list of lines, joined)
+        # inline PEM (a string, or sing-box's list of lines, joined)
+        self.certificate = certificate
         self.key = key
         self.min_version = min_version
         self.max_version = max_version
@@ -544,9 +551,11 @@ class Config:
         self.credentials = []  # type: List[CredentialConfig]
         self.timezone = "local"         # budgets' days, weeks and months
         self.budgets_path = ""          # where budget spending is kept across restarts
-        self.metrics_token = ""         # /metrics for this bearer token (or "sha256:<hex>"); loopback always
+        # /metrics for this bearer token (or "sha256:<hex>"); loopback always
+        self.metrics_token = ""
         self.admin_token = ""           # the dashboard's owner view (or "sha256:<hex>")
-        self.model_map = []  # type: List[Tuple[str, str]]  # (glob, model) for other clients' model names
+        # (glob, model) for other clients' model names
+        self.model_map = []  # type: List[Tuple[str, str]]
         self.log_format = "text"        # access log lines: text | json
         self.headers = {}  # type: Dict[str, List[str]]
         self.detour = None  # type: Optional[ProxyURL]
@@ -577,15 +586,18 @@ SING_BOX_SECTIONS = frozenset(("log", "dns", "ntp", "certificate", "endpoints", 
 # quietly weaken what the owner configured.
 TLS_UNSUPPORTED = ("acme", "ech", "reality", "client_authentication", "client_certificate",
                    "client_certificate_path", "client_certificate_public_key_sha256",
-                   "cipher_suites", "curve_preferences", "certificate_provider", "kernel_tx", "kernel_rx")
+                   "cipher_suites", "curve_preferences", "certificate_provider", "kernel_tx",
+                   "kernel_rx")
 TLS_VERSIONS = ("1.2", "1.3")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                   "h": 3600.0}
 
 
 # Times as Codex writes them in auth.json, and as the config gives expires_at.
-_RFC3339 = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
+_RFC3339 = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)"
+                      r"(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
 
 
 def days_since_epoch(year: int, month: int, day: int) -> int:
@@ -669,7 +681,8 @@ class _Fields:
 
     def __init__(self, obj: Any, where: str):
         if not isinstance(obj, dict):
-            raise ConfigError("%s: expected an object, got %s" % (where or "config", _json_type(obj)))
+            raise ConfigError("%s: expected an object, got %s"
+                              % (where or "config", _json_type(obj)))
         self.obj = obj
         self.where = where
         self.seen = set()
@@ -689,7 +702,8 @@ class _Fields:
         if value is None:
             return default
         if not isinstance(value, str):
-            raise ConfigError("%s: expected a string, got %s" % (self.path(key), _json_type(value)))
+            raise ConfigError("%s: expected a string, got %s"
+                              % (self.path(key), _json_type(value)))
         if not allow_empty and not value:
             raise ConfigError("%s: must not be empty" % self.path(key))
         return value
@@ -699,9 +713,11 @@ class _Fields:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError("%s: expected a whole number, got %s" % (self.path(key), _json_type(value)))
+            raise ConfigError("%s: expected a whole number, got %s"
+                              % (self.path(key), _json_type(value)))
         if not low <= value <= high:
-            raise ConfigError("%s: %d is out of range (%d to %d)" % (self.path(key), value, low, high))
+            raise ConfigError("%s: %d is out of range (%d to %d)"
+                              % (self.path(key), value, low, high))
         return value
 
     def bool(self, key: str, default: bool = False) -> bool:
@@ -709,7 +725,8 @@ class _Fields:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise ConfigError("%s: expected true or false, got %s" % (self.path(key), _json_type(value)))
+            raise ConfigError("%s: expected true or false, got %s"
+                              % (self.path(key), _json_type(value)))
         return value
 
     def pem(self, key: str) -> str:
@@ -753,7 +770,8 @@ class _Fields:
             if key in self.seen:
                 continue
             if key in ignored:
-                log.warning("config: %s is a sing-box option OCM does not use; ignored", self.path(key))
+                log.warning("config: %s is a sing-box option OCM does not use; ignored",
+                            self.path(key))
                 continue
             raise ConfigError("%s: unknown key%s" % (self.path(key), did_you_mean(key, self.seen)))
 
@@ -800,7 +818,8 @@ def _parse_users(raw: list, where: str) -> List[User]:
         credential = f.str("credential")
         for key in ("external_credential", "allow_external_usage"):
             if f.has(key):
-                raise ConfigError("%s: external credentials are not supported by OCM" % f.path(key))
+                raise ConfigError("%s: external credentials are not supported by OCM"
+                                  % f.path(key))
         if not f.has("name"):
             raise f.missing("name")
         if not f.has("token"):
@@ -808,14 +827,14 @@ def _parse_users(raw: list, where: str) -> List[User]:
         if token != token.strip() or any(c.isspace() for c in token):
             raise ConfigError("%s: must not contain spaces" % f.path("token"))
         if token.startswith(EXAMPLE_TOKEN_PREFIX):
-            raise ConfigError("%s: still the example's placeholder, which anyone can read; put a long "
-                              "random token here, or write the config with `python3 ocm.py init`"
-                              % f.path("token"))
+            raise ConfigError("%s: still the example's placeholder, which anyone can read; "
+                              "put a long random token here, or write the config with "
+                              "`python3 ocm.py init`" % f.path("token"))
         if not token.startswith("sha256:") and len(token) < MIN_TOKEN_LENGTH:
             # sing-box accepted any token, so a short one still loads (drop-in), with a nudge.
-            log.warning("config: %s is only %d characters, easy to guess; `python3 ocm.py init` or "
-                        "`python3 -c \"import secrets; print(secrets.token_urlsafe(32))\"` makes a "
-                        "strong one", f.path("token"), len(token))
+            log.warning("config: %s is only %d characters, easy to guess; `python3 ocm.py init` "
+                        "or `python3 -c \"import secrets; print(secrets.token_urlsafe(32))\"` "
+                        "makes a strong one", f.path("token"), len(token))
         if name in names:
             raise ConfigError("%s: duplicate user name %r" % (f.path("name"), name))
         digest = User(name, token).token_digest
@@ -838,7 +857,8 @@ def _parse_users(raw: list, where: str) -> List[User]:
         for key in ("share_5h", "share_weekly"):
             value = f.raw(key)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+                if (isinstance(value, bool) or not isinstance(value, (int, float))
+                        or not 0 < value <= 100):
                     raise ConfigError("%s: a percent above 0 and at most 100" % f.path(key))
                 setattr(user, key, float(value))
         f.finish()
@@ -856,7 +876,8 @@ def _parse_budgets(raw: list, where: str) -> List[Budget]:
         usd, tokens = f.raw("usd"), f.raw("tokens")
         if (usd is None) == (tokens is None):
             raise ConfigError("%s: give usd or tokens (one of them)" % f.where)
-        if usd is not None and (isinstance(usd, bool) or not isinstance(usd, (int, float)) or usd <= 0):
+        if usd is not None and (isinstance(usd, bool) or not isinstance(usd, (int, float))
+                                or usd <= 0):
             raise ConfigError("%s: a positive number of dollars" % f.path("usd"))
         budget = Budget(period, usd=float(usd) if usd is not None else None,
                         tokens=f.int("tokens", 0, 1, 1 << 50) if tokens is not None else None)
@@ -897,7 +918,8 @@ def _parse_credentials(raw: list, where: str, sing_box: bool = False) -> List[Cr
                 raise f.missing("credential_path")
             if item.credential_path in paths:
                 raise ConfigError("%s: %s is also the file of %r; each account needs its own"
-                                  % (f.path("credential_path"), item.credential_path, paths[item.credential_path]))
+                                  % (f.path("credential_path"), item.credential_path,
+                                     paths[item.credential_path]))
             paths[item.credential_path] = tag
             item.usages_path = os.path.expanduser(f.str("usages_path"))
             usages_key = os.path.abspath(item.usages_path) if item.usages_path else ""
@@ -923,7 +945,8 @@ def _parse_credentials(raw: list, where: str, sing_box: bool = False) -> List[Cr
                 item.strategy = f.str("strategy") or "least_used"
                 if item.strategy not in BALANCER_STRATEGIES:
                     raise ConfigError("%s: %r is not a strategy (%s)"
-                                      % (f.path("strategy"), item.strategy, ", ".join(BALANCER_STRATEGIES)))
+                                      % (f.path("strategy"), item.strategy,
+                                         ", ".join(BALANCER_STRATEGIES)))
         f.finish()
         entries[tag] = item
     for i, item in enumerate(entries.values()):
@@ -940,7 +963,8 @@ def _parse_credentials(raw: list, where: str, sing_box: bool = False) -> List[Cr
     return list(entries.values())
 
 
-def _check_no_cycle(tag: str, entries: Dict[str, CredentialConfig], trail: List[str], where: str) -> None:
+def _check_no_cycle(tag: str, entries: Dict[str, CredentialConfig], trail: List[str],
+                    where: str) -> None:
     if tag in trail:
         raise ConfigError("%s: pools form a cycle: %s" % (where, " -> ".join(trail + [tag])))
     for member in entries[tag].members:
@@ -965,7 +989,8 @@ def _parse_headers(raw: Any, where: str) -> Dict[str, List[str]]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError("%s: expected an object of header names, got %s" % (where, _json_type(raw)))
+        raise ConfigError("%s: expected an object of header names, got %s"
+                          % (where, _json_type(raw)))
     headers = {}
     for name, value in raw.items():
         path = "%s.%s" % (where, name)
@@ -987,11 +1012,13 @@ def _parse_model_map(raw: Any, where: str) -> List[Tuple[str, str]]:
     if raw is None:
         return []
     if not isinstance(raw, dict):
-        raise ConfigError("%s: expected an object of model name patterns, got %s" % (where, _json_type(raw)))
+        raise ConfigError("%s: expected an object of model name patterns, got %s"
+                          % (where, _json_type(raw)))
     pairs = []
     for pattern, model in raw.items():
         if not pattern or not isinstance(model, str) or not model.strip():
-            raise ConfigError("%s.%s: expected a model name, like \"gpt-5.3-codex\"" % (where, pattern))
+            raise ConfigError("%s.%s: expected a model name, like \"gpt-5.3-codex\""
+                              % (where, pattern))
         pairs.append((pattern, model.strip()))
     return pairs
 
@@ -1004,28 +1031,32 @@ def _parse_tls(raw: Any, where: str) -> TLSConfig:
         if f.has(key):
             raise ConfigError("%s: not supported by OCM; remove it (OCM serves a certificate and "
                               "key from files or inline PEM)" % f.path(key))
-    tls = TLSConfig(enabled=f.bool("enabled"), certificate_path=os.path.expanduser(f.str("certificate_path")),
-                    key_path=os.path.expanduser(f.str("key_path")), certificate=f.pem("certificate"),
-                    key=f.pem("key"), min_version=f.str("min_version"), max_version=f.str("max_version"),
+    tls = TLSConfig(enabled=f.bool("enabled"),
+                    certificate_path=os.path.expanduser(f.str("certificate_path")),
+                    key_path=os.path.expanduser(f.str("key_path")),
+                    certificate=f.pem("certificate"), key=f.pem("key"),
+                    min_version=f.str("min_version"), max_version=f.str("max_version"),
                     alpn=[str(a) for a in f.list("alpn")])
     for key in ("min_version", "max_version"):
         value = getattr(tls, key)
         if value and value not in TLS_VERSIONS:
-            raise ConfigError("%s: %r is not supported; use \"1.2\" or \"1.3\" (older TLS is unsafe)"
-                              % (f.path(key), value))
+            raise ConfigError("%s: %r is not supported; use \"1.2\" or \"1.3\" "
+                              "(older TLS is unsafe)" % (f.path(key), value))
     if tls.min_version and tls.max_version and tls.min_version > tls.max_version:
         raise ConfigError("%s: min_version is above max_version" % where)
     if any(not isinstance(a, str) for a in f.raw("alpn") or []):
         raise ConfigError("%s: expected a list of strings" % f.path("alpn"))
     others = [a for a in tls.alpn if a != "http/1.1"]
     if others:
-        log.warning("%s: OCM serves HTTP/1.1 only; not offering %s", f.path("alpn"), ", ".join(others))
+        log.warning("%s: OCM serves HTTP/1.1 only; not offering %s", f.path("alpn"),
+                    ", ".join(others))
     if tls.enabled:
         if bool(tls.certificate_path) == bool(tls.certificate):
-            raise ConfigError("%s: give the certificate as certificate_path or as inline certificate "
-                              "(exactly one)" % where)
+            raise ConfigError("%s: give the certificate as certificate_path or as inline "
+                              "certificate (exactly one)" % where)
         if bool(tls.key_path) == bool(tls.key):
-            raise ConfigError("%s: give the key as key_path or as inline key (exactly one)" % where)
+            raise ConfigError("%s: give the key as key_path or as inline key (exactly one)"
+                              % where)
     # server_name and insecure are client-side options in sing-box: no effect here.
     f.finish(frozenset(("server_name", "insecure")))
     return tls
@@ -1066,7 +1097,8 @@ def _parse_limits(raw: Any, where: str) -> Limits:
         max_unauthenticated_connections=f.int("max_unauthenticated_connections", 0, 0, 1 << 20),
         thread_stack_size=f.int("thread_stack_size", DEFAULT_THREAD_STACK_SIZE, 0, 1 << 30),
     )
-    if limits.thread_stack_size and not 128 * 1024 <= limits.thread_stack_size <= 64 << 20:  # see MAX_JSON_DEPTH
+    # see MAX_JSON_DEPTH
+    if limits.thread_stack_size and not 128 * 1024 <= limits.thread_stack_size <= 64 << 20:
         raise ConfigError("%s: 0 (the system default) or 131072 to 67108864 bytes"
                           % f.path("thread_stack_size"))
     f.finish()
@@ -1083,7 +1115,8 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         services = data["services"]
         if not isinstance(services, list):
             raise ConfigError("services: expected a list")
-        found = [(i, s) for i, s in enumerate(services) if isinstance(s, dict) and s.get("type") == "ocm"]
+        found = [(i, s) for i, s in enumerate(services)
+                 if isinstance(s, dict) and s.get("type") == "ocm"]
         if not found:
             raise ConfigError("services: no service of type \"ocm\" in this sing-box config")
         if len(found) > 1:
@@ -1099,7 +1132,8 @@ def config_from_dict(data: Any, source: str = "") -> Config:
         credential_path=os.path.expanduser(f.str("credential_path")) or default_credential_path(),
         usages_path=os.path.expanduser(f.str("usages_path")),
         users=_parse_users(f.list("users"), f.path("users")),
-        credentials=_parse_credentials(f.list("credentials"), f.path("credentials"), sing_box=bool(where)),
+        credentials=_parse_credentials(f.list("credentials"), f.path("credentials"),
+                                       sing_box=bool(where)),
         timezone=_check_timezone(f.str("timezone", "local"), f.path("timezone")),
         budgets_path=os.path.expanduser(f.str("budgets_path")),
         metrics_token=f.str("metrics_token"),
@@ -1120,8 +1154,10 @@ def config_from_dict(data: Any, source: str = "") -> Config:
     _check_credentials(config, f)
     if config.log_format not in ("text", "json"):
         raise ConfigError("%s: text or json" % f.path("log_format"))
-    if config.metrics_token.startswith("sha256:") and not re.match(r"^sha256:[0-9a-fA-F]{64}$", config.metrics_token):
-        raise ConfigError("%s: sha256: must be followed by 64 hex digits" % f.path("metrics_token"))
+    if (config.metrics_token.startswith("sha256:")
+            and not re.match(r"^sha256:[0-9a-fA-F]{64}$", config.metrics_token)):
+        raise ConfigError("%s: sha256: must be followed by 64 hex digits"
+                          % f.path("metrics_token"))
     _check_admin_token(config, f.path("admin_token"))
     if not config.budgets_path and any(u.budgets for u in config.users):
         config.budgets_path = default_budgets_path(config)
@@ -1155,7 +1191,8 @@ def _check_admin_token(config: Config, where: str) -> None:
 def default_budgets_path(config: Config) -> str:
     """ocm-budgets.json beside the usage file, where OCM already writes (the
     config's own directory is often read-only, e.g. /etc); else beside the config."""
-    usages = config.usages_path or next((c.usages_path for c in config.credentials if c.usages_path), "")
+    usages = config.usages_path or next((c.usages_path for c in config.credentials
+                                         if c.usages_path), "")
     if usages:
         directory = os.path.dirname(os.path.abspath(usages))
     else:
@@ -1173,8 +1210,8 @@ def _check_timezone(name: str, where: str) -> str:
     try:
         import zoneinfo
     except ImportError:
-        raise ConfigError("%s: time zone names need Python 3.9+; use \"local\", \"UTC\" or an offset "
-                          "like \"+02:00\"" % where)
+        raise ConfigError("%s: time zone names need Python 3.9+; use \"local\", \"UTC\" or an "
+                          "offset like \"+02:00\"" % where)
     try:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
@@ -1192,14 +1229,16 @@ def _check_credentials(config: Config, f: _Fields) -> None:
         return
     for key in ("credential_path", "usages_path", "detour"):
         if f.has(key):
-            raise ConfigError("%s: with a credentials list, set it on each credential instead" % f.path(key))
+            raise ConfigError("%s: with a credentials list, set it on each credential instead"
+                              % f.path(key))
     tags = {c.tag for c in config.credentials}
     for i, user in enumerate(config.users):
         if not user.credential:
             raise ConfigError("%s[%d].credential: required with a credentials list (one of %s)"
                               % (f.path("users"), i, ", ".join(sorted(tags))))
         if user.credential not in tags:
-            raise ConfigError("%s[%d].credential: unknown tag %r" % (f.path("users"), i, user.credential))
+            raise ConfigError("%s[%d].credential: unknown tag %r"
+                              % (f.path("users"), i, user.credential))
 
 
 def load_config(path: str) -> Config:
@@ -1320,7 +1359,8 @@ def file_lock(path: str, timeout: float = AUTH_LOCK_TIMEOUT):
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise TimeoutError("%s is held by another process for over %d s" % (path, timeout))
+                    raise TimeoutError("%s is held by another process for over %d s"
+                                       % (path, timeout))
                 time.sleep(0.05)
         try:
             yield True
@@ -1343,8 +1383,9 @@ def decode_jwt_claims(token: str) -> Dict[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
-class Login(namedtuple("Login", "mode access_token refresh_token id_token api_key account_id plan email "
-                                "expires_at last_refresh", defaults=("",) * 7 + (None, None))):
+class Login(namedtuple("Login", "mode access_token refresh_token id_token api_key account_id "
+                                "plan email expires_at last_refresh",
+                       defaults=("",) * 7 + (None, None))):
     """What one auth.json holds, already interpreted. ``mode`` is "chatgpt"
     (OAuth) or "apikey". Its repr holds no token or key."""
     __slots__ = ()
@@ -1402,7 +1443,8 @@ def parse_auth(data: Any) -> Login:
         return ""
 
     exp = access_claims.get("exp")
-    email = id_claims.get("email") or (access_claims.get("https://api.openai.com/profile") or {}).get("email")
+    email = (id_claims.get("email")
+             or (access_claims.get("https://api.openai.com/profile") or {}).get("email"))
     return Login(
         mode="chatgpt",
         access_token=access,
@@ -1411,7 +1453,8 @@ def parse_auth(data: Any) -> Login:
         account_id=token("account_id") or auth_claim("chatgpt_account_id"),
         plan=auth_claim("chatgpt_plan_type"),
         email=email if isinstance(email, str) else "",
-        expires_at=float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None,
+        expires_at=(float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool)
+                    else None),
         last_refresh=parse_rfc3339(data.get("last_refresh")),
     )
 
@@ -1459,7 +1502,8 @@ def post_for_json(open_url: Callable, url: str, body: bytes,
         reason = getattr(exc, "reason", None) or exc
         if isinstance(reason, BaseException):
             reason = describe_connect_error(reason)
-        raise EndpointUnreachable("%s unreachable: %s" % (urllib.parse.urlsplit(url).hostname, reason))
+        raise EndpointUnreachable("%s unreachable: %s"
+                                  % (urllib.parse.urlsplit(url).hostname, reason))
     try:
         answer = parse_json(raw.decode("utf-8")) if raw else None
     except (ValueError, UnicodeDecodeError):
@@ -1726,8 +1770,10 @@ class Credential:
                 self._login, self._file_id, self._problem, self._dead = on_disk, file_id, "", ""
                 self._public_problem = ""
                 self._unsaved = None
-            log.info("credential %s: %s was refreshed by another process; using it", self.tag, self.path)
-            if on_disk.access_token != stale_access_token and not needs_refresh(on_disk, self._now()):
+            log.info("credential %s: %s was refreshed by another process; using it",
+                     self.tag, self.path)
+            if (on_disk.access_token != stale_access_token
+                    and not needs_refresh(on_disk, self._now())):
                 return on_disk
         if not on_disk.refresh_token:
             raise RefreshFailed("auth.json has no refresh_token", permanent=True)
@@ -1793,7 +1839,8 @@ class Credential:
             if not isinstance(answer, dict) or not any(
                     isinstance(answer.get(k), str) and answer[k]
                     for k in ("access_token", "refresh_token", "id_token")):
-                raise RefreshFailed("token endpoint answered %d without tokens" % status, permanent=False)
+                raise RefreshFailed("token endpoint answered %d without tokens" % status,
+                                    permanent=False)
             return answer
         code = log_safe(refresh_error_code(answer))
         if code == NO_CODEX_ENTITLEMENT:  # not a dead login: it works once the admin enables Codex
@@ -1884,27 +1931,33 @@ def request_device_code(issuer: str, open_url: Callable,
     body = json.dumps({"client_id": OAUTH_CLIENT_ID}).encode("utf-8")
     status, answer, raw = call_issuer(open_url, issuer + "/api/accounts/deviceauth/usercode", body)
     if status == 404:
-        raise DeviceCodeUnavailable("device-code sign-in is not enabled for this account or server")
+        raise DeviceCodeUnavailable("device-code sign-in is not enabled for this account "
+                                    "or server")
     if not 200 <= status < 300:
-        raise LoginFailed("asking for a device code failed: %d %s" % (status, issuer_error_text(answer, raw)))
+        raise LoginFailed("asking for a device code failed: %d %s"
+                          % (status, issuer_error_text(answer, raw)))
     answer = answer if isinstance(answer, dict) else {}
     device_auth_id = answer.get("device_auth_id")
     user_code = answer.get("user_code") or answer.get("usercode")
-    if not (isinstance(device_auth_id, str) and device_auth_id and isinstance(user_code, str) and user_code):
+    if not (isinstance(device_auth_id, str) and device_auth_id
+            and isinstance(user_code, str) and user_code):
         raise LoginFailed("the issuer's device-code answer has no device_auth_id or user_code")
-    return DeviceCode(device_auth_id, user_code, parse_poll_interval(answer.get("interval"), interval_floor),
+    return DeviceCode(device_auth_id, user_code,
+                      parse_poll_interval(answer.get("interval"), interval_floor),
                       issuer + "/codex/device")
 
 
 def wait_for_device_code(issuer: str, open_url: Callable, device: DeviceCode, timeout: float,
-                         sleep: Callable[[float], None], now: Callable[[], float]) -> Tuple[str, str]:
+                         sleep: Callable[[float], None],
+                         now: Callable[[], float]) -> Tuple[str, str]:
     """Poll until the user has entered the code: (authorization_code, code_verifier).
 
     First poll at once, then every ``device.interval``; 403 and 404 mean "not
     yet", and so does a network blip. Any other status is fatal.
     """
     url = issuer + "/api/accounts/deviceauth/token"
-    body = json.dumps({"device_auth_id": device.device_auth_id, "user_code": device.user_code}).encode("utf-8")
+    body = json.dumps({"device_auth_id": device.device_auth_id,
+                       "user_code": device.user_code}).encode("utf-8")
     deadline = now() + timeout
     while True:
         try:
@@ -1915,12 +1968,15 @@ def wait_for_device_code(issuer: str, open_url: Callable, device: DeviceCode, ti
             answer = answer if isinstance(answer, dict) else {}
             code, verifier = answer.get("authorization_code"), answer.get("code_verifier")
             if not (isinstance(code, str) and code and isinstance(verifier, str) and verifier):
-                raise LoginFailed("the issuer confirmed the code without authorization_code or code_verifier")
+                raise LoginFailed("the issuer confirmed the code without authorization_code or "
+                                  "code_verifier")
             return code, verifier
         if status not in (0, 403, 404) or refresh_error_code(answer) == NO_CODEX_ENTITLEMENT:
-            raise LoginFailed("device-code sign-in failed: %d %s" % (status, issuer_error_text(answer, raw)))
+            raise LoginFailed("device-code sign-in failed: %d %s"
+                              % (status, issuer_error_text(answer, raw)))
         if now() + device.interval > deadline:
-            raise LoginFailed("the code was not entered within %g minutes; run login again" % (timeout / 60))
+            raise LoginFailed("the code was not entered within %g minutes; run login again"
+                              % (timeout / 60))
         sleep(device.interval)
 
 
@@ -1933,16 +1989,19 @@ def exchange_code(issuer: str, open_url: Callable, code: str, redirect_uri: str,
     status, answer, raw = call_issuer(open_url, issuer + "/oauth/token", form,
                                       "application/x-www-form-urlencoded")
     if not 200 <= status < 300:
-        raise LoginFailed("the token exchange failed: %d %s" % (status, issuer_error_text(answer, raw)))
+        raise LoginFailed("the token exchange failed: %d %s"
+                          % (status, issuer_error_text(answer, raw)))
     answer = answer if isinstance(answer, dict) else {}
     tokens = {name: answer.get(name) for name in ("id_token", "access_token", "refresh_token")}
     if not all(isinstance(value, str) and value for value in tokens.values()):
-        raise LoginFailed("the token exchange answered without id_token, access_token and refresh_token")
+        raise LoginFailed("the token exchange answered without id_token, access_token and "
+                          "refresh_token")
     return tokens
 
 
 def sign_in_with_device_code(issuer: str, open_url: Callable, out,
-                             interval_floor: float = DEVICE_POLL_FLOOR, timeout: float = LOGIN_TIMEOUT,
+                             interval_floor: float = DEVICE_POLL_FLOOR,
+                             timeout: float = LOGIN_TIMEOUT,
                              sleep: Callable[[float], None] = time.sleep,
                              now: Callable[[], float] = time.time) -> Dict[str, str]:
     device = request_device_code(issuer, open_url, interval_floor)
@@ -1993,7 +2052,8 @@ def code_from_callback(params: Dict[str, str], state: str) -> str:
     if not got:
         raise WrongCallback("it has no state; paste the whole address")
     if not hmac.compare_digest(got.encode("utf-8"), state.encode("utf-8")):
-        raise WrongCallback("its state does not match this sign-in (is it from an earlier attempt?)")
+        raise WrongCallback("its state does not match this sign-in (is it from an earlier "
+                            "attempt?)")
     error = params.get("error")
     if error:
         description = params.get("error_description", "")
@@ -2028,7 +2088,8 @@ def start_callback_listener(ports, deliver: Callable[[Dict[str, str]], Tuple[int
             if parts.path != "/auth/callback":
                 status, text = 404, "Not an OCM sign-in address."
             else:
-                status, text = deliver(dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True)))
+                status, text = deliver(dict(urllib.parse.parse_qsl(parts.query,
+                                                                    keep_blank_values=True)))
             body = (text + "\n").encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
@@ -2097,7 +2158,8 @@ def sign_in_with_browser(issuer: str, open_url: Callable, stdin, out,
     else:
         print("(OCM cannot listen for the browser here, so pasting is the only way.)\n", file=out)
     print("Paste the address (or just the part after ?) and press Enter:", file=out, flush=True)
-    threading.Thread(target=_feed_lines, args=(stdin, results), name="ocm-login-paste", daemon=True).start()
+    threading.Thread(target=_feed_lines, args=(stdin, results), name="ocm-login-paste",
+                     daemon=True).start()
     try:
         code = _wait_for_code(results, state, server is not None, timeout, now, out)
     finally:
@@ -2114,7 +2176,8 @@ def _wait_for_code(results: "queue.Queue", state: str, listening: bool, timeout:
     while True:
         left = deadline - now()
         if left <= 0:
-            raise LoginFailed("no sign-in arrived within %g minutes; run login again" % (timeout / 60))
+            raise LoginFailed("no sign-in arrived within %g minutes; run login again"
+                              % (timeout / 60))
         try:
             kind, value = results.get(timeout=min(left, 1.0))
         except queue.Empty:
@@ -2172,7 +2235,8 @@ def _refresh_token_of(data: Optional[Dict[str, Any]]) -> str:
     return value if isinstance(value, str) else ""
 
 
-def auth_json_for(tokens: Dict[str, str], now: float, keep: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def auth_json_for(tokens: Dict[str, str], now: float,
+                  keep: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """auth.json for a fresh login, as the Codex CLI writes it, plus fields of ``keep`` OCM does not know."""
     claims = decode_jwt_claims(tokens["id_token"]).get("https://api.openai.com/auth")
     account_id = claims.get("chatgpt_account_id") if isinstance(claims, dict) else None
@@ -2181,7 +2245,8 @@ def auth_json_for(tokens: Dict[str, str], now: float, keep: Optional[Dict[str, A
         "OPENAI_API_KEY": None,
         "tokens": {"id_token": tokens["id_token"], "access_token": tokens["access_token"],
                    "refresh_token": tokens["refresh_token"],
-                   "account_id": account_id if isinstance(account_id, str) and account_id else None},
+                   "account_id": (account_id if isinstance(account_id, str) and account_id
+                                  else None)},
         "last_refresh": format_rfc3339(now),
     }  # type: Dict[str, Any]
     for key, value in (keep or {}).items():
@@ -2395,7 +2460,8 @@ def raw_cost(input_tokens: int, output_tokens: int, cached_tokens: int,
     """USD before rounding: ((input - cached) x in + output x out + cached x cached-in) / 1e6."""
     price_in, price_out, price_cached = prices_for(model, tier, context_window)
     regular = max(0, input_tokens - cached_tokens)
-    return (regular * price_in + output_tokens * price_out + cached_tokens * price_cached) / 1000000
+    return (regular * price_in + output_tokens * price_out
+            + cached_tokens * price_cached) / 1000000
 
 
 class Counts:
@@ -2409,7 +2475,8 @@ class Counts:
         self.output_tokens = output_tokens
         self.cached_tokens = cached_tokens
 
-    def add(self, requests: int, input_tokens: int, output_tokens: int, cached_tokens: int) -> None:
+    def add(self, requests: int, input_tokens: int, output_tokens: int,
+            cached_tokens: int) -> None:
         self.request_count += requests
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
@@ -2445,7 +2512,8 @@ class Combination:
     """Usage for one (model, service tier, context window, week)."""
     __slots__ = ("model", "service_tier", "context_window", "week_start", "total", "by_user")
 
-    def __init__(self, model: str, service_tier: str, context_window: int, week_start: Optional[int]):
+    def __init__(self, model: str, service_tier: str, context_window: int,
+                 week_start: Optional[int]):
         self.model = model
         self.service_tier = service_tier
         self.context_window = context_window
@@ -2479,7 +2547,8 @@ def week_start_from_headers(headers) -> Optional[int]:
     return None
 
 
-class UsageRecord(namedtuple("UsageRecord", "model service_tier input_tokens output_tokens cached_tokens")):
+class UsageRecord(namedtuple("UsageRecord",
+                             "model service_tier input_tokens output_tokens cached_tokens")):
     """One response's usage, as every relay path reports it to the book."""
     __slots__ = ()
 
@@ -2489,10 +2558,12 @@ def _int_field(obj: Any, *path: str) -> int:
         if not isinstance(obj, dict):
             return 0
         obj = obj.get(name)
-    return int(obj) if isinstance(obj, (int, float)) and not isinstance(obj, bool) and obj > 0 else 0
+    return (int(obj) if isinstance(obj, (int, float)) and not isinstance(obj, bool) and obj > 0
+            else 0)
 
 
-def usage_record_from(obj: Any, fallback_model: str = "", fallback_tier: str = "") -> Optional[UsageRecord]:
+def usage_record_from(obj: Any, fallback_model: str = "",
+                      fallback_tier: str = "") -> Optional[UsageRecord]:
     """Usage from a Responses object or a chat completion (or chunk); None without usage."""
     if not isinstance(obj, dict):
         return None
@@ -2518,7 +2589,8 @@ def usage_record_from(obj: Any, fallback_model: str = "", fallback_tier: str = "
 USAGE_EVENT_TYPES = frozenset(("response.completed", "response.incomplete"))
 
 
-def usage_record_from_event(event: Any, fallback_model: str = "", fallback_tier: str = "") -> Optional[UsageRecord]:
+def usage_record_from_event(event: Any, fallback_model: str = "",
+                            fallback_tier: str = "") -> Optional[UsageRecord]:
     """Usage from one streamed event: a Responses terminal event (SSE or
     WebSocket) or a chat-completion chunk that carries usage."""
     if not isinstance(event, dict):
@@ -2539,7 +2611,8 @@ class UsageBook:
     something changed; ``close()`` saves a last time.
     """
 
-    def __init__(self, path: str, save_interval: float = 60.0, now: Callable[[], float] = time.time):
+    def __init__(self, path: str, save_interval: float = 60.0,
+                 now: Callable[[], float] = time.time):
         self.path = path
         self.save_interval = save_interval
         self._now = now
@@ -2566,7 +2639,8 @@ class UsageBook:
         except OSError as exc:
             if not repair:
                 raise
-            raise ConfigError("usages_path: cannot read %s (%s)" % (self.path, exc.strerror or exc))
+            raise ConfigError("usages_path: cannot read %s (%s)"
+                              % (self.path, exc.strerror or exc))
         try:
             self._merge_json(parse_json(raw.decode("utf-8")))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -2590,9 +2664,12 @@ class UsageBook:
                 raise ValueError("%s has no model" % where)
             tier = normalize_service_tier(entry.get("service_tier"))
             window = entry.get("context_window")
-            window = window if window in (DEFAULT_CONTEXT_WINDOW, PREMIUM_CONTEXT_WINDOW) else DEFAULT_CONTEXT_WINDOW
+            window = (window if window in (DEFAULT_CONTEXT_WINDOW, PREMIUM_CONTEXT_WINDOW)
+                      else DEFAULT_CONTEXT_WINDOW)
             week = entry.get("week_start_unix")
-            week = int(week) if isinstance(week, (int, float)) and not isinstance(week, bool) and week > 0 else None
+            week = (int(week)
+                    if isinstance(week, (int, float)) and not isinstance(week, bool) and week > 0
+                    else None)
             total = Counts.from_json(entry.get("total", {}), where + ".total")
             by_user = entry.get("by_user") or {}
             if not isinstance(by_user, dict):
@@ -2639,9 +2716,10 @@ class UsageBook:
     def to_json(self) -> Dict[str, Any]:
         with self._lock:
             combos = list(self._combos.values())
-            snapshot = [(c, Counts(c.total.request_count, c.total.input_tokens, c.total.output_tokens,
-                                   c.total.cached_tokens),
-                         {u: Counts(s.request_count, s.input_tokens, s.output_tokens, s.cached_tokens)
+            snapshot = [(c, Counts(c.total.request_count, c.total.input_tokens,
+                                   c.total.output_tokens, c.total.cached_tokens),
+                         {u: Counts(s.request_count, s.input_tokens, s.output_tokens,
+                                    s.cached_tokens)
                           for u, s in c.by_user.items()}) for c in combos]
             last_updated = self._last_updated
         total_usd = 0.0
@@ -2670,7 +2748,8 @@ class UsageBook:
                     weeks[label] = weeks.get(label, 0.0) + user_cost
             out.append(entry)
         return {
-            "last_updated": format_rfc3339(last_updated if last_updated is not None else self._now()),
+            "last_updated": format_rfc3339(last_updated if last_updated is not None
+                                           else self._now()),
             "costs": {
                 "total_usd": round_cents(total_usd),
                 "by_user": {u: round_cents(v) for u, v in sorted(by_user.items())},
@@ -2708,7 +2787,8 @@ class UsageBook:
         return self.save() if dirty else True
 
     def start_saver(self) -> None:
-        self._thread = threading.Thread(target=self._run_saver, name="ocm-usage-saver", daemon=True)
+        self._thread = threading.Thread(target=self._run_saver, name="ocm-usage-saver",
+                                        daemon=True)
         self._thread.start()
 
     def _run_saver(self) -> None:
@@ -2734,7 +2814,8 @@ def check_writable_location(path: str, key: str = "usages_path") -> None:
     """Fail at start, not an hour later, when a file cannot be written where configured."""
     if os.path.isdir(path):
         raise ConfigError("%s: %s is a directory; name a file in it, such as %s"
-                          % (key, path, os.path.join(path, os.path.basename(key.replace("_path", ".json")))))
+                          % (key, path,
+                             os.path.join(path, os.path.basename(key.replace("_path", ".json")))))
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ConfigError("%s: directory %s does not exist" % (key, directory))
