@@ -3100,7 +3100,8 @@ def _set_body_framing(request: ClientRequest) -> None:
             raise bad_request("Transfer-Encoding is not allowed in HTTP/1.0")
         codings = [c.strip().lower() for value in te for c in value.split(",")]
         if codings != ["chunked"]:
-            raise bad_request("unsupported transfer coding %r; only chunked" % ", ".join(codings), 400)
+            raise bad_request("unsupported transfer coding %r; only chunked"
+                              % ", ".join(codings), 400)
         request.body_kind = "chunked"
         return
     if cl:
@@ -3332,7 +3333,8 @@ def _host_port(host: str, port: int) -> str:
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
-def tunnel_http_connect(sock: socket.socket, proxy: ProxyURL, origin: Origin, timeout: float) -> None:
+def tunnel_http_connect(sock: socket.socket, proxy: ProxyURL, origin: Origin,
+                        timeout: float) -> None:
     """Ask an HTTP proxy for a tunnel (CONNECT, RFC 9110 9.3.6)."""
     target = _host_port(origin.host, origin.port)
     lines = ["CONNECT %s HTTP/1.1" % target, "Host: %s" % target]
@@ -3376,7 +3378,8 @@ def tunnel_socks5(sock: socket.socket, proxy: ProxyURL, origin: Origin) -> None:
     sock.sendall(b"\x05\x01\x00" + address + origin.port.to_bytes(2, "big"))
     version, reply, _, atyp = _recv_exact(sock, 4)
     if reply != 0:
-        raise ProxyError("the SOCKS5 proxy could not connect: %s" % SOCKS5_REPLIES.get(reply, "error %d" % reply))
+        raise ProxyError("the SOCKS5 proxy could not connect: %s"
+                         % SOCKS5_REPLIES.get(reply, "error %d" % reply))
     length = {1: 4, 4: 16}.get(atyp)
     if length is None:
         length = _recv_exact(sock, 1)[0]
@@ -3443,7 +3446,8 @@ class Connector:
     Direct, through the configured detour, or else through https_proxy /
     no_proxy from the environment; TLS always verified, never optional."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float, detour: Optional[ProxyURL] = None):
+    def __init__(self, connect_timeout: float, read_timeout: float,
+                 detour: Optional[ProxyURL] = None):
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.detour = detour
@@ -3477,12 +3481,15 @@ class Connector:
         Raises OSError (ssl.SSLError for TLS) or ProxyError."""
         proxy = self.proxy_for(origin)
         if proxy is None:
-            sock = socket.create_connection((origin.host, origin.port), timeout=self.connect_timeout)
+            sock = socket.create_connection((origin.host, origin.port),
+                                            timeout=self.connect_timeout)
         else:
             try:
-                sock = socket.create_connection((proxy.host, proxy.port), timeout=self.connect_timeout)
+                sock = socket.create_connection((proxy.host, proxy.port),
+                                                timeout=self.connect_timeout)
             except OSError as exc:
-                raise ProxyError("cannot reach proxy %s: %s" % (proxy, describe_connect_error(exc)))
+                raise ProxyError("cannot reach proxy %s: %s"
+                                 % (proxy, describe_connect_error(exc)))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if proxy is not None:
@@ -3492,7 +3499,8 @@ class Connector:
                     else:
                         tunnel_socks5(sock, proxy, origin)
                 except socket.timeout:
-                    raise ProxyError("proxy %s did not answer within %g s" % (proxy, self.connect_timeout))
+                    raise ProxyError("proxy %s did not answer within %g s"
+                                     % (proxy, self.connect_timeout))
                 except ProxyError as exc:
                     raise ProxyError("proxy %s: %s" % (proxy, exc))
                 except OSError as exc:
@@ -3537,7 +3545,8 @@ def read_response_headers(fp) -> Headers:
             raise http.client.HTTPException("malformed header line from upstream")
         name = raw_name.strip(b" \t").decode("latin-1")
         value = raw_value.strip(b" \t\r\n").decode("latin-1")
-    raise http.client.HTTPException("more than %d header lines from upstream" % MAX_UPSTREAM_HEADERS)
+    raise http.client.HTTPException("more than %d header lines from upstream"
+                                    % MAX_UPSTREAM_HEADERS)
 
 
 class FastResponse(http.client.HTTPResponse):
@@ -3733,7 +3742,8 @@ def _make_opener(connector: Connector):
             parts = urllib.parse.urlsplit("//" + host)
             origin = Origin(scheme, parts.hostname or host,
                             parts.port or (443 if scheme == "https" else 80))
-            conn = UpstreamConnection(origin, connector, timeout if timeout is not None else TOKEN_CALL_TIMEOUT)
+            conn = UpstreamConnection(origin, connector,
+                                      timeout if timeout is not None else TOKEN_CALL_TIMEOUT)
             conn.response_class = http.client.HTTPResponse  # urllib expects an email message
             return conn
         return make
@@ -3748,7 +3758,8 @@ def _make_opener(connector: Connector):
 
     opener = urllib.request.OpenerDirector()
     for handler in (urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPErrorProcessor(), OriginHTTPHandler(), OriginHTTPSHandler()):
+                    urllib.request.HTTPErrorProcessor(), OriginHTTPHandler(),
+                    OriginHTTPSHandler()):
         opener.add_handler(handler)
     return opener
 
@@ -3758,8 +3769,10 @@ class UpstreamExchange:
     to the account's pool (or closes it) exactly once."""
     __slots__ = ("account", "conn", "response", "latency", "finished", "translation")
 
-    def __init__(self, account: "Account", conn: UpstreamConnection, response, latency: float = 0.0):
-        self.translation = None  # type: Any  # how the request was rewritten for the ChatGPT backend
+    def __init__(self, account: "Account", conn: UpstreamConnection, response,
+                 latency: float = 0.0):
+        # how the request was rewritten for the ChatGPT backend
+        self.translation = None  # type: Any
         self.account = account
         self.conn = conn
         self.response = response
@@ -3790,8 +3803,8 @@ class WebSocketHandshake:
     """What upstream answered to our upgrade request, minus its cookies: they
     are the owner's, and a refusal's headers are relayed to the client."""
 
-    def __init__(self, sock: Any, status: int, reason: str, headers: Headers, leftover: bytes = b"",
-                 body: bytes = b""):
+    def __init__(self, sock: Any, status: int, reason: str, headers: Headers,
+                 leftover: bytes = b"", body: bytes = b""):
         self.sock = sock
         self.status = status
         self.reason = reason
@@ -3812,10 +3825,12 @@ class WebSocketHandshake:
 def response_framing_problem(response) -> str:
     """Why an upstream response's body framing is ambiguous, or "" if it is not.
     http.client would quietly read such bodies to the end of the connection."""
-    codings = [c.strip().lower() for v in response.msg.get_all("transfer-encoding") or [] for c in v.split(",")]
+    codings = [c.strip().lower() for v in response.msg.get_all("transfer-encoding") or []
+               for c in v.split(",")]
     if codings and codings != ["chunked"]:
         return "unsupported transfer coding %r" % ", ".join(codings)
-    lengths = {v.strip() for raw in response.msg.get_all("content-length") or [] for v in raw.split(",")}
+    lengths = {v.strip() for raw in response.msg.get_all("content-length") or []
+               for v in raw.split(",")}
     if lengths and not codings and (len(lengths) != 1 or not lengths.pop().isdigit()):
         return "an invalid Content-Length"
     return ""
@@ -3855,7 +3870,8 @@ SESSION_TTL = 12 * 3600.0         # a sticky session forgotten after this long u
 MAX_SESSIONS = 20000
 
 
-class Window(namedtuple("Window", "used_percent window_minutes resets_at", defaults=(None, None, None))):
+class Window(namedtuple("Window", "used_percent window_minutes resets_at",
+                        defaults=(None, None, None))):
     """One rate-limit window of an account (see window_kind)."""
     __slots__ = ()
 
@@ -3867,7 +3883,8 @@ class Window(namedtuple("Window", "used_percent window_minutes resets_at", defau
 
     def to_json(self, now: float) -> Dict[str, Any]:
         return {"used_percent": round(self.used(now), 1), "window_minutes": self.window_minutes,
-                "resets_at": int(self.resets_at) if self.resets_at and self.resets_at > now else None}
+                "resets_at": (int(self.resets_at) if self.resets_at and self.resets_at > now
+                              else None)}
 
 
 def _number(value: Any) -> Optional[float]:
@@ -3917,7 +3934,8 @@ def window_positions(headers, now: float) -> List[Tuple[str, Window]]:
         resets_at = _number(headers.get(prefix + "reset-at"))
         if resets_at is None and _number(headers.get(prefix + "reset-after-seconds")) is not None:
             resets_at = now + _number(headers.get(prefix + "reset-after-seconds"))
-        out.append((name, Window(used, _number(headers.get(prefix + "window-minutes")), resets_at)))
+        out.append((name, Window(used, _number(headers.get(prefix + "window-minutes")),
+                                 resets_at)))
     return out
 
 
@@ -3942,7 +3960,8 @@ def windows_from_poll(limits: Any, now: float) -> Dict[str, Window]:
         resets_at = _number(data.get("reset_at"))
         if resets_at is None and _number(data.get("reset_after_seconds")) is not None:
             resets_at = now + _number(data.get("reset_after_seconds"))
-        window = Window(_number(data.get("used_percent")), seconds / 60 if seconds else None, resets_at)
+        window = Window(_number(data.get("used_percent")), seconds / 60 if seconds else None,
+                        resets_at)
         _keep_fuller(windows, window_kind(window.window_minutes, position), window)
     return windows
 
@@ -3980,21 +3999,22 @@ class Account:
     """One subscription: its login, its connections, its usage book, and what
     we know of its rate limits (from every response, from polls, from 429s)."""
 
-    def __init__(self, tag: str, credential_path: str, usage: Optional[UsageBook], detour: Optional[ProxyURL],
-                 config: Config, reserve_5h: int = 0, reserve_weekly: int = 0,
-                 check_interval: float = 1.0, now: Callable[[], float] = time.time,
-                 books: Optional[UsageBooks] = None):
+    def __init__(self, tag: str, credential_path: str, usage: Optional[UsageBook],
+                 detour: Optional[ProxyURL], config: Config, reserve_5h: int = 0,
+                 reserve_weekly: int = 0, check_interval: float = 1.0,
+                 now: Callable[[], float] = time.time, books: Optional[UsageBooks] = None):
         limits = config.limits
         self.tag = tag
         self.identity = (credential_path, os.path.abspath(usage.path) if usage else "", detour,
-                         limits.connect_timeout, limits.upstream_read_timeout, config.upstream.token_url)
+                         limits.connect_timeout, limits.upstream_read_timeout,
+                         config.upstream.token_url)
         self.reserve_5h = reserve_5h
         self.reserve_weekly = reserve_weekly
         self.connector = Connector(limits.connect_timeout, limits.upstream_read_timeout, detour)
         self.pool = UpstreamPool(self.connector)
         self.open_url = build_url_opener(self.connector)
-        self.credential = Credential(credential_path, config.upstream.token_url, self.open_url, tag=tag,
-                                     check_interval=check_interval)
+        self.credential = Credential(credential_path, config.upstream.token_url, self.open_url,
+                                     tag=tag, check_interval=check_interval)
         self.usage = usage or None  # type: Optional[UsageBook]
         self._books = books
         self._active = 0        # requests and sessions using it now
@@ -4014,7 +4034,8 @@ class Account:
         # Each user's share of this account's windows, in percent points, by
         # window kind (share_5h is of "short", share_weekly of "long").
         self.shares = {"short": {}, "long": {}}  # type: Dict[str, Dict[str, float]]
-        self._pending = []  # type: List[Tuple[str, float, Dict[str, float]]]  # finished since the last headers
+        # finished since the last headers
+        self._pending = []  # type: List[Tuple[str, float, Dict[str, float]]]
         self._percent_per_dollar = {}  # type: Dict[str, float]
 
     @property
@@ -4072,10 +4093,12 @@ class Account:
             old = self.windows.get(name) or Window()
             for user, _, provisional in pending:  # the estimates give way to the measurement
                 shares[user] = max(0.0, shares.get(user, 0.0) - provisional.get(name, 0.0))
-            if old.resets_at is not None and new.resets_at is not None and abs(new.resets_at - old.resets_at) > 60:
+            if (old.resets_at is not None and new.resets_at is not None
+                    and abs(new.resets_at - old.resets_at) > 60):
                 shares.clear()
                 continue
-            rise = max(0.0, new.used_percent - (old.used_percent or 0.0)) if old.used_percent is not None else 0.0
+            rise = (max(0.0, new.used_percent - (old.used_percent or 0.0))
+                    if old.used_percent is not None else 0.0)
             if not pending or rise <= 0:
                 continue
             for user, cost, _ in pending:
@@ -4084,7 +4107,8 @@ class Account:
             if total_cost > 0:
                 measured = rise / total_cost
                 known = self._percent_per_dollar.get(name)
-                self._percent_per_dollar[name] = measured if known is None else known + (measured - known) * 0.3
+                self._percent_per_dollar[name] = (measured if known is None
+                                                  else known + (measured - known) * 0.3)
 
     def note_completion(self, user: str, cost: float) -> None:
         """A request of ``user`` finished: its share counts at once, estimated
@@ -4110,13 +4134,18 @@ class Account:
         """429 when ``user`` has had their share of one of this account's windows."""
         if user is None:
             return
-        for kind, cap, label in (("short", user.share_5h, "5-hour"), ("long", user.share_weekly, "weekly")):
+        for kind, cap, label in (("short", user.share_5h, "5-hour"),
+                                 ("long", user.share_weekly, "weekly")):
             if cap is not None and self.user_share(user.name, kind) >= cap:
                 resets_at = (self.windows.get(kind) or Window()).resets_at
-                raise HTTPError(429, "rate_limit_error", "you have used your share (%g%%) of the %s window of "
-                                "account %s%s" % (cap, label, self.tag, "; it resets at %s UTC" % format_rfc3339(
-                                    resets_at)[:16].replace("T", " ") if resets_at else ""),
-                                headers=[("Retry-After", str(max(1, int(resets_at - self._now()))))] if resets_at else None)
+                raise HTTPError(429, "rate_limit_error", "you have used your share (%g%%) of "
+                                "the %s window of account %s%s"
+                                % (cap, label, self.tag, "; it resets at %s UTC"
+                                   % format_rfc3339(resets_at)[:16].replace("T", " ")
+                                   if resets_at else ""),
+                                headers=([("Retry-After",
+                                           str(max(1, int(resets_at - self._now()))))]
+                                         if resets_at else None))
 
     def mark_rate_limited(self, resets_at: float) -> None:
         with self._lock:
@@ -4133,10 +4162,13 @@ class Account:
         with self._lock:
             if self.cooldown_until > now:
                 return "cooling_down"
-            full = [kind for kind, window in self.windows.items() if window.used(now) >= 100 - self.reserve_of(kind)]
+            full = [kind for kind, window in self.windows.items()
+                    if window.used(now) >= 100 - self.reserve_of(kind)]
             if full:
-                return "reserve_reached" if any(window.used(now) < 100 for kind, window in self.windows.items()
-                                                if kind in full) else "exhausted"
+                return ("reserve_reached"
+                        if any(window.used(now) < 100 for kind, window in self.windows.items()
+                               if kind in full)
+                        else "exhausted")
         return "usable"
 
     def is_usable(self) -> bool:
@@ -4174,11 +4206,14 @@ class Account:
         state = self.state()
         problem = self.credential.public_problem()
         with self._lock:
-            out = {"tag": self.tag, "plan": self.plan or self._login_plan() or None, "state": state,
-                   "five_hour": self.short.to_json(now), "weekly": self.long.to_json(now),
-                   "cooldown_until": int(self.cooldown_until) if self.cooldown_until > now else None,
+            out = {"tag": self.tag, "plan": self.plan or self._login_plan() or None,
+                   "state": state, "five_hour": self.short.to_json(now),
+                   "weekly": self.long.to_json(now),
+                   "cooldown_until": (int(self.cooldown_until) if self.cooldown_until > now
+                                      else None),
                    "reserve_5h": self.reserve_5h, "reserve_weekly": self.reserve_weekly}
-            others = {kind: w.to_json(now) for kind, w in self.windows.items() if kind not in ("short", "long")}
+            others = {kind: w.to_json(now) for kind, w in self.windows.items()
+                      if kind not in ("short", "long")}
             if others:
                 out["other_windows"] = others
         if state == "unavailable":
@@ -4207,13 +4242,16 @@ class Account:
         if login.account_id:
             headers["ChatGPT-Account-Id"] = login.account_id
         try:
-            with self.open_url(urllib.request.Request(usage_url, headers=headers), POLL_TIMEOUT) as response:
+            with self.open_url(urllib.request.Request(usage_url, headers=headers),
+                               POLL_TIMEOUT) as response:
                 answer = parse_json(response.read(1 << 20))
         except urllib.error.HTTPError as exc:
             exc.close()
-            self._poll_failed("usage endpoint answered %d%s" % (exc.code, " (poll later)" if exc.code == 429 else ""))
+            self._poll_failed("usage endpoint answered %d%s"
+                              % (exc.code, " (poll later)" if exc.code == 429 else ""))
             return
-        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, OCMError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError,
+                OCMError) as exc:
             self._poll_failed("usage endpoint: %s" % (getattr(exc, "reason", None) or exc))
             return
         self.observe_poll(answer)
@@ -4249,7 +4287,8 @@ class Account:
                 problem = response_framing_problem(response)
                 if problem:
                     conn.close()
-                    raise HTTPError(502, "api_error", "upstream %s failed: %s" % (origin.host, problem))
+                    raise HTTPError(502, "api_error", "upstream %s failed: %s"
+                                    % (origin.host, problem))
                 return UpstreamExchange(self, conn, response, latency)
             except socket.timeout:
                 conn.close()
@@ -4258,7 +4297,8 @@ class Account:
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 if reused and attempt == 1 and isinstance(exc, (
-                        ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)):
+                        ConnectionError, http.client.RemoteDisconnected,
+                        http.client.BadStatusLine)):
                     continue  # the idle connection had gone stale
                 raise HTTPError(502, "api_error", "upstream %s failed: %s"
                                 % (origin.host, describe_connect_error(exc)))
@@ -4271,7 +4311,8 @@ class Account:
         else:
             conn.close()
 
-    def open_websocket(self, origin: Origin, path: str, headers: List[Tuple[str, str]]) -> "WebSocketHandshake":
+    def open_websocket(self, origin: Origin, path: str,
+                       headers: List[Tuple[str, str]]) -> "WebSocketHandshake":
         """Our own upgrade request upstream, on a dedicated connection. Raises
         HTTPError 502/504 when upstream cannot be reached or answers nonsense."""
         timeout = self.connector.read_timeout
@@ -4284,7 +4325,8 @@ class Account:
         default_port = 443 if origin.is_tls else 80
         host = "[%s]" % origin.host if ":" in origin.host else origin.host
         lines = ["GET %s HTTP/1.1" % path,
-                 "Host: %s" % (host if origin.port == default_port else "%s:%d" % (host, origin.port)),
+                 "Host: %s" % (host if origin.port == default_port
+                               else "%s:%d" % (host, origin.port)),
                  "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " + key,
                  "Sec-WebSocket-Version: 13"] + ["%s: %s" % item for item in headers]
         reader = SocketReader(sock)
@@ -4301,7 +4343,8 @@ class Account:
                     raise ValueError("a 101 without a valid WebSocket accept")
                 if resp_headers.get("sec-websocket-extensions"):
                     raise ValueError("an extension we did not offer")
-                return WebSocketHandshake(sock, 101, reason, resp_headers, leftover=bytes(reader.buf))
+                return WebSocketHandshake(sock, 101, reason, resp_headers,
+                                          leftover=bytes(reader.buf))
             body = read_refusal_body(reader, resp_headers, timeout)
         except socket.timeout:
             sock.close()
@@ -4454,8 +4497,9 @@ class Pool:
         with self._lock:
             self._sessions[session] = (account, now)
             self._sessions.move_to_end(session)
-            while self._sessions and (len(self._sessions) > MAX_SESSIONS
-                                      or next(iter(self._sessions.values()))[1] < now - SESSION_TTL):
+            while self._sessions and (
+                    len(self._sessions) > MAX_SESSIONS
+                    or next(iter(self._sessions.values()))[1] < now - SESSION_TTL):
                 self._sessions.popitem(last=False)
 
     def aggregate(self) -> Dict[str, Dict[str, Any]]:
@@ -4463,7 +4507,8 @@ class Pool:
         earliest resets."""
         now = self._now()
         accounts = self.accounts()
-        kinds = ["short", "long"] + sorted({k for a in accounts for k in a.windows if k not in ("short", "long")})
+        kinds = ["short", "long"] + sorted({k for a in accounts for k in a.windows
+                                            if k not in ("short", "long")})
         out = {}  # type: Dict[str, Dict[str, Any]]
         for kind in kinds:
             known = [(a.weight, a.windows[kind]) for a in accounts
@@ -4472,7 +4517,8 @@ class Pool:
             resets = [w.resets_at for _, w in known if w.resets_at and w.resets_at > now]
             minutes = [w.window_minutes for _, w in known if w.window_minutes]
             out[kind] = {
-                "used_percent": round(sum(weight * w.used(now) for weight, w in known) / total, 1) if total else None,
+                "used_percent": (round(sum(weight * w.used(now) for weight, w in known) / total, 1)
+                                 if total else None),
                 "resets_at": int(min(resets)) if resets else None,
                 "window_minutes": minutes[0] if minutes else None,
             }
@@ -4484,7 +4530,8 @@ class Pool:
         with its length (Codex reads a window's kind from its length)."""
         aggregate = self.aggregate()
         out = [(n, v) for n, v in headers if not re.match(
-            r"(?i)^x-codex-(primary|secondary)-(used-percent|reset-at|reset-after-seconds|window-minutes)$", n)]
+            r"(?i)^x-codex-(primary|secondary)-"
+            r"(used-percent|reset-at|reset-after-seconds|window-minutes)$", n)]
         now = self._now()
         known = [w for w in aggregate.values() if w["used_percent"] is not None]
         known.sort(key=lambda w: w["window_minutes"] or 0)
@@ -4494,7 +4541,8 @@ class Pool:
                 out.append(("x-codex-%s-window-minutes" % name, "%g" % window["window_minutes"]))
             if window["resets_at"]:
                 out.append(("x-codex-%s-reset-at" % name, str(window["resets_at"])))
-                out.append(("x-codex-%s-reset-after-seconds" % name, str(max(0, int(window["resets_at"] - now)))))
+                out.append(("x-codex-%s-reset-after-seconds" % name,
+                            str(max(0, int(window["resets_at"] - now)))))
         return out
 
     def to_json(self) -> Dict[str, Any]:
@@ -4512,7 +4560,8 @@ class Pool:
 
 
 def build_accounts(config: Config, books: UsageBooks, check_interval: float = 1.0,
-                   reuse: Optional[Dict[str, Account]] = None) -> Tuple[Dict[str, Account], Dict[str, Pool]]:
+                   reuse: Optional[Dict[str, Account]] = None
+                   ) -> Tuple[Dict[str, Account], Dict[str, Pool]]:
     """The accounts and pools a config describes. Without ``credentials``:
     one account, "default", from credential_path, usages_path and detour.
     On a reload, an account whose file, usage file, detour and timeouts did
@@ -4522,10 +4571,12 @@ def build_accounts(config: Config, books: UsageBooks, check_interval: float = 1.
     limits = config.limits
     made = []  # type: List[Account]
 
-    def make(tag: str, path: str, usages: str, detour: Optional[ProxyURL], r5: int = 0, rw: int = 0) -> Account:
+    def make(tag: str, path: str, usages: str, detour: Optional[ProxyURL], r5: int = 0,
+             rw: int = 0) -> Account:
         old = (reuse or {}).get(tag)
-        identity = (path, os.path.abspath(usages) if usages else "", detour, limits.connect_timeout,
-                    limits.upstream_read_timeout, config.upstream.token_url)
+        identity = (path, os.path.abspath(usages) if usages else "", detour,
+                    limits.connect_timeout, limits.upstream_read_timeout,
+                    config.upstream.token_url)
         if old is not None and old.identity == identity:
             return old
         book = books.open(usages) if usages else None
@@ -4581,7 +4632,8 @@ def account_settings(config: Config) -> Dict[str, Tuple[int, int, float]]:
     settings a reload may change on an account it keeps."""
     if not config.credentials:
         return {"default": (0, 0, 0.0)}
-    settings = {c.tag: (c.reserve_5h, c.reserve_weekly, 0.0) for c in config.credentials if not c.is_pool}
+    settings = {c.tag: (c.reserve_5h, c.reserve_weekly, 0.0) for c in config.credentials
+                if not c.is_pool}
     for c in config.credentials:  # polled as often as its busiest pool asks
         if c.is_pool:
             for tag in accounts_of(config, c.tag):
@@ -4620,7 +4672,8 @@ class PeriodClock:
             self._tz = datetime.timezone.utc
         elif _UTC_OFFSET.match(name):
             sign = 1 if name[0] == "+" else -1
-            self._tz = datetime.timezone(sign * datetime.timedelta(hours=int(name[1:3]), minutes=int(name[4:6])))
+            self._tz = datetime.timezone(sign * datetime.timedelta(hours=int(name[1:3]),
+                                                                   minutes=int(name[4:6])))
         elif name != "local":
             import zoneinfo
             self._tz = zoneinfo.ZoneInfo(name)
@@ -4631,7 +4684,8 @@ class PeriodClock:
     def period(self, period: str, now: float) -> Tuple[str, float]:
         """(key, resets_at) of the day, week or month containing ``now``."""
         dt = self._datetime
-        moment = dt.datetime.fromtimestamp(now, self._tz) if self._tz else dt.datetime.fromtimestamp(now)
+        moment = (dt.datetime.fromtimestamp(now, self._tz) if self._tz
+                  else dt.datetime.fromtimestamp(now))
         start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
         if period == "day":
             return start.strftime("%Y-%m-%d"), self._epoch(start + dt.timedelta(days=1))
@@ -4675,10 +4729,12 @@ def worst_case_cost(model: str, tier: str) -> Tuple[float, int]:
     if not model:
         return dearest_worst_case()
     row = find_price_row(model, tier)
-    window = PREMIUM_CONTEXT_WINDOW if row is None or row[4] is not None or LONG_CONTEXT_MODELS.match(model) \
-        else DEFAULT_CONTEXT_WINDOW
+    window = (PREMIUM_CONTEXT_WINDOW
+              if row is None or row[4] is not None or LONG_CONTEXT_MODELS.match(model)
+              else DEFAULT_CONTEXT_WINDOW)
     price_in, price_out, _ = prices_for(model, tier, window)
-    return (window * price_in + OUTPUT_TOKEN_CEILING * price_out) / 1e6, window + OUTPUT_TOKEN_CEILING
+    return ((window * price_in + OUTPUT_TOKEN_CEILING * price_out) / 1e6,
+            window + OUTPUT_TOKEN_CEILING)
 
 
 @functools.lru_cache(maxsize=None)
@@ -4809,20 +4865,23 @@ class BudgetLedger:
                 return periods, self._refusal(budget, spending, resets_at, "is used up"), False
             if spending.running == 0:
                 if spent + min(estimate[unit], limit) > limit:
-                    return periods, self._refusal(budget, spending, resets_at, "has %s left" % self._amount(
-                        budget, limit - spent), ", less than your requests usually %s (%s)" % (
-                        "cost" if unit == 0 else "use", self._amount(budget, estimate[unit]))), False
+                    return periods, self._refusal(budget, spending, resets_at, "has %s left"
+                                                  % self._amount(budget, limit - spent),
+                                                  ", less than your requests usually %s (%s)"
+                                                  % ("cost" if unit == 0 else "use",
+                                                     self._amount(budget, estimate[unit]))), False
             elif spent + (spending.worst_usd, spending.worst_tokens)[unit] + worst[unit] > limit:
                 held = (spending.held_usd, spending.held_tokens)[unit]
                 waiting = self._refusal(budget, spending, resets_at, "has %s left" % self._amount(
-                    budget, max(0.0, limit - spent - held)), "; near its end requests run one at a time, "
+                    budget, max(0.0, limit - spent - held)),
+                    "; near its end requests run one at a time, "
                     "and the running one did not end within %g s" % self.wait, retry_after=1)
             if (budget.period, key) not in periods:
                 periods.append((budget.period, key))
         return periods, waiting, waiting is not None
 
-    def _reserve_locked(self, user: str, periods: List[Tuple[str, str]], estimate: Tuple[float, float],
-                        worst: Tuple[float, float]) -> Reservation:
+    def _reserve_locked(self, user: str, periods: List[Tuple[str, str]],
+                        estimate: Tuple[float, float], worst: Tuple[float, float]) -> Reservation:
         for period, key in periods:
             spending = self._periods.setdefault((user, period, key), _Spending())
             spending.running += 1
@@ -4841,16 +4900,22 @@ class BudgetLedger:
         """429 naming the budget, what is spent and running, and the reset in
         the owner's time zone: never "reached" beside a smaller figure."""
         if budget.usd is not None:
-            limit, spent, held = "$%.2f" % budget.usd, "$%.2f spent" % spending.usd, spending.held_usd
-            running = ", $%.2f set aside for %d running" % (held, spending.running) if spending.running else ""
+            limit, spent, held = ("$%.2f" % budget.usd, "$%.2f spent" % spending.usd,
+                                  spending.held_usd)
+            running = (", $%.2f set aside for %d running" % (held, spending.running)
+                       if spending.running else "")
         else:
-            limit, spent = "{:,} tokens".format(budget.tokens), "{:,.0f} used".format(spending.tokens)
-            running = (", {:,.0f} set aside for {} running".format(spending.held_tokens, spending.running)
+            limit, spent = ("{:,} tokens".format(budget.tokens),
+                            "{:,.0f} used".format(spending.tokens))
+            running = (", {:,.0f} set aside for {} running".format(spending.held_tokens,
+                                                                    spending.running)
                        if spending.running else "")
         wait = retry_after or max(1, int(resets_at - self._now()))
-        return HTTPError(429, "rate_limit_error", "your %s budget of %s %s (%s%s)%s; it resets at %s" % (
-            PERIOD_WORDS[budget.period], limit, state, spent, running, detail,
-            self.clock.describe(resets_at)), headers=[("Retry-After", str(wait))])
+        return HTTPError(429, "rate_limit_error",
+                         "your %s budget of %s %s (%s%s)%s; it resets at %s"
+                         % (PERIOD_WORDS[budget.period], limit, state, spent, running, detail,
+                            self.clock.describe(resets_at)),
+                         headers=[("Retry-After", str(wait))])
 
     def settle(self, reservation: Reservation, usd: float, tokens: int) -> None:
         """Charge what a request really cost, once to each budget period it
@@ -4922,13 +4987,17 @@ class BudgetLedger:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise ConfigError("budgets_path: cannot read %s (%s)" % (self.path, exc.strerror or exc))
+            raise ConfigError("budgets_path: cannot read %s (%s)"
+                              % (self.path, exc.strerror or exc))
         try:
             spent, average = self._parse(parse_json(raw.decode("utf-8")))
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             aside = move_aside(self.path, self._now())
-            log.error("budget file %s is damaged (%s); moved it to %s and started afresh", self.path,
-                      exc.__class__.__name__ if isinstance(exc, (TypeError, AttributeError)) else exc, aside)
+            log.error("budget file %s is damaged (%s); moved it to %s and started afresh",
+                      self.path,
+                      (exc.__class__.__name__ if isinstance(exc, (TypeError, AttributeError))
+                       else exc),
+                      aside)
             return
         with self._lock:
             self._periods.update(spent)
@@ -4947,7 +5016,8 @@ class BudgetLedger:
                 raise ValueError("a negative or infinite amount")
             return numbers
 
-        spent, average = {}, {}  # type: Dict[Tuple[str, str, str], _Spending], Dict[str, List[float]]
+        spent, average = (
+            {}, {})  # type: Dict[Tuple[str, str, str], _Spending], Dict[str, List[float]]
         for user, entry in data.get("users", {}).items():
             for period in ("day", "week", "month"):
                 for key, values in (entry.get(period) or {}).items():
@@ -4964,12 +5034,14 @@ class BudgetLedger:
         users = {}  # type: Dict[str, Any]
         with self._lock:
             for (user, period, key), spending in self._periods.items():
-                if key == current[period] and (spending.requests or spending.usd or spending.tokens):
+                if key == current[period] and (spending.requests or spending.usd
+                                               or spending.tokens):
                     users.setdefault(user, {}).setdefault(period, {})[key] = {
                         "usd": round(spending.usd, 6), "tokens": int(spending.tokens),
                         "requests": spending.requests}
             for user, (usd, tokens) in self._average.items():
-                users.setdefault(user, {})["average_per_request"] = {"usd": round(usd, 6), "tokens": int(tokens)}
+                users.setdefault(user, {})["average_per_request"] = {"usd": round(usd, 6),
+                                                                      "tokens": int(tokens)}
         return {"timezone": self.clock.name, "saved_at": format_rfc3339(now), "users": users}
 
     def save_if_dirty(self) -> None:
@@ -4984,7 +5056,8 @@ class BudgetLedger:
             with self._lock:
                 self._dirty = True
             if not self._save_failing:
-                log.error("cannot save budgets to %s (%s); retrying", self.path, exc.strerror or exc)
+                log.error("cannot save budgets to %s (%s); retrying", self.path,
+                          exc.strerror or exc)
             self._save_failing = True
 
 
@@ -4999,9 +5072,10 @@ class ConcurrencyLimit:
         with self._lock:
             count = self._in_flight.get(user.name, 0)
             if user.max_concurrent and count >= user.max_concurrent:
-                raise HTTPError(429, "rate_limit_error", "you may run %d request%s at a time, and %d %s running; "
-                                "try again when one ends" % (user.max_concurrent, "" if user.max_concurrent == 1 else "s",
-                                                             count, "is" if count == 1 else "are"),
+                raise HTTPError(429, "rate_limit_error", "you may run %d request%s at a time, "
+                                "and %d %s running; try again when one ends"
+                                % (user.max_concurrent, "" if user.max_concurrent == 1 else "s",
+                                   count, "is" if count == 1 else "are"),
                                 headers=[("Retry-After", "1")])
             self._in_flight[user.name] = count + 1
 
@@ -5021,7 +5095,8 @@ def model_allowed(user: User, model: str) -> bool:
 def check_access(user: Optional[User], now: float) -> None:
     """403 for a user whose access has expired."""
     if user is not None and user.expires_at is not None and now >= user.expires_at:
-        raise HTTPError(403, "permission_error", "your access expired at %s UTC; ask the owner to renew it"
+        raise HTTPError(403, "permission_error", "your access expired at %s UTC; ask the owner "
+                        "to renew it"
                         % format_rfc3339(user.expires_at)[:19].replace("T", " "))
 
 
@@ -5071,7 +5146,8 @@ class Metrics:
 
 COUNTER_HELP = (
     ("ocm_requests_total", "Requests answered, by user, status and model."),
-    ("ocm_responses_total", "Model responses that carried usage (what the usage file counts), by user and model."),
+    ("ocm_responses_total",
+     "Model responses that carried usage (what the usage file counts), by user and model."),
     ("ocm_tokens_total", "Tokens used, by user, model and kind (input, cached, output)."),
     ("ocm_cost_usd_total", "Cost at API prices in USD, by user and model."),
     ("ocm_token_refreshes_total", "Access-token refreshes, by account."),
@@ -5090,8 +5166,10 @@ def render_metrics(server: "OCMServer") -> str:
 
     counters = server.metrics.counters()
     for account in server.accounts.values():
-        counters[("ocm_token_refreshes_total", (("account", account.tag),))] = account.credential.refreshes
-        counters[("ocm_token_refresh_failures_total", (("account", account.tag),))] = account.credential.refresh_failures
+        counters[("ocm_token_refreshes_total",
+                  (("account", account.tag),))] = account.credential.refreshes
+        counters[("ocm_token_refresh_failures_total",
+                  (("account", account.tag),))] = account.credential.refresh_failures
     for name, help_text in COUNTER_HELP:
         lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s counter" % name]
         for (counter, labels), value in sorted(counters.items()):
@@ -5110,9 +5188,11 @@ def render_metrics(server: "OCMServer") -> str:
         for kind, window in sorted(account.windows.items()):
             if window.used_percent is not None:
                 sample("ocm_account_used_percent", {"account": account.tag,
-                                                    "window": WINDOW_LABELS.get(kind, kind)}, window.used(now))
+                                                    "window": WINDOW_LABELS.get(kind, kind)},
+                       window.used(now))
         sample("ocm_account_usable", {"account": account.tag}, 1 if account.is_usable() else 0)
-    lines += ["# HELP ocm_budget_spent Spending in the current period against each budget (usd or tokens).",
+    lines += ["# HELP ocm_budget_spent Spending in the current period against each budget "
+              "(usd or tokens).",
               "# TYPE ocm_budget_spent gauge",
               "# HELP ocm_budget_limit Each budget's limit (usd or tokens).",
               "# TYPE ocm_budget_limit gauge"]
@@ -5123,21 +5203,25 @@ def render_metrics(server: "OCMServer") -> str:
             labels = {"user": user.name, "period": budget.period, "unit": unit}
             sample("ocm_budget_spent", labels, spent[0] if unit == "usd" else spent[1])
             sample("ocm_budget_limit", labels, budget.usd if unit == "usd" else budget.tokens)
-    lines += ["# HELP ocm_user_share_percent Each user's estimated share of an account's window, in points.",
+    lines += ["# HELP ocm_user_share_percent Each user's estimated share of an account's window, "
+              "in points.",
               "# TYPE ocm_user_share_percent gauge"]
     for account in server.accounts.values():
         for kind in ("short", "long"):
             for user_name in sorted(account.shares.get(kind, ())):
                 sample("ocm_user_share_percent", {"user": user_name, "account": account.tag,
-                                                  "window": WINDOW_LABELS[kind]}, account.user_share(user_name, kind))
+                                                  "window": WINDOW_LABELS[kind]},
+                       account.user_share(user_name, kind))
     buckets, total = server.metrics.latency()
-    lines += ["# HELP ocm_upstream_latency_seconds Time from sending a request upstream to its answer's head.",
+    lines += ["# HELP ocm_upstream_latency_seconds Time from sending a request upstream to its "
+              "answer's head.",
               "# TYPE ocm_upstream_latency_seconds histogram"]
     count = 0
     for bound, n in zip(list(LATENCY_BUCKETS) + ["+Inf"], buckets):
         count += n
         lines.append('ocm_upstream_latency_seconds_bucket{le="%s"} %d' % (bound, count))
-    lines += ["ocm_upstream_latency_seconds_sum %r" % total, "ocm_upstream_latency_seconds_count %d" % count]
+    lines += ["ocm_upstream_latency_seconds_sum %r" % total,
+              "ocm_upstream_latency_seconds_count %d" % count]
     return "\n".join(lines) + "\n"
 
 
@@ -5261,11 +5345,13 @@ def write_access_line(request: "RequestRecord", log_format: str) -> None:
     if not access_log.isEnabledFor(level):
         return
     duration = time.monotonic() - request.started
-    user, path, model = log_safe(request.user_name), log_safe(request.path), log_safe(request.model)
+    user, path, model = (log_safe(request.user_name), log_safe(request.path),
+                         log_safe(request.model))
     account = log_safe(request.account.tag) if request.account is not None else ""
     asked = log_safe(request.asked_model)
     if log_format != "json":  # a space or "=" in a value could pass for another field
-        user, model, asked = ('"%s"' % v.replace('"', '\\"') if (" " in v or "=" in v or '"' in v) else v
+        user, model, asked = ('"%s"' % v.replace('"', '\\"')
+                              if (" " in v or "=" in v or '"' in v) else v
                               for v in (user, model, asked))
     if log_format == "json":
         access_log.log(level, json.dumps({
@@ -5278,8 +5364,9 @@ def write_access_line(request: "RequestRecord", log_format: str) -> None:
         return
     access_log.log(level, "%s %s %s %d model=%s in=%d cached=%d out=%d cost=$%.4f %.3fs%s%s",
                    user or "-", request.method, path, request.status, model or "-",
-                   request.input_tokens, request.cached_tokens, request.output_tokens, request.cost,
-                   duration, " account=" + account if account else "", " asked=" + asked if asked else "")
+                   request.input_tokens, request.cached_tokens, request.output_tokens,
+                   request.cost, duration, " account=" + account if account else "",
+                   " asked=" + asked if asked else "")
 
 
 # == 13b. Dashboard ==========================================================
