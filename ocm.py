@@ -6943,7 +6943,8 @@ class SSEScanner:
         self._dispatch()
 
     def _give_up(self) -> None:
-        log.warning("an event larger than %d bytes: usage scanning stops for this stream", self._max)
+        log.warning("an event larger than %d bytes: usage scanning stops for this stream",
+                    self._max)
         self.broken = True
         self._data, self._tail = [], b""
 
@@ -6994,7 +6995,8 @@ def apply_mask(data: bytes, mask: bytes) -> bytes:
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
-def encode_frame(opcode: int, payload: bytes = b"", fin: bool = True, masked: bool = False) -> bytes:
+def encode_frame(opcode: int, payload: bytes = b"", fin: bool = True,
+                 masked: bool = False) -> bytes:
     """One frame. Frames to a server are masked with a fresh random key."""
     first = (0x80 if fin else 0) | opcode
     n = len(payload)
@@ -7179,7 +7181,8 @@ class UsageTap:
         self._parts = None     # type: Optional[List[bytes]]
         self._size = 0
         self._finished = False
-        self._scanner = SSEScanner(self._on_event) if stream else None  # type: Optional[SSEScanner]
+        self._scanner = (SSEScanner(self._on_event)
+                         if stream else None)  # type: Optional[SSEScanner]
         if not stream:
             self._parts = []
 
@@ -8781,14 +8784,16 @@ def canonical_path(raw: str) -> str:
 
         raw = _PERCENT_ESCAPE.sub(decode, raw)
         if "%2F" in raw or "%5C" in raw or "%00" in raw:
-            raise HTTPError(400, "invalid_request_error", "the path has an encoded slash, backslash or NUL")
+            raise HTTPError(400, "invalid_request_error",
+                            "the path has an encoded slash, backslash or NUL")
     if "\\" in raw:
         raise HTTPError(400, "invalid_request_error", "the path has a backslash")
     segments = []  # type: List[str]
     for segment in raw.split("/"):
         if segment == "..":
             if len(segments) <= 1:
-                raise HTTPError(400, "invalid_request_error", "the path climbs out of %s with dot segments"
+                raise HTTPError(400, "invalid_request_error",
+                                "the path climbs out of %s with dot segments"
                                 % ("/" + segments[0] if segments else "/"))
             segments.pop()
         elif segment not in ("", "."):
@@ -8808,8 +8813,9 @@ ENDPOINTS = {
 CODEX_CLIENT_VERSION = "0.171.0"  # what OCM says it is when it asks the backend for its models
 # Where OCM can read what a model answer cost: the only POSTs a person with a
 # budget may make (images, audio, batches and the like report no usage).
-COUNTED_PATHS = frozenset(("/v1/responses", "/v1/responses/compact", "/v1/chat/completions", "/v1/completions",
-                           "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens"))
+COUNTED_PATHS = frozenset(("/v1/responses", "/v1/responses/compact", "/v1/chat/completions",
+                           "/v1/completions", "/v1/embeddings", "/v1/messages",
+                           "/v1/messages/count_tokens"))
 
 
 class RequestBody:
@@ -8824,7 +8830,8 @@ class RequestBody:
         self.data = data
         self.problem = problem
         data = data or {}
-        model, tier, session = data.get("model"), data.get("service_tier"), data.get("prompt_cache_key")
+        model, tier, session = (data.get("model"), data.get("service_tier"),
+                                data.get("prompt_cache_key"))
         self.model = model if isinstance(model, str) else ""
         self.tier = tier if isinstance(tier, str) else ""
         self.stream = data.get("stream") is True
@@ -8933,20 +8940,23 @@ def decode_content(raw: bytes, encoding: str, limit: int) -> bytes:
 MAX_JSON_VALUES = 500000
 
 
-def parse_request_body(raw: bytes, encoding: str = "", limit: int = DEFAULT_MAX_BODY_SIZE) -> RequestBody:
+def parse_request_body(raw: bytes, encoding: str = "",
+                       limit: int = DEFAULT_MAX_BODY_SIZE) -> RequestBody:
     """Parse a body once, for every decision made from it. Never raises: what
     cannot be read is a ``problem``, and the body still goes on byte for byte."""
     encoding = encoding.strip().lower()
     if encoding and encoding != "identity":
         if encoding not in READABLE_ENCODINGS:
-            return RequestBody(None, "it is compressed with %s, which OCM cannot read" % encoding[:40])
+            return RequestBody(None, "it is compressed with %s, which OCM cannot read"
+                               % encoding[:40])
         try:
             raw = decode_content(raw, encoding, limit)
         except ValueError as exc:
             return RequestBody(None, "its %s encoding is broken (%s)" % (encoding, exc))
     if not raw:
         return RequestBody(None, "it has no body")
-    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")  # counted at C speed, strings and all
+    # counted at C speed, strings and all
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
     if values > MAX_JSON_VALUES:
         return RequestBody(None, "it holds over %d values, more than OCM reads" % MAX_JSON_VALUES)
     try:
@@ -8957,8 +8967,10 @@ def parse_request_body(raw: bytes, encoding: str = "", limit: int = DEFAULT_MAX_
         return RequestBody(None, "it is not one JSON object (%s)" % exc)
     data = dict(members)
     if len(data) != len(members):
-        names = sorted({name for name, _ in members if sum(1 for n, _ in members if n == name) > 1})
-        return RequestBody(data, "it names %s more than once" % ", ".join(repr(n)[:60] for n in names[:3]))
+        names = sorted({name for name, _ in members
+                        if sum(1 for n, _ in members if n == name) > 1})
+        return RequestBody(data, "it names %s more than once"
+                           % ", ".join(repr(n)[:60] for n in names[:3]))
     return RequestBody(data)
 
 
@@ -8971,7 +8983,8 @@ def session_key(headers: Headers, body: Optional[RequestBody]) -> str:
     return "prompt:" + body.session if body is not None and body.session else ""
 
 
-def error_event(status: int, error: Dict[str, Any], headers: Optional[Dict[str, str]] = None) -> bytes:
+def error_event(status: int, error: Dict[str, Any],
+                headers: Optional[Dict[str, str]] = None) -> bytes:
     """A WebSocket error event as the backend sends them (PROTOCOL.md section 6):
     the one builder for every error OCM tells a WebSocket client."""
     event = {"type": "error", "status": status, "error": error}
@@ -8998,8 +9011,8 @@ class Translation:
     Responses client), "chat", "anthropic", or "models" (the models list)."""
     __slots__ = ("kind", "request", "body", "stream", "model", "answer_id", "created")
 
-    def __init__(self, kind: str, request: Dict[str, Any], body: Optional[Dict[str, Any]], stream: bool,
-                 model: str):
+    def __init__(self, kind: str, request: Dict[str, Any], body: Optional[Dict[str, Any]],
+                 stream: bool, model: str):
         self.kind = kind
         self.request = request      # what the client sent
         self.body = body            # what goes upstream
@@ -9022,12 +9035,14 @@ class Translation:
     def answer(self, response: Dict[str, Any]) -> Dict[str, Any]:
         """The client's whole answer from the assembled Responses object."""
         if self.kind == "chat":
-            return chat_completion_from_response(self.request, response, self.answer_id, self.created)
+            return chat_completion_from_response(self.request, response, self.answer_id,
+                                                 self.created)
         if self.kind == "anthropic":
             return anthropic_message_from_response(self.request, response, self.answer_id)
         return response
 
-    def error_body(self, status: int, error_type: str, message: str, code: Optional[str] = None) -> bytes:
+    def error_body(self, status: int, error_type: str, message: str,
+                   code: Optional[str] = None) -> bytes:
         if self.kind == "anthropic":
             body = anthropic_error_body(status, error_type, message)
         else:
@@ -9049,8 +9064,10 @@ def translate_for_backend(endpoint: str, query: str, body: Optional[RequestBody]
     data = body.data
     if data is None or body.problem:
         if endpoint == "responses":
-            return None  # unreadable or ambiguous here (zstd from Codex): byte for byte, upstream decides
-        raise HTTPError(400, "invalid_request_error", "OCM cannot read this request: %s" % body.problem)
+            # unreadable or ambiguous here (zstd from Codex): byte for byte, upstream decides
+            return None
+        raise HTTPError(400, "invalid_request_error", "OCM cannot read this request: %s"
+                        % body.problem)
     model = resolve_model(data.get("model"), model_map)
     stream = data.get("stream") is True
     if endpoint == "chat":
@@ -9082,18 +9099,20 @@ def models_list(answer: Any, model_map: List[Tuple[str, str]]) -> Dict[str, Any]
     """The backend's models in OpenAI's list format, plus the names model_map
     gives other clients (its patterns without wildcards)."""
     models = answer.get("models") if isinstance(answer, dict) else None
-    names = [m.get("slug") for m in models or () if isinstance(m, dict) and isinstance(m.get("slug"), str)]
+    names = [m.get("slug") for m in models or ()
+             if isinstance(m, dict) and isinstance(m.get("slug"), str)]
     names += [pattern for pattern, _ in model_map if not any(c in pattern for c in "*?[")]
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "openai"}
-                                       for name in dict.fromkeys(names)]}
+    return {"object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "openai"}
+                     for name in dict.fromkeys(names)]}
 
 
 class RequestRecord:
     """What the access log, the metrics, the usage book and the budgets say of
     one HTTP request or one WebSocket turn. ``OCMServer.settle`` reads it
     exactly once, when the request or turn is over."""
-    __slots__ = ("method", "path", "user", "user_name", "status", "model", "asked_model", "tier", "account",
-                 "holds_account", "usage", "week_start", "reservation", "input_tokens",
+    __slots__ = ("method", "path", "user", "user_name", "status", "model", "asked_model", "tier",
+                 "account", "holds_account", "usage", "week_start", "reservation", "input_tokens",
                  "cached_tokens", "output_tokens", "cost", "started", "settled", "quiet",
                  "client_left", "input_estimate", "relayed", "error")
 
@@ -9146,8 +9165,8 @@ class ModelRequest:
     transport: the checks before it goes upstream, and the one failover loop
     that sends it."""
 
-    def __init__(self, server: "OCMServer", state: "State", user: Optional[User], record: RequestRecord,
-                 body: Optional[RequestBody]):
+    def __init__(self, server: "OCMServer", state: "State", user: Optional[User],
+                 record: RequestRecord, body: Optional[RequestBody]):
         self.server = server
         self.state = state
         self.user = user
@@ -9165,18 +9184,20 @@ class ModelRequest:
         escape the usage file) or for people with budgets (and theirs)."""
         user, body = self.user, self.body
         if body is not None and body.data is not None and body.data.get("background") is True:
-            raise HTTPError(400, "invalid_request_error", "OCM cannot count what a background response "
-                            "costs (its usage comes later, elsewhere); send the request without background")
+            raise HTTPError(400, "invalid_request_error", "OCM cannot count what a background "
+                            "response costs (its usage comes later, elsewhere); send the request "
+                            "without background")
         if user is None or body is None:
             return
         if user.budgets and self.record.method == "POST" and self.record.path not in COUNTED_PATHS:
-            raise HTTPError(403, "permission_error", "you have a budget, and OCM cannot count what %s "
-                            "costs; ask the owner" % log_safe(self.record.path))
+            raise HTTPError(403, "permission_error", "you have a budget, and OCM cannot count "
+                            "what %s costs; ask the owner" % log_safe(self.record.path))
         if user.models:
             if body.problem:
-                raise HTTPError(400, "invalid_request_error", "OCM cannot tell which model this request "
-                                "asks for (%s), and you may use only some models (%s); send a plain JSON "
-                                "object that names one model" % (body.problem, ", ".join(user.models)))
+                raise HTTPError(400, "invalid_request_error", "OCM cannot tell which model this "
+                                "request asks for (%s), and you may use only some models (%s); "
+                                "send a plain JSON object that names one model"
+                                % (body.problem, ", ".join(user.models)))
             check_model(user, body.model)
         if self.state.ledger is not None and user.budgets:
             self.record.reservation = self.state.ledger.admit(user, body.model, body.tier)
@@ -9228,19 +9249,21 @@ class ModelRequest:
                     account.observe_headers(answer.headers, success=False)
                     account.mark_rate_limited(rate_limit_reset(body, answer.headers, time.time()))
                 else:
-                    log.warning("account %s: upstream refused its login after a refresh; trying another",
-                                account.tag)
+                    log.warning("account %s: upstream refused its login after a refresh; "
+                                "trying another", account.tag)
                 account.end()
                 tried.add(account)
                 continue
-            account.observe_headers(answer.headers, success=200 <= answer.status < 300 or answer.status == 101)
+            account.observe_headers(answer.headers,
+                                    success=200 <= answer.status < 300 or answer.status == 101)
             self.record.account, self.record.holds_account = account, True
             self.moved = bool(tried) or (previous is not None and previous is not account)
             if answer.status == 400 and self.moved and strip_reasoning is not None:
                 answer = self._retry_without_reasoning(account, answer, attempt, strip_reasoning)
             return account, answer
 
-    def _retry_without_reasoning(self, account: Account, answer: Any, attempt: Callable[[Account, Login], Any],
+    def _retry_without_reasoning(self, account: Account, answer: Any,
+                                 attempt: Callable[[Account, Login], Any],
                                  strip_reasoning: Callable[[], bool]) -> Any:
         """A 400 on the account a conversation moved to: if it cannot read the
         reasoning another account encrypted, send once more without it."""
@@ -9253,7 +9276,8 @@ class ModelRequest:
             log.info("account %s cannot read this conversation's reasoning from another account; "
                      "sending once more without it", account.tag)
             return self._send_to(account, attempt)
-        raise HTTPError(400, "invalid_request_error", "", body=body)  # upstream's answer, as it was
+        # upstream's answer, as it was
+        raise HTTPError(400, "invalid_request_error", "", body=body)
 
     @staticmethod
     def _send_to(account: Account, attempt: Callable[[Account, Login], Any]) -> Any:
@@ -9263,7 +9287,8 @@ class ModelRequest:
         if answer.status == 401 and login.mode == "chatgpt":
             new_login = account.credential.refresh(login.access_token)
             if new_login.access_token != login.access_token:
-                log.info("account %s: upstream refused the access token; refreshed, retrying once", account.tag)
+                log.info("account %s: upstream refused the access token; refreshed, "
+                         "retrying once", account.tag)
                 answer.discard()
                 answer = attempt(account, new_login)
         return answer
@@ -9315,9 +9340,11 @@ def choose_account(pool: "Pool", session: str, tried: set) -> Account:
                             "usable login (see /ocm/v1/status)" % pool.tag)
         now = time.time()
         return_at = ("; try again at %s" % format_rfc3339(exc.resets_at)) if exc.resets_at else ""
-        raise HTTPError(429, "usage_limit_reached", "every account of %r is resting%s" % (pool.tag, return_at),
+        raise HTTPError(429, "usage_limit_reached", "every account of %r is resting%s"
+                        % (pool.tag, return_at),
                         body=usage_limit_body(exc.resets_at, now),
-                        headers=[("Retry-After", str(max(1, int(exc.resets_at - now))))] if exc.resets_at else None)
+                        headers=([("Retry-After", str(max(1, int(exc.resets_at - now))))]
+                                 if exc.resets_at else None))
 
 
 class State:
@@ -9341,7 +9368,8 @@ class State:
             return self.pools[user.credential]
         if not self.config.credentials:  # open access: the first pool, else the first account
             return self.pools["default"]
-        tags = [c.tag for c in self.config.credentials if c.is_pool] or [self.config.credentials[0].tag]
+        tags = ([c.tag for c in self.config.credentials if c.is_pool]
+                or [self.config.credentials[0].tag])
         return self.pools[tags[0]]
 
     def upstream_target(self, mode: str, path: str, query: str) -> Tuple[BaseURL, str]:
@@ -9397,7 +9425,8 @@ def connection_listed(headers) -> set:
     return names
 
 
-REQUEST_DROPPED_HEADERS = HOP_BY_HOP | CLIENT_CREDENTIAL_HEADERS | CLIENT_PRIVATE_HEADERS | OCM_SET_HEADERS
+REQUEST_DROPPED_HEADERS = (HOP_BY_HOP | CLIENT_CREDENTIAL_HEADERS | CLIENT_PRIVATE_HEADERS
+                           | OCM_SET_HEADERS)
 
 
 def build_upstream_headers(client: Headers, config_headers: Dict[str, List[str]],
@@ -9471,7 +9500,8 @@ WS_FIRST_MESSAGE_WAIT = 10.0  # a refused session's error frame waits this long 
 WS_SHUTDOWN_WAIT = 2.0  # at shutdown, how long live sessions get to finish their close
 WS_POLICY_CLOSE = 1008  # RFC 6455: the endpoint's policy ends the session
 # Terminal events of a turn: each ends the oldest turn still running.
-TURN_END_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed", "error"))
+TURN_END_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed",
+                             "error"))
 WS_IDLE_LIMIT = 30 * 60.0  # a session whose client sent no message this long may be closed
                            # (the backend ends every session after 60 minutes; Codex reconnects)
 
@@ -9502,7 +9532,8 @@ def usage_limit_frame(handshake: WebSocketHandshake) -> bytes:
     if not isinstance(error, dict):
         error = {"type": "usage_limit_reached",
                  "message": handshake.body.decode("utf-8", "replace")[:500] or "rate limited"}
-    return error_event(429, error, {name.lower(): value for name, value in handshake.headers.items()
+    return error_event(429, error, {name.lower(): value
+                                    for name, value in handshake.headers.items()
                                     if is_rate_limit_header(name)})
 
 
@@ -9521,7 +9552,8 @@ class WebSocketEnd:
         self.name = name
         self.sock = sock
         self.is_upstream = is_upstream
-        self.parser = FrameParser(from_client=not is_upstream, max_payload=limits.max_websocket_message)
+        self.parser = FrameParser(from_client=not is_upstream,
+                                  max_payload=limits.max_websocket_message)
         self.messages = MessageTracker(limits.max_websocket_message)
         self.write_lock = threading.Lock()
         self.close_sent = False
@@ -9588,7 +9620,8 @@ class WebSocketSession:
         self.account = account
         self.path = path
         self.week_start = week_start_from_headers(handshake.headers)
-        self._held = []  # type: List[Frame]  # a client text message's frames, until it is admitted
+        # a client text message's frames, until it is admitted
+        self._held = []  # type: List[Frame]
         # Turns running, oldest first: [record, its create while it may be sent again].
         self._turns = collections.deque()  # type: collections.deque
         # The conversation came from another account: a turn that account cannot
@@ -9628,7 +9661,8 @@ class WebSocketSession:
     def end_for_person(self, message: str) -> None:
         """The person may no longer use OCM: say why, and close both sides."""
         with contextlib.suppress(OSError):
-            self.client.send(WS_TEXT, error_event(403, {"type": "permission_error", "message": message}))
+            self.client.send(WS_TEXT, error_event(403, {"type": "permission_error",
+                                                        "message": message}))
         self.close(WS_POLICY_CLOSE, "access ended")
 
     def cut(self) -> None:
@@ -9646,17 +9680,22 @@ class WebSocketSession:
                             return
                 data = source.sock.recv(RELAY_CHUNK)
                 if not data:
-                    log.debug("websocket: %s closed the connection without a close frame", source.name)
-                    dest.send_close(1001 if source is self.client else 1011, "%s went away" % source.name)
+                    log.debug("websocket: %s closed the connection without a close frame",
+                              source.name)
+                    dest.send_close(1001 if source is self.client else 1011,
+                                    "%s went away" % source.name)
                     return
         except WebSocketError as exc:
-            log.info("websocket: %s broke the protocol (%s); closing with %d", source.name, exc.reason, exc.code)
+            log.info("websocket: %s broke the protocol (%s); closing with %d", source.name,
+                     exc.reason, exc.code)
             source.send_close(exc.code, exc.reason)
-            dest.send_close(1001 if source is self.client else 1011, "%s protocol error" % source.name)
+            dest.send_close(1001 if source is self.client else 1011,
+                            "%s protocol error" % source.name)
         except OSError as exc:
             if not source.close_sent:
                 log.debug("websocket: %s connection lost: %s", source.name, exc)
-            dest.send_close(1001 if source is self.client else 1011, "%s connection lost" % source.name)
+            dest.send_close(1001 if source is self.client else 1011,
+                            "%s connection lost" % source.name)
         finally:
             if not self.client.done.is_set() and not self.upstream.done.is_set():
                 self.ended_by = source.name  # whoever ended first ended the session
@@ -9675,8 +9714,10 @@ class WebSocketSession:
                 dest.send(WS_CLOSE, frame.payload)
             return False
         frames = [frame]
-        if text is not None and source is self.upstream and self.moved and self.retry_without_reasoning(text):
-            return True  # the refusal is answered by sending the turn again; the client never sees it
+        if (text is not None and source is self.upstream and self.moved
+                and self.retry_without_reasoning(text)):
+            # the refusal is answered by sending the turn again; the client never sees it
+            return True
         if source is self.client and frame.opcode not in WS_CONTROL_OPCODES:
             # A client's data message goes on only whole and admitted.
             self._held.append(frame)
@@ -9684,15 +9725,18 @@ class WebSocketSession:
                 return True
             frames, self._held = self._held, []
             refusal = self.start_turn(text) if text is not None else error_event(
-                400, {"type": "invalid_request_error", "message": "send JSON text messages, not binary ones"})
+                400, {"type": "invalid_request_error",
+                      "message": "send JSON text messages, not binary ones"})
             if refusal is not None:
-                self.client.send(WS_TEXT, refusal)  # this message goes no further; the session stays
+                # this message goes no further; the session stays
+                self.client.send(WS_TEXT, refusal)
                 return True
         try:
             for one in frames:
                 dest.send(one.opcode, one.payload, one.fin)
         except OSError:
-            source.send_close(1001 if dest is self.client else 1011, "%s connection lost" % dest.name)
+            source.send_close(1001 if dest is self.client else 1011,
+                              "%s connection lost" % dest.name)
             return False
         if source is self.upstream and frame.opcode not in WS_CONTROL_OPCODES:
             with self._turns_lock:
@@ -9737,15 +9781,18 @@ class WebSocketSession:
             # Codex sends only response.create. Anything else could run a model
             # OCM did not admit, or draw an error that would end a real turn.
             return error_event(400, {"type": "invalid_request_error", "message": (
-                "OCM relays response.create messages only, not %s" % json.dumps(body.data.get("type"))[:80])})
+                "OCM relays response.create messages only, not %s"
+                % json.dumps(body.data.get("type"))[:80])})
         server = self.server
         state = server.state
         record = RequestRecord("WS", self.path, time.monotonic())
         user = state.users.current(self.user) if self.user is not None else None
         if self.user is not None and user is None:
-            log.info("websocket: %s is no longer in the config; closing their session", self.user.name)
+            log.info("websocket: %s is no longer in the config; closing their session",
+                     self.user.name)
             self.end_for_person("your access to OCM was removed by its owner")
-            return error_event(403, {"type": "permission_error", "message": "your access was removed"})
+            return error_event(403, {"type": "permission_error",
+                                     "message": "your access was removed"})
         call = ModelRequest(server, state, user, record, body)
         record.account, record.week_start = self.account, self.week_start
         chained = isinstance(body.data.get("previous_response_id"), str)
@@ -9819,10 +9866,12 @@ def serve_websocket(handler: "OCMHandler", request: ClientRequest, state: State,
     def attempt(account: Account, login: Login) -> WebSocketHandshake:
         base, upstream_path = state.upstream_target(login.mode, request.path, request.query)
         return account.open_websocket(base.origin, upstream_path,
-                                      build_websocket_headers(request.headers, state.config.headers, login))
+                                      build_websocket_headers(request.headers,
+                                                              state.config.headers, login))
 
     try:
-        account, handshake = call.send(pool, session_key(request.headers, None) if pool.is_pool else "",
+        account, handshake = call.send(pool,
+                                       session_key(request.headers, None) if pool.is_pool else "",
                                        attempt)
     except HTTPError as exc:
         if exc.error_type != "usage_limit_reached":
@@ -9840,17 +9889,19 @@ def serve_websocket(handler: "OCMHandler", request: ClientRequest, state: State,
             sock.settimeout(None)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        session = WebSocketSession(handler.server, handler.connection, bytes(handler.reader.buf), handshake,
-                                   user, account, request.path, moved=call.moved)
+        session = WebSocketSession(handler.server, handler.connection, bytes(handler.reader.buf),
+                                   handshake, user, account, request.path, moved=call.moved)
         handler.reader.buf.clear()
         handler.server.run_websocket(session)
         return
     if handshake.status == 429:
-        refuse_websocket_with_usage_limit(handler, key, usage_limit_frame(handshake), handshake.headers)
+        refuse_websocket_with_usage_limit(handler, key, usage_limit_frame(handshake),
+                                          handshake.headers)
         return
     if handshake.status in (404, 426):
         raise HTTPError(426, "invalid_request_error",
-                        "upstream does not offer WebSockets here (%d); use HTTP" % handshake.status)
+                        "upstream does not offer WebSockets here (%d); use HTTP"
+                        % handshake.status)
     headers = [(n, v) for n, v in handshake.headers.items()
                if n.lower() not in HOP_BY_HOP and n.lower() != "content-length"]
     headers += [("Content-Length", str(len(handshake.body))), ("Connection", "close")]
@@ -9865,7 +9916,8 @@ def refuse_websocket_with_usage_limit(handler: "OCMHandler", key: str, frame: by
     # response.create arrived is dropped, and it reconnects (5 times, then HTTP).
     handler.reader.wait_for_websocket_message(handler.server.config.limits.max_websocket_message,
                                            WS_FIRST_MESSAGE_WAIT)
-    handler.write(encode_frame(WS_TEXT, frame) + encode_frame(WS_CLOSE, close_payload(1008, "usage limit reached")))
+    handler.write(encode_frame(WS_TEXT, frame)
+                  + encode_frame(WS_CLOSE, close_payload(1008, "usage limit reached")))
     # Read what the client already sent (and its close) before closing:
     # closing on unread data resets the connection and can lose the frame.
     with contextlib.suppress(OSError):
@@ -9877,7 +9929,8 @@ def accept_websocket(handler: "OCMHandler", key: str, upstream_headers: Headers,
     headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
                ("Sec-WebSocket-Accept", websocket_accept(key))]
     forwarded = [(n, v) for n, v in upstream_headers.items() if is_forwarded_handshake_header(n)]
-    headers += pool.rewrite_rate_limit_headers(forwarded) if pool is not None and pool.is_pool else forwarded
+    headers += (pool.rewrite_rate_limit_headers(forwarded) if pool is not None and pool.is_pool
+                else forwarded)
     handler.write(encode_head(101, "Switching Protocols", headers))
     handler.head_sent = True
 
@@ -9935,7 +9988,8 @@ class AnswerRelay:
                         headers.append(("Content-Length", length))
                     body = b""
                 elif not complete:
-                    raise HTTPError(502, "api_error", "upstream closed the connection mid-response")
+                    raise HTTPError(502, "api_error",
+                                    "upstream closed the connection mid-response")
                 else:
                     headers.append(("Content-Length", str(len(body))))
                 if tap is not None and body:
@@ -9991,7 +10045,8 @@ class AnswerRelay:
                 try:
                     self.handler.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
                 finally:  # after the write, so accounting never delays the client; and
-                    if tap is not None and not last:  # even if the client just hung up: it was billed
+                    # even if the client just hung up: it was billed
+                    if tap is not None and not last:
                         tap.feed(data)
             if last:
                 if chunked:
@@ -10038,8 +10093,8 @@ class AnswerRelay:
             watcher.unwatch(self.handler.connection, context)
 
     # -- translated answers (section 14b) -------------------------------------------
-    def relay_translated(self, request: ClientRequest, exchange: "UpstreamExchange", translation: Translation,
-                         state: State) -> None:
+    def relay_translated(self, request: ClientRequest, exchange: "UpstreamExchange",
+                         translation: Translation, state: State) -> None:
         """The answer to a request OCM rewrote for the ChatGPT backend, in the
         client's own API: its stream as it comes, or the whole answer built
         from the stream. Usage is read from upstream's own events."""
@@ -10056,11 +10111,13 @@ class AnswerRelay:
             elif translation.kind in ("chat", "anthropic"):
                 body = translation.error_body(exchange.status, *upstream_error_fields(body))
             extra = [(n, v) for n, v in exchange.headers.items() if n.lower() == "retry-after"]
-            self.handler.send_json(exchange.status, body, close=not request.keep_alive, extra=extra)
+            self.handler.send_json(exchange.status, body, close=not request.keep_alive,
+                                   extra=extra)
             return
         content_type = (exchange.headers.get("content-type") or "").lower()
         if "json" in content_type and translation.kind in ("responses", "chat", "anthropic"):
-            self.relay_whole_answer(request, exchange, translation)  # an upstream that would not stream
+            # an upstream that would not stream
+            self.relay_whole_answer(request, exchange, translation)
             return
         events = []  # type: List[Any]
         scanner = SSEScanner(events.append, every_event=True)
@@ -10082,8 +10139,9 @@ class AnswerRelay:
         chunked = request.version == "HTTP/1.1"
         if writer is not None:
             request.keep_alive = request.keep_alive and chunked
-            self.finish_head(request, 200, "OK", [("Content-Type", "text/event-stream; charset=utf-8"),
-                                                   ("Cache-Control", "no-cache")]
+            self.finish_head(request, 200, "OK",
+                             [("Content-Type", "text/event-stream; charset=utf-8"),
+                              ("Cache-Control", "no-cache")]
                              + ([("Transfer-Encoding", "chunked")] if chunked else []))
         ended = False
         for data, last in self.read_upstream(request, exchange):
@@ -10099,8 +10157,8 @@ class AnswerRelay:
         if writer is not None:
             out += writer.finish()
             self.settle_before_the_end(request, None)
-            self.handler.write((b"%x\r\n%s\r\n0\r\n\r\n" % (len(out), out) if out else b"0\r\n\r\n") if chunked
-                       else out)
+            self.handler.write((b"%x\r\n%s\r\n0\r\n\r\n" % (len(out), out) if out
+                                else b"0\r\n\r\n") if chunked else out)
             if not ended:
                 request.keep_alive = False
             return
@@ -10128,8 +10186,9 @@ class AnswerRelay:
             out = b"".join(writer.feed(event) for event in events + [
                 {"type": "response.completed", "response": answer}]) + writer.finish()
             self.settle_before_the_end(request, None)
-            self.finish_head(request, 200, "OK", [("Content-Type", "text/event-stream; charset=utf-8"),
-                                                   ("Content-Length", str(len(out)))], out)
+            self.finish_head(request, 200, "OK",
+                             [("Content-Type", "text/event-stream; charset=utf-8"),
+                              ("Content-Length", str(len(out)))], out)
             return
         self.send_answer(request, translation, 200, answer)
 
@@ -10139,11 +10198,13 @@ class AnswerRelay:
         request.record.status = status
         if status != 200 and translation.kind == "anthropic":
             error = answer.get("error") or {}
-            answer = anthropic_error_body(status, str(error.get("type") or ""), str(error.get("message") or ""))
+            answer = anthropic_error_body(status, str(error.get("type") or ""),
+                                          str(error.get("message") or ""))
         elif status == 200:
             answer = translation.answer(answer)
         self.settle_before_the_end(request, None)
-        self.handler.send_json(status, json.dumps(answer).encode("utf-8"), close=not request.keep_alive)
+        self.handler.send_json(status, json.dumps(answer).encode("utf-8"),
+                               close=not request.keep_alive)
 
 
 class OCMHandler(BaseHTTPRequestHandler):
@@ -10211,10 +10272,12 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.head_sent = True
 
     def send_error_json(self, error: HTTPError, close: bool) -> None:
-        body = error.body if error.body is not None else json_error_body(error.error_type, error.message)
+        body = (error.body if error.body is not None
+                else json_error_body(error.error_type, error.message))
         if self.error_shape == "anthropic":  # Anthropic's clients read only their own shape
             error_type, message = upstream_error_fields(body)
-            body = json.dumps(anthropic_error_body(error.status, error_type, message)).encode("utf-8")
+            body = json.dumps(anthropic_error_body(error.status, error_type, message)
+                              ).encode("utf-8")
         self.send_json(error.status, body, close=close, extra=error.headers)
 
     # -- one request ----------------------------------------------------------
@@ -10327,14 +10390,17 @@ class OCMHandler(BaseHTTPRequestHandler):
             return
         if not request.path.startswith("/v1/"):
             raise HTTPError(404, "invalid_request_error",
-                            "no such path %s: OCM serves the OpenAI API under /v1/" % request.path[:200])
+                            "no such path %s: OCM serves the OpenAI API under /v1/"
+                            % request.path[:200])
         if request.method not in RELAYED_METHODS:
-            raise HTTPError(405, "invalid_request_error", "method %s is not used by the API; use %s"
+            raise HTTPError(405, "invalid_request_error",
+                            "method %s is not used by the API; use %s"
                             % (request.method, ", ".join(RELAYED_METHODS)),
                             headers=[("Allow", ", ".join(RELAYED_METHODS))])
         state = server.state  # this request's view of the config, whatever a reload does meanwhile
         user = state.users.authenticate(request.headers)
-        server.note_authenticated(self)  # out of the unauthenticated share, before any body is read
+        # out of the unauthenticated share, before any body is read
+        server.note_authenticated(self)
         request.record.user, request.record.user_name = user, user.name if user else ""
         check_access(user, time.time())
         if is_websocket_upgrade(request):
@@ -10351,8 +10417,10 @@ class OCMHandler(BaseHTTPRequestHandler):
             self.read_body(request, server.config.limits.max_body_size)
             request.record.input_estimate = len(request.body) // 4
             body = None
-            if request.method == "POST" or request.body:  # what it may run is decided from its body
-                body = parse_request_body(request.body, request.headers.get("content-encoding", ""),
+            # what it may run is decided from its body
+            if request.method == "POST" or request.body:
+                body = parse_request_body(request.body,
+                                          request.headers.get("content-encoding", ""),
                                           server.config.limits.max_body_size)
             self.serve_model_request(request, state, user, body)
 
@@ -10368,13 +10436,15 @@ class OCMHandler(BaseHTTPRequestHandler):
         translation = refusal = None
         if request.method in ("GET", "POST"):
             try:
-                translation = translate_for_backend(endpoint, request.query, body, state.config.model_map)
+                translation = translate_for_backend(endpoint, request.query, body,
+                                                    state.config.model_map)
             except HTTPError as exc:  # it matters only where the backend needs the translation
                 refusal = exc
         if translation is not None and body is not None and translation.model:
             if translation.model != body.model:
                 request.record.asked_model = body.model
-            body.model = request.record.model = translation.model  # the model allow-list checks what is used
+            # the model allow-list checks what is used
+            body.model = request.record.model = translation.model
         call.admit()
         pool = state.pool_for(user)
 
@@ -10384,28 +10454,34 @@ class OCMHandler(BaseHTTPRequestHandler):
             rewrite = translation if translation is not None and login.mode == "chatgpt" else None
             if rewrite is None and request.record.asked_model:  # sent as asked: check what is sent
                 check_model(user, request.record.asked_model)
-            path, query, payload, client_headers = request.path, request.query, request.body, request.headers
+            path, query, payload, client_headers = (request.path, request.query, request.body,
+                                                    request.headers)
             if request.body_kind == "none" and request.method not in ("POST", "PUT", "PATCH"):
                 payload = None
             if rewrite is not None:
                 client_headers = translated_headers(request.headers)
                 if rewrite.kind == "models":
-                    path, query, payload = "/v1/models", "client_version=" + CODEX_CLIENT_VERSION, None
-                else:  # a Responses client keeps its query; others' queries mean nothing to the backend
+                    path, query, payload = ("/v1/models", "client_version=" + CODEX_CLIENT_VERSION,
+                                            None)
+                else:  # a Responses client keeps its query; others' queries mean nothing
+                    # to the backend
                     path, payload = "/v1/responses", json.dumps(rewrite.body).encode("utf-8")
                     query = query if rewrite.kind == "responses" else ""
-            options = body.data.get("stream_options") if body is not None and body.data is not None else None
+            options = (body.data.get("stream_options")
+                       if body is not None and body.data is not None else None)
             options = options if isinstance(options, dict) else {}
             if rewrite is None and endpoint == "chat" and body is not None and body.stream and \
                     not body.problem and options.get("include_usage") is not True:
                 # A streamed chat reports its usage only when asked: ask, or it is never counted.
-                payload = json.dumps(dict(body.data, stream_options=dict(options, include_usage=True))
+                payload = json.dumps(dict(body.data,
+                                          stream_options=dict(options, include_usage=True))
                                      ).encode("utf-8")
                 client_headers = translated_headers(request.headers)
             base, upstream_path = state.upstream_target(login.mode, path, query)
             headers = build_upstream_headers(client_headers, state.config.headers, login,
                                              len(payload) if payload is not None else None)
-            exchange = account.send(base.origin, "GET" if rewrite is not None and rewrite.kind == "models"
+            exchange = account.send(base.origin,
+                                    "GET" if rewrite is not None and rewrite.kind == "models"
                                     else request.method, upstream_path, headers, payload)
             exchange.translation = rewrite
             self.server.metrics.observe_latency(exchange.latency)
@@ -10417,15 +10493,19 @@ class OCMHandler(BaseHTTPRequestHandler):
                 if stripped is not None:
                     translation.body = stripped
                 return stripped is not None
-            stripped = without_reasoning(body.data) if body is not None and body.data is not None else None
-            if stripped is None or request.headers.get("content-encoding", "identity").lower() != "identity":
+            stripped = (without_reasoning(body.data) if body is not None and body.data is not None
+                        else None)
+            if (stripped is None
+                    or request.headers.get("content-encoding", "identity").lower() != "identity"):
                 return False
             request.body = json.dumps(stripped).encode("utf-8")
             return True
 
-        account, exchange = call.send(pool, session_key(request.headers, body) if pool.is_pool else "", attempt,
-                                      strip_reasoning)
-        request.body = b""  # no retry from here on: a thousand streams need not hold a thousand bodies
+        account, exchange = call.send(pool,
+                                      session_key(request.headers, body) if pool.is_pool else "",
+                                      attempt, strip_reasoning)
+        # no retry from here on: a thousand streams need not hold a thousand bodies
+        request.body = b""
         request.record.status = exchange.status
         if 200 <= exchange.status < 300:
             request.record.week_start = week_start_from_headers(exchange.headers)
@@ -10436,14 +10516,16 @@ class OCMHandler(BaseHTTPRequestHandler):
         tap = None
         if body is not None and 200 <= exchange.status < 300:
             content_type = (exchange.headers.get("content-type") or "").lower()
-            tap = UsageTap(request.record, body.stream or content_type.startswith("text/event-stream"))
+            tap = UsageTap(request.record,
+                           body.stream or content_type.startswith("text/event-stream"))
         body = call.body = None
         self.answers.relay_response(request, exchange, tap, pool)
 
     def answer_count_tokens(self, request: ClientRequest, body: Optional[RequestBody]) -> None:
         """Anthropic's count_tokens, answered here: an estimate, never sent upstream."""
         if body is None or body.data is None:
-            raise HTTPError(400, "invalid_request_error", "send the Messages request as a JSON object (%s)"
+            raise HTTPError(400, "invalid_request_error",
+                            "send the Messages request as a JSON object (%s)"
                             % (body.problem if body is not None else "it has no body"))
         self.send_json(200, json.dumps(count_message_tokens(body.data)).encode("utf-8"),
                        close=not request.keep_alive)
@@ -10480,14 +10562,16 @@ class OCMHandler(BaseHTTPRequestHandler):
             body = json.dumps({"status": "ok", "credential_usable": usable}).encode("utf-8")
         elif request.path == METRICS_PATH:
             server.check_metrics_access(request, self.client_address[0])
-            body, content_type = render_metrics(server).encode("utf-8"), "text/plain; version=0.0.4"
+            body, content_type = (render_metrics(server).encode("utf-8"),
+                                  "text/plain; version=0.0.4")
         elif request.path == USAGE_PATH:
             body = json.dumps(usage_document(server, self.client_address[0], time.time())).encode()
         else:
             user = state.users.authenticate(request.headers)
             server.note_authenticated(self)
             request.record.user_name = user.name if user else ""
-            body = json.dumps(dict(state.pool_for(user).to_json(), user=request.record.user_name or None),
+            body = json.dumps(dict(state.pool_for(user).to_json(),
+                                   user=request.record.user_name or None),
                               indent=2).encode("utf-8")
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         if has_unread_body(request) or not self.authenticated:
