@@ -10728,7 +10728,8 @@ class ServerTLS:
 
     def __init__(self, config: TLSConfig):
         if ssl is None:
-            raise ConfigError("tls: this Python has no ssl module (OpenWrt: opkg install python3-openssl)")
+            raise ConfigError("tls: this Python has no ssl module "
+                              "(OpenWrt: opkg install python3-openssl)")
         self.config = config
         self._lock = threading.Lock()
         self._files = [p for p in (config.certificate_path, config.key_path) if p]
@@ -10746,19 +10747,24 @@ class ServerTLS:
         if config.max_version:
             context.maximum_version = versions[config.max_version]
         context.set_alpn_protocols(["http/1.1"])  # the only protocol OCM serves
-        inline_dir = tempfile.mkdtemp(prefix="ocm-tls-") if config.certificate or config.key else None
+        inline_dir = (tempfile.mkdtemp(prefix="ocm-tls-") if config.certificate or config.key
+                      else None)
         try:
-            cert = config.certificate_path or self._write_inline(inline_dir, "cert.pem", config.certificate)
+            cert = config.certificate_path or self._write_inline(inline_dir, "cert.pem",
+                                                                 config.certificate)
             key = config.key_path or self._write_inline(inline_dir, "key.pem", config.key)
             for where, path in (("certificate_path", cert), ("key_path", key)):
                 if os.path.isdir(path):
-                    raise ConfigError("tls.%s: %s is a directory; name the PEM file in it" % (where, path))
+                    raise ConfigError("tls.%s: %s is a directory; name the PEM file in it"
+                                      % (where, path))
                 if not os.path.isfile(path):
                     raise ConfigError("tls.%s: %s does not exist" % (where, path))
 
-            def refuse_passphrase() -> str:  # else OpenSSL asks on the terminal, or fails obscurely
-                raise ConfigError("tls: the private key is encrypted, and OCM cannot ask for its pass "
-                                  "phrase; decrypt it once: openssl pkey -in KEY -out KEY.plain")
+            # else OpenSSL asks on the terminal, or fails obscurely
+            def refuse_passphrase() -> str:
+                raise ConfigError("tls: the private key is encrypted, and OCM cannot ask for its "
+                                  "pass phrase; decrypt it once: "
+                                  "openssl pkey -in KEY -out KEY.plain")
 
             try:
                 context.load_cert_chain(cert, key, password=refuse_passphrase)
@@ -10768,7 +10774,8 @@ class ServerTLS:
                     reason = "the key does not belong to the certificate"
                 raise ConfigError("tls: cannot use the certificate and key: %s" % reason)
             except OSError as exc:
-                raise ConfigError("tls: cannot read the certificate or key: %s" % (exc.strerror or exc))
+                raise ConfigError("tls: cannot read the certificate or key: %s"
+                                  % (exc.strerror or exc))
         finally:
             if inline_dir:
                 shutil.rmtree(inline_dir, ignore_errors=True)
@@ -10798,7 +10805,8 @@ class ServerTLS:
         """The TLS handshake, in the connection's own thread and bounded, so a
         client that stalls mid-handshake holds up nobody else."""
         sock.settimeout(timeout)
-        tls_sock = self.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        tls_sock = self.context().wrap_socket(sock, server_side=True,
+                                              do_handshake_on_connect=False)
         tls_sock.do_handshake()
         return tls_sock
 
@@ -10903,7 +10911,8 @@ class OCMServer(ThreadingHTTPServer):
         self.last_reload = None  # type: Optional[Dict[str, Any]]  # when, and what came of it
         self.save_interval = usage_save_interval
         self.file_check_interval = file_check_interval
-        self._old_ledgers = []  # type: List[BudgetLedger]  # replaced by a reload; in-flight requests settle there
+        # replaced by a reload; in-flight requests settle there
+        self._old_ledgers = []  # type: List[BudgetLedger]
         self._settle_lock = threading.Lock()
         self._housekeeper = None  # type: Optional[threading.Thread]
         self._stop_housekeeping = threading.Event()
@@ -10919,14 +10928,15 @@ class OCMServer(ThreadingHTTPServer):
             try:
                 super().__init__((address, config.listen_port), OCMHandler, bind_and_activate)
             except OSError as exc:
-                raise ListenError("cannot listen on %s:%d: %s" % (config.listen, config.listen_port,
-                                                                  exc.strerror or exc))
+                raise ListenError("cannot listen on %s:%d: %s"
+                                  % (config.listen, config.listen_port, exc.strerror or exc))
         except BaseException:
             self.watcher.close()
             for account in self.state.accounts.values():
                 account.close()
             raise
-        self._housekeeper = threading.Thread(target=self._housekeeping, name="ocm-housekeeping", daemon=True)
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="ocm-housekeeping",
+                                             daemon=True)
         self._housekeeper.start()
 
     # -- the running state ------------------------------------------------------
@@ -10986,9 +10996,11 @@ class OCMServer(ThreadingHTTPServer):
             sessions = list(self._websockets)
         for session in sessions:
             if session.user is not None and new.users.current(session.user) is None:
-                log.info("reload: %s is no longer in the config; closing their WebSocket", session.user.name)
+                log.info("reload: %s is no longer in the config; closing their WebSocket",
+                         session.user.name)
                 session.end_for_person("your access to OCM was removed by its owner")
-        log.info("config reloaded: %d user%s, %d account%s", len(config.users), "" if len(config.users) == 1 else "s",
+        log.info("config reloaded: %d user%s, %d account%s", len(config.users),
+                 "" if len(config.users) == 1 else "s",
                  len(new.accounts), "" if len(new.accounts) == 1 else "s")
 
     def _housekeeping(self) -> None:
@@ -11006,7 +11018,8 @@ class OCMServer(ThreadingHTTPServer):
             self.cut_stalled_websockets(time.monotonic())
             now = time.time()
             for account in list(state.accounts.values()):
-                if account.poll_interval and account.next_poll_at <= now and not self._stop_housekeeping.is_set():
+                if (account.poll_interval and account.next_poll_at <= now
+                        and not self._stop_housekeeping.is_set()):
                     account.poll(state.usage_url)
             if time.monotonic() - saved_at >= self.save_interval:
                 saved_at = time.monotonic()
@@ -11056,8 +11069,8 @@ class OCMServer(ThreadingHTTPServer):
         finally:
             if account is not None and record.holds_account:
                 account.end()
-        self.metrics.add("ocm_requests_total", user=record.user_name or "-", status=str(record.status),
-                         model=record.model or "-")
+        self.metrics.add("ocm_requests_total", user=record.user_name or "-",
+                         status=str(record.status), model=record.model or "-")
         write_access_line(record, self.config.log_format)
         if record.path.startswith("/v1/"):  # model requests and WebSocket turns, not the pages
             self.history.record(record, time.time(), time.monotonic() - record.started)
@@ -11065,8 +11078,8 @@ class OCMServer(ThreadingHTTPServer):
     def _book(self, record: RequestRecord, usage: UsageRecord, account: Optional[Account]) -> None:
         # A warm-up (generate: false) has no tokens and is not booked; sing-box skips these too.
         tier = normalize_service_tier(usage.service_tier)
-        cost = raw_cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.model, tier,
-                        context_window_for(usage.model, tier, usage.input_tokens))
+        cost = raw_cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.model,
+                        tier, context_window_for(usage.model, tier, usage.input_tokens))
         name = record.user_name
         if account is not None:
             if account.usage is not None:
@@ -11076,7 +11089,8 @@ class OCMServer(ThreadingHTTPServer):
         record.input_tokens, record.cached_tokens = usage.input_tokens, usage.cached_tokens
         record.output_tokens, record.cost = usage.output_tokens, cost
         if record.reservation is not None:
-            record.reservation.ledger.settle(record.reservation, cost, usage.input_tokens + usage.output_tokens)
+            record.reservation.ledger.settle(record.reservation, cost,
+                                             usage.input_tokens + usage.output_tokens)
         labels = {"user": name or "-", "model": usage.model}
         self.metrics.add("ocm_responses_total", **labels)
         self.metrics.add("ocm_cost_usd_total", cost, **labels)
@@ -11090,7 +11104,8 @@ class OCMServer(ThreadingHTTPServer):
         """Loopback clients, or the bearer of metrics_token."""
         with contextlib.suppress(ValueError):
             ip = ipaddress.ip_address(client_ip)
-            if ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback):
+            if ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped
+                                  and ip.ipv4_mapped.is_loopback):
                 return
         token = self.config.metrics_token
         presented = (request.headers.get("authorization") or "").partition(" ")[2].strip()
@@ -11098,8 +11113,8 @@ class OCMServer(ThreadingHTTPServer):
             expected = User("metrics", token).token_digest
             if hmac.compare_digest(expected, token_digest(presented)):
                 return
-        raise HTTPError(403, "permission_error", "metrics are served to loopback clients and to the "
-                        "metrics_token of the config")
+        raise HTTPError(403, "permission_error", "metrics are served to loopback clients and to "
+                        "the metrics_token of the config")
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can stall
@@ -11147,7 +11162,8 @@ class OCMServer(ThreadingHTTPServer):
                     break
             else:
                 if session.is_idle(now):
-                    log.info("websocket: idle for %d minutes; closing the session", WS_IDLE_LIMIT // 60)
+                    log.info("websocket: idle for %d minutes; closing the session",
+                             WS_IDLE_LIMIT // 60)
                     session.close(1001, "idle")
 
     # -- the connection cap -----------------------------------------------------
@@ -11203,12 +11219,13 @@ class OCMServer(ThreadingHTTPServer):
         body = json_error_body("api_error", "OCM is serving its limit of %s; try again shortly"
                                % (what or "%d connections" % self.config.limits.max_connections))
         head = encode_head(503, REASONS[503], [("Content-Type", "application/json"),
-                                                ("Content-Length", str(len(body))), ("Retry-After", "1"),
-                                                ("Connection", "close")])
+                                                ("Content-Length", str(len(body))),
+                                                ("Retry-After", "1"), ("Connection", "close")])
         with contextlib.suppress(OSError):
             sock.setblocking(False)
             with contextlib.suppress(BlockingIOError):
-                sock.recv(65536)  # what already arrived; unread data would turn our close into a reset
+                # what already arrived; unread data would turn our close into a reset
+                sock.recv(65536)
             sock.send(head + body)
 
     # -- live connections (for a clean shutdown) -------------------------------
@@ -11274,7 +11291,8 @@ def apply_account_settings(state: State) -> None:
     """Reserves and poll intervals, which a reload may change on accounts it keeps."""
     for tag, (reserve_5h, reserve_weekly, interval) in account_settings(state.config).items():
         account = state.accounts[tag]
-        account.reserve_5h, account.reserve_weekly, account.poll_interval = reserve_5h, reserve_weekly, interval
+        account.reserve_5h, account.reserve_weekly, account.poll_interval = (
+            reserve_5h, reserve_weekly, interval)
 
 
 # == 18. CLI =================================================================
