@@ -11311,15 +11311,17 @@ def describe_credential(credential: Credential, now: float) -> str:
             parts.append("account " + login.account_id)
         if login.expires_at is not None:
             left = login.expires_at - now
-            parts.append("access token expires in %dm" % (left // 60) if left > 0 else "access token expired")
+            parts.append("access token expires in %dm" % (left // 60) if left > 0
+                         else "access token expired")
     return ", ".join(parts)
 
 
 def run_check(config: Config) -> int:
     print("config:      %s" % (config.source or "(defaults)"))
     print("listen:      %s:%d" % (config.listen, config.listen_port))
-    print("users:       %s" % (", ".join("%s (%s)" % (u.name, u.credential) if u.credential else u.name
-                                         for u in config.users) or "none (open access)"))
+    print("users:       %s" % (", ".join("%s (%s)" % (u.name, u.credential) if u.credential
+                                         else u.name for u in config.users)
+                               or "none (open access)"))
     print("upstream:    %s" % config.upstream.chatgpt_url)
     problems = 0
     usages = {c.tag: c.usages_path for c in config.credentials} if config.credentials else {
@@ -11346,12 +11348,13 @@ def run_check(config: Config) -> int:
     for c in config.credentials:
         if c.is_pool:
             print("pool %s:     %s of %s (%s), polled every %gs" % (
-                c.tag, c.type, ", ".join(c.members), c.strategy if c.type == "balancer" else "in order",
-                c.poll_interval))
+                c.tag, c.type, ", ".join(c.members),
+                c.strategy if c.type == "balancer" else "in order", c.poll_interval))
     # What OCMServer would refuse at start, short of opening the port (OCM may be running on it).
     checks = [("python:", lambda: require_ssl_for(config), "ssl available")]
     if config.budgets_path:
-        checks.append(("budgets:", lambda: check_writable_location(config.budgets_path, "budgets_path"),
+        checks.append(("budgets:",
+                       lambda: check_writable_location(config.budgets_path, "budgets_path"),
                        config.budgets_path))
     if config.tls.enabled:
         checks.append(("tls:", lambda: ServerTLS(config.tls), "certificate and key usable"))
@@ -11402,7 +11405,8 @@ def reload_config(server: OCMServer) -> None:
         server.last_reload = {"at": time.time(), "ok": False, "message": "not valid: %s" % exc}
         return
     except OSError as exc:  # a file the new config names cannot be used
-        log.error("SIGHUP: cannot apply %s (%s); still running the previous config", path, exc.strerror or exc)
+        log.error("SIGHUP: cannot apply %s (%s); still running the previous config", path,
+                  exc.strerror or exc)
         server.last_reload = {"at": time.time(), "ok": False, "message": "cannot apply it: %s"
                               % (exc.strerror or exc)}
         return
@@ -11419,9 +11423,11 @@ def configure_access_log(log_format: str) -> None:
         handler = BatchedStreamHandler(sys.stderr)
         access_log.addHandler(handler)
         access_log.propagate = False
-        for other in logging.getLogger().handlers:  # the log's own lines keep their order with them
+        # the log's own lines keep their order with them
+        for other in logging.getLogger().handlers:
             other.addFilter(_write_access_lines_first)
-    handler.setFormatter(logging.Formatter("%(message)s" if log_format == "json" else "%(asctime)s %(message)s"))
+    handler.setFormatter(logging.Formatter("%(message)s" if log_format == "json"
+                                           else "%(asctime)s %(message)s"))
 
 
 def _write_access_lines_first(record: logging.LogRecord) -> bool:
@@ -11483,7 +11489,8 @@ def serve(config: Config) -> int:
     else:
         usable = sum(a.credential.peek()[0] is not None for a in server.accounts.values())
         pools = sum(p.is_pool for p in server.pools.values())
-        mode = "%d accounts, %d usable, %d pool%s" % (len(server.accounts), usable, pools, "" if pools == 1 else "s")
+        mode = "%d accounts, %d usable, %d pool%s" % (len(server.accounts), usable, pools,
+                                                      "" if pools == 1 else "s")
     users = len(config.users)
     print("OCM %s listening on %s/v1 (%s, %s)" % (
         __version__, server.url, mode,
@@ -11533,7 +11540,8 @@ def _usage_sources(path: str) -> Tuple[List[Tuple[str, str]], Optional[Config]]:
         return [("", path)], None
     config = config_from_dict(data, source=path)
     if config.credentials:
-        sources = [(c.tag, c.usages_path) for c in config.credentials if not c.is_pool and c.usages_path]
+        sources = [(c.tag, c.usages_path) for c in config.credentials
+                   if not c.is_pool and c.usages_path]
     else:
         sources = [("", config.usages_path)] if config.usages_path else []
     if not sources:
@@ -11604,7 +11612,8 @@ def summarize_usage(data: Dict[str, Any]) -> Dict[str, Any]:
     users, models, weeks, total = {}, {}, {}, {}  # type: ignore
     for combo in data["combinations"]:
         model = "%s (%s%s)" % (combo["model"], combo["service_tier"],
-                               ", 1M context" if combo["context_window"] == PREMIUM_CONTEXT_WINDOW else "")
+                               ", 1M context" if combo["context_window"] == PREMIUM_CONTEXT_WINDOW
+                               else "")
         bucket(models, model, combo["total"])
         bucket(total, "all", combo["total"])
         if "week_start_unix" in combo:
@@ -11697,7 +11706,8 @@ def run_usage(argv: List[str], now: Callable[[], float] = time.time) -> int:
                                     for a, p, s, w in reports))
         if budgets:
             sys.stdout.write("\nBudgets (this period)\n" + "".join(
-                "%-12s %-6s %14s of %s\n" % (b["user"], b["period"], b["spent"], b["limit"]) for b in budgets))
+                "%-12s %-6s %14s of %s\n" % (b["user"], b["period"], b["spent"], b["limit"])
+                for b in budgets))
     return 0
 
 
@@ -11717,7 +11727,8 @@ def budget_report(source: str) -> List[Dict[str, Any]]:
 def issuer_opener(config: Config, detour: Optional[ProxyURL]) -> Callable:
     """urllib for sign-in calls, on the same connections (detour, TLS) as serving."""
     limits = config.limits
-    return build_url_opener(Connector(limits.connect_timeout, limits.upstream_read_timeout, detour))
+    return build_url_opener(Connector(limits.connect_timeout, limits.upstream_read_timeout,
+                                      detour))
 
 
 def _config_or_defaults(path: Optional[str]) -> Config:
@@ -11738,7 +11749,8 @@ def pick_account(config: Config, tag: Optional[str]) -> Tuple[str, str, Optional
         for account in accounts:
             if account[0] == tag:
                 return account
-        raise ConfigError("--account: no account %r here (%s)" % (tag, ", ".join(a[0] for a in accounts)))
+        raise ConfigError("--account: no account %r here (%s)"
+                          % (tag, ", ".join(a[0] for a in accounts)))
     if len(accounts) > 1:
         raise ConfigError("this config has %d accounts; say which with --account (%s)"
                           % (len(accounts), ", ".join(a[0] for a in accounts)))
@@ -11772,8 +11784,8 @@ def describe_status(path: str, now: float) -> Tuple[List[str], bool]:
         return lines + ["usable:        no: %s" % exc], False
     expired = is_expired(login, now)
     usable = login.mode == "apikey" or not expired or bool(login.refresh_token)
-    lines.append("usable:        " + ("yes" if usable else "no: the access token has expired and there "
-                                      "is no refresh token; sign in again"))
+    lines.append("usable:        " + ("yes" if usable else "no: the access token has expired "
+                                      "and there is no refresh token; sign in again"))
     lines.append("mode:          " + login.mode_name)
     if login.mode != "chatgpt":
         return lines, usable
@@ -11784,8 +11796,8 @@ def describe_status(path: str, now: float) -> Tuple[List[str], bool]:
     if login.expires_at is None:
         lines.append("access token:  expiry unknown")
     elif not expired:
-        lines.append("access token:  valid until %s (%s left)" % (format_time(login.expires_at),
-                                                                  format_age(login.expires_at - now)))
+        lines.append("access token:  valid until %s (%s left)"
+                     % (format_time(login.expires_at), format_age(login.expires_at - now)))
     else:
         lines.append("access token:  expired %s ago%s" % (format_age(now - login.expires_at),
                      "; OCM refreshes it on the next request" if login.refresh_token else ""))
@@ -11799,11 +11811,14 @@ def describe_status(path: str, now: float) -> Tuple[List[str], bool]:
 def run_status(argv: List[str], out=None, now: Callable[[], float] = time.time) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="ocm.py status",
-                                     description="Say whether the login in the credential file is usable: "
-                                                 "mode, account, plan, access-token expiry, last refresh. "
-                                                 "Reads the file only; changes nothing.")
-    parser.add_argument("config", nargs="?", help="config file naming credential_path (default: as serving)")
-    parser.add_argument("--account", metavar="TAG", help="one account of a credentials list (default: all)")
+                                     description="Say whether the login in the credential file "
+                                                 "is usable: mode, account, plan, access-token "
+                                                 "expiry, last refresh. Reads the file only; "
+                                                 "changes nothing.")
+    parser.add_argument("config", nargs="?",
+                        help="config file naming credential_path (default: as serving)")
+    parser.add_argument("--account", metavar="TAG",
+                        help="one account of a credentials list (default: all)")
     args = parser.parse_args(argv)
     try:
         config = _config_or_defaults(args.config)
@@ -11858,15 +11873,19 @@ def run_login(argv: List[str], stdin=None, out=None, sleep: Callable[[float], No
               interval_floor: float = DEVICE_POLL_FLOOR, timeout: float = LOGIN_TIMEOUT) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="ocm.py login",
-                                     description="Give this box its own ChatGPT login (device code, or a "
-                                                 "browser with paste-back) and write the credential file.")
+                                     description="Give this box its own ChatGPT login (device "
+                                                 "code, or a browser with paste-back) and write "
+                                                 "the credential file.")
     parser.add_argument("config", nargs="?",
-                        help="config file naming credential_path and upstream.issuer_url (default: as serving)")
+                        help="config file naming credential_path and upstream.issuer_url "
+                             "(default: as serving)")
     parser.add_argument("--paste", action="store_true",
                         help="sign in in a browser and paste back the address it ends on "
                              "(for accounts without device codes)")
-    parser.add_argument("--force", action="store_true", help="replace an existing login without asking")
-    parser.add_argument("--account", metavar="TAG", help="which account of a credentials list to sign in")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing login without asking")
+    parser.add_argument("--account", metavar="TAG",
+                        help="which account of a credentials list to sign in")
     args = parser.parse_args(argv)
     stdin = sys.stdin if stdin is None else stdin
     out = out or sys.stdout
@@ -11890,9 +11909,11 @@ def run_login(argv: List[str], stdin=None, out=None, sleep: Callable[[float], No
             tokens = sign_in_with_browser(issuer, open_url, stdin, out, ports, timeout, now)
         else:
             try:
-                tokens = sign_in_with_device_code(issuer, open_url, out, interval_floor, timeout, sleep, now)
+                tokens = sign_in_with_device_code(issuer, open_url, out, interval_floor, timeout,
+                                                  sleep, now)
             except DeviceCodeUnavailable as exc:
-                print("\nThe issuer says %s; signing in through a browser instead." % exc, file=out)
+                print("\nThe issuer says %s; signing in through a browser instead." % exc,
+                      file=out)
                 tokens = sign_in_with_browser(issuer, open_url, stdin, out, ports, timeout, now)
         login, old_refresh = save_login(path, tokens, now())
     except LoginFailed as exc:
@@ -11904,7 +11925,8 @@ def run_login(argv: List[str], stdin=None, out=None, sleep: Callable[[float], No
     details = ["plan " + login.plan] if login.plan else []
     details += ["account " + login.account_id] if login.account_id else []
     print("\nSigned in as %s%s. Saved to %s." % (login.email or "an unknown user",
-                                                 " (%s)" % ", ".join(details) if details else "", path), file=out)
+                                                 " (%s)" % ", ".join(details) if details else "",
+                                                 path), file=out)
     if old_refresh:
         try:
             revoke_refresh_token(issuer, open_url, old_refresh)
@@ -11921,11 +11943,14 @@ def run_login(argv: List[str], stdin=None, out=None, sleep: Callable[[float], No
 def run_logout(argv: List[str], out=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="ocm.py logout",
-                                     description="Revoke the ChatGPT login's refresh token and remove the "
-                                                 "tokens from the credential file, keeping its other fields.")
+                                     description="Revoke the ChatGPT login's refresh token and "
+                                                 "remove the tokens from the credential file, "
+                                                 "keeping its other fields.")
     parser.add_argument("config", nargs="?",
-                        help="config file naming credential_path and upstream.issuer_url (default: as serving)")
-    parser.add_argument("--account", metavar="TAG", help="which account of a credentials list to sign out")
+                        help="config file naming credential_path and upstream.issuer_url "
+                             "(default: as serving)")
+    parser.add_argument("--account", metavar="TAG",
+                        help="which account of a credentials list to sign out")
     args = parser.parse_args(argv)
     out = out or sys.stdout
     try:
@@ -11948,7 +11973,8 @@ def run_logout(argv: List[str], out=None) -> int:
     print("Removed the ChatGPT tokens from %s." % path, file=out)
     if refresh:
         try:
-            revoke_refresh_token(config.upstream.issuer_url, issuer_opener(config, detour), refresh)
+            revoke_refresh_token(config.upstream.issuer_url, issuer_opener(config, detour),
+                                 refresh)
         except LoginFailed as exc:
             print("ocm: could not revoke the refresh token (%s); it stays valid until it expires"
                   % exc, file=sys.stderr)
@@ -11985,14 +12011,18 @@ def run_init(argv: List[str], out=None) -> int:
     """Write a starter config with a strong random token per person."""
     import argparse
     import secrets
-    parser = argparse.ArgumentParser(prog="ocm.py init", description="Write a config with a strong random "
-                                     "token for each person (kept as sha256 digests), check the login, and "
-                                     "print each person's Codex setup.")
+    parser = argparse.ArgumentParser(prog="ocm.py init",
+                                     description="Write a config with a strong random token for "
+                                                 "each person (kept as sha256 digests), check the "
+                                                 "login, and print each person's Codex setup.")
     parser.add_argument("--users", default="", help="comma-separated names (default: you)")
-    parser.add_argument("--out", default="config.json", help="config file to write (default: config.json)")
-    parser.add_argument("--listen", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, the LAN)")
+    parser.add_argument("--out", default="config.json",
+                        help="config file to write (default: config.json)")
+    parser.add_argument("--listen", default="0.0.0.0",
+                        help="address to listen on (default: 0.0.0.0, the LAN)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: 8080)")
-    parser.add_argument("--host", help="name or address clients use to reach this box (default: guessed)")
+    parser.add_argument("--host",
+                        help="name or address clients use to reach this box (default: guessed)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing config file")
     args = parser.parse_args(argv)
     out = out or sys.stdout
@@ -12001,7 +12031,8 @@ def run_init(argv: List[str], out=None) -> int:
         print("ocm: --users: distinct names of letters, digits, . _ @ - only", file=sys.stderr)
         return 2
     if os.path.exists(args.out) and not args.force:
-        print("ocm: %s already exists; not overwriting it (use --force)" % args.out, file=sys.stderr)
+        print("ocm: %s already exists; not overwriting it (use --force)" % args.out,
+              file=sys.stderr)
         return 1
     if not 1 <= args.port <= 65535:
         print("ocm: --port: 1 to 65535", file=sys.stderr)
@@ -12012,14 +12043,16 @@ def run_init(argv: List[str], out=None) -> int:
     # ~/.codex), so the same file works by hand and under a service's CODEX_HOME.
     config = {"listen": args.listen, "listen_port": args.port,
               "usages_path": os.path.join(directory, "usage.json"),
-              "users": [{"name": name, "token": "sha256:" + hashlib.sha256(tokens[name].encode()).hexdigest()}
+              "users": [{"name": name,
+                         "token": "sha256:" + hashlib.sha256(tokens[name].encode()).hexdigest()}
                         for name in names]}
     try:
         write_file_atomic(args.out, (json.dumps(config, indent=2) + "\n").encode("utf-8"), 0o600)
     except OSError as exc:
         print("ocm: cannot write %s: %s" % (args.out, exc.strerror or exc), file=sys.stderr)
         return 1
-    print("Wrote %s for %s (tokens are stored as sha256 digests)." % (args.out, ", ".join(names)), file=out)
+    print("Wrote %s for %s (tokens are stored as sha256 digests)." % (args.out, ", ".join(names)),
+          file=out)
     with logging_disabled():  # said once, below, not also as a log line
         credential = Credential(default_credential_path(), DEFAULT_TOKEN_URL, open_url=None)
         login, problem = credential.peek()
@@ -12033,8 +12066,8 @@ def run_init(argv: List[str], out=None) -> int:
         print("ocm: the login is not usable: %s" % problem, file=sys.stderr)
     base_url = "http://%s:%d/v1" % (args.host or guess_host(), args.port)
     print("\nStart OCM:  python3 ocm.py %s\n" % args.out, file=out)
-    print("Give each person their block below. The tokens are shown this once; OCM keeps only digests.\n",
-          file=out)
+    print("Give each person their block below. The tokens are shown this once; "
+          "OCM keeps only digests.\n", file=out)
     for name in names:
         print(client_setup(base_url, name, tokens[name]), file=out)
     return 0
@@ -12053,8 +12086,9 @@ def run_hash_token(argv: List[str], stdin=None, out=None) -> int:
     """Print the sha256:<hex> form of a token read from stdin, for the config."""
     import argparse
     argparse.ArgumentParser(prog="ocm.py hash-token",
-                            description="Read a user token from stdin and print its sha256: form, to put "
-                                        "in the config instead of the token itself.").parse_args(argv)
+                            description="Read a user token from stdin and print its sha256: "
+                                        "form, to put in the config instead of the token "
+                                        "itself.").parse_args(argv)
     stdin = sys.stdin if stdin is None else stdin
     if stdin.isatty():
         import getpass
@@ -12082,7 +12116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("\nocm: cancelled", file=sys.stderr)
             return 130
         except BrokenPipeError:  # `ocm.py usage ... | head`: the reader has seen enough
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            # no second error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
     if argv and re.match(r"^[a-z][a-z-]*$", argv[0]) and not os.path.exists(argv[0]):
         # `ocm.py lgoin`: a typo of a command, not a config file to look for
@@ -12100,9 +12135,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                "`ocm.py logout [CONFIG]`, `ocm.py status [CONFIG]`, `ocm.py usage FILE` reports "
                "usage, `ocm.py hash-token` hashes a token for the config. "
                "See README.md, and docs/config.md for the config keys.")
-    parser.add_argument("config", nargs="?", help="config file (OCM JSON, or a sing-box config with an ocm service)")
+    parser.add_argument("config", nargs="?",
+                        help="config file (OCM JSON, or a sing-box config with an ocm service)")
     parser.add_argument("--check", action="store_true",
-                        help="validate the config and the credential, print a summary, exit 0 (or 2)")
+                        help="validate the config and the credential, print a summary, "
+                             "exit 0 (or 2)")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"), help="default: info")
     parser.add_argument("--version", action="version", version="ocm " + __version__)
