@@ -1898,7 +1898,8 @@ def call_issuer(open_url: Callable, url: str, body: bytes,
 
 
 def issuer_error_text(answer: Any, raw: bytes) -> str:
-    """error_description, else error.message, else error (a string or error.code), else the body."""
+    """error_description, else error.message, else error (a string or
+    error.code), else the body."""
     if refresh_error_code(answer) == NO_CODEX_ENTITLEMENT:
         return NO_CODEX_ENTITLEMENT_TEXT
     if isinstance(answer, dict):
@@ -2237,7 +2238,8 @@ def _refresh_token_of(data: Optional[Dict[str, Any]]) -> str:
 
 def auth_json_for(tokens: Dict[str, str], now: float,
                   keep: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """auth.json for a fresh login, as the Codex CLI writes it, plus fields of ``keep`` OCM does not know."""
+    """auth.json for a fresh login, as the Codex CLI writes it, plus the
+    fields of ``keep`` that OCM does not know."""
     claims = decode_jwt_claims(tokens["id_token"]).get("https://api.openai.com/auth")
     account_id = claims.get("chatgpt_account_id") if isinstance(claims, dict) else None
     data = {
@@ -2255,7 +2257,8 @@ def auth_json_for(tokens: Dict[str, str], now: float,
 
 
 def save_login(path: str, tokens: Dict[str, str], now: float) -> Tuple[Login, str]:
-    """Write a new login to ``path`` under auth.lock: (the login, the refresh token it replaced or "").
+    """Write a new login to ``path`` under auth.lock: (the login, the refresh
+    token it replaced or "").
 
     The old refresh token is read under the same lock as the write, so it is
     the one really replaced even if a running OCM rotated it meanwhile.
