@@ -2551,8 +2551,10 @@ def week_start_from_headers(headers) -> Optional[int]:
 
 
 class UsageRecord(namedtuple("UsageRecord",
-                             "model service_tier input_tokens output_tokens cached_tokens")):
-    """One response's usage, as every relay path reports it to the book."""
+                             "model service_tier input_tokens output_tokens cached_tokens "
+                             "response_id", defaults=("",))):
+    """One response's usage, as every relay path reports it to the book; and
+    the id of a Responses answer, which a later request may continue from."""
     __slots__ = ()
 
 
@@ -2585,7 +2587,9 @@ def usage_record_from(obj: Any, fallback_model: str = "",
     # here, once, for every book, metric and log line the record reaches.
     model = model if isinstance(model, str) and model else fallback_model or "unknown"
     tier = tier if isinstance(tier, str) and tier else fallback_tier
-    return UsageRecord(log_safe(model), log_safe(tier), *tokens)
+    response_id = obj.get("id") if "input_tokens" in usage else None
+    response_id = response_id if isinstance(response_id, str) and len(response_id) <= 200 else ""
+    return UsageRecord(log_safe(model), log_safe(tier), *tokens, response_id=response_id)
 
 
 # Terminal Responses events whose response carries billable usage.
@@ -7189,6 +7193,10 @@ class UsageTap:
         if not stream:
             self._parts = []
 
+    @property
+    def stream(self) -> bool:
+        return self._scanner is not None
+
     def _on_event(self, event: Any) -> None:
         record = self._record
         if record.usage is None:
@@ -8821,17 +8829,24 @@ COUNTED_PATHS = frozenset(("/v1/responses", "/v1/responses/compact", "/v1/chat/c
                            "/v1/messages/count_tokens"))
 
 
+# Streams that carry their usage only with stream_options.include_usage (OCM asks).
+USAGE_WHEN_ASKED = frozenset(("/v1/chat/completions", "/v1/completions"))
+
+
 class RequestBody:
     """A request body (or a WebSocket message), parsed once. ``model`` and
     ``tier`` are its strings ("" when absent); ``problem`` says why the model
     cannot be known from it ("" when it can): then a person with a model
     allow-list is refused, and anyone else's request goes on byte for byte.
     ``data`` (the top-level object) is kept only while something needs it."""
-    __slots__ = ("data", "model", "tier", "stream", "session", "problem")
+    __slots__ = ("data", "model", "tier", "stream", "session", "problem", "size", "readable")
 
-    def __init__(self, data: Optional[Dict[str, Any]], problem: str = ""):
+    def __init__(self, data: Optional[Dict[str, Any]], problem: str = "", size: int = 0):
         self.data = data
         self.problem = problem
+        self.size = size  # bytes, inflated when OCM could inflate them
+        # one JSON object, each key once: what it asks for is known for certain
+        self.readable = data is not None and not problem
         data = data or {}
         model, tier, session = (data.get("model"), data.get("service_tier"),
                                 data.get("prompt_cache_key"))
@@ -8951,30 +8966,31 @@ def parse_request_body(raw: bytes, encoding: str = "",
     if encoding and encoding != "identity":
         if encoding not in READABLE_ENCODINGS:
             return RequestBody(None, "it is compressed with %s, which OCM cannot read"
-                               % encoding[:40])
+                               % encoding[:40], len(raw))
         try:
             raw = decode_content(raw, encoding, limit)
         except ValueError as exc:
-            return RequestBody(None, "its %s encoding is broken (%s)" % (encoding, exc))
+            return RequestBody(None, "its %s encoding is broken (%s)" % (encoding, exc), len(raw))
     if not raw:
         return RequestBody(None, "it has no body")
     # counted at C speed, strings and all
     values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
     if values > MAX_JSON_VALUES:
-        return RequestBody(None, "it holds over %d values, more than OCM reads" % MAX_JSON_VALUES)
+        return RequestBody(None, "it holds over %d values, more than OCM reads" % MAX_JSON_VALUES,
+                           len(raw))
     try:
         members = json_object_members(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        return RequestBody(None, "it is not UTF-8 JSON")
+        return RequestBody(None, "it is not UTF-8 JSON", len(raw))
     except ValueError as exc:
-        return RequestBody(None, "it is not one JSON object (%s)" % exc)
+        return RequestBody(None, "it is not one JSON object (%s)" % exc, len(raw))
     data = dict(members)
     if len(data) != len(members):
         names = sorted({name for name, _ in members
                         if sum(1 for n, _ in members if n == name) > 1})
         return RequestBody(data, "it names %s more than once"
-                           % ", ".join(repr(n)[:60] for n in names[:3]))
-    return RequestBody(data)
+                           % ", ".join(repr(n)[:60] for n in names[:3]), len(raw))
+    return RequestBody(data, "", len(raw))
 
 
 def session_key(headers: Headers, body: Optional[RequestBody]) -> str:
@@ -9150,17 +9166,65 @@ class RequestRecord:
 RELAYED_BYTES_PER_TOKEN = 100
 
 
+def answered_without_usage(record: RequestRecord) -> bool:
+    """A request that went upstream and was answered, with no usage to show:
+    its client left before the usage came (the backend reports none for a
+    cut stream; a WebSocket turn cut short ends as 499), or, for a person
+    with a budget, upstream's answer to a model request carried none."""
+    if record.client_left:
+        return 200 <= record.status < 300 or record.status == 499
+    return (record.reservation is not None and record.method == "POST"
+            and 200 <= record.status < 300)
+
+
 def estimated_usage(record: RequestRecord) -> UsageRecord:
-    """What an answer cost when its client left before the usage came (the
-    backend reports none for a cut stream): its input, from the size of the
-    request, and its output so far, from the bytes relayed. Leaving early
-    must not make a request free; the log says when this is used."""
+    """What an answer without usage is charged: its input, from the size of
+    the request (and the conversation it continues), and its output, from
+    the bytes relayed. Leaving early must not make a request free; the log
+    says when this is used."""
     usage = UsageRecord(record.model or "unknown", record.tier, max(1, record.input_estimate),
                         record.relayed // RELAYED_BYTES_PER_TOKEN, 0)
-    log.info("%s left before the usage of %s %s came; charging an estimate: in=%d out=%d",
+    log.info("%s %s %s: no usage came with the answer%s; charging an estimate: in=%d out=%d",
              log_safe(record.user_name or "a client"), record.method, log_safe(record.path),
+             " (the client left first)" if record.client_left else "",
              usage.input_tokens, usage.output_tokens)
     return usage
+
+
+class Conversations:
+    """How long each person's recent Responses conversations are (input plus
+    output tokens of each answer, by its id), so that a request continuing
+    one with ``previous_response_id`` and left before its usage is charged
+    the context it made upstream read, not just its own few words. Bounded:
+    the oldest are forgotten first."""
+
+    LIMIT = 20000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens = collections.OrderedDict()  # type: Dict[Tuple[str, str], int]
+
+    def remember(self, user: str, usage: UsageRecord) -> None:
+        if not usage.response_id:
+            return
+        with self._lock:
+            self._tokens[(user, usage.response_id)] = usage.input_tokens + usage.output_tokens
+            while len(self._tokens) > self.LIMIT:
+                self._tokens.popitem(last=False)
+
+    def context_estimate(self, user: str, body: RequestBody, known: int = 0) -> int:
+        """The tokens of the conversation ``body`` continues: those OCM saw
+        answered, else ``known`` (the session's own), else a whole context
+        window of its model (one OCM never saw may be that long)."""
+        data = body.data or {}
+        previous = data.get("previous_response_id")
+        if not isinstance(previous, str):
+            return 0
+        with self._lock:
+            tokens = self._tokens.get((user, previous))
+        if tokens is not None:
+            return tokens
+        return known or worst_case_cost(body.model, body.tier)[1] - OUTPUT_TOKEN_CEILING
 
 
 class ModelRequest:
@@ -9192,9 +9256,15 @@ class ModelRequest:
                             "without background")
         if user is None or body is None:
             return
-        if user.budgets and self.record.method == "POST" and self.record.path not in COUNTED_PATHS:
-            raise HTTPError(403, "permission_error", "you have a budget, and OCM cannot count "
-                            "what %s costs; ask the owner" % log_safe(self.record.path))
+        if user.budgets and self.record.method == "POST":
+            if self.record.path not in COUNTED_PATHS:
+                raise HTTPError(403, "permission_error", "you have a budget, and OCM cannot "
+                                "count what %s costs; ask the owner" % log_safe(self.record.path))
+            if not body.readable:  # what it runs, streams or costs would be a guess
+                raise HTTPError(400, "invalid_request_error", "you have a budget, and OCM "
+                                "cannot read this request (%s), so it cannot count what it "
+                                "costs; send a plain JSON object (with Codex, use a custom "
+                                "provider, which sends no zstd)" % body.problem)
         if user.models:
             if body.problem:
                 raise HTTPError(400, "invalid_request_error", "OCM cannot tell which model this "
@@ -9502,7 +9572,8 @@ WS_CLOSE_WAIT = 5.0  # after one side's close, how long the other gets to answer
 WS_FIRST_MESSAGE_WAIT = 10.0  # a refused session's error frame waits this long for the request
 WS_SHUTDOWN_WAIT = 2.0  # at shutdown, how long live sessions get to finish their close
 WS_POLICY_CLOSE = 1008  # RFC 6455: the endpoint's policy ends the session
-# Terminal events of a turn: each ends the oldest turn still running.
+# Terminal events of a turn: each ends the turn running (one at a time: an
+# error event names no turn, so a second one could never be told apart).
 TURN_END_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed",
                              "error"))
 WS_IDLE_LIMIT = 30 * 60.0  # a session whose client sent no message this long may be closed
@@ -9596,6 +9667,15 @@ class WebSocketEnd:
     def cut(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def parse_event(text: bytes) -> Optional[Dict[str, Any]]:
+    """One WebSocket message as a JSON object, or None."""
+    try:
+        event = parse_json(text)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
 
 
 class WebSocketSession:
@@ -9717,10 +9797,14 @@ class WebSocketSession:
                 dest.send(WS_CLOSE, frame.payload)
             return False
         frames = [frame]
-        if (text is not None and source is self.upstream and self.moved
-                and self.retry_without_reasoning(text)):
-            # the refusal is answered by sending the turn again; the client never sees it
-            return True
+        event = ended = None
+        if text is not None and source is self.upstream:
+            event = parse_event(text)
+            if self.moved and self.retry_without_reasoning(event):
+                # the refusal is answered by sending the turn again; the client never sees it
+                return True
+            # before the client sees the end of a turn, and may start the next one
+            ended = self.end_turn(event)
         if source is self.client and frame.opcode not in WS_CONTROL_OPCODES:
             # A client's data message goes on only whole and admitted.
             self._held.append(frame)
@@ -9741,22 +9825,18 @@ class WebSocketSession:
             source.send_close(1001 if dest is self.client else 1011,
                               "%s connection lost" % dest.name)
             return False
-        if source is self.upstream and frame.opcode not in WS_CONTROL_OPCODES:
+        if ended is not None:
+            self.settle_turn(ended, event)  # after the send: accounting never delays the client
+        elif source is self.upstream and frame.opcode not in WS_CONTROL_OPCODES:
             with self._turns_lock:
                 if self._turns:
                     self._turns[0][0].relayed += len(frame.payload)
-        if text is not None and source is self.upstream:
-            self.read_event(text)  # after the send: accounting never delays the client
         return True
 
-    def retry_without_reasoning(self, text: bytes) -> bool:
-        """True if ``text`` is upstream refusing reasoning from another account
+    def retry_without_reasoning(self, event: Optional[Dict[str, Any]]) -> bool:
+        """True if ``event`` is upstream refusing reasoning from another account
         for the oldest turn, which then went upstream once more without it."""
-        try:
-            event = parse_json(text)
-        except ValueError:
-            return False
-        if not isinstance(event, dict) or event.get("type") not in ("error", "response.failed"):
+        if event is None or event.get("type") not in ("error", "response.failed"):
             return False
         with self._turns_lock:
             entry = self._turns[0] if self._turns else None
@@ -9777,7 +9857,7 @@ class WebSocketSession:
         admission as an HTTP request would. Returns the error event to send
         back instead of forwarding it, or None to let it through."""
         body = parse_request_body(text)
-        if body.data is None or (body.problem and "more than once" in body.problem):
+        if not body.readable:
             return error_event(400, {"type": "invalid_request_error", "message": (
                 "each message must be one JSON object (%s)" % body.problem)})
         if body.data.get("type") != "response.create":
@@ -9786,6 +9866,12 @@ class WebSocketSession:
             return error_event(400, {"type": "invalid_request_error", "message": (
                 "OCM relays response.create messages only, not %s"
                 % json.dumps(body.data.get("type"))[:80])})
+        with self._turns_lock:
+            running = bool(self._turns)
+        if running:
+            return error_event(400, {"type": "invalid_request_error", "message": (
+                "a response is already in progress on this connection; send the next "
+                "response.create after its response.completed")})
         server = self.server
         state = server.state
         record = RequestRecord("WS", self.path, time.monotonic())
@@ -9798,8 +9884,8 @@ class WebSocketSession:
                                      "message": "your access was removed"})
         call = ModelRequest(server, state, user, record, body)
         record.account, record.week_start = self.account, self.week_start
-        chained = isinstance(body.data.get("previous_response_id"), str)
-        record.input_estimate = len(text) // 4 + (self.context_tokens if chained else 0)
+        record.input_estimate = len(text) // 4 + server.conversations.context_estimate(
+            user.name if user is not None else "", body, self.context_tokens)
         try:
             check_access(user, time.time())
         except HTTPError as exc:
@@ -9819,18 +9905,15 @@ class WebSocketSession:
             self._turns.append([record, text if self.moved else None])
         return None
 
-    def read_event(self, text: bytes) -> None:
-        """An upstream event: a terminal one settles the oldest running turn."""
-        try:
-            event = parse_json(text)
-        except ValueError:
-            return
-        if not isinstance(event, dict) or event.get("type") not in TURN_END_EVENTS:
-            return
+    def end_turn(self, event: Optional[Dict[str, Any]]) -> Optional[RequestRecord]:
+        """The running turn, if upstream's ``event`` ends it; no longer running."""
+        if event is None or event.get("type") not in TURN_END_EVENTS:
+            return None
         with self._turns_lock:
-            record = self._turns.popleft()[0] if self._turns else None
-        if record is None:
-            return
+            return self._turns.popleft()[0] if self._turns else None
+
+    def settle_turn(self, record: RequestRecord, event: Dict[str, Any]) -> None:
+        """A turn ``event`` ended: its status and usage, settled."""
         if event["type"] == "error":
             status = event.get("status")
             record.status = status if isinstance(status, int) and 400 <= status < 600 else 500
@@ -9980,26 +10063,23 @@ class AnswerRelay:
             headers = pool.rewrite_rate_limit_headers(headers)
         status = response.status
         no_body = request.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        # A whole JSON answer is read before any of it goes out: its usage is
+        # at its end, and a client that left meanwhile is charged it all the same.
+        whole = (SMALL_BODY if tap is None or tap.stream or no_body or
+                 (response.length or 0) > UsageTap.JSON_LIMIT else UsageTap.JSON_LIMIT)
         complete = False
+        prefix = b""
         try:
-            if no_body or (response.length is not None and response.length <= SMALL_BODY):
-                body, complete = read_small_body(response)
-                exchange.finish(complete)
-                if no_body:
-                    length = response.msg.get("content-length")
-                    if request.method == "HEAD" and length is not None:
-                        headers.append(("Content-Length", length))
-                    body = b""
-                elif not complete:
-                    raise HTTPError(502, "api_error",
-                                    "upstream closed the connection mid-response")
+            if no_body or response.length is None and whole > SMALL_BODY or \
+                    response.length is not None and response.length <= whole:
+                body, complete = read_small_body(response, whole)
+                if not complete and not no_body and response.length is None and \
+                        len(body) >= whole:  # larger than OCM reads whole: the rest streams
+                    prefix = body
                 else:
-                    headers.append(("Content-Length", str(len(body))))
-                if tap is not None and body:
-                    tap.feed(body)  # a copy, parsed when the answer is over
-                self.settle_before_the_end(request, tap)
-                self.finish_head(request, status, response.reason, headers, body)
-                return
+                    self.relay_whole_body(request, exchange, tap, status, response.reason,
+                                          headers, body if not no_body else None, complete)
+                    return
             if response.length is not None:
                 headers.append(("Content-Length", str(response.length)))
                 chunked = False
@@ -10010,6 +10090,11 @@ class AnswerRelay:
                 request.keep_alive = False
                 chunked = False
             self.finish_head(request, status, response.reason, headers)
+            if prefix:
+                if tap is not None:
+                    tap.feed(prefix)
+                request.record.relayed += len(prefix)
+                self.handler.write(b"%x\r\n%s\r\n" % (len(prefix), prefix) if chunked else prefix)
             complete = self.stream_body(request, exchange, chunked, tap)
             if not complete:
                 request.keep_alive = False
@@ -10017,6 +10102,28 @@ class AnswerRelay:
             exchange.finish(complete)
             if tap is not None:
                 tap.finish(complete)
+
+    def relay_whole_body(self, request: ClientRequest, exchange: "UpstreamExchange",
+                         tap: Optional[UsageTap], status: int, reason: str,
+                         headers: List[Tuple[str, str]], body: Optional[bytes],
+                         complete: bool) -> None:
+        """An answer read whole (``body`` None: one without a body), settled
+        before it goes out in one write."""
+        exchange.finish(complete)
+        if body is None:
+            length = exchange.response.msg.get("content-length")
+            if request.method == "HEAD" and length is not None:
+                headers.append(("Content-Length", length))
+            body = b""
+        elif not complete:
+            raise HTTPError(502, "api_error", "upstream closed the connection mid-response")
+        else:
+            headers.append(("Content-Length", str(len(body))))
+        if tap is not None and body:
+            tap.feed(body)  # a copy, parsed when the answer is over
+        request.record.relayed += len(body)
+        self.settle_before_the_end(request, tap)
+        self.finish_head(request, status, reason, headers, body)
 
     def settle_before_the_end(self, request: ClientRequest, tap: Optional[UsageTap]) -> None:
         """Book a whole answer before its last bytes go out: a client that asks
@@ -10418,13 +10525,15 @@ class OCMHandler(BaseHTTPRequestHandler):
             if request.headers.has_token("expect", "100-continue") and request.body_kind != "none":
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.read_body(request, server.config.limits.max_body_size)
-            request.record.input_estimate = len(request.body) // 4
             body = None
             # what it may run is decided from its body
             if request.method == "POST" or request.body:
                 body = parse_request_body(request.body,
                                           request.headers.get("content-encoding", ""),
                                           server.config.limits.max_body_size)
+                # what leaving before the usage costs: the text upstream reads
+                request.record.input_estimate = body.size // 4 + server.conversations.\
+                    context_estimate(user.name if user is not None else "", body)
             self.serve_model_request(request, state, user, body)
 
     def serve_model_request(self, request: ClientRequest, state: State, user: Optional[User],
@@ -10473,9 +10582,9 @@ class OCMHandler(BaseHTTPRequestHandler):
             options = (body.data.get("stream_options")
                        if body is not None and body.data is not None else None)
             options = options if isinstance(options, dict) else {}
-            if rewrite is None and endpoint == "chat" and body is not None and body.stream and \
-                    not body.problem and options.get("include_usage") is not True:
-                # A streamed chat reports its usage only when asked: ask, or it is never counted.
+            if rewrite is None and request.path in USAGE_WHEN_ASKED and body is not None and \
+                    body.stream and not body.problem and options.get("include_usage") is not True:
+                # These streams report their usage only when asked: ask, or it is never counted.
                 payload = json.dumps(dict(body.data,
                                           stream_options=dict(options, include_usage=True))
                                      ).encode("utf-8")
@@ -10911,6 +11020,7 @@ class OCMServer(ThreadingHTTPServer):
         self.history = History(history_path(config), PeriodClock(config.timezone))
         self.history.load(self.started_at)
         self.dashboard_sessions = DashboardSessions()
+        self.conversations = Conversations()
         self.last_reload = None  # type: Optional[Dict[str, Any]]  # when, and what came of it
         self.save_interval = usage_save_interval
         self.file_check_interval = file_check_interval
@@ -11061,8 +11171,7 @@ class OCMServer(ThreadingHTTPServer):
         if not record.status:
             record.status = 499  # the client went away before any answer (nginx's code)
         usage, account = record.usage, record.account
-        if usage is None and record.client_left and record.relayed and (
-                200 <= record.status < 300 or record.status == 499):
+        if usage is None and account is not None and answered_without_usage(record):
             usage = record.usage = estimated_usage(record)
         try:
             if usage is not None and (usage.input_tokens or usage.output_tokens):
@@ -11084,6 +11193,7 @@ class OCMServer(ThreadingHTTPServer):
         cost = raw_cost(usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.model,
                         tier, context_window_for(usage.model, tier, usage.input_tokens))
         name = record.user_name
+        self.conversations.remember(name, usage)
         if account is not None:
             if account.usage is not None:
                 account.usage.record(name, usage, record.week_start)

@@ -2,6 +2,7 @@
 the pipeline was built (done as a person holding a valid token, and as a
 stranger). Each test failed before its fix; the docstrings say what held."""
 
+import contextlib
 import gzip
 import json
 import socket
@@ -26,11 +27,11 @@ def booked_requests(proxy):
     return sum(c["total"]["request_count"] for c in proxy.server.usage.to_json()["combinations"])
 
 
-def post_and_hang_up(port, body, until, token=b"tok-alice"):
+def post_and_hang_up(port, body, until, token=b"tok-alice", extra=b"", path=b"/v1/responses"):
     """Send a streamed request, read until ``until`` shows, and hang up."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (token, len(body), body))
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n%s"
+                  b"Content-Length: %d\r\n\r\n%s" % (path, token, extra, len(body), body))
         seen = b""
         while until not in seen and b"budget" not in seen and b"share" not in seen:
             data = s.recv(65536)
@@ -92,6 +93,104 @@ class TestLeavingEarlyIsNotFree:
         client.sock.close()
         assert wait_for(lambda: proxy.server.ledger.spent("alice", "day")[1] >= 1000)
         assert booked_requests(proxy) == 1
+
+    def test_a_compressed_body_left_early_is_charged_its_inflated_size(self, make_proxy, fake, tmp_path):
+        """Held: the estimate was the compressed size (1 KB: ~270 tokens for 250,000)."""
+        fake.on("POST", "/backend-api/codex/responses", slow_answer(250000))
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 5}])
+        body = gzip.compress(json.dumps(dict(CODEX, model="gpt-5.4", input="x" * 1000000)).encode())
+        assert len(body) < 5000
+        assert post_and_hang_up(proxy.port, body, b"the answer", extra=b"Content-Encoding: gzip\r\n")
+        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert 250000 <= proxy.server.ledger.spent("alice", "day")[1] <= 260000
+
+    def test_leaving_after_the_head_before_the_first_byte_is_not_free(self, make_proxy, fake, tmp_path):
+        """Held: nothing relayed meant nothing charged (a thinking model sends its head first)."""
+        def route(ex):
+            ex.start_chunked()
+            time.sleep(0.3)  # thinking: nothing to send yet
+            try:
+                ex.chunk(sse(completed_event("r", "gpt-5.4", 250000, 0, 3000)))
+                ex.end_chunked()
+            except OSError:
+                pass
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        body = json.dumps(dict(CODEX, model="gpt-5.4", input="word " * 200000)).encode()
+        assert post_and_hang_up(proxy.port, body, b"\r\n\r\n")  # the 200 head, then leave
+        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert proxy.server.ledger.spent("alice", "day")[1] >= 250000
+
+    def test_a_request_refused_before_it_went_upstream_is_not_estimated(self, make_proxy, fake, tmp_path):
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:  # leaves mid-body
+            s.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-alice\r\n"
+                      b"Content-Length: 100000\r\n\r\n" + b"x" * 1000)
+        time.sleep(0.3)
+        assert fake.api_requests() == [] and proxy.server.ledger.spent("alice", "day") == (0, 0)
+
+    def test_a_whole_json_answer_the_client_did_not_wait_for_is_charged_its_usage(
+            self, make_proxy, fake, apikey, tmp_path):
+        """Held: OCM cut the upstream when the client left, and the usage at the end
+        of a 200 KB answer was never read."""
+        def route(ex):
+            time.sleep(0.4)  # the model works; the client is gone before the answer comes
+            with contextlib.suppress(OSError):
+                ex.json(200, {"id": "c", "object": "chat.completion", "model": "gpt-5.4",
+                              "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                  "role": "assistant", "content": "x" * 200000}}],
+                              "usage": {"prompt_tokens": 200000, "completion_tokens": 50000}})
+
+        fake.on("POST", "/v1/chat/completions", route)
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 50}])
+        body = json.dumps({"model": "gpt-5.4", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                      b"tok-alice\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.1)
+        assert wait_for(lambda: booked_requests(proxy) == 1, 5)
+        assert proxy.server.ledger.spent("alice", "day")[1] == 250000  # the answer's own usage
+
+    def test_a_large_json_answer_still_reaches_the_client_whole(self, make_proxy, fake, apikey, tmp_path):
+        answer = {"id": "c", "object": "chat.completion", "model": "gpt-5.4",
+                  "choices": [{"index": 0, "finish_reason": "stop",
+                               "message": {"role": "assistant", "content": "y" * 3000000}}],
+                  "usage": {"prompt_tokens": 10, "completion_tokens": 750000}}
+        fake.on("POST", "/v1/chat/completions", lambda ex: ex.json(200, answer))
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 50}])
+        status, _, body = proxy.request("POST", "/v1/chat/completions",
+                                        {"model": "gpt-5.4", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and json.loads(body) == answer
+        assert proxy.server.ledger.spent("alice", "day")[1] == 750010
+
+    def test_a_chained_request_left_early_is_charged_the_conversation_it_continues(
+            self, make_proxy, fake, apikey, tmp_path):
+        """Held: only its own few words were charged, not the 250,000 tokens upstream read."""
+        def route(ex):
+            rid = "resp_%d" % len(fake.api_requests())
+            ex.start_chunked()
+            ex.chunk(sse({"type": "response.created", "response": {"id": rid}}, message_event("the answer")))
+            if ex.request.json().get("previous_response_id"):
+                time.sleep(0.3)  # the client leaves before the usage
+            with contextlib.suppress(OSError):
+                ex.chunk(sse(completed_event(rid, "gpt-5.4", 249000, 0, 1000)))
+                ex.end_chunked()
+
+        fake.on("POST", "/v1/responses", route)
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 20}])
+        first = {"model": "gpt-5.4", "stream": True, "input": "a long document"}
+        assert proxy.request("POST", "/v1/responses", first)[0] == 200
+        assert proxy.server.ledger.spent("alice", "day")[1] == 250000
+        for previous in ("resp_1", "resp_unknown"):  # one OCM answered, and one it never saw
+            body = json.dumps({"model": "gpt-5.4", "stream": True, "previous_response_id": previous,
+                               "input": "and now?"}).encode()
+            before = proxy.server.ledger.spent("alice", "day")[1]
+            assert post_and_hang_up(proxy.port, body, b"the answer", path=b"/v1/responses")
+            assert wait_for(lambda: proxy.server.ledger.spent("alice", "day")[1] > before)
+            charged = proxy.server.ledger.spent("alice", "day")[1] - before
+            # what OCM saw of resp_1; a whole context window for one it never saw
+            assert (250000 <= charged < 251000 if previous == "resp_1" else charged >= 1000000)
 
     def test_leaving_early_does_not_escape_a_share(self, make_proxy, fake):
         state, resets_at = {"used": 0.0}, int(time.time()) + 3600
@@ -162,6 +261,56 @@ class TestOnlyTurnsOnAWebSocket:
         assert proxy.server.ledger.spent("alice", "day")[1] == 100010 and seen == ["response.create"]
 
 
+    def test_a_second_turn_while_one_runs_is_refused_and_cannot_end_the_first(
+            self, make_proxy, fake, tmp_path):
+        """Held: upstream's error for the second create ended the running turn in
+        OCM's books, and leaving then cost 24 tokens instead of ~250,000."""
+        ws = WSUpstream(fake)
+        creates = []
+
+        def upstream(sock, reader):
+            creates.append(reader.frame()[2])
+            sock.sendall(ws_frame(0x1, json.dumps({"type": "response.created", "response": {"id": "r1"}}).encode()))
+            time.sleep(0.3)
+            sock.sendall(ws_frame(0x1, json.dumps(message_event("the whole answer " * 50)).encode()))
+            fin, opcode, payload, _ = reader.frame()  # the client left
+            if opcode == 0x8:
+                sock.sendall(ws_frame(0x8, payload))
+
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "x" * 1000000})
+        assert json.loads(client.frame()[2])["type"] == "response.created"
+        client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "hi"})
+        refusal = json.loads(client.frame()[2])
+        assert refusal["type"] == "error" and "already in progress" in refusal["error"]["message"]
+        assert json.loads(client.frame()[2])["type"] == "response.output_item.done"
+        client.sock.close()
+        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert proxy.server.ledger.spent("alice", "day")[1] >= 250000 and len(creates) == 1
+
+    def test_the_next_turn_may_start_as_soon_as_the_client_sees_the_last_one_end(
+            self, make_proxy, fake, tmp_path):
+        ws = WSUpstream(fake)
+
+        def upstream(sock, reader):
+            for n in range(20):
+                reader.frame()
+                sock.sendall(ws_frame(0x1, json.dumps(completed_event("r%d" % n, "gpt-5.4", 10, 0, 1)).encode()))
+            fin, opcode, payload, _ = reader.frame()
+            sock.sendall(ws_frame(0x8, payload))
+
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        for _ in range(20):  # each create right after the last completed: never refused
+            client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "hi"})
+            assert json.loads(client.frame()[2])["type"] == "response.completed"
+        client.close()
+        assert wait_for(lambda: booked_requests(proxy) == 20)
+
+
 # == The budget's worst case ======================================================
 
 def gated_route(gate, model, input_tokens, output_tokens=0):
@@ -172,15 +321,40 @@ def gated_route(gate, model, input_tokens, output_tokens=0):
 
 
 class TestWorstCases:
-    @pytest.mark.parametrize("body, encoding", [(b"\x28\xb5\x2f\xfd-zstd-bytes", "zstd"), (b"\x1b-brotli", "br")])
-    def test_a_body_ocm_cannot_read_is_reserved_at_the_dearest_worst_case(self, make_proxy, fake, tmp_path,
-                                                                          body, encoding):
+    @pytest.mark.parametrize("body, encoding", [
+        (b"\x28\xb5\x2f\xfd-zstd-bytes", "zstd"), (b"\x1b-brotli", "br"),
+        (b'{"model": "gpt-5.4-mini", "model": "gpt-5.4-pro", "input": "hi"}', ""),
+        (b'{"model": "gpt-5.4", "input": "' + b"," * 500001 + b'"}', ""),
+        (b'{"model": "gpt-5.4"} trailing', "")],
+        ids=["zstd", "brotli", "duplicate-key", "too-many-values", "not-one-object"])
+    def test_a_body_ocm_cannot_read_is_refused_to_a_person_with_a_budget(self, make_proxy, fake,
+                                                                         tmp_path, body, encoding):
+        # What it streams, which model it runs and whether it asks for its usage would be
+        # a guess: a chat stream OCM cannot read would never be asked for its usage.
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(completed_event(
+            "r", "gpt-5.4", 10, 0, 1))))
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 10}])
+        headers = {"Content-Type": "application/json"}
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        status, _, answer = proxy.request("POST", "/v1/responses", body, headers)
+        assert status == 400
+        assert "you have a budget, and OCM cannot read this request" in json.loads(answer)[
+            "error"]["message"]
+        assert fake.api_requests() == []
+        # someone without a budget: it goes on byte for byte, for upstream to judge
+        assert proxy.request("POST", "/v1/responses", body, headers, token="tok-bob")[0] == 200
+        assert fake.api_requests()[-1].body == body
+
+    def test_a_body_naming_no_model_is_reserved_at_the_dearest_worst_case(self, make_proxy, fake,
+                                                                          tmp_path):
         gate = threading.Event()
         fake.on("POST", "/backend-api/codex/responses", gated_route(gate, "gpt-5.4-pro", 133334))  # $4.00
         proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 10}])
         proxy.server.ledger.wait = 0.3
-        threads = [threading.Thread(target=proxy.request, args=("POST", "/v1/responses", body, {
-            "Content-Encoding": encoding, "Content-Type": "application/json"})) for _ in range(6)]
+        threads = [threading.Thread(target=proxy.request, args=("POST", "/v1/responses",
+                                                                {"input": "hi"}))
+                   for _ in range(6)]
         for t in threads:
             t.start()
         wait_for(lambda: len(fake.api_requests()) >= 2, 1)
@@ -260,6 +434,45 @@ class TestAPIKeyMode:
         statuses = [proxy.request("POST", "/v1/chat/completions", body)[0] for _ in range(5)]
         assert statuses.count(200) <= 3  # $0.40 each on a $1 budget
         assert fake.api_requests()[0].json()["stream_options"] == {"include_usage": True}
+
+    def test_a_legacy_completions_stream_is_asked_for_its_usage(self, make_proxy, fake, apikey, tmp_path):
+        """Held: only chat streams were asked; a completions stream ran free (6 of 6 on $1)."""
+        def route(ex):
+            chunk = {"id": "c", "object": "text_completion", "model": "gpt-5.4",
+                     "choices": [{"index": 0, "text": "hi", "finish_reason": None}]}
+            events = [chunk]
+            if (ex.request.json().get("stream_options") or {}).get("include_usage"):
+                events.append(dict(chunk, choices=[], usage={"prompt_tokens": 100000, "completion_tokens": 10000}))
+            ex.stream(sse(*events) + b"data: [DONE]\n\n")
+
+        fake.on("POST", "/v1/completions", route)
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 1}])
+        statuses = [proxy.request("POST", "/v1/completions", {"model": "gpt-5.4", "stream": True,
+                                                             "prompt": "hi"})[0] for _ in range(5)]
+        assert statuses.count(200) <= 3  # $0.40 each on a $1 budget
+        assert fake.api_requests()[0].json()["stream_options"] == {"include_usage": True}
+
+    def test_a_budget_holder_cannot_hide_background_in_a_body_ocm_does_not_read(
+            self, make_proxy, fake, apikey, tmp_path):
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 1}])
+        body = json.dumps({"model": "gpt-5.4", "background": True, "input": "Say hi.",
+                           "instructions": "padding " + "," * 500001}).encode()
+        assert proxy.request("POST", "/v1/responses", body, {"Content-Type": "application/json"})[0] == 400
+        assert fake.api_requests() == []
+
+    def test_an_answer_without_usage_is_charged_an_estimate_to_a_budget_holder(
+            self, make_proxy, fake, apikey, tmp_path):
+        """An upstream (or a compatible server behind it) that never reports usage
+        does not make a person's requests free."""
+        fake.on("POST", "/v1/chat/completions", lambda ex: ex.json(200, {
+            "id": "c", "object": "chat.completion", "model": "gpt-5.4",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}]}))
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 1}])
+        body = {"model": "gpt-5.4", "messages": [{"role": "user", "content": "x" * 40000}]}
+        assert proxy.request("POST", "/v1/chat/completions", body)[0] == 200
+        assert proxy.server.ledger.spent("alice", "day")[1] >= 10000  # ~40 KB of input
+        assert proxy.request("POST", "/v1/chat/completions", body, token="tok-bob")[0] == 200
+        assert booked_requests(proxy) == 1  # without a budget, nothing is made up
 
     def test_background_responses_are_refused_for_their_usage_would_escape(self, make_proxy, fake, apikey):
         proxy = make_proxy()
