@@ -5131,9 +5131,15 @@ class Metrics:
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self._latency_sum = 0.0
 
+    # Labels come from the config and from upstream; should they ever grow
+    # without bound, the new series are counted in one, series="over-limit".
+    MAX_SERIES = 10000
+
     def add(self, name: str, value: float = 1.0, **labels: str) -> None:
         key = (name, tuple(sorted((label, log_safe(text)) for label, text in labels.items())))
         with self._lock:
+            if key not in self._counters and len(self._counters) >= self.MAX_SERIES:
+                key = (name, (("series", "over-limit"),))
             self._counters[key] = self._counters.get(key, 0.0) + value
 
     def observe_latency(self, seconds: float) -> None:
@@ -5258,13 +5264,15 @@ def is_loopback(address: str) -> bool:
     return False
 
 
-def usage_document(server: "OCMServer", client_ip: str, now: float) -> Dict[str, Any]:
+def usage_document(server: "OCMServer", request: "ClientRequest", client_ip: str,
+                   now: float) -> Dict[str, Any]:
     """GET /ocm/v1/usage: what `ocm.py usage` shows, live. The usage files are
     saved once a minute; this is the books as they are in memory, and the
-    budgets' spending. Loopback only, like /metrics without its token: it names
-    every user and file, and only the box itself asks."""
-    if not is_loopback(client_ip):
-        raise HTTPError(403, "permission_error", "usage is served to loopback clients only")
+    budgets' spending. The box itself only, like /metrics without its token:
+    it names every user and file, and only the box itself asks."""
+    if not is_loopback_request(request, client_ip):
+        raise HTTPError(403, "permission_error", "usage is served to the box itself only "
+                        "(a loopback client asking for a loopback name, not through a proxy)")
     books = [(a.tag, a.usage) for a in server.accounts.values() if a.usage is not None]
     return {"time": format_rfc3339(now),
             "accounts": [{"account": tag, "usages_path": os.path.abspath(book.path),
@@ -5408,8 +5416,9 @@ HOUR_RESPONSES, HOUR_COST, HOUR_INPUT, HOUR_CACHED, HOUR_OUTPUT, HOUR_REFUSED = 
 SESSION_COOKIE = "ocm_session"
 SESSION_LIFETIME = 12 * 3600.0
 MAX_DASHBOARD_SESSIONS = 1000           # past it, the oldest session ends
+SESSIONS_PER_PERSON = 20                # past it, that person's (or the owner's) oldest ends
 SIGN_IN_WINDOW = 600.0                  # wrong tokens are counted over this long...
-SIGN_IN_FAILURES_PER_ADDRESS = 10       # ...per client address,
+SIGN_IN_FAILURES_PER_ADDRESS = 10       # ...per client address (an IPv6 /64),
 SIGN_IN_FAILURES_IN_ALL = 300           # ...and from everywhere (many addresses at once)
 MAX_SIGN_IN_FORM = 4096
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
@@ -5463,25 +5472,31 @@ class History:
         refused = 1 if record.error and 400 <= record.status < 500 else 0
         model = record.model[:100]
         account = record.account.tag if record.account is not None else ""
+        # A stranger's wrong token counts in its hour, and no more: a flood of
+        # them must not push the people's requests out of the last ones kept.
+        stranger = record.status == 401 and not name
         with self._lock:
             self._dirty = True
-            self._recent.append((now, name, model, record.status, record.method, record.path[:100],
-                                 record.input_tokens, record.cached_tokens, record.output_tokens,
-                                 cost, duration, account, record.error[:HISTORY_MAX_TEXT]))
-            self._last_seen[name] = now
-            if refused:
+            if not stranger:
+                self._recent.append((now, name, model, record.status, record.method,
+                                     record.path[:100], record.input_tokens, record.cached_tokens,
+                                     record.output_tokens, cost, duration, account,
+                                     record.error[:HISTORY_MAX_TEXT]))
+                self._last_seen[name] = now
+            if refused and not stranger:
                 kept = self._refusals.get(name)
                 if kept is None:
                     kept = self._refusals[name] = collections.deque(maxlen=REFUSALS_KEPT)
                 kept.append((now, record.status, record.error[:HISTORY_MAX_TEXT]))
-            elif not billed:
+            if not refused and not billed:
                 return
             hour = int(now // 3600)
             people = self._hours.get(hour)
             if people is None:
                 people = self._hours[hour] = {}
-                newest = max(self._hours)  # the clock may have been set back
-                for old in [h for h in self._hours if h <= newest - HISTORY_HOURS]:
+                # from now: hours of a clock that was once set ahead go too (an
+                # hour ahead is a thread that settled a moment later, and stays)
+                for old in [h for h in self._hours if not hour - HISTORY_HOURS < h <= hour + 1]:
                     del self._hours[old]
             row = _entry(people, name, HISTORY_MAX_NAMES, lambda: [0, 0.0, 0, 0, 0, 0])
             row[HOUR_REFUSED] += refused
@@ -5496,7 +5511,9 @@ class History:
             models = self._days.get(day)
             if models is None:
                 models = self._days[day] = {}
-                for old in sorted(self._days)[:-HISTORY_DAYS]:
+                ahead = self.clock.period("day", now + 3600)[0]  # keys sort as dates do
+                kept = sorted(key for key in self._days if key <= ahead)
+                for old in set(self._days) - set(kept[-HISTORY_DAYS:]):
                     del self._days[old]
             per_model = _entry(_entry(models, name, HISTORY_MAX_NAMES, dict), model,
                                HISTORY_MAX_MODELS, lambda: [0, 0.0])
@@ -5717,9 +5734,16 @@ class DashboardSessions:
     the running config at every request: a reload that removes a person, or
     gives them or the owner a new token, ends it.
 
-    Against guessing: wrong tokens are counted per client address and in all
-    over SIGN_IN_WINDOW; past either limit every attempt, right or wrong,
-    gets 429 until the window ends, so guessing on cannot tell a hit."""
+    Each person (and the owner) holds at most SESSIONS_PER_PERSON: signing
+    in once more ends their own oldest, never someone else's.
+
+    Against guessing: wrong tokens are counted per client address (an IPv6
+    /64) and in all over SIGN_IN_WINDOW. Past its own limit an address's
+    every attempt, right or wrong, gets 429 until the window ends, so
+    guessing on cannot tell a hit; past the limit in all, so does every
+    address that has sent a wrong token in the window (many addresses
+    guessing at once), while one that has not (the owner, at home) may
+    still sign in."""
 
     def __init__(self, lifetime: float = SESSION_LIFETIME):
         self.lifetime = lifetime
@@ -5733,7 +5757,12 @@ class DashboardSessions:
     def open(self, user: Optional[User], admin: bytes, now: float) -> str:
         """A new session for ``user`` (None: the owner); returns its id."""
         session_id = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
+        who = user.name if user is not None else None
         with self._lock:
+            own = [key for key, entry in self._sessions.items()
+                   if (entry[0].name if entry[0] is not None else None) == who]
+            for key in own[:max(0, len(own) - SESSIONS_PER_PERSON + 1)]:
+                del self._sessions[key]
             self._sessions[token_digest(session_id)] = (user, admin, now + self.lifetime)
             while len(self._sessions) > MAX_DASHBOARD_SESSIONS:
                 self._sessions.popitem(last=False)
@@ -5771,14 +5800,18 @@ class DashboardSessions:
         """Seconds until ``address`` may try a token again; 0 when it may now."""
         wait = 0.0
         with self._lock:
+            own = self._failures.get(address_group(address))
+            if own is None or not own[0] or now >= own[1] + SIGN_IN_WINDOW:
+                return 0.0  # no wrong token from here lately
             for entry, limit in ((self._all_failures, SIGN_IN_FAILURES_IN_ALL),
-                                 (self._failures.get(address), SIGN_IN_FAILURES_PER_ADDRESS)):
-                if entry is not None and entry[0] >= limit and now < entry[1] + SIGN_IN_WINDOW:
+                                 (own, SIGN_IN_FAILURES_PER_ADDRESS)):
+                if entry[0] >= limit and now < entry[1] + SIGN_IN_WINDOW:
                     wait = max(wait, entry[1] + SIGN_IN_WINDOW - now)
         return wait
 
     def failed(self, address: str, now: float) -> bool:
         """Count a wrong token from ``address``; True when this one blocks it."""
+        address = address_group(address)
         with self._lock:
             entry = self._failures.get(address)
             if entry is None:
@@ -5825,9 +5858,28 @@ def is_loopback_request(request: "ClientRequest", client_ip: str) -> bool:
     a reverse proxy on the box from passing everyone in as loopback."""
     if not is_loopback(client_ip) or any(request.headers.get(h) for h in FORWARDING_HEADERS):
         return False
+    return names_loopback(request)
+
+
+def names_loopback(request: "ClientRequest") -> bool:
+    """The request's Host is a loopback name (or absent, as from HTTP/1.0)."""
     host = request.headers.get("host", "").strip().lower()
     name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
     return not host or name == "localhost" or is_loopback(name)
+
+
+def check_open_access(request: "ClientRequest", client_ip: str) -> None:
+    """Open access (no users) serves programs, not web pages: a page the
+    owner visits could otherwise spend the subscription, by posting to
+    127.0.0.1 (its browser sends Origin or Sec-Fetch-Site) or through a name
+    of its own that resolves to the box (DNS rebinding: a Host that is not a
+    loopback name, from a loopback client)."""
+    site = request.headers.get("sec-fetch-site", "").strip().lower()
+    from_page = request.headers.get("origin") is not None or site not in ("", "none")
+    if from_page or (is_loopback(client_ip) and not names_loopback(request)):
+        raise HTTPError(403, "permission_error", "OCM without users serves programs on this "
+                        "box, and this request came from a web page (or named another host); "
+                        "add users to the config to use OCM from a browser or another name")
 
 
 def session_cookie(request: "ClientRequest") -> str:
@@ -5869,6 +5921,7 @@ def dashboard_viewer(server: "OCMServer", state: "State", request: "ClientReques
             raise HTTPError(401, "authentication_error", "the dashboard takes the owner's "
                             "admin_token or your own token",
                             headers=[("WWW-Authenticate", 'Bearer realm="ocm"')])
+        check_access(viewer.user, now)  # an expired person sees why, and nothing else
         return viewer
     session_id = session_cookie(request)
     found = sessions.find(session_id, now) if session_id else None
@@ -5876,6 +5929,7 @@ def dashboard_viewer(server: "OCMServer", state: "State", request: "ClientReques
         user, admin = found
         current = state.users.current(user) if user is not None else None
         if current is not None:
+            check_access(current, now)
             return Viewer(current, "session")
         if user is None and admin == admin_digest(state.config):
             return Viewer(None, "session")
@@ -6712,7 +6766,7 @@ DASHBOARD_HTML = r"""<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
-<meta name="referrer" content="no-referrer">
+<meta name="referrer" content="same-origin">
 <title>OCM</title>
 <link rel="icon" href="data:,">
 <style>@STYLE@</style>
@@ -6803,7 +6857,7 @@ HTML_TYPE = "text/html; charset=utf-8"
 
 def dashboard_headers(content_type: str) -> List[Tuple[str, str]]:
     return [("Content-Type", content_type), ("Content-Security-Policy", DASHBOARD_CSP),
-            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin"),
             ("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"),
             ("Cross-Origin-Resource-Policy", "same-origin")]
 
@@ -6811,13 +6865,18 @@ def dashboard_headers(content_type: str) -> List[Tuple[str, str]]:
 def check_same_origin(request: "ClientRequest") -> None:
     """A form must be posted from a page of this OCM, so that another site
     cannot sign a visitor in or out. Browsers say where a post comes from:
-    Sec-Fetch-Site, or else Origin (which the page's no-referrer policy turns
-    into "null" for its own forms)."""
-    site = request.headers.get("sec-fetch-site", "")
-    origin = request.headers.get("origin", "")
-    host = request.headers.get("host", "").lower()
-    foreign = origin not in ("", "null") and urllib.parse.urlsplit(origin).netloc.lower() != host
-    if site not in ("", "same-origin", "none") or (not site and foreign):
+    Sec-Fetch-Site (sent to https and loopback origins), else Origin, which
+    the page's same-origin referrer policy keeps whole for its own forms
+    ("null" is a page that hides where it is: refused). A program sends
+    neither, and may sign in."""
+    site = request.headers.get("sec-fetch-site", "").strip().lower()
+    origin = request.headers.get("origin")
+    host = request.headers.get("host", "").strip().lower()
+    if site:
+        allowed = site in ("same-origin", "none")
+    else:
+        allowed = origin is None or urllib.parse.urlsplit(origin.strip()).netloc.lower() == host
+    if not allowed:
         raise HTTPError(403, "permission_error", "sign in from OCM's own page, /ocm/")
 
 
@@ -6833,11 +6892,11 @@ def dashboard_answer(server: "OCMServer", request: "ClientRequest", body: bytes,
                             headers=[("Allow", "POST")])
         check_same_origin(request)
         if path == SIGN_IN_PATH:
-            return sign_in(server, body, client_ip, now)
+            return sign_in(server, request, body, client_ip, now)
         session_id = session_cookie(request)
         if session_id:
             server.dashboard_sessions.close(session_id)
-        return see_other(server, "", 0)
+        return see_other(server, request, "", 0)
     if method not in ("GET", "HEAD"):
         raise HTTPError(405, "invalid_request_error", "use GET for %s" % path,
                         headers=[("Allow", "GET, HEAD")])
@@ -6852,7 +6911,7 @@ def dashboard_answer(server: "OCMServer", request: "ClientRequest", body: bytes,
     return 200, dashboard_headers("application/json"), json.dumps(document).encode("utf-8")
 
 
-def sign_in(server: "OCMServer", body: bytes, client_ip: str,
+def sign_in(server: "OCMServer", request: "ClientRequest", body: bytes, client_ip: str,
             now: float) -> Tuple[int, List[Tuple[str, str]], bytes]:
     """The sign-in form: the owner's admin_token or a person's token opens a
     session; a wrong one gets the page again with 401, saying only that."""
@@ -6867,25 +6926,32 @@ def sign_in(server: "OCMServer", body: bytes, client_ip: str,
         fields = {}
     token = (fields.get("token") or [""])[0].strip()
     viewer = match_token(state, token)
-    if viewer is None:
-        if token:
+    expired = viewer is not None and viewer.user is not None and \
+        viewer.user.expires_at is not None and now >= viewer.user.expires_at
+    if viewer is None or expired:
+        if token and not expired:
             wrong_token(sessions, client_ip, now)
-        log.info("dashboard: a sign-in from %s with a wrong token was refused", client_ip)
+        log.info("dashboard: a sign-in from %s with %s was refused", client_ip,
+                 "an expired person's token" if expired else "a wrong token")
         return 401, dashboard_headers(HTML_TYPE), DASHBOARD_PAGES["failed"]
     session_id = sessions.open(viewer.user, admin_digest(state.config) if viewer.is_owner else b"",
                                now)
     log.info("dashboard: %s signed in from %s",
              "the owner" if viewer.is_owner else viewer.user.name, client_ip)
-    return see_other(server, session_id, int(sessions.lifetime))
+    return see_other(server, request, session_id, int(sessions.lifetime))
 
 
-def see_other(server: "OCMServer", session_id: str,
+def see_other(server: "OCMServer", request: "ClientRequest", session_id: str,
               max_age: int) -> Tuple[int, List[Tuple[str, str]], bytes]:
-    """303 to the page, setting the session cookie (clearing it: max_age 0)."""
+    """303 to the page, setting the session cookie (clearing it: max_age 0):
+    Secure when OCM serves TLS, or a proxy in front says it does (a client
+    claiming it only keeps its own cookie off plain http)."""
+    secure = server.tls is not None or \
+        request.headers.get("x-forwarded-proto", "").strip().lower() == "https"
     cookie = "%s=%s; Path=/ocm; HttpOnly; SameSite=Strict; Max-Age=%d%s" % (
-        SESSION_COOKIE, session_id, max_age, "; Secure" if server.tls is not None else "")
+        SESSION_COOKIE, session_id, max_age, "; Secure" if secure else "")
     return 303, [("Location", "/ocm/"), ("Set-Cookie", cookie), ("Cache-Control", "no-store"),
-                 ("Referrer-Policy", "no-referrer")], b""
+                 ("Referrer-Policy", "same-origin")], b""
 
 
 # == 14. Streams =============================================================
@@ -9572,6 +9638,7 @@ WS_CLOSE_WAIT = 5.0  # after one side's close, how long the other gets to answer
 WS_FIRST_MESSAGE_WAIT = 10.0  # a refused session's error frame waits this long for the request
 WS_SHUTDOWN_WAIT = 2.0  # at shutdown, how long live sessions get to finish their close
 WS_POLICY_CLOSE = 1008  # RFC 6455: the endpoint's policy ends the session
+WEBSOCKET_PATH = "/v1/responses"  # Codex's; the only one whose messages OCM understands
 # Terminal events of a turn: each ends the turn running (one at a time: an
 # error event names no turn, so a second one could never be told apart).
 TURN_END_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed",
@@ -10512,8 +10579,13 @@ class OCMHandler(BaseHTTPRequestHandler):
         # out of the unauthenticated share, before any body is read
         server.note_authenticated(self)
         request.record.user, request.record.user_name = user, user.name if user else ""
+        if state.users.is_open:
+            check_open_access(request, self.client_address[0])
         check_access(user, time.time())
         if is_websocket_upgrade(request):
+            if request.path != WEBSOCKET_PATH:  # where turns can be admitted and counted
+                raise HTTPError(404, "invalid_request_error", "OCM relays WebSockets on %s only"
+                                % WEBSOCKET_PATH)
             self.read_body(request, DISCARD_BODY_LIMIT)
             request.keep_alive = False  # after a WebSocket, the connection is done
             with server.in_flight(user):
@@ -10646,11 +10718,14 @@ class OCMHandler(BaseHTTPRequestHandler):
     def serve_dashboard(self, request: ClientRequest) -> None:
         """The dashboard (section 13b): its page, its JSON, signing in and out."""
         request.record.quiet = True  # a page that polls every few seconds is no news in the log
-        limit = MAX_SIGN_IN_FORM if request.method == "POST" else DISCARD_BODY_LIMIT
-        body = self.read_body(request, limit)
+        # Only signing in and out reads a (small) form; any other body is left
+        # unread and ends the connection, so strangers cannot park bodies here.
+        body = self.read_body(request, MAX_SIGN_IN_FORM) if request.method == "POST" else b""
         status, headers, payload = dashboard_answer(self.server, request, body,
                                                     self.client_address[0], time.time())
         headers.append(("Content-Length", str(len(payload))))
+        if has_unread_body(request):
+            request.keep_alive = False
         if not request.keep_alive:
             headers.append(("Connection", "close"))
         self.write(encode_head(status, DASHBOARD_REASONS.get(status, ""), headers)
@@ -10677,7 +10752,8 @@ class OCMHandler(BaseHTTPRequestHandler):
             body, content_type = (render_metrics(server).encode("utf-8"),
                                   "text/plain; version=0.0.4")
         elif request.path == USAGE_PATH:
-            body = json.dumps(usage_document(server, self.client_address[0], time.time())).encode()
+            body = json.dumps(usage_document(server, request, self.client_address[0],
+                                             time.time())).encode()
         else:
             user = state.users.authenticate(request.headers)
             server.note_authenticated(self)
@@ -11181,8 +11257,10 @@ class OCMServer(ThreadingHTTPServer):
         finally:
             if account is not None and record.holds_account:
                 account.end()
+        # the model a client named is its own words until upstream answered it
         self.metrics.add("ocm_requests_total", user=record.user_name or "-",
-                         status=str(record.status), model=record.model or "-")
+                         status=str(record.status),
+                         model=usage.model if usage is not None else "-")
         write_access_line(record, self.config.log_format)
         if record.path.startswith("/v1/"):  # model requests and WebSocket turns, not the pages
             self.history.record(record, time.time(), time.monotonic() - record.started)
@@ -11214,20 +11292,18 @@ class OCMServer(ThreadingHTTPServer):
                   usage.input_tokens, usage.cached_tokens, usage.output_tokens)
 
     def check_metrics_access(self, request: ClientRequest, client_ip: str) -> None:
-        """Loopback clients, or the bearer of metrics_token."""
-        with contextlib.suppress(ValueError):
-            ip = ipaddress.ip_address(client_ip)
-            if ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped
-                                  and ip.ipv4_mapped.is_loopback):
-                return
+        """The box itself (see is_loopback_request), or the bearer of metrics_token."""
+        if is_loopback_request(request, client_ip):
+            return
         token = self.config.metrics_token
         presented = (request.headers.get("authorization") or "").partition(" ")[2].strip()
         if token and presented:
             expected = User("metrics", token).token_digest
             if hmac.compare_digest(expected, token_digest(presented)):
                 return
-        raise HTTPError(403, "permission_error", "metrics are served to loopback clients and to "
-                        "the metrics_token of the config")
+        raise HTTPError(403, "permission_error", "metrics are served to the box itself (a "
+                        "loopback client asking for a loopback name, not through a proxy) and "
+                        "to the metrics_token of the config")
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can stall

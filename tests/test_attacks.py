@@ -121,6 +121,9 @@ class TestLeavingEarlyIsNotFree:
         assert post_and_hang_up(proxy.port, body, b"\r\n\r\n")  # the 200 head, then leave
         assert wait_for(lambda: booked_requests(proxy) == 1)
         assert proxy.server.ledger.spent("alice", "day")[1] >= 250000
+        # without a budget too: the usage file has it
+        assert post_and_hang_up(proxy.port, body, b"\r\n\r\n", token=b"tok-bob")
+        assert wait_for(lambda: booked_requests(proxy) == 2)
 
     def test_a_request_refused_before_it_went_upstream_is_not_estimated(self, make_proxy, fake, tmp_path):
         proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
@@ -129,6 +132,7 @@ class TestLeavingEarlyIsNotFree:
                       b"Content-Length: 100000\r\n\r\n" + b"x" * 1000)
         time.sleep(0.3)
         assert fake.api_requests() == [] and proxy.server.ledger.spent("alice", "day") == (0, 0)
+        assert not [name for name, _ in proxy.server.metrics.counters() if name == "ocm_tokens_total"]
 
     def test_a_whole_json_answer_the_client_did_not_wait_for_is_charged_its_usage(
             self, make_proxy, fake, apikey, tmp_path):
@@ -223,6 +227,14 @@ class TestLeavingEarlyIsNotFree:
 # == WebSocket messages that are not turns =============================================
 
 class TestOnlyTurnsOnAWebSocket:
+    @pytest.mark.parametrize("path", ["/v1/realtime", "/v1/chat/completions", "/v1/responses/compact"])
+    def test_a_websocket_elsewhere_than_responses_never_reaches_upstream(self, make_proxy, fake, path):
+        ws = WSUpstream(fake)
+        proxy = make_proxy()
+        client = WSClient(proxy.port, path=path)
+        assert client.status == 404 and "on /v1/responses only" in client.body().decode()
+        assert ws.connections == 0
+
     def test_an_upstream_error_for_another_message_cannot_end_a_running_turn(self, make_proxy, fake, tmp_path):
         ws = WSUpstream(fake)
         seen = []
@@ -516,3 +528,62 @@ class TestBodies:
         sent = fake.api_requests()[0].json()
         assert status == 200 and sent["stream"] is True and sent["store"] is False
         assert booked_requests(proxy) == 1
+
+
+# == Web pages against an open box ===============================================
+
+class TestOpenAccessServesPrograms:
+    """Without users, OCM on 127.0.0.1 is open to the box's own programs; a web
+    page the owner visits is not one of them."""
+
+    @pytest.mark.parametrize("headers", [
+        {"Host": "rebind.attacker.example:8080"},            # DNS rebinding: a name of its own
+        {"Origin": "https://attacker.example"},              # a page posting to 127.0.0.1
+        {"Origin": "null"},                                  # ... from a sandboxed frame
+        {"Sec-Fetch-Site": "cross-site"}],
+        ids=["rebound-name", "origin", "null-origin", "sec-fetch-site"])
+    def test_a_request_from_a_web_page_is_refused(self, make_proxy, fake, headers):
+        proxy = make_proxy(users=[])
+        status, _, body = proxy.request("POST", "/v1/responses", CODEX, headers=headers, token=None)
+        assert status == 403 and "add users to the config" in json.loads(body)["error"]["message"]
+        assert fake.api_requests() == []
+
+    def test_programs_on_the_box_go_on(self, make_proxy, fake):
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(completed_event())))
+        proxy = make_proxy(users=[])
+        for host in ("127.0.0.1:%d" % proxy.port, "localhost", "[::1]:1"):
+            assert proxy.request("POST", "/v1/responses", CODEX, headers={"Host": host}, token=None)[0] == 200
+        assert len(fake.api_requests()) == 3
+
+    def test_with_users_a_token_decides_not_the_name(self, make_proxy, fake):
+        fake.on("POST", "/backend-api/codex/responses", lambda ex: ex.stream(sse(completed_event())))
+        proxy = make_proxy()
+        assert proxy.request("POST", "/v1/responses", CODEX, headers={"Host": "ocm.example.org",
+                                                                      "Origin": "https://app.example"})[0] == 200
+
+
+# == What a person's words can grow =================================================
+
+class TestMetricsStayBounded:
+    def test_model_names_a_person_makes_up_do_not_become_series(self, make_proxy, fake):
+        """Held: 1,000 refused made-up names were 1,000 series on /metrics, for ever."""
+        proxy = make_proxy(users=[user(models=["gpt-5.4"])])
+        conn = proxy.conn()
+        for i in range(300):
+            conn.request("POST", "/v1/responses", body=json.dumps({"model": "made-up-%06d" % i}),
+                         headers={"Authorization": "Bearer tok-alice", "Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 403
+        conn.close()
+        metrics = ocm.render_metrics(proxy.server)
+        assert "made-up" not in metrics
+        assert 'ocm_requests_total{model="-",status="403",user="alice"} 300.0' in metrics
+
+    def test_past_the_cap_new_series_are_counted_in_one(self):
+        metrics = ocm.Metrics()
+        for i in range(ocm.Metrics.MAX_SERIES + 10):
+            metrics.add("ocm_requests_total", user="u%d" % i)
+        counters = metrics.counters()
+        assert len(counters) == ocm.Metrics.MAX_SERIES + 1
+        assert counters[("ocm_requests_total", (("series", "over-limit"),))] == 10

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import hashlib
 import http.client
+import http.server
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import select
 import shutil
 import signal
 import tempfile
+import threading
 import time
 
 import pytest
@@ -53,7 +55,7 @@ def sign_in(proxy, token, host="box.lan:8080", headers=None):
     conn = proxy.conn()
     try:
         hdrs = {"Host": host, "Content-Type": "application/x-www-form-urlencoded",
-                "Origin": "null", "Sec-Fetch-Site": "same-origin"}
+                "Origin": "http://" + host}
         hdrs.update(headers or {})
         conn.request("POST", "/ocm/sign-in", body="user=ocm&token=" + token, headers=hdrs)
         resp = conn.getresponse()
@@ -134,6 +136,25 @@ class TestHistory:
     def history(self, path=""):
         return ocm.History(path, ocm.PeriodClock("UTC"))
 
+    def test_strangers_wrong_tokens_count_but_do_not_push_people_out(self):
+        h = self.history()
+        h.record(record(), NOW, 1.0)
+        for _ in range(ocm.RECENT_REQUESTS + 10):
+            h.record(record("", status=401, input_tokens=0, output=0, cached=0, cost=0,
+                            error="invalid api key"), NOW, 0.0)
+        assert [entry[1] for entry in h.recent()] == ["alice"]
+        assert h.refusals("") == [] and h.refusals_since("", NOW) == ocm.RECENT_REQUESTS + 10
+
+    def test_a_clock_once_set_ahead_does_not_stop_the_charts(self):
+        """Held: a box that booted a month ahead, then was set right by NTP,
+        drew nothing hourly for that month (every new hour was pruned as old)."""
+        h = self.history()
+        h.record(record(), NOW + 30 * 86400, 1.0)
+        for i in range(5):
+            h.record(record(), NOW + i * 600, 1.0)
+        assert sum(h.hourly(NOW + 3000)[1]["alice"][0]) == 5
+        assert "2027-01-03" not in h._days and h.daily(NOW)[1]
+
     def test_a_response_counts_in_its_hour_day_and_periods(self):
         h = self.history()
         h.record(record(cost=0.5), NOW, 2.0)
@@ -166,10 +187,10 @@ class TestHistory:
 
     def test_every_table_is_bounded(self):
         h = self.history()
-        for hour in range(60):
-            h.record(record(), NOW - hour * 3600, 1.0)
-        for day in range(10):
+        for day in reversed(range(10)):  # in time order, as requests settle
             h.record(record(), NOW - day * 86400, 1.0)
+        for hour in reversed(range(60)):
+            h.record(record(), NOW - hour * 3600, 1.0)
         assert len(h._hours) == ocm.HISTORY_HOURS and len(h._days) == ocm.HISTORY_DAYS
         for i in range(ocm.HISTORY_MAX_NAMES + 5):
             h.record(record("user%d" % i, "model-%d" % i), NOW, 1.0)
@@ -236,7 +257,7 @@ class TestAccess:
             digest = base64.b64encode(hashlib.sha256(text).digest()).decode()
             assert "%s 'sha256-%s'" % (kind, digest) in csp
         assert headers["x-content-type-options"] == "nosniff"
-        assert headers["referrer-policy"] == "no-referrer" and headers["cache-control"] == "no-store"
+        assert headers["referrer-policy"] == "same-origin" and headers["cache-control"] == "no-store"
         assert b"alice" not in body and b"innerHTML" not in body  # data only ever comes as JSON
         assert get(dash, "/ocm")[2] == body
         assert get(dash, "/ocm/", token="tok-alice")[2] == body
@@ -307,7 +328,8 @@ class TestAccess:
         assert resp.status == 303 and resp.getheader("set-cookie").endswith("; Secure")
 
     @pytest.mark.parametrize("headers", [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
-                                         {"Sec-Fetch-Site": "", "Origin": "http://evil.example"}])
+                                         {"Origin": "http://evil.example"},
+                                         {"Origin": "null"}])  # a page hiding where it is
     def test_a_form_posted_from_another_site_is_refused(self, dash, headers):
         status, answer, _ = sign_in(dash, "tok-alice", headers=headers)
         assert status == 403 and "set-cookie" not in answer
@@ -350,15 +372,85 @@ class TestAccess:
         assert sessions.blocked_for("10.0.0.1", NOW + ocm.SIGN_IN_WINDOW) == 0  # the window ends
         for i in range(ocm.SIGN_IN_FAILURES_IN_ALL):
             sessions.failed("10.1.%d.%d" % (i // 250, i % 250), NOW + 700)
-        assert sessions.blocked_for("10.9.9.9", NOW + 701) > 0  # many addresses at once
+        # many addresses at once: each that guessed is refused, and one more guess
+        # from a new address is its last
+        assert sessions.blocked_for("10.1.0.7", NOW + 701) > 0
+        sessions.failed("10.9.9.9", NOW + 701)
+        assert sessions.blocked_for("10.9.9.9", NOW + 701) > 0
+        # an address that sent no wrong token (the owner, at home) may still sign in
+        assert sessions.blocked_for("10.0.0.2", NOW + 701) == 0
+        # an IPv6 /64 counts as one address
+        for i in range(ocm.SIGN_IN_FAILURES_PER_ADDRESS):
+            sessions.failed("2001:db8:0:1::%x" % (i + 1), NOW + 2000)
+        assert sessions.blocked_for("2001:db8:0:1::ffff", NOW + 2001) > 0
+        assert sessions.blocked_for("2001:db8:0:2::1", NOW + 2001) == 0
+
+    @pytest.mark.parametrize("path", ["/ocm/", "/ocm/v1/dashboard"])
+    def test_a_body_sent_with_a_page_request_is_never_read(self, dash, path):
+        """Held: OCM read up to a mebibyte of it per connection, for anyone."""
+        import socket
+        with socket.create_connection(("127.0.0.1", dash.port), timeout=5) as s:
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: box.lan\r\nContent-Length: 1048576\r\n\r\n"
+                      % path.encode() + b"x" * 100)  # the rest never comes
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += s.recv(65536)
+        head = answer.split(b"\r\n\r\n")[0].lower()
+        assert head.split(b" ")[1] in (b"200", b"401") and b"connection: close" in head
+
+    def test_behind_a_tls_proxy_the_cookie_is_secure(self, dash):
+        assert not sign_in(dash, "tok-alice")[1]["set-cookie"].endswith("; Secure")
+        cookie = sign_in(dash, "tok-alice", headers={"X-Forwarded-Proto": "https"})[1]["set-cookie"]
+        assert cookie.endswith("; Secure")
+
+    def test_a_person_whose_access_expired_sees_nothing(self, make_proxy, fake):
+        proxy = make_proxy(admin_token=ADMIN, users=[user("alice", "tok-alice-0123456789",
+                                                          expires_at="2020-01-01T00:00:00Z")])
+        status, _, body = get(proxy, token="tok-alice-0123456789", host="box.lan")
+        assert status == 403 and "your access expired" in json.loads(body)["error"]["message"]
+        for _ in range(ocm.SIGN_IN_FAILURES_PER_ADDRESS + 1):  # refused, and not taken for guessing
+            status, answer, _ = sign_in(proxy, "tok-alice-0123456789")
+            assert status == 401 and "set-cookie" not in answer
+        assert sign_in(proxy, ADMIN)[0] == 303
+
+    def test_strangers_guessing_from_many_addresses_cannot_lock_the_owner_out(self, make_proxy, fake):
+        proxy = make_proxy(admin_token=ADMIN, users=[user("alice", "tok-alice-0123456789")])
+        for i in range(ocm.SIGN_IN_FAILURES_IN_ALL):  # 10 wrong tokens from each of 30 addresses
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5,
+                                              source_address=("127.0.0.%d" % (2 + i // 10), 0))
+            conn.request("POST", "/ocm/sign-in", body="token=wrong-%d" % i,
+                         headers={"Host": "box.lan", "Content-Type": "application/x-www-form-urlencoded"})
+            assert conn.getresponse().status == 401
+            conn.close()
+        assert sign_in(proxy, ADMIN)[0] == 303  # held: 429 for everyone, for ten minutes
+        assert get(proxy, token=ADMIN, host="box.lan")[0] == 200
+        assert sign_in(proxy, "tok-alice-0123456789")[0] == 303
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5, source_address=("127.0.0.2", 0))
+        conn.request("POST", "/ocm/sign-in", body="token=" + ADMIN,
+                     headers={"Host": "box.lan", "Content-Type": "application/x-www-form-urlencoded"})
+        assert conn.getresponse().status == 429  # a guessing address learns nothing, right or wrong
+        conn.close()
+
+    def test_a_person_signing_in_again_and_again_ends_only_their_own_sessions(self, dash):
+        owner = session_of(sign_in(dash, ADMIN)[1])
+        for _ in range(ocm.MAX_DASHBOARD_SESSIONS):  # held: the owner was signed out
+            bob = session_of(sign_in(dash, "tok-bob")[1])
+        assert get(dash, cookie=owner, host="box.lan", token=None)[0] == 200
+        assert get(dash, cookie=bob, host="box.lan", token=None)[0] == 200
 
     def test_sessions_expire_and_are_bounded(self):
         sessions = ocm.DashboardSessions(lifetime=60)
         alice = ocm.User("alice", "tok-alice")
         first = sessions.open(alice, b"", NOW)
         assert sessions.find(first, NOW + 59) == (alice, b"") and sessions.find(first, NOW + 60) is None
-        ids = [sessions.open(None, b"x", NOW) for _ in range(ocm.MAX_DASHBOARD_SESSIONS + 1)]
-        assert sessions.count() == ocm.MAX_DASHBOARD_SESSIONS and sessions.find(ids[0], NOW) is None
+        owner = sessions.open(None, b"x", NOW)
+        ids = [sessions.open(alice, b"", NOW) for _ in range(ocm.MAX_DASHBOARD_SESSIONS + 1)]
+        # signing in again and again ends only alice's own oldest sessions
+        assert sessions.count() == ocm.SESSIONS_PER_PERSON + 1 and sessions.find(owner, NOW)
+        assert sessions.find(ids[0], NOW) is None and sessions.find(ids[-1], NOW)
+        people = [ocm.User("p%d" % i, "tok-p%d" % i) for i in range(ocm.MAX_DASHBOARD_SESSIONS + 1)]
+        ids = [sessions.open(person, b"", NOW + 1) for person in people]
+        assert sessions.count() == ocm.MAX_DASHBOARD_SESSIONS and sessions.find(owner, NOW) is None
 
     def test_a_reload_ends_the_sessions_of_people_and_tokens_gone(self, dash, caplog):
         alice = session_of(sign_in(dash, "tok-alice")[1])
@@ -583,7 +675,7 @@ class Chromium:
         args = [binary, "--headless", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
                 "--no-proxy-server", "--disable-extensions", "--disable-background-networking",
                 "--remote-debugging-pipe", "--user-data-dir=" + self.profile,
-                "--host-resolver-rules=MAP box.test 127.0.0.1"]
+                "--host-resolver-rules=MAP *.test 127.0.0.1"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             args.append("--no-sandbox")  # Chromium's sandbox refuses to run as root
         self.pid = os.posix_spawn(binary, args + ["about:blank"], dict(os.environ), file_actions=[
@@ -793,6 +885,41 @@ class TestBrowser:
         tab.js("document.querySelector('#signout button').click()")
         tab.wait("document.body.dataset.view === 'owner'")
         assert_nothing_blocked([tab])
+
+    def test_a_page_on_another_site_cannot_sign_the_visitor_in_or_out(self, browser, make_proxy, fake):
+        """A page elsewhere posts the sign-in form with its own token, hiding where it
+        is (no-referrer: Origin "null"); over plain http Chromium sends no
+        Sec-Fetch-Site. Held: the owner found themselves signed in as alice."""
+        proxy = make_proxy(admin_token=ADMIN, users=[user("alice", "tok-alice-0123456789")])
+        page = ('<!doctype html><meta name="referrer" content="no-referrer">'
+                '<form id="f" method="post" action="http://box.test:%d/ocm/sign-in">'
+                '<input name="token" value="tok-alice-0123456789"></form>'
+                '<script>document.getElementById("f").submit()</script>' % proxy.port).encode()
+
+        class Elsewhere(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+        elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+        threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+        try:
+            tab = Tab(browser, 1000, 800)
+            tab.open("http://box.test:%d/ocm/" % proxy.port)  # the owner, signed in on the LAN
+            assert tab.sign_in(ADMIN) == "owner"
+            tab.open("http://elsewhere.test:%d/" % elsewhere.server_address[1])
+            tab.wait("document.location.host === 'box.test:%d'" % proxy.port)  # the form went
+            tab.open("http://box.test:%d/ocm/" % proxy.port)
+            assert tab.wait("document.body.dataset.view !== 'signin' && document.body.dataset.view") == "owner"
+        finally:
+            elsewhere.shutdown()
+            elsewhere.server_close()
 
     def test_what_each_sees_at_phone_and_desktop_widths(self, browser, make_proxy, fake, auth_path, tmp_path):
         """The owner and a person sign in through the form; each sees what is

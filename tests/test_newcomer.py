@@ -555,10 +555,16 @@ class TestUsage:
         assert document["budgets"][0]["user"] == "alice" and document["budgets"][0]["limit"] == "$2.00"
         assert not (tmp_path / "usage.json").exists()  # live: the saver has not written the file yet
 
-    def test_the_usage_document_is_for_loopback_only(self, proxy):
-        with pytest.raises(ocm.HTTPError) as caught:
-            ocm.usage_document(proxy.server, "192.0.2.7", time.time())
-        assert caught.value.status == 403 and "loopback" in caught.value.message
+    @pytest.mark.parametrize("path", ["/ocm/v1/usage", "/metrics"])
+    def test_the_figures_are_for_the_box_itself_only(self, proxy, path):
+        # a web page whose own name resolves to 127.0.0.1 (DNS rebinding), and a
+        # reverse proxy on the box passing a visitor on, are not the box
+        for headers in ({"Host": "rebind.attacker.example:%d" % proxy.port},
+                        {"Host": "127.0.0.1", "X-Forwarded-For": "192.0.2.7"}):
+            status, _, body = proxy.request("GET", path, headers=headers, token=None)
+            assert status == 403 and "the box itself" in json.loads(body)["error"]["message"]
+        for host in ("127.0.0.1:%d" % proxy.port, "localhost", "[::1]:80"):
+            assert proxy.request("GET", path, headers={"Host": host}, token=None)[0] == 200
         assert ocm.is_loopback("::ffff:127.0.0.1") and ocm.is_loopback("::1")
         assert not ocm.is_loopback("::ffff:192.0.2.7") and not ocm.is_loopback("nonsense")
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import ocm
-from test_ocm import (CODEX_BIN, completed_event, error_of, free_port, make_jwt, message_event, needs_codex,
+from test_ocm import (CODEX_BIN, USERS, completed_event, error_of, free_port, make_jwt, message_event, needs_codex,
                       read_json, run_codex, wait_for, write_auth)
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -750,14 +750,16 @@ class TestRealCodexWebSocket:
 # == The documented nginx front end, with a real Codex =======================
 
 def readme_nginx_blocks():
-    """The `map` line and the `location /v1/` block of docs/tls-and-exposure.md's nginx example."""
+    """The `map` line and the `location` blocks of docs/tls-and-exposure.md's nginx example."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "docs", "tls-and-exposure.md")) as f:
         example = f.read().split("```nginx\n", 1)[1].split("```", 1)[0]
     mapping = next(line for line in example.splitlines() if line.startswith("map "))
-    rest = example.split("location /v1/", 1)[1]
-    location = "location /v1/" + rest[:rest.index("}") + 1]  # no nested blocks inside
-    return mapping, location
+    locations = []
+    for rest in example.split("    location ")[1:]:
+        locations.append("location " + rest[:rest.index("}") + 1])  # no nested blocks inside
+    assert locations[0].startswith("location /v1/ ")
+    return mapping, "\n".join(locations)
 
 
 @pytest.fixture
@@ -821,8 +823,31 @@ class TestBehindNginx:
 class TestNginxExample:
     def test_only_v1_is_passed_on_so_metrics_stay_private(self, nginx_front):
         import http.client
-        conn = http.client.HTTPConnection("127.0.0.1", nginx_front, timeout=5)
-        conn.request("GET", "/metrics")
-        response = conn.getresponse()
-        assert response.status in (403, 404) and b"ocm_" not in response.read()  # nginx's own refusal
-        conn.close()
+        for path in ("/metrics", "/ocm/v1/usage"):
+            conn = http.client.HTTPConnection("127.0.0.1", nginx_front, timeout=5)
+            conn.request("GET", path)
+            response = conn.getresponse()
+            # nginx's own refusal, or OCM's (the proxy's header says it is not the box)
+            assert response.status in (403, 404) and b"ocm_" not in response.read()
+            conn.close()
+
+    def test_a_visitor_of_the_dashboard_through_it_is_not_the_box(self, nginx_front, proxy):
+        """nginx's own defaults (Host: 127.0.0.1:PORT, no X-Forwarded-For) would make every
+        visitor the owner; the example's two headers keep them a stranger."""
+        import http.client
+
+        def get(path, headers):
+            conn = http.client.HTTPConnection("127.0.0.1", nginx_front, timeout=5)
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            answer = (response.status, response.read())
+            conn.close()
+            return answer
+
+        assert get("/ocm/", {"Host": "ocm.example.org"})[0] == 200
+        for host in ("ocm.example.org", "127.0.0.1", "localhost:%d" % nginx_front):
+            status, body = get("/ocm/v1/dashboard", {"Host": host})
+            assert status == 401 and b"viewer" not in body, host
+        status, body = get("/ocm/v1/dashboard", {"Host": "ocm.example.org",
+                                                 "Authorization": "Bearer " + USERS[0]["token"]})
+        assert status == 200 and json.loads(body)["viewer"]["role"] == "person"
