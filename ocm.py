@@ -10597,21 +10597,27 @@ class OCMHandler(BaseHTTPRequestHandler):
             if request.headers.has_token("expect", "100-continue") and request.body_kind != "none":
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.read_body(request, server.config.limits.max_body_size)
-            body = None
-            # what it may run is decided from its body
-            if request.method == "POST" or request.body:
-                body = parse_request_body(request.body,
-                                          request.headers.get("content-encoding", ""),
-                                          server.config.limits.max_body_size)
-                # what leaving before the usage costs: the text upstream reads
-                request.record.input_estimate = body.size // 4 + server.conversations.\
-                    context_estimate(user.name if user is not None else "", body)
-            self.serve_model_request(request, state, user, body)
+            # (parsed there, so that no frame here holds it while the answer streams)
+            self.serve_model_request(request, state, user)
 
-    def serve_model_request(self, request: ClientRequest, state: State, user: Optional[User],
-                            body: Optional[RequestBody]) -> None:
+    def parse_model_request(self, request: ClientRequest,
+                            user: Optional[User]) -> Optional[RequestBody]:
+        """The body, parsed once: what the request may run is decided from it."""
+        if request.method != "POST" and not request.body:
+            return None
+        server = self.server
+        body = parse_request_body(request.body, request.headers.get("content-encoding", ""),
+                                  server.config.limits.max_body_size)
+        # what leaving before the usage costs: the text upstream reads
+        request.record.input_estimate = body.size // 4 + server.conversations.context_estimate(
+            user.name if user is not None else "", body)
+        return body
+
+    def serve_model_request(self, request: ClientRequest, state: State,
+                            user: Optional[User]) -> None:
         """One HTTP request through the pipeline: admit, send, relay. The
         record is settled once the answer is out (or failed)."""
+        body = self.parse_model_request(request, user)
         endpoint = ENDPOINTS.get(request.path, "")
         if endpoint == "count_tokens" and request.method == "POST":
             self.answer_count_tokens(request, body)

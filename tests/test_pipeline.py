@@ -139,6 +139,36 @@ class TestBodyParsing:
         body = ocm.parse_request_body(raw)
         assert body.model == model and (problem in body.problem if problem else body.problem == "")
 
+    def test_a_streaming_answer_holds_neither_the_body_nor_its_parse(self, proxy, fake):
+        """A thousand open streams must not hold a thousand request bodies: once
+        the request is sent, nothing refers to its bytes or to what was parsed."""
+        import gc
+        sent, finish = threading.Event(), threading.Event()
+
+        def route(ex):
+            ex.start_chunked()
+            ex.chunk(sse(message_event()))
+            sent.set()
+            finish.wait(10)
+            ex.chunk(sse(completed_event()))
+            ex.end_chunked()
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        body = json.dumps({"model": "gpt-5.4", "stream": True, "input": "hello " * 4000}).encode()
+        result = []
+        client = threading.Thread(target=lambda: result.append(
+            proxy.request("POST", "/v1/responses", body)))
+        client.start()
+        try:
+            assert sent.wait(5)
+            gc.collect()
+            alive = [o for o in gc.get_objects() if isinstance(o, ocm.RequestBody)]
+            assert alive == []
+        finally:
+            finish.set()
+            client.join(10)
+        assert result[0][0] == 200 and b"response.completed" in result[0][2]
+
     def test_gzip_and_deflate_are_read_and_bombs_are_not(self):
         data = b'{"model": "gpt-5.4", "stream": true}'
         assert ocm.parse_request_body(gzip.compress(data), "gzip").model == "gpt-5.4"
