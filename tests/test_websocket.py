@@ -660,6 +660,11 @@ class TestWebSocketRelay:
         client.send_json({"type": "response.create", "model": "gpt-5.4"})
         client.events_until_completed()
         assert wait_for(lambda: len(proxy.server._websockets) == 1)
+        session = next(iter(proxy.server._websockets))
+        # The sender thread clears its send clock just after the client has the
+        # bytes; with the clock pushed ahead, a send still marked would look stalled.
+        assert wait_for(lambda: not session.client.sending_since
+                        and not session.upstream.sending_since)
         proxy.server.cut_stalled_websockets(time.monotonic() + 60)  # an hour's quiet is not a minute's
         proxy.server.cut_stalled_websockets(time.monotonic() + ocm.WS_IDLE_LIMIT + 1)
         fin, opcode, payload, _ = client.frame()
