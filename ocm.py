@@ -9832,34 +9832,44 @@ class WebSocketSession:
                 if not data:
                     log.debug("websocket: %s closed the connection without a close frame",
                               source.name)
+                    self.note_end(source)
                     dest.send_close(1001 if source is self.client else 1011,
                                     "%s went away" % source.name)
                     return
         except WebSocketError as exc:
             log.info("websocket: %s broke the protocol (%s); closing with %d", source.name,
                      exc.reason, exc.code)
+            self.note_end(source)
             source.send_close(exc.code, exc.reason)
             dest.send_close(1001 if source is self.client else 1011,
                             "%s protocol error" % source.name)
         except OSError as exc:
             if not source.close_sent:
                 log.debug("websocket: %s connection lost: %s", source.name, exc)
+            self.note_end(source)
             dest.send_close(1001 if source is self.client else 1011,
                             "%s connection lost" % source.name)
         finally:
-            if not self.client.done.is_set() and not self.upstream.done.is_set():
-                self.ended_by = source.name  # whoever ended first ended the session
+            self.note_end(source)
             source.done.set()
             other = self.upstream if source is self.client else self.client
             if not other.done.wait(WS_CLOSE_WAIT):
                 self.client.cut()   # the other side never answered: stop waiting for it
                 self.upstream.cut()
 
+    def note_end(self, source: WebSocketEnd) -> None:
+        """Whoever ended first ended the session: noted before the other side
+        hears of it, since its answer (a close) would otherwise race this."""
+        with self._turns_lock:
+            if not self.ended_by:
+                self.ended_by = source.name
+
     def relay(self, source: WebSocketEnd, dest: WebSocketEnd, frame: Frame) -> bool:
         """Pass one frame on; False once this direction has ended (a close)."""
         text = source.messages.add(frame)
         if frame.opcode == WS_CLOSE:
             parse_close_payload(frame.payload)  # validates code and reason
+            self.note_end(source)
             with contextlib.suppress(OSError):
                 dest.send(WS_CLOSE, frame.payload)
             return False

@@ -302,6 +302,37 @@ class TestOnlyTurnsOnAWebSocket:
         assert wait_for(lambda: booked_requests(proxy) == 1)
         assert proxy.server.ledger.spent("alice", "day")[1] >= 250000 and len(creates) == 1
 
+    def test_leaving_is_the_clients_even_when_upstreams_close_is_handled_first(
+            self, make_proxy, fake, tmp_path, monkeypatch):
+        """Held: the client's pump told upstream it left, upstream's close came
+        back and its pump ended first, so the session counted as ended by
+        upstream and the cut turn went free (1 run in 10)."""
+        ws = WSUpstream(fake)
+
+        def upstream(sock, reader):
+            reader.frame()
+            sock.sendall(ws_frame(0x1, json.dumps({"type": "response.created", "response": {"id": "r1"}}).encode()))
+            fin, opcode, payload, _ = reader.frame()  # the client left: OCM closes
+            if opcode == 0x8:
+                sock.sendall(ws_frame(0x8, payload))
+
+        send_close = ocm.WebSocketEnd.send_close
+
+        def slow_client_pump(end, code, reason=""):
+            send_close(end, code, reason)
+            if end.name == "upstream" and "went away" in reason:
+                end.done.wait(3)  # upstream's close is relayed and its pump ends first
+
+        monkeypatch.setattr(ocm.WebSocketEnd, "send_close", slow_client_pump)
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "x" * 400000})
+        assert json.loads(client.frame()[2])["type"] == "response.created"
+        client.sock.close()
+        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert proxy.server.ledger.spent("alice", "day")[1] >= 100000
+
     def test_the_next_turn_may_start_as_soon_as_the_client_sees_the_last_one_end(
             self, make_proxy, fake, tmp_path):
         ws = WSUpstream(fake)
