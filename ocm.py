@@ -3122,25 +3122,44 @@ def _set_body_framing(request: ClientRequest) -> None:
         request.body_length = int(value)
 
 
-class SocketReader:
-    """Buffered reads from a client socket with deadlines a slow client cannot stretch."""
-    __slots__ = ("sock", "buf")
+def set_socket_timeout(sock: socket.socket, timeout: Optional[float]) -> None:
+    """settimeout only when it changes: each call is a system call (ioctl) that
+    releases the GIL, and under load every release is a thread switch."""
+    if sock.gettimeout() != timeout:
+        sock.settimeout(timeout)
 
-    def __init__(self, sock: socket.socket):
+
+class SocketReader:
+    """Buffered reads from a client socket with deadlines a slow client cannot stretch.
+
+    With a ``rest_timeout`` (a client connection's send_timeout), a read waits
+    in slices of at most that long, so the socket keeps the timeout its writes
+    need: no settimeout per request, back and forth."""
+    __slots__ = ("sock", "buf", "rest_timeout")
+
+    def __init__(self, sock: socket.socket, rest_timeout: Optional[float] = None):
         self.sock = sock
         self.buf = bytearray()
+        self.rest_timeout = rest_timeout
 
     def _recv(self, deadline: float) -> bytes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("deadline passed")
-        self.sock.settimeout(remaining)
-        try:
-            return self.sock.recv(RELAY_CHUNK)
-        except (ConnectionError, OSError) as exc:
-            if isinstance(exc, socket.timeout):
-                raise
-            raise ClientGone(str(exc))
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("deadline passed")
+            rest = self.rest_timeout
+            if rest is None or remaining < rest:
+                self.sock.settimeout(remaining)
+            else:
+                set_socket_timeout(self.sock, rest)
+            try:
+                return self.sock.recv(RELAY_CHUNK)
+            except socket.timeout:
+                if rest is None or remaining < rest:
+                    raise
+                # one slice passed, not the deadline: wait again
+            except (ConnectionError, OSError) as exc:
+                raise ClientGone(str(exc))
 
     def read_head(self, idle_timeout: float, head_timeout: float, max_line: int,
                   max_size: int, silence_is_idle: bool = True,
@@ -10404,7 +10423,7 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.connection = self.request
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = SocketReader(self.connection)
+        self.reader = SocketReader(self.connection, self.server.config.limits.send_timeout)
         self.answers = AnswerRelay(self)
         self.head_sent = False
         self.error_shape = ""  # "anthropic" for Anthropic's endpoints: errors in their shape
@@ -10433,7 +10452,7 @@ class OCMHandler(BaseHTTPRequestHandler):
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 log.debug("TLS handshake with %s failed: %s", self.client_address[0], exc)
                 return
-            self.reader = SocketReader(self.connection)
+            self.reader = SocketReader(self.connection, self.server.config.limits.send_timeout)
         try:
             while self.serve_one():
                 pass
@@ -10489,8 +10508,12 @@ class OCMHandler(BaseHTTPRequestHandler):
             if head is None:
                 return False
             server.set_busy(self, True)
-            with contextlib.suppress(OSError):  # the answer's: a client that takes nothing is cut
-                self.connection.settimeout(limits.send_timeout)
+            try:  # the answer's: a client that takes nothing is cut (the reader may have
+                # shortened it for a head's deadline; reads keep it otherwise)
+                self.reader.rest_timeout = limits.send_timeout
+                set_socket_timeout(self.connection, limits.send_timeout)
+            except OSError:
+                pass
             request = parse_request_head(head, limits)
             request.started = time.monotonic()
             if request.body_kind == "length" and request.body_length > limits.max_body_size:
@@ -10558,8 +10581,10 @@ class OCMHandler(BaseHTTPRequestHandler):
                                              BODY_MIN_RATE)
         request.body_read = True
         if request.body_kind != "none":
-            with contextlib.suppress(OSError):  # reads left their own deadline on the socket
-                self.connection.settimeout(limits.send_timeout)
+            try:  # a read near its deadline leaves a shorter timeout on the socket
+                set_socket_timeout(self.connection, limits.send_timeout)
+            except OSError:
+                pass
         return request.body
 
     def dispatch(self, request: ClientRequest) -> None:

@@ -85,6 +85,17 @@ class TestLimits:
         assert conn.sock.recv(10) == b""
         assert time.monotonic() - started < 1.5
 
+    def test_a_keep_alive_wait_longer_than_send_timeout_is_not_cut(self, make_proxy, fake):
+        """Reads wait in send_timeout slices (the socket keeps that timeout, no
+        settimeout per request): a slice passing is not the idle deadline."""
+        proxy = make_proxy(limits={"send_timeout": 0.2, "idle_timeout": 5})
+        conn = proxy.conn()
+        for pause in (0.0, 0.7):
+            time.sleep(pause)
+            conn.request("GET", "/v1/models", headers={"Authorization": "Bearer tok-alice"})
+            answer = conn.getresponse()
+            assert answer.status == 200 and answer.read()
+
     @pytest.mark.parametrize("request_bytes, status", [
         (b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", 414),
         (b"GET /v1/models HTTP/1.1\r\n" + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n", 431),
