@@ -63,6 +63,8 @@ class TestLimits:
         for t in threads:
             t.join(5)
         assert results == [200, 200]
+        # a place is given back as the handler leaves, just after the client has its last byte
+        assert wait_for(lambda: not proxy.server.concurrency.snapshot().get("alice"))
         assert proxy.request("POST", "/v1/responses", {})[0] == 200  # places are given back
 
     def test_a_websocket_holds_a_place_for_its_life(self, make_proxy, fake):
