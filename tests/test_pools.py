@@ -118,7 +118,15 @@ def make_pool(make_proxy, auth_files, tmp_path):
         credentials.extend(extra)
         users = users or [{"name": "alice", "token": "tok-alice", "credential": "pool"},
                           {"name": "bob", "token": "tok-bob", "credential": "pool"}]
-        return make_proxy(credentials=credentials, users=users, credential_path=None)
+        proxy = make_proxy(credentials=credentials, users=users, credential_path=None)
+        if poll_interval == "1h":
+            # Not a test of polling: each account's first poll would still come at the
+            # first housekeeping tick, half a second in, and FakeAccounts answers it from
+            # its own tables (plan "plus", quota back), undoing a plan or a cooldown the
+            # test set. A test that ran past that moment would see the poll's state.
+            for account in proxy.server.accounts.values():
+                account.next_poll_at = time.time() + 3600
+        return proxy
     return make
 
 
