@@ -456,12 +456,13 @@ class TestPersonStillCurrent:
 
     def test_an_expired_person_is_stopped_at_the_next_turn(self, make_proxy, fake, auth_path):
         ws = WSUpstream(fake)
-        soon = ocm.format_rfc3339(time.time() + 0.5)
-        proxy = make_proxy(users=[user(expires_at=soon)])
+        # time enough for a slow box to start the proxy and run the first turn
+        expires = time.time() + 1.5
+        proxy = make_proxy(users=[user(expires_at=ocm.format_rfc3339(expires))])
         client = WSClient(proxy.port)
         client.send_json({"type": "response.create", "model": "gpt-5.4"})
         client.events_until_completed()
-        time.sleep(0.6)
+        time.sleep(max(0.0, expires - time.time()) + 0.1)
         client.send_json({"type": "response.create", "model": "gpt-5.4"})
         event = json.loads(client.frame()[2])
         assert event["status"] == 403 and "expired" in event["error"]["message"]
