@@ -400,7 +400,9 @@ class TestFiles:
         book.start_saver()
         try:
             with caplog.at_level(logging.ERROR, logger="ocm"):
-                time.sleep(0.3)  # several save attempts
+                # the first failed save (the saver may be slow to get there), then several more
+                assert wait_for(lambda: any("cannot save usage" in r.getMessage() for r in caplog.records))
+                time.sleep(0.3)
             assert path.read_bytes() == old and no_temp_files(tmp_path)
             assert len([r for r in caplog.records if "cannot save usage" in r.getMessage()]) == 1
             broken.active = False
