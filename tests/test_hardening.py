@@ -1141,7 +1141,8 @@ class TestHangupWatcher:
 
         monkeypatch.setattr(ocm.StreamContext, "hang_up", broken_once)
         with caplog.at_level(logging.ERROR, logger="ocm"):
-            self.abandoned_stream(proxy, fake, patience=0.3)
+            # the watcher must meet this stream's hang-up (and fail) before upstream gives up
+            self.abandoned_stream(proxy, fake, patience=1.0)
         second = self.abandoned_stream(proxy, fake)
         assert len(calls) == 2 and second is not None and second < 2.0
         assert "hang-up watcher: unexpected error" in caplog.text
