@@ -27,6 +27,14 @@ def booked_requests(proxy):
     return sum(c["total"]["request_count"] for c in proxy.server.usage.to_json()["combinations"])
 
 
+def charged(proxy, requests, user="alice"):
+    """The usage book holds ``requests`` and the budget ledger charged ``user``
+    for them. A request settled off the client's path (it left early, or a
+    WebSocket turn) is booked a moment before its budget is charged, so the
+    book alone does not say the ledger is done."""
+    return booked_requests(proxy) == requests and proxy.server.ledger.requests(user, "day") == requests
+
+
 def post_and_hang_up(port, body, until, token=b"tok-alice", extra=b"", path=b"/v1/responses"):
     """Send a streamed request, read until ``until`` shows, and hang up."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -63,7 +71,7 @@ class TestLeavingEarlyIsNotFree:
         proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 1}])
         history = json.dumps(dict(CODEX, model="gpt-5.4", input="x" * 160000)).encode()  # ~40,000 tokens
         assert post_and_hang_up(proxy.port, history, b"the answer")
-        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert wait_for(lambda: charged(proxy, 1))
         usd, tokens = proxy.server.ledger.spent("alice", "day")
         assert 40000 <= tokens <= 41000 and usd == pytest.approx(tokens * 2.5 / 1e6, rel=0.05)
 
@@ -101,7 +109,7 @@ class TestLeavingEarlyIsNotFree:
         body = gzip.compress(json.dumps(dict(CODEX, model="gpt-5.4", input="x" * 1000000)).encode())
         assert len(body) < 5000
         assert post_and_hang_up(proxy.port, body, b"the answer", extra=b"Content-Encoding: gzip\r\n")
-        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert wait_for(lambda: charged(proxy, 1))
         assert 250000 <= proxy.server.ledger.spent("alice", "day")[1] <= 260000
 
     def test_leaving_after_the_head_before_the_first_byte_is_not_free(self, make_proxy, fake, tmp_path):
@@ -119,7 +127,7 @@ class TestLeavingEarlyIsNotFree:
         proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
         body = json.dumps(dict(CODEX, model="gpt-5.4", input="word " * 200000)).encode()
         assert post_and_hang_up(proxy.port, body, b"\r\n\r\n")  # the 200 head, then leave
-        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert wait_for(lambda: charged(proxy, 1))
         assert proxy.server.ledger.spent("alice", "day")[1] >= 250000
         # without a budget too: the usage file has it
         assert post_and_hang_up(proxy.port, body, b"\r\n\r\n", token=b"tok-bob")
@@ -153,7 +161,7 @@ class TestLeavingEarlyIsNotFree:
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                       b"tok-alice\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             time.sleep(0.1)
-        assert wait_for(lambda: booked_requests(proxy) == 1, 5)
+        assert wait_for(lambda: charged(proxy, 1), 5)
         assert proxy.server.ledger.spent("alice", "day")[1] == 250000  # the answer's own usage
 
     def test_a_large_json_answer_still_reaches_the_client_whole(self, make_proxy, fake, apikey, tmp_path):
@@ -269,7 +277,7 @@ class TestOnlyTurnsOnAWebSocket:
         assert refusal["type"] == "error" and "response.create messages only" in refusal["error"]["message"]
         assert client.events_until_completed()[-1]["type"] == "response.completed"
         client.close()
-        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert wait_for(lambda: charged(proxy, 1))
         assert proxy.server.ledger.spent("alice", "day")[1] == 100010 and seen == ["response.create"]
 
 
@@ -299,7 +307,7 @@ class TestOnlyTurnsOnAWebSocket:
         assert refusal["type"] == "error" and "already in progress" in refusal["error"]["message"]
         assert json.loads(client.frame()[2])["type"] == "response.output_item.done"
         client.sock.close()
-        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert wait_for(lambda: charged(proxy, 1))
         assert proxy.server.ledger.spent("alice", "day")[1] >= 250000 and len(creates) == 1
 
     def test_leaving_is_the_clients_even_when_upstreams_close_is_handled_first(
@@ -400,6 +408,7 @@ class TestWorstCases:
                    for _ in range(6)]
         for t in threads:
             t.start()
+        assert wait_for(lambda: fake.api_requests())  # one goes (however slowly the box starts it)
         wait_for(lambda: len(fake.api_requests()) >= 2, 1)
         time.sleep(0.2)
         assert len(fake.api_requests()) == 1  # the rest wait: it could be the dearest model there is
@@ -607,6 +616,9 @@ class TestMetricsStayBounded:
             response.read()
             assert response.status == 403
         conn.close()
+        # a refusal is counted just after it went out: the last one may still be on its way
+        refused = ("ocm_requests_total", (("model", "-"), ("status", "403"), ("user", "alice")))
+        assert wait_for(lambda: proxy.server.metrics.counters().get(refused) == 300)
         metrics = ocm.render_metrics(proxy.server)
         assert "made-up" not in metrics
         assert 'ocm_requests_total{model="-",status="403",user="alice"} 300.0' in metrics

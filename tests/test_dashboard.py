@@ -490,6 +490,8 @@ class TestViews:
                    user("bob-the-other", "tok-bob", credential="spare")])
         for token in ("tok-alice", "tok-bob", "tok-bob", "tok-nobody"):
             proxy.request("POST", "/v1/responses", {"model": "gpt-5.4", "stream": True}, token=token)
+        # a refusal goes into the history just after its 401 went out
+        assert wait_for(lambda: document(proxy)["without_valid_token"]["refusals_last_24h"] == 1)
         doc = document(proxy, token="tok-alice", host="box.lan")
         text = json.dumps(doc)
         assert "bob" not in text and "spare" not in text and "u2.json" not in text
@@ -965,6 +967,8 @@ class TestBrowser:
         for token in ("tok-alice", "tok-alice", "tok-bob", "tok-alice", "tok-carol-0123456789",
                       "tok-kid-0123456789", "tok-nobody"):
             proxy.request("POST", "/v1/responses", {"model": "gpt-5.4", "stream": True}, token=token)
+        # a refusal goes into the history just after its 401 went out
+        assert wait_for(lambda: document(proxy)["without_valid_token"]["refusals_last_24h"] == 1)
 
         owner = open_page(browser, proxy, 1280, 900, ADMIN)
         owner.wait("document.querySelectorAll('#people .card').length === 4 && "

@@ -411,7 +411,9 @@ class TestFiles:
         book.start_saver()
         try:
             with caplog.at_level(logging.ERROR, logger="ocm"):
-                time.sleep(0.3)  # several save attempts
+                # the first failed save (the saver may be slow to get there), then several more
+                assert wait_for(lambda: any("cannot save usage" in r.getMessage() for r in caplog.records))
+                time.sleep(0.3)
             assert path.read_bytes() == old and no_temp_files(tmp_path)
             assert len([r for r in caplog.records if "cannot save usage" in r.getMessage()]) == 1
             broken.active = False
@@ -1150,7 +1152,8 @@ class TestHangupWatcher:
 
         monkeypatch.setattr(ocm.StreamContext, "hang_up", broken_once)
         with caplog.at_level(logging.ERROR, logger="ocm"):
-            self.abandoned_stream(proxy, fake, patience=0.3)
+            # the watcher must meet this stream's hang-up (and fail) before upstream gives up
+            self.abandoned_stream(proxy, fake, patience=1.0)
         second = self.abandoned_stream(proxy, fake)
         assert len(calls) == 2 and second is not None and second < 2.0
         assert "hang-up watcher: unexpected error" in caplog.text

@@ -143,31 +143,36 @@ class TestBodyParsing:
         """A thousand open streams must not hold a thousand request bodies: once
         the request is sent, nothing refers to its bytes or to what was parsed."""
         import gc
-        sent, finish = threading.Event(), threading.Event()
+        finish = threading.Event()
 
         def route(ex):
             ex.start_chunked()
             ex.chunk(sse(message_event()))
-            sent.set()
             finish.wait(10)
             ex.chunk(sse(completed_event()))
             ex.end_chunked()
 
         fake.on("POST", "/backend-api/codex/responses", route)
         body = json.dumps({"model": "gpt-5.4", "stream": True, "input": "hello " * 4000}).encode()
-        result = []
-        client = threading.Thread(target=lambda: result.append(
-            proxy.request("POST", "/v1/responses", body)))
-        client.start()
+        conn = proxy.conn()
         try:
-            assert sent.wait(5)
+            conn.request("POST", "/v1/responses", body=body, headers={"Authorization": "Bearer tok-alice"})
+            response = conn.getresponse()
+            # the first event reached the client: the answer streams (once upstream
+            # has sent it, OCM may still be taking in the answer's head)
+            seen = b""
+            while b"output_item.done" not in seen:
+                data = response.read1(65536)
+                assert data, seen
+                seen += data
             gc.collect()
             alive = [o for o in gc.get_objects() if isinstance(o, ocm.RequestBody)]
             assert alive == []
+            finish.set()
+            assert response.status == 200 and b"response.completed" in response.read()
         finally:
             finish.set()
-            client.join(10)
-        assert result[0][0] == 200 and b"response.completed" in result[0][2]
+            conn.close()
 
     def test_gzip_and_deflate_are_read_and_bombs_are_not(self):
         data = b'{"model": "gpt-5.4", "stream": true}'
@@ -451,12 +456,13 @@ class TestPersonStillCurrent:
 
     def test_an_expired_person_is_stopped_at_the_next_turn(self, make_proxy, fake, auth_path):
         ws = WSUpstream(fake)
-        soon = ocm.format_rfc3339(time.time() + 0.5)
-        proxy = make_proxy(users=[user(expires_at=soon)])
+        # time enough for a slow box to start the proxy and run the first turn
+        expires = time.time() + 1.5
+        proxy = make_proxy(users=[user(expires_at=ocm.format_rfc3339(expires))])
         client = WSClient(proxy.port)
         client.send_json({"type": "response.create", "model": "gpt-5.4"})
         client.events_until_completed()
-        time.sleep(0.6)
+        time.sleep(max(0.0, expires - time.time()) + 0.1)
         client.send_json({"type": "response.create", "model": "gpt-5.4"})
         event = json.loads(client.frame()[2])
         assert event["status"] == 403 and "expired" in event["error"]["message"]

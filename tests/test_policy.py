@@ -63,6 +63,8 @@ class TestLimits:
         for t in threads:
             t.join(5)
         assert results == [200, 200]
+        # a place is given back as the handler leaves, just after the client has its last byte
+        assert wait_for(lambda: not proxy.server.concurrency.snapshot().get("alice"))
         assert proxy.request("POST", "/v1/responses", {})[0] == 200  # places are given back
 
     def test_a_websocket_holds_a_place_for_its_life(self, make_proxy, fake):
@@ -403,6 +405,9 @@ class TestOperations:
         proxy = make_proxy()
         for token in ("tok-alice", "tok-alice", "tok-bob", "tok-wrong"):
             proxy.request("POST", "/v1/responses", {"model": "gpt-5.4"}, token=token)
+        # a refusal is counted just after its 401 went out
+        refused = ("ocm_requests_total", (("model", "-"), ("status", "401"), ("user", "-")))
+        assert wait_for(lambda: proxy.server.metrics.counters().get(refused) == 1)
         status, headers, body = proxy.request("GET", "/metrics", token=None)
         assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
         samples, types = parse_exposition(body.decode())
