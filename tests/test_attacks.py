@@ -338,7 +338,7 @@ class TestOnlyTurnsOnAWebSocket:
         client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "x" * 400000})
         assert json.loads(client.frame()[2])["type"] == "response.created"
         client.sock.close()
-        assert wait_for(lambda: booked_requests(proxy) == 1)
+        assert wait_for(lambda: charged(proxy, 1))
         assert proxy.server.ledger.spent("alice", "day")[1] >= 100000
 
     def test_the_next_turn_may_start_as_soon_as_the_client_sees_the_last_one_end(
