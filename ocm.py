@@ -98,6 +98,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import struct
 import tempfile
 import threading
 import time
@@ -3129,18 +3130,76 @@ def set_socket_timeout(sock: socket.socket, timeout: Optional[float]) -> None:
         sock.settimeout(timeout)
 
 
+_TIMEVAL = struct.Struct("@ll")  # struct timeval; read back to be sure long holds time_t here
+
+
+def set_kernel_timeout(sock: socket.socket, option: int, seconds: float) -> bool:
+    """SO_RCVTIMEO or SO_SNDTIMEO set to ``seconds`` (0: none); True if the
+    kernel reads it back as asked (a platform whose timeval differs fails)."""
+    whole = int(seconds)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option,
+                        _TIMEVAL.pack(whole, int((seconds - whole) * 1000000)))
+        back = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, option, _TIMEVAL.size))
+    except (OSError, struct.error):
+        return False
+    return abs(back[0] + back[1] / 1e6 - seconds) < 0.05
+
+
 class SocketReader:
     """Buffered reads from a client socket with deadlines a slow client cannot stretch.
 
     With a ``rest_timeout`` (a client connection's send_timeout), a read waits
-    in slices of at most that long, so the socket keeps the timeout its writes
-    need: no settimeout per request, back and forth."""
-    __slots__ = ("sock", "buf", "rest_timeout")
+    in slices of at most that long, so the socket's timeouts need no change
+    per request. A plain client socket goes further (use_kernel_timeouts):
+    the kernel times its reads and writes out, and Python, seeing a blocking
+    socket, no longer polls before each call: two system calls, each a GIL
+    release and under load a thread switch, fewer per request."""
+    __slots__ = ("sock", "buf", "rest_timeout", "kernel_read_timeout", "kernel_send_timeout")
 
     def __init__(self, sock: socket.socket, rest_timeout: Optional[float] = None):
         self.sock = sock
         self.buf = bytearray()
         self.rest_timeout = rest_timeout
+        self.kernel_read_timeout = None  # type: Optional[float]  # None: Python's timeouts
+        self.kernel_send_timeout = 0.0
+
+    def use_kernel_timeouts(self, send_timeout: float) -> bool:
+        """Kernel timeouts (SO_RCVTIMEO, SO_SNDTIMEO) on a blocking socket, if
+        the platform takes them. Never under TLS: the ssl module retries a
+        blocking read that timed out in the kernel, for ever."""
+        sock, rest = self.sock, self.rest_timeout
+        if rest is None or (ssl is not None and isinstance(sock, ssl.SSLSocket)) \
+                or not hasattr(socket, "SO_RCVTIMEO") or not hasattr(socket, "SO_SNDTIMEO"):
+            return False
+        if not (set_kernel_timeout(sock, socket.SO_SNDTIMEO, send_timeout)
+                and set_kernel_timeout(sock, socket.SO_RCVTIMEO, rest)):
+            self.drop_kernel_timeouts()
+            return False
+        try:
+            sock.settimeout(None)
+        except OSError:
+            return False
+        self.kernel_read_timeout, self.kernel_send_timeout = rest, send_timeout
+        return True
+
+    def drop_kernel_timeouts(self) -> None:
+        """No kernel timeouts (a WebSocket session times its peers itself)."""
+        for option in ("SO_RCVTIMEO", "SO_SNDTIMEO"):
+            if hasattr(socket, option):
+                set_kernel_timeout(self.sock, getattr(socket, option), 0.0)
+        self.kernel_read_timeout = None
+
+    def keep_send_timeout(self, seconds: float) -> None:
+        """Writes to the client time out after ``seconds``: a client that takes
+        nothing is cut. Called before each answer (a read may have shortened
+        Python's timeout for its deadline; a reload may have changed it)."""
+        self.rest_timeout = seconds
+        if self.kernel_read_timeout is None:
+            set_socket_timeout(self.sock, seconds)
+        elif self.kernel_send_timeout != seconds:
+            if set_kernel_timeout(self.sock, socket.SO_SNDTIMEO, seconds):
+                self.kernel_send_timeout = seconds
 
     def _recv(self, deadline: float) -> bytes:
         while True:
@@ -3148,15 +3207,21 @@ class SocketReader:
             if remaining <= 0:
                 raise socket.timeout("deadline passed")
             rest = self.rest_timeout
-            if rest is None or remaining < rest:
+            short = rest is None or remaining < rest
+            if self.kernel_read_timeout is not None:
+                wait = remaining if short else rest
+                if self.kernel_read_timeout != wait:  # each differs for a deadline this near
+                    set_kernel_timeout(self.sock, socket.SO_RCVTIMEO, wait)
+                    self.kernel_read_timeout = wait
+            elif short:
                 self.sock.settimeout(remaining)
             else:
                 set_socket_timeout(self.sock, rest)
             try:
                 return self.sock.recv(RELAY_CHUNK)
-            except socket.timeout:
-                if rest is None or remaining < rest:
-                    raise
+            except (socket.timeout, BlockingIOError):  # the kernel's: EAGAIN
+                if short:
+                    raise socket.timeout("deadline passed")
                 # one slice passed, not the deadline: wait again
             except (ConnectionError, OSError) as exc:
                 raise ClientGone(str(exc))
@@ -10065,6 +10130,7 @@ def serve_websocket(handler: "OCMHandler", request: ClientRequest, state: State,
     request.status = handshake.status
     if handshake.status == 101:
         accept_websocket(handler, key, handshake.headers, pool)
+        handler.reader.drop_kernel_timeouts()
         for sock in (handler.connection, handshake.sock):
             # Sessions idle between turns for as long as the user thinks: no
             # read timeout, but TCP keep-alive finds peers that vanished.
@@ -10423,7 +10489,10 @@ class OCMHandler(BaseHTTPRequestHandler):
         self.connection = self.request
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = SocketReader(self.connection, self.server.config.limits.send_timeout)
+        send_timeout = self.server.config.limits.send_timeout
+        self.reader = SocketReader(self.connection, send_timeout)
+        if self.server.tls is None:
+            self.reader.use_kernel_timeouts(send_timeout)
         self.answers = AnswerRelay(self)
         self.head_sent = False
         self.error_shape = ""  # "anthropic" for Anthropic's endpoints: errors in their shape
@@ -10508,10 +10577,8 @@ class OCMHandler(BaseHTTPRequestHandler):
             if head is None:
                 return False
             server.set_busy(self, True)
-            try:  # the answer's: a client that takes nothing is cut (the reader may have
-                # shortened it for a head's deadline; reads keep it otherwise)
-                self.reader.rest_timeout = limits.send_timeout
-                set_socket_timeout(self.connection, limits.send_timeout)
+            try:  # the answer's: a client that takes nothing is cut
+                self.reader.keep_send_timeout(limits.send_timeout)
             except OSError:
                 pass
             request = parse_request_head(head, limits)
@@ -10582,7 +10649,7 @@ class OCMHandler(BaseHTTPRequestHandler):
         request.body_read = True
         if request.body_kind != "none":
             try:  # a read near its deadline leaves a shorter timeout on the socket
-                set_socket_timeout(self.connection, limits.send_timeout)
+                self.reader.keep_send_timeout(limits.send_timeout)
             except OSError:
                 pass
         return request.body

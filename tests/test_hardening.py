@@ -96,6 +96,41 @@ class TestLimits:
             answer = conn.getresponse()
             assert answer.status == 200 and answer.read()
 
+    def test_a_client_that_stops_reading_a_stream_is_cut_within_the_send_timeout(
+            self, make_proxy, fake):
+        """Writes to a client time out (in the kernel, on a plain socket): one
+        that never reads would otherwise hold a thread and a billed stream."""
+        cut = threading.Event()
+        event = sse(message_event("x" * 65536))
+
+        def route(ex):
+            ex.start_chunked()
+            try:
+                for _ in range(4000):  # 256 MB at most: far more than any socket buffers
+                    ex.chunk(event)
+            except OSError:
+                cut.set()
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        proxy = make_proxy(limits={"send_timeout": 0.3})
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\n" + AUTH +
+                           b"Content-Length: %d\r\n\r\n%s" % (len(CODEX_BODY), CODEX_BODY))
+            assert cut.wait(20)  # and it never reads a byte
+
+    def test_a_websocket_quiet_for_longer_than_send_timeout_stays_open(self, make_proxy, fake):
+        WSUpstream(fake)
+        proxy = make_proxy(limits={"send_timeout": 0.2})
+        client = WSClient(proxy.port)
+        try:
+            for pause in (0.0, 0.7):
+                time.sleep(pause)
+                client.send_json({"type": "response.create", "model": "gpt-5.4"})
+                assert client.events_until_completed()[-1]["type"] == "response.completed"
+        finally:
+            client.close()
+
     @pytest.mark.parametrize("request_bytes, status", [
         (b"GET /v1/" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", 414),
         (b"GET /v1/models HTTP/1.1\r\n" + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n", 431),
