@@ -3209,7 +3209,8 @@ class SocketReader:
             rest = self.rest_timeout
             short = rest is None or remaining < rest
             if self.kernel_read_timeout is not None:
-                wait = remaining if short else rest
+                # (at least a millisecond: a zero timeval would mean no timeout)
+                wait = max(remaining, 0.001) if short else rest
                 if self.kernel_read_timeout != wait:  # each differs for a deadline this near
                     set_kernel_timeout(self.sock, socket.SO_RCVTIMEO, wait)
                     self.kernel_read_timeout = wait

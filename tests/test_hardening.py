@@ -96,6 +96,26 @@ class TestLimits:
             answer = conn.getresponse()
             assert answer.status == 200 and answer.read()
 
+    def test_a_deadline_a_microsecond_away_still_times_out_in_the_kernel(self, monkeypatch):
+        """A zero struct timeval means no timeout at all: a read with less than
+        a microsecond left must wait a moment, not for ever."""
+        ours, peer = socket.socketpair()
+        with ours, peer:
+            reader = ocm.SocketReader(ours, 60.0)
+            assert reader.use_kernel_timeouts(60.0) and ours.gettimeout() is None
+            now = time.monotonic()
+            clock = iter([now, now + 1.0])
+            monkeypatch.setattr(ocm.time, "monotonic", lambda: next(clock, now + 1.0))
+            unblock = threading.Timer(2.0, peer.shutdown, (socket.SHUT_WR,))
+            unblock.start()
+            started = time.time()
+            try:
+                with pytest.raises(socket.timeout):
+                    reader._recv(now + 5e-7)
+            finally:
+                unblock.cancel()
+            assert time.time() - started < 1.5
+
     def test_a_client_that_stops_reading_a_stream_is_cut_within_the_send_timeout(
             self, make_proxy, fake):
         """Writes to a client time out (in the kernel, on a plain socket): one
