@@ -3201,6 +3201,30 @@ class SocketReader:
             if set_kernel_timeout(self.sock, socket.SO_SNDTIMEO, seconds):
                 self.kernel_send_timeout = seconds
 
+    def send_all(self, data: bytes) -> None:
+        """sendall, with send_timeout for the whole write as Python's own
+        timeout gives it. The kernel's bounds each send() alone, and a client
+        taking a little within each would never be cut: past a partial send,
+        the rest gets only what is left of the time."""
+        sock = self.sock
+        if self.kernel_read_timeout is None:
+            sock.sendall(data)
+            return
+        started = time.monotonic()
+        sent = sock.send(data)  # one system call when it fits, as almost every write does
+        if sent == len(data):
+            return
+        view, limit = memoryview(data), self.kernel_send_timeout
+        try:
+            while sent < len(view):
+                remaining = started + limit - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("the client took nothing for %g s" % limit)
+                set_kernel_timeout(sock, socket.SO_SNDTIMEO, max(remaining, 0.001))
+                sent += sock.send(view[sent:])
+        finally:
+            set_kernel_timeout(sock, socket.SO_SNDTIMEO, limit)
+
     def _recv(self, deadline: float) -> bytes:
         while True:
             remaining = deadline - time.monotonic()
@@ -10534,7 +10558,7 @@ class OCMHandler(BaseHTTPRequestHandler):
     # -- writing --------------------------------------------------------------
     def write(self, data: bytes) -> None:
         try:
-            self.connection.sendall(data)
+            self.reader.send_all(data)
         except OSError as exc:
             raise ClientGone(str(exc))
 

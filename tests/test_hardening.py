@@ -139,6 +139,36 @@ class TestLimits:
                            b"Content-Length: %d\r\n\r\n%s" % (len(CODEX_BODY), CODEX_BODY))
             assert cut.wait(20)  # and it never reads a byte
 
+    def test_a_client_that_takes_a_little_within_each_send_timeout_is_still_cut(
+            self, make_proxy, fake):
+        """send_timeout bounds a whole write, as Python's own timeout does: the
+        kernel's bounds each send() alone, and a client taking 16 KB every
+        0.4 s would have held a billed stream for ever (review)."""
+        cut = threading.Event()
+        event = sse(message_event("x" * 65536))
+
+        def route(ex):
+            ex.start_chunked()
+            try:
+                for _ in range(4000):
+                    ex.chunk(event)
+            except OSError:
+                cut.set()
+
+        fake.on("POST", "/backend-api/codex/responses", route)
+        proxy = make_proxy(limits={"send_timeout": 0.5})
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", proxy.port))
+            client.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\n" + AUTH +
+                           b"Content-Length: %d\r\n\r\n%s" % (len(CODEX_BODY), CODEX_BODY))
+            started = time.monotonic()
+            with contextlib.suppress(OSError):
+                while not cut.is_set() and time.monotonic() - started < 10:
+                    time.sleep(0.4)
+                    client.recv(16384)
+            assert cut.wait(2) and time.monotonic() - started < 8
+
     def test_a_websocket_quiet_for_longer_than_send_timeout_stays_open(self, make_proxy, fake):
         WSUpstream(fake)
         proxy = make_proxy(limits={"send_timeout": 0.2})
