@@ -10008,6 +10008,7 @@ class WebSocketSession:
             for one in frames:
                 dest.send(one.opcode, one.payload, one.fin)
         except OSError:
+            self.note_end(dest)  # the side that could not take it ended the session
             source.send_close(1001 if dest is self.client else 1011,
                               "%s connection lost" % dest.name)
             return False

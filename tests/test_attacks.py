@@ -341,6 +341,45 @@ class TestOnlyTurnsOnAWebSocket:
         assert wait_for(lambda: charged(proxy, 1))
         assert proxy.server.ledger.spent("alice", "day")[1] >= 100000
 
+    @pytest.mark.parametrize("how", ["stalled", "write_failed"])
+    def test_a_client_that_stops_reading_pays_for_the_turn_it_stalled(
+            self, make_proxy, fake, tmp_path, how):
+        """Held (review): a session ended by the client's side (cut as stalled,
+        or a write to it failing) was often noted as ended by upstream, whose
+        pump failed first, and the cut turn went free."""
+        ws = WSUpstream(fake)
+        event = ws_frame(0x1, json.dumps(message_event("y" * 60000)).encode())
+
+        def upstream(sock, reader):
+            reader.frame()
+            sock.sendall(ws_frame(0x1, json.dumps({"type": "response.created", "response": {"id": "r1"}}).encode()))
+            with contextlib.suppress(OSError):
+                for _ in range(2000):
+                    sock.sendall(event)
+
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "x" * 400000})
+            assert json.loads(client.frame()[2])["type"] == "response.created"
+            # it never reads again: the upstream pump blocks sending to it
+            assert wait_for(lambda: proxy.server._websockets)
+            session = next(iter(proxy.server._websockets))
+            assert wait_for(lambda: session.client.sending_since)
+            if how == "stalled":  # what housekeeping does after send_timeout
+                proxy.server.cut_stalled_websockets(time.monotonic() + 3600)
+            else:  # the client's side breaks while its pump still waits to read
+                session.client.sock.shutdown(socket.SHUT_WR)
+            assert wait_for(lambda: session.ended_by)
+            assert session.ended_by == "client"
+            client.sock.close()  # (or the session waits WS_CLOSE_WAIT for its close)
+            assert wait_for(lambda: charged(proxy, 1), 10)
+            assert proxy.server.ledger.spent("alice", "day")[1] >= 100000
+        finally:
+            client.sock.close()
+
     def test_the_next_turn_may_start_as_soon_as_the_client_sees_the_last_one_end(
             self, make_proxy, fake, tmp_path):
         ws = WSUpstream(fake)
