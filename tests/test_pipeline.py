@@ -22,6 +22,17 @@ from test_policy import priced_stream, user
 from test_websocket import WSClient, WSUpstream, close_body
 
 
+def held_stream(gate):
+    """A route that streams one event, waits for ``gate`` (10 s at most), then completes."""
+    def route(ex):
+        ex.start_chunked()
+        ex.chunk(sse(message_event()))
+        gate.wait(10)
+        ex.chunk(sse(completed_event()))
+        ex.end_chunked()
+    return route
+
+
 def allowed_only(models=("gpt-5-mini",), **extra):
     return [user(models=list(models), **extra), user("bob", "tok-bob")]
 
@@ -144,15 +155,7 @@ class TestBodyParsing:
         the request is sent, nothing refers to its bytes or to what was parsed."""
         import gc
         finish = threading.Event()
-
-        def route(ex):
-            ex.start_chunked()
-            ex.chunk(sse(message_event()))
-            finish.wait(10)
-            ex.chunk(sse(completed_event()))
-            ex.end_chunked()
-
-        fake.on("POST", "/backend-api/codex/responses", route)
+        fake.on("POST", "/backend-api/codex/responses", held_stream(finish))
         body = json.dumps({"model": "gpt-5.4", "stream": True, "input": "hello " * 4000}).encode()
         conn = proxy.conn()
         try:
@@ -548,15 +551,7 @@ class TestOneWriterPerFile:
     def test_a_retired_account_finishes_its_stream_then_closes(self, fake, auth_path, tmp_path):
         from test_ocm import Proxy
         gate = threading.Event()
-
-        def slow(ex):
-            ex.start_chunked()
-            ex.chunk(sse(message_event()))
-            gate.wait(5)
-            ex.chunk(sse(completed_event()))
-            ex.end_chunked()
-
-        fake.on("POST", "/backend-api/codex/responses", slow)
+        fake.on("POST", "/backend-api/codex/responses", held_stream(gate))
         proxy = Proxy(ocm.OCMServer(self.config(fake, auth_path, tmp_path), file_check_interval=0))
         try:
             old = proxy.server.accounts["default"]
