@@ -13,14 +13,9 @@ import pytest
 
 import ocm
 from test_ocm import CODEX, completed_event, message_event, sse, wait_for
+from test_pipeline import budget_proxy
 from test_policy import user
 from test_websocket import WSClient, WSUpstream, ws_frame
-
-
-def budget_proxy(make_proxy, tmp_path, budgets, **extra):
-    return make_proxy(users=[user(budgets=budgets), user("bob", "tok-bob")], timezone="UTC",
-                      budgets_path=str(tmp_path / "budgets.json"), usages_path=str(tmp_path / "usage.json"),
-                      **extra)
 
 
 def booked_requests(proxy):

@@ -273,6 +273,14 @@ class TestModelAllowList:
 
 # == Budgets =====================================================================
 
+def after(gate, route):
+    """``route`` once ``gate`` is set (5 s at most): requests held in flight together."""
+    def held(ex):
+        gate.wait(5)
+        route(ex)
+    return held
+
+
 def budget_proxy(make_proxy, tmp_path, budgets, **extra):
     return make_proxy(users=[user(budgets=budgets), user("bob", "tok-bob")], timezone="UTC",
                       budgets_path=str(tmp_path / "budgets.json"), usages_path=str(tmp_path / "usage.json"),
@@ -330,12 +338,7 @@ class TestBudgets:
 
     def test_a_large_budget_still_runs_requests_side_by_side(self, make_proxy, fake, tmp_path):
         gate = threading.Event()
-
-        def slow(ex):
-            gate.wait(5)
-            priced_stream(4000)(ex)
-
-        fake.on("POST", "/backend-api/codex/responses", slow)
+        fake.on("POST", "/backend-api/codex/responses", after(gate, priced_stream(4000)))
         proxy = budget_proxy(make_proxy, tmp_path, [{"period": "month", "usd": 100}])
         threads = [threading.Thread(target=proxy.request, args=("POST", "/v1/responses", {"model": "gpt-5.3-codex"}))
                    for _ in range(5)]
@@ -351,12 +354,7 @@ class TestBudgets:
     def test_near_the_end_requests_run_one_at_a_time_and_the_refusal_shows_what_runs(self, make_proxy, fake,
                                                                                      tmp_path):
         gate = threading.Event()
-
-        def slow(ex):
-            gate.wait(5)
-            priced_stream(4000)(ex)
-
-        fake.on("POST", "/backend-api/codex/responses", slow)
+        fake.on("POST", "/backend-api/codex/responses", after(gate, priced_stream(4000)))
         proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 3}])
         proxy.server.ledger.wait = 0.3
         first = threading.Thread(target=proxy.request, args=("POST", "/v1/responses", {"model": "gpt-5.4"}))
