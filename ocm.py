@@ -11481,6 +11481,8 @@ class OCMServer(ThreadingHTTPServer):
                 if end.is_stalled(now):
                     log.info("websocket: %s took nothing for %g s; closing the session",
                              end.name, end.send_timeout)
+                    # The stalled side ended it, whichever pump wakes first.
+                    session.note_end(end)
                     session.cut()
                     break
             else:

@@ -362,7 +362,10 @@ class TestOnlyTurnsOnAWebSocket:
             # it never reads again: the upstream pump blocks sending to it
             assert wait_for(lambda: proxy.server._websockets)
             session = next(iter(proxy.server._websockets))
-            assert wait_for(lambda: session.client.sending_since)
+            # a send that has waited a while: stalled, not one of the first
+            # sends that the kernel's buffers still take at once
+            assert wait_for(lambda: session.client.sending_since
+                            and time.monotonic() - session.client.sending_since > 0.3)
             if how == "stalled":  # what housekeeping does after send_timeout
                 proxy.server.cut_stalled_websockets(time.monotonic() + 3600)
             else:  # the client's side breaks while its pump still waits to read
@@ -370,6 +373,44 @@ class TestOnlyTurnsOnAWebSocket:
             assert wait_for(lambda: session.ended_by)
             assert session.ended_by == "client"
             client.sock.close()  # (or the session waits WS_CLOSE_WAIT for its close)
+            assert wait_for(lambda: charged(proxy, 1), 10)
+            assert proxy.server.ledger.spent("alice", "day")[1] >= 100000
+        finally:
+            client.sock.close()
+
+    def test_a_client_cut_as_stalled_is_who_ended_whichever_pump_wakes_first(
+            self, make_proxy, fake, tmp_path, monkeypatch):
+        """Held (CI, 3.9): housekeeping saw a send in progress, and cut; the
+        upstream pump, back to reading upstream, saw its end before the client
+        pump saw the client's, and the stalled client's turn went free."""
+        ws = WSUpstream(fake)
+
+        def upstream(sock, reader):
+            reader.frame()
+            sock.sendall(ws_frame(0x1, json.dumps({"type": "response.created", "response": {"id": "r1"}}).encode()))
+            with contextlib.suppress(OSError, ConnectionError, ValueError):
+                reader.frame()  # holds the turn open until OCM ends it
+
+        def upstream_wakes_first(session):
+            session.upstream.cut()
+            wait_for(lambda: session.ended_by, 2)
+            session.client.cut()
+
+        monkeypatch.setattr(ocm.WebSocketSession, "cut", upstream_wakes_first)
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        try:
+            client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "x" * 400000})
+            assert json.loads(client.frame()[2])["type"] == "response.created"
+            assert wait_for(lambda: proxy.server._websockets)
+            session = next(iter(proxy.server._websockets))
+            # what housekeeping saw: a send to the client that had waited too long
+            session.client.sending_since = time.monotonic()
+            proxy.server.cut_stalled_websockets(time.monotonic() + 3600)
+            assert wait_for(lambda: session.ended_by)
+            assert session.ended_by == "client"
+            client.sock.close()
             assert wait_for(lambda: charged(proxy, 1), 10)
             assert proxy.server.ledger.spent("alice", "day")[1] >= 100000
         finally:
