@@ -10009,6 +10009,8 @@ class WebSocketSession:
                 dest.send(one.opcode, one.payload, one.fin)
         except OSError:
             self.note_end(dest)  # the side that could not take it ended the session
+            if ended is not None:  # off the running list already: end_turns will not see it
+                self.settle_turn(ended, event)
             source.send_close(1001 if dest is self.client else 1011,
                               "%s connection lost" % dest.name)
             return False

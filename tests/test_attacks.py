@@ -437,6 +437,49 @@ class TestOnlyTurnsOnAWebSocket:
         assert wait_for(lambda: booked_requests(proxy) == 20)
 
 
+# == Races: what a turn costs, whichever thread wakes first ==========================
+
+class TestTurnsSettleWhicheverThreadWakesFirst:
+    def test_a_turn_whose_last_event_cannot_reach_the_client_is_still_settled(
+            self, make_proxy, fake, tmp_path):
+        """Held (review): the upstream pump took the turn off the running list
+        when its response.completed came, then failed to send it to a client
+        that had stopped reading and was cut; the turn was never settled: no
+        usage booked, no access line, and its budget reservation held for ever."""
+        ws = WSUpstream(fake)
+        # larger than what the kernel's buffers take: the send to the client blocks on it
+        completed = completed_event("r1", "gpt-5.4", 100000, 0, 10)
+        completed["response"]["output"] = [message_event("y" * (12 << 20))["item"]]
+
+        def upstream(sock, reader):
+            reader.frame()
+            sock.sendall(ws_frame(0x1, json.dumps({"type": "response.created", "response": {"id": "r1"}}).encode()))
+            with contextlib.suppress(OSError):
+                sock.sendall(ws_frame(0x1, json.dumps(completed).encode()))
+                reader.frame()  # until OCM ends the session
+
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "x" * 4000})
+            assert json.loads(client.frame()[2])["type"] == "response.created"
+            # it reads no more: the upstream pump blocks sending it the completed event
+            assert wait_for(lambda: proxy.server._websockets)
+            session = next(iter(proxy.server._websockets))
+            assert wait_for(lambda: session.client.sending_since
+                            and time.monotonic() - session.client.sending_since > 0.3, 10)
+            with session._turns_lock:
+                assert not session._turns  # taken off the list before the send
+            proxy.server.cut_stalled_websockets(time.monotonic() + 3600)
+            client.sock.close()
+            assert wait_for(lambda: charged(proxy, 1), 10)
+            assert proxy.server.ledger.spent("alice", "day")[1] == 100010  # upstream's own usage
+        finally:
+            client.sock.close()
+
+
 # == The budget's worst case ======================================================
 
 def gated_route(gate, model, input_tokens, output_tokens=0):
