@@ -9914,6 +9914,9 @@ class WebSocketSession:
 
     def close(self, code: int, reason: str) -> None:
         """Close both sides (server shutdown: 1001)."""
+        # OCM ends it for the client: a turn cut here is charged as one the
+        # client left, whichever peer answers the close first.
+        self.note_end(self.client)
         self.client.send_close(code, reason)
         self.upstream.send_close(code, reason)
 

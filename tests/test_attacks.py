@@ -480,6 +480,55 @@ class TestTurnsSettleWhicheverThreadWakesFirst:
             client.sock.close()
 
 
+    @pytest.mark.parametrize("how", ["shutdown", "removed"])
+    def test_a_turn_ocm_closes_is_charged_whichever_peer_answers_the_close_first(
+            self, make_proxy, fake, tmp_path, auth_path, how):
+        """Held (review): OCM closes both sides (shutdown; a reload that removed
+        the person) while a turn runs. Upstream answered its close first, the
+        session counted as ended by upstream, and the cut turn went free; had
+        the client answered first, it was charged an estimate."""
+        ws = WSUpstream(fake)
+
+        def upstream(sock, reader):
+            reader.frame()
+            sock.sendall(ws_frame(0x1, json.dumps({"type": "response.created", "response": {"id": "r1"}}).encode()))
+            fin, opcode, payload, _ = reader.frame()  # OCM's close: answered at once
+            if opcode == 0x8:
+                sock.sendall(ws_frame(0x8, payload))
+
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        try:
+            client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "x" * 400000})
+            assert json.loads(client.frame()[2])["type"] == "response.created"
+            assert wait_for(lambda: proxy.server._websockets)
+            session = next(iter(proxy.server._websockets))
+            if how == "shutdown":
+                closer = threading.Thread(target=proxy.close)
+                closer.start()
+            else:
+                proxy.server.reload(ocm.config_from_dict({
+                    "listen_port": 0, "credential_path": str(auth_path), "users": [user("bob", "tok-bob")],
+                    "timezone": "UTC", "budgets_path": str(tmp_path / "budgets.json"),
+                    "usages_path": str(tmp_path / "usage.json"),
+                    "upstream": {"chatgpt_url": fake.chatgpt_url, "token_url": fake.token_url}}))
+            while True:
+                fin, opcode, payload, _ = client.frame()
+                if opcode == 0x8:
+                    break
+            # the client answers only once upstream's answer was seen
+            assert wait_for(lambda: session.ended_by)
+            client.send(0x8, payload)
+            if how == "shutdown":
+                closer.join(10)
+            assert wait_for(lambda: booked_requests(proxy) == 1, 10)
+            book = proxy.server.usage.to_json()["combinations"][0]["by_user"]["alice"]
+            assert book["input_tokens"] >= 100000
+        finally:
+            client.sock.close()
+
+
 # == The budget's worst case ======================================================
 
 def gated_route(gate, model, input_tokens, output_tokens=0):
