@@ -10094,7 +10094,15 @@ class WebSocketSession:
             return error_event_for(exc)
         body.data = None  # nothing else needs it
         with self._turns_lock:
-            self._turns.append([record, text if self.moved else None])
+            # A create crossing a close (OCM's own: shutdown, idle) would never go
+            # upstream (nothing may follow a close), yet end as a turn cut short.
+            ending = bool(self.ended_by)
+            if not ending:
+                self._turns.append([record, text if self.moved else None])
+        if ending:
+            record.status = 503
+            server.settle(record)
+            return error_event(503, {"type": "api_error", "message": "this connection is closing"})
         return None
 
     def end_turn(self, event: Optional[Dict[str, Any]]) -> Optional[RequestRecord]:

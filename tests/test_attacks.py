@@ -529,6 +529,32 @@ class TestTurnsSettleWhicheverThreadWakesFirst:
             client.sock.close()
 
 
+    def test_a_create_that_crosses_ocms_close_is_not_charged(self, make_proxy, fake, tmp_path):
+        """Held (review): a response.create that arrived after OCM had closed
+        the session (here: shutting down) was admitted and counted as running,
+        but never went upstream (nothing may follow a close); the session then
+        ended with it running, and it was charged an estimate."""
+        ws = WSUpstream(fake)
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        try:
+            assert wait_for(lambda: proxy.server._websockets)
+            closer = threading.Thread(target=proxy.close)
+            closer.start()
+            fin, opcode, payload, _ = client.frame()
+            assert opcode == 0x8
+            # sent before the client read OCM's close, as far as OCM can tell
+            client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "x" * 400000})
+            client.send(0x8, payload)
+            closer.join(10)
+            assert not closer.is_alive()
+            assert [f for f in ws.frames if f[1] == 0x1] == []
+            assert booked_requests(proxy) == 0
+            assert proxy.server.ledger.spent("alice", "day") == (0.0, 0.0)
+        finally:
+            client.sock.close()
+
+
 # == The budget's worst case ======================================================
 
 def gated_route(gate, model, input_tokens, output_tokens=0):
