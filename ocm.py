@@ -10110,18 +10110,22 @@ class WebSocketSession:
         if event is None or event.get("type") not in TURN_END_EVENTS:
             return None
         with self._turns_lock:
-            return self._turns.popleft()[0] if self._turns else None
+            record = self._turns.popleft()[0] if self._turns else None
+        if record is not None and event["type"] != "error":
+            # Known before the client sees the end: its next create, continuing
+            # this turn, may be admitted (and estimated) before this one settles.
+            record.usage = usage_record_from_event(event, record.model, record.tier)
+            if record.usage is not None:
+                self.context_tokens = record.usage.input_tokens + record.usage.output_tokens
+        return record
 
     def settle_turn(self, record: RequestRecord, event: Dict[str, Any]) -> None:
-        """A turn ``event`` ended: its status and usage, settled."""
+        """A turn ``event`` ended (its usage read by end_turn): settled."""
         if event["type"] == "error":
             status = event.get("status")
             record.status = status if isinstance(status, int) and 400 <= status < 600 else 500
         else:
             record.status = 200
-            record.usage = usage_record_from_event(event, record.model, record.tier)
-            if record.usage is not None:
-                self.context_tokens = record.usage.input_tokens + record.usage.output_tokens
         self.server.settle(record)
 
     def end_turns(self, status: int) -> None:

@@ -555,6 +555,48 @@ class TestTurnsSettleWhicheverThreadWakesFirst:
             client.sock.close()
 
 
+    def test_a_turn_continuing_the_last_is_estimated_from_it_even_before_it_is_settled(
+            self, make_proxy, fake, tmp_path, monkeypatch):
+        """Held (review): a turn settles just after its last event went to the
+        client. A client that answered at once with a create continuing it
+        (previous_response_id) could be admitted first; OCM did not know yet
+        what that conversation held, took it for a whole context window, and
+        leaving the new turn early was charged 1,050,000 tokens instead of ~1,000."""
+        ws = WSUpstream(fake)
+
+        def upstream(sock, reader):
+            reader.frame()
+            sock.sendall(ws_frame(0x1, json.dumps(completed_event("r1", "gpt-5.4", 1000, 0, 10)).encode()))
+            reader.frame()
+            sock.sendall(ws_frame(0x1, json.dumps({"type": "response.created", "response": {"id": "r2"}}).encode()))
+            fin, opcode, payload, _ = reader.frame()  # the client left
+            if opcode == 0x8:
+                sock.sendall(ws_frame(0x8, payload))
+
+        settle_turn = ocm.WebSocketSession.settle_turn
+
+        def client_pump_first(session, record, event):
+            if event["response"]["id"] == "r1":
+                wait_for(lambda: session._turns, 3)  # the next turn is admitted before this one settles
+            settle_turn(session, record, event)
+
+        monkeypatch.setattr(ocm.WebSocketSession, "settle_turn", client_pump_first)
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        try:
+            client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "hi"})
+            assert json.loads(client.frame()[2])["type"] == "response.completed"
+            client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "and now?",
+                              "previous_response_id": "r1"})
+            assert json.loads(client.frame()[2])["type"] == "response.created"
+            client.sock.close()
+            assert wait_for(lambda: charged(proxy, 2), 10)
+            assert proxy.server.ledger.spent("alice", "day")[1] < 1010 + 1100
+        finally:
+            client.sock.close()
+
+
 # == The budget's worst case ======================================================
 
 def gated_route(gate, model, input_tokens, output_tokens=0):
