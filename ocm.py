@@ -4489,7 +4489,13 @@ class Account:
         with self._lock:
             self._active -= 1
             close = self._retired and self._active <= 0
-        if close:
+            closed = self._closed
+        if closed:
+            # A request of the State before a reload began on it after the reload
+            # retired and closed it: its book's saver is gone, so save what it booked.
+            if self.usage is not None:
+                self.usage.save_if_dirty()
+        elif close:
             self.close()
 
     def retire(self) -> None:

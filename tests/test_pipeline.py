@@ -566,6 +566,40 @@ class TestOneWriterPerFile:
             proxy.close()
         assert read_json(tmp_path / "usage.json")["combinations"][0]["total"]["request_count"] == 1
 
+    def test_a_request_that_picks_an_account_the_reload_retired_is_still_written_down(
+            self, fake, auth_path, tmp_path, monkeypatch):
+        """Held (review): a request keeps the State it started with. If the
+        reload retired its account (here: a new usages_path) before the request
+        chose it, the account was closed with nothing running, its book saved
+        and closed; the request then ran on it and booked into the closed
+        book, and its usage never reached any file."""
+        from test_ocm import Proxy
+        admitting, reloaded = threading.Event(), threading.Event()
+        admit = ocm.ModelRequest.admit
+
+        def admit_after_the_reload(call):
+            admitting.set()
+            reloaded.wait(5)  # (reading a large body, or waiting for a budget)
+            admit(call)
+
+        monkeypatch.setattr(ocm.ModelRequest, "admit", admit_after_the_reload)
+        proxy = Proxy(ocm.OCMServer(self.config(fake, auth_path, tmp_path), file_check_interval=0))
+        try:
+            old = proxy.server.accounts["default"]
+            answer = []
+            request = threading.Thread(target=lambda: answer.append(
+                proxy.request("POST", "/v1/responses", {"model": "gpt-5.4"})[0]))
+            request.start()
+            assert admitting.wait(5)
+            proxy.server.reload(self.config(fake, auth_path, tmp_path, usages_path=str(tmp_path / "new.json")))
+            assert old._closed  # nothing used it yet
+            reloaded.set()
+            request.join(10)
+            assert answer == [200]
+        finally:
+            proxy.close()
+        assert read_json(tmp_path / "usage.json")["combinations"][0]["total"]["request_count"] == 1
+
     def test_a_refused_reload_changes_nothing_that_runs(self, fake, auth_path, tmp_path):
         from test_ocm import Proxy
         server = ocm.OCMServer(self.config(fake, auth_path, tmp_path, credentials=None), usage_save_interval=0.05,
