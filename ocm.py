@@ -9752,6 +9752,7 @@ def encode_head(status: int, reason: str, headers: List[Tuple[str, str]]) -> byt
 WS_CLOSE_WAIT = 5.0  # after one side's close, how long the other gets to answer it
 WS_FIRST_MESSAGE_WAIT = 10.0  # a refused session's error frame waits this long for the request
 WS_SHUTDOWN_WAIT = 2.0  # at shutdown, how long live sessions get to finish their close
+CUT_SETTLE_WAIT = 1.0  # at shutdown, how long requests cut after the drain get to settle
 WS_POLICY_CLOSE = 1008  # RFC 6455: the endpoint's policy ends the session
 WEBSOCKET_PATH = "/v1/responses"  # Codex's; the only one whose messages OCM understands
 # Terminal events of a turn: each ends the turn running (one at a time: an
@@ -10656,9 +10657,12 @@ class OCMHandler(BaseHTTPRequestHandler):
             keep = not close and not server.closing
             linger = close and (request is None or has_unread_body(request) or self.has_input())
         finally:
-            server.set_busy(self, False)
-            if request is not None:
-                server.request_done(request)  # settled exactly once, however it ended
+            try:
+                if request is not None:
+                    server.request_done(request)  # settled exactly once, however it ended
+            finally:
+                # after the settle: a shutdown that sees no request busy saves the files next
+                server.set_busy(self, False)
         if linger:
             self.linger()
         return keep
@@ -11616,6 +11620,15 @@ class OCMServer(ThreadingHTTPServer):
             log.warning("shutting down: cutting a request still in flight from %s",
                         handler.client_address[0])
             handler.interrupt()
+        # A cut request settles (an estimate) as its thread wakes: a moment for
+        # that, or it would come after close() saved the budget and usage files.
+        settle_deadline = time.monotonic() + CUT_SETTLE_WAIT
+        with self._handlers_changed:
+            while any(h.busy for h in self._handlers):
+                remaining = settle_deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._handlers_changed.wait(min(remaining, 0.1))
 
     def close(self, drain_timeout: float = 5.0) -> None:
         """Stop everything this server owns. Call after shutdown()."""
