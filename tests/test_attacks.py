@@ -275,7 +275,6 @@ class TestOnlyTurnsOnAWebSocket:
         assert wait_for(lambda: charged(proxy, 1))
         assert proxy.server.ledger.spent("alice", "day")[1] == 100010 and seen == ["response.create"]
 
-
     def test_a_second_turn_while_one_runs_is_refused_and_cannot_end_the_first(
             self, make_proxy, fake, tmp_path):
         """Held: upstream's error for the second create ended the running turn in
@@ -479,7 +478,6 @@ class TestTurnsSettleWhicheverThreadWakesFirst:
         finally:
             client.sock.close()
 
-
     @pytest.mark.parametrize("how", ["shutdown", "removed"])
     def test_a_turn_ocm_closes_is_charged_whichever_peer_answers_the_close_first(
             self, make_proxy, fake, tmp_path, auth_path, how):
@@ -528,7 +526,6 @@ class TestTurnsSettleWhicheverThreadWakesFirst:
         finally:
             client.sock.close()
 
-
     def test_a_create_that_crosses_ocms_close_is_not_charged(self, make_proxy, fake, tmp_path):
         """Held (review): a response.create that arrived after OCM had closed
         the session (here: shutting down) was admitted and counted as running,
@@ -553,7 +550,6 @@ class TestTurnsSettleWhicheverThreadWakesFirst:
             assert proxy.server.ledger.spent("alice", "day") == (0.0, 0.0)
         finally:
             client.sock.close()
-
 
     def test_a_turn_continuing_the_last_is_estimated_from_it_even_before_it_is_settled(
             self, make_proxy, fake, tmp_path, monkeypatch):

@@ -758,7 +758,6 @@ class TestSettledOnce:
             counted = metrics[("ocm_responses_total", (("model", "gpt-5.4"), ("user", name)))]
             assert (len(logged), in_file, budgeted, counted) == (count, count, count, count)
 
-
     def test_a_stream_cut_at_shutdown_is_in_the_files_ocm_leaves(self, make_proxy, fake, tmp_path, monkeypatch):
         """Held (review): at shutdown, a stream still running when the drain's
         wait ran out was cut, and it settled (at an estimate) once its thread
