@@ -778,7 +778,7 @@ class TestSettledOnce:
         request_done = ocm.OCMServer.request_done
 
         def slow_settle(server, request):
-            time.sleep(0.3)  # (a slow disk, a busy box)
+            time.sleep(0.15)  # (a slow disk, a busy box)
             request_done(server, request)
 
         monkeypatch.setattr(ocm.OCMServer, "request_done", slow_settle)
