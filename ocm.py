@@ -9924,6 +9924,16 @@ class WebSocketSession:
         # OCM ends it for the client: a turn cut here is charged as one the
         # client left, whichever peer answers the close first.
         self.note_end(self.client)
+        # The frames go from a thread of their own: one may wait behind a send to
+        # a peer that takes nothing, and the closer (housekeeping; drain, holding
+        # the server's lock) must not wait with it. Such a send is cut as stalled.
+        try:
+            threading.Thread(target=self._send_closes, args=(code, reason),
+                             name="ocm-ws-close", daemon=True).start()
+        except RuntimeError:  # the OS would not give us another thread
+            self._send_closes(code, reason)
+
+    def _send_closes(self, code: int, reason: str) -> None:
         self.client.send_close(code, reason)
         self.upstream.send_close(code, reason)
 

@@ -593,6 +593,52 @@ class TestTurnsSettleWhicheverThreadWakesFirst:
             client.sock.close()
 
 
+    @pytest.mark.parametrize("how", ["idle", "shutdown"])
+    def test_ocms_own_close_does_not_wait_on_a_peer_that_takes_nothing(
+            self, make_proxy, fake, tmp_path, monkeypatch, how):
+        """Held (review): OCM's close (idle, shutdown) sent its close frame in
+        the closing thread, behind a send to a client that had stopped
+        reading. Idle: the housekeeping thread waited for ever, so no stalled
+        session was cut again and the budgets were no longer saved. Shutdown:
+        drain waited holding the server's lock, which housekeeping needs to
+        cut the stalled send, and OCM never stopped nor saved its files."""
+        ws = WSUpstream(fake)
+        event = ws_frame(0x1, json.dumps(message_event("y" * 60000)).encode())
+
+        def upstream(sock, reader):  # (Codex's pings draw as many pongs)
+            with contextlib.suppress(OSError):
+                for _ in range(2000):
+                    sock.sendall(event)
+                reader.frame()
+
+        ws.on_connect = upstream
+        proxy = budget_proxy(make_proxy, tmp_path, [{"period": "day", "usd": 100}])
+        client = WSClient(proxy.port)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        closer = None
+        try:
+            assert wait_for(lambda: proxy.server._websockets)
+            session = next(iter(proxy.server._websockets))
+            # the client reads nothing: the upstream pump blocks sending to it (a
+            # fresh stall, well inside send_timeout)
+            assert wait_for(lambda: session.client.sending_since
+                            and time.monotonic() - session.client.sending_since > 0.3, 10)
+            if how == "idle":
+                monkeypatch.setattr(ocm, "WS_IDLE_LIMIT", 0.1)
+                closer = threading.Thread(target=proxy.server.cut_stalled_websockets,
+                                          args=(time.monotonic(),), daemon=True)
+            else:
+                closer = threading.Thread(target=proxy.close, daemon=True)
+            closer.start()
+            closer.join(6)
+            assert not closer.is_alive()
+            assert session.ended_by == "client"
+        finally:
+            client.sock.close()
+            if closer is not None:
+                closer.join(10)
+
+
 # == The budget's worst case ======================================================
 
 def gated_route(gate, model, input_tokens, output_tokens=0):
