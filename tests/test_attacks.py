@@ -592,7 +592,6 @@ class TestTurnsSettleWhicheverThreadWakesFirst:
         finally:
             client.sock.close()
 
-
     @pytest.mark.parametrize("how", ["idle", "shutdown"])
     def test_ocms_own_close_does_not_wait_on_a_peer_that_takes_nothing(
             self, make_proxy, fake, tmp_path, monkeypatch, how):
