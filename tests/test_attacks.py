@@ -22,6 +22,16 @@ def booked_requests(proxy):
     return sum(c["total"]["request_count"] for c in proxy.server.usage.to_json()["combinations"])
 
 
+def stalled_session(proxy):
+    """The proxy's one WebSocket session, once a send to its client has waited
+    0.3 s: stalled, not one of the first sends the kernel's buffers take at once."""
+    assert wait_for(lambda: proxy.server._websockets)
+    session = next(iter(proxy.server._websockets))
+    assert wait_for(lambda: session.client.sending_since
+                    and time.monotonic() - session.client.sending_since > 0.3, 10)
+    return session
+
+
 def charged(proxy, requests, user="alice"):
     """The usage book holds ``requests`` and the budget ledger charged ``user``
     for them. A request settled off the client's path (it left early, or a
@@ -359,12 +369,7 @@ class TestOnlyTurnsOnAWebSocket:
             client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "x" * 400000})
             assert json.loads(client.frame()[2])["type"] == "response.created"
             # it never reads again: the upstream pump blocks sending to it
-            assert wait_for(lambda: proxy.server._websockets)
-            session = next(iter(proxy.server._websockets))
-            # a send that has waited a while: stalled, not one of the first
-            # sends that the kernel's buffers still take at once
-            assert wait_for(lambda: session.client.sending_since
-                            and time.monotonic() - session.client.sending_since > 0.3)
+            session = stalled_session(proxy)
             if how == "stalled":  # what housekeeping does after send_timeout
                 proxy.server.cut_stalled_websockets(time.monotonic() + 3600)
             else:  # the client's side breaks while its pump still waits to read
@@ -465,10 +470,7 @@ class TestTurnsSettleWhicheverThreadWakesFirst:
             client.send_json({"type": "response.create", "model": "gpt-5.4", "input": "x" * 4000})
             assert json.loads(client.frame()[2])["type"] == "response.created"
             # it reads no more: the upstream pump blocks sending it the completed event
-            assert wait_for(lambda: proxy.server._websockets)
-            session = next(iter(proxy.server._websockets))
-            assert wait_for(lambda: session.client.sending_since
-                            and time.monotonic() - session.client.sending_since > 0.3, 10)
+            session = stalled_session(proxy)
             with session._turns_lock:
                 assert not session._turns  # taken off the list before the send
             proxy.server.cut_stalled_websockets(time.monotonic() + 3600)
@@ -616,12 +618,9 @@ class TestTurnsSettleWhicheverThreadWakesFirst:
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         closer = None
         try:
-            assert wait_for(lambda: proxy.server._websockets)
-            session = next(iter(proxy.server._websockets))
             # the client reads nothing: the upstream pump blocks sending to it (a
             # fresh stall, well inside send_timeout)
-            assert wait_for(lambda: session.client.sending_since
-                            and time.monotonic() - session.client.sending_since > 0.3, 10)
+            session = stalled_session(proxy)
             if how == "idle":
                 monkeypatch.setattr(ocm, "WS_IDLE_LIMIT", 0.1)
                 closer = threading.Thread(target=proxy.server.cut_stalled_websockets,
